@@ -1,0 +1,31 @@
+# spacesync developer entry points. Each target creates .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,demo]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)  ## run the bot against a throwaway local Synapse with a sample Space (Ctrl-C to stop)
+	$(BIN)/spacesync demo
+
+test: $(STAMP)  ## the whole suite: unit, property and integration tests (real Synapse and PostgreSQL)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)  ## the pure core only
+	$(BIN)/pytest -q tests/unit
+
+bench: $(STAMP)  ## benchmarks against a real Synapse; figures go to docs/benchmarks.md by hand
+	$(BIN)/python benchmarks/eviction.py
+	$(BIN)/python benchmarks/reconcile.py
+	$(BIN)/python benchmarks/power_levels.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

@@ -1,0 +1,149 @@
+"""Entry points: `spacesync run`, `check-config`, `plan` and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Sequence
+
+import structlog
+
+from . import __version__
+from .config import Config, ConfigError, default_config_path, load_config
+from .logs import setup_logging
+from .model import Plan
+
+log = structlog.get_logger("spacesync")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spacesync",
+        description="Keeps a Matrix Space's child rooms in step with the Space: evictions, bans, "
+                    "power levels and join rules.",
+    )
+    parser.add_argument("-c", "--config", default=None,
+                        help="config file (default: $SPACESYNC_CONFIG or config.yaml)")
+    parser.add_argument("--version", action="version", version=f"spacesync {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the bot in the foreground until SIGTERM or SIGINT")
+    sub.add_parser("check-config", help="validate the config file: exit 0 if valid, 2 if not")
+    plan = sub.add_parser("plan", help="print what the bot would do now, changing nothing")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    demo = sub.add_parser("demo", help="run against a throwaway local Synapse with a sample Space")
+    demo.add_argument("--workdir", default=".demo", help="where the throwaway homeserver lives (default .demo)")
+    demo.add_argument("--scripted", action="store_true", help="run the story once and exit (no waiting)")
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path or default_config_path())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.workdir, scripted=args.scripted)
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(f"spacesync: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"{args.config or default_config_path()}: valid ({len(config.spaces)} Spaces)")
+        return 0
+    setup_logging(config.logging.level, config.logging.format)
+    if args.command == "plan":
+        return asyncio.run(_plan(config, as_json=args.json))
+    return asyncio.run(_run(config))
+
+
+async def _run(config: Config) -> int:
+    from .engine.runtime import App, FatalError
+    from .store import StoreError
+    from .web import start_web
+
+    app = App(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.stop)
+    runner = None
+    try:
+        if config.web is not None:
+            try:
+                runner = await start_web(app, config.web.host, config.web.port)
+            except OSError as e:
+                print(f"spacesync: web.listen: cannot listen on {config.web.host}:{config.web.port} ({e.strerror}); "
+                      "pick a free port or set web.listen to null", file=sys.stderr)
+                return 1
+        await app.run()
+    except (FatalError, StoreError) as e:
+        print(f"spacesync: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def _plan(config: Config, *, as_json: bool) -> int:
+    from .engine.runtime import App
+    from .matrix import ConnectError
+    from .store import StoreError
+
+    app = App(config)
+    try:
+        await app.start_store()
+        saved = await app.store.get(f"access_token:{config.bot.user_id}")
+        await app.matrix.connect(saved_token=saved)
+        plan = await app.reconciler.plan(refresh=True)
+        held = await app.store.journal.by_status(*_held())
+    except (ConnectError, StoreError) as e:
+        print(f"spacesync: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await app.matrix.close()
+        await app.store.stop()
+    if as_json:
+        data = plan.to_json()
+        data["held"] = [{"batch": e.batch, **e.action.to_json()} for e in held]
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_plan(plan, held_count=len(held)))
+    return 0
+
+
+def _held():
+    from .store import Status
+
+    return (Status.HELD,)
+
+
+def format_plan(plan: Plan, held_count: int = 0) -> str:
+    """The plan as a readable table."""
+    lines = [f"{len(plan.managed)} managed rooms, {len(plan.actions)} actions, {len(plan.findings)} warnings"]
+    if plan.actions:
+        rows = [(a.kind.value, a.room_id, a.user_id or a.state_key or "", a.reason) for a in plan.actions]
+        widths = [max(len(r[i]) for r in rows + [("ACTION", "ROOM", "TARGET", "REASON")]) for i in range(3)]
+        header = ("ACTION", "ROOM", "TARGET", "REASON")
+        for row in [header, *rows]:
+            lines.append("  ".join(c.ljust(widths[i]) if i < 3 else c for i, c in enumerate(row)))
+    if held_count:
+        lines.append(f"{held_count} actions held for confirmation (see the admin room)")
+    if plan.findings:
+        lines.append("warnings:")
+        lines.extend(f"  - {f}" for f in plan.findings)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pure core: plain functions from a snapshot and a policy to a plan. No I/O here."""

@@ -1,0 +1,93 @@
+"""Who may stay in which room and why, and whom the bot must never act on."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+from ..model import Membership, Policy, RoomID, RoomState, Snapshot, UserID
+from .graph import SpaceGraph, exempt_in
+from .versions import features
+
+USER_ID_RE = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
+
+
+def valid_user_id(user_id: str) -> bool:
+    return isinstance(user_id, str) and len(user_id) <= 255 and bool(USER_ID_RE.match(user_id))
+
+
+def user_level(room: RoomState, user_id: UserID) -> float:
+    """A user's power level in a room; room version 12 creators count as infinite."""
+    feats = features(room.room_version)
+    if feats is not None and feats.creators_privileged and user_id in room.creators:
+        return math.inf
+    return room.power_levels.users.get(user_id, room.power_levels.users_default)
+
+
+def protection(room: RoomState, user_id: UserID, policy: Policy, graph: SpaceGraph) -> str | None:
+    """Why the bot must not act on this user in this room, or None when it may."""
+    if user_id == policy.bot:
+        return "the bot itself"
+    if user_id in policy.admins:
+        return "a spacesync admin"
+    if user_id in exempt_in(graph, policy, room.room_id):
+        return "exempt"
+    if user_id in room.creators:
+        return "a creator of the room"
+    if user_level(room, user_id) >= user_level(room, policy.bot):
+        return "at or above the bot's power level"
+    return None
+
+
+def entitlers(room: RoomState, graph: SpaceGraph) -> frozenset[RoomID]:
+    """Rooms whose members may stay in `room`: its allow list and its managed parent Spaces."""
+    allow = frozenset(room.allow) if room.join_rule in ("restricted", "knock_restricted") else frozenset()
+    return allow | graph.managed_parents(room.room_id)
+
+
+class Memberships:
+    """Memberships as they will be once planned actions run: the state the cascade reasons over."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        self._planned: dict[tuple[RoomID, UserID], Membership] = {}
+
+    def get(self, room_id: RoomID, user_id: UserID) -> Membership | None:
+        """The membership, or None when the user has no membership event there (never was in it)."""
+        planned = self._planned.get((room_id, user_id))
+        if planned is not None:
+            return planned
+        room = self._snapshot.rooms.get(room_id)
+        if room is None:
+            return None
+        state = room.members.get(user_id)
+        return state.membership if state else None
+
+    def is_planned(self, room_id: RoomID, user_id: UserID) -> bool:
+        return (room_id, user_id) in self._planned
+
+    def plan(self, room_id: RoomID, user_id: UserID, membership: Membership) -> None:
+        self._planned[(room_id, user_id)] = membership
+
+    def joined(self, room_id: RoomID) -> list[UserID]:
+        room = self._snapshot.rooms.get(room_id)
+        if room is None:
+            return []
+        return sorted(u for u in room.members if self.get(room_id, u) is Membership.JOIN)
+
+    def banned(self, room_id: RoomID) -> list[UserID]:
+        room = self._snapshot.rooms.get(room_id)
+        if room is None:
+            return []
+        return sorted(u for u in room.members if self.get(room_id, u) is Membership.BAN)
+
+
+def entitled_by(
+    user_id: UserID, rooms: Iterable[RoomID], memberships: Memberships
+) -> RoomID | None:
+    """The first room in `rooms` the user is joined to, or None."""
+    for room_id in sorted(rooms):
+        if memberships.get(room_id, user_id) is Membership.JOIN:
+            return room_id
+    return None

@@ -1,0 +1,151 @@
+"""Join-rule audit and repair, room-upgrade following and invite sync for managed rooms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..model import Action, ActionKind, Finding, Membership, Policy, RoomID, RoomState, Snapshot
+from .entitlement import Memberships, user_level
+from .graph import RESTRICTED_RULES, SpaceGraph, policies_for
+from .versions import RECOMMENDED_VERSION, features
+
+_RESTRICTED_FOR = {"invite": "restricted", "public": "restricted", "knock": "knock_restricted"}
+
+
+def _allow_entry(room_id: RoomID) -> dict[str, Any]:
+    return {"type": "m.room_membership", "room_id": room_id}
+
+
+def plan_join_rules(
+    snapshot: Snapshot, policy: Policy, graph: SpaceGraph, memberships: Memberships
+) -> tuple[list[Action], list[Finding]]:
+    actions: list[Action] = []
+    findings: list[Finding] = []
+    for room_id in sorted(graph.managed - set(graph.roots)):
+        room = snapshot.rooms.get(room_id)
+        if room is None:
+            continue
+        policies = policies_for(graph, policy, room_id)
+        root_id = policies[0].room_id if policies else None
+        if room.tombstone:
+            actions.extend(_follow_upgrade(snapshot, policy, graph, room, root_id, findings))
+            continue
+        parents = sorted(graph.managed_parents(room_id)) or sorted(
+            p.room_id for p in policies if p.room_id != room_id
+        )
+        enforce = any(p.enforce_join_rules for p in policies)
+        action = _join_rule_repair(room, parents, policy, findings, enforce)
+        if action is not None:
+            actions.append(Action(**{**action, "space_id": root_id}))
+        if any(p.invite_members for p in policies) and room.join_rule == "invite":
+            actions.extend(_invites(room, parents, policy, graph, memberships, root_id))
+    return actions, findings
+
+
+def _join_rule_repair(
+    room: RoomState, parents: list[RoomID], policy: Policy, findings: list[Finding], enforce: bool
+) -> dict[str, Any] | None:
+    """Audit one room's join rule; with `enforce`, the repair that makes it restricted to its parents."""
+    rule = room.join_rule or "invite"
+    feats = features(room.room_version)
+    if feats is None:
+        findings.append(Finding(room.room_id, "unknown_version", f"unknown room version {room.room_version!r}: join rules not checked"))
+        return None
+    if rule in RESTRICTED_RULES:
+        missing = [p for p in parents if p not in room.allow]
+        if not missing:
+            if room.room_version == "8":
+                findings.append(Finding(room.room_id, "version", "room version 8: upgrade to 10 or later recommended"))
+            return None
+        findings.append(Finding(room.room_id, "allow_missing", f"allow list lacks its Space {', '.join(missing)}"))
+        new_rule = rule
+    elif rule in _RESTRICTED_FOR:
+        new_rule = _RESTRICTED_FOR[rule]
+        supported = feats.knock_restricted if new_rule == "knock_restricted" else feats.restricted
+        if not supported:
+            findings.append(Finding(
+                room.room_id, "version",
+                f"join rule {rule} on room version {room.room_version or '1'}: upgrade to {RECOMMENDED_VERSION} or later to restrict it to its Space",
+            ))
+            return None
+        findings.append(Finding(room.room_id, "not_restricted", f"join rule is {rule}, not restricted to its Space"))
+        missing = parents
+    else:
+        findings.append(Finding(room.room_id, "join_rule", f"join rule {rule!r} left as it is"))
+        return None
+    if not enforce or not parents:
+        return None
+    needed = room.power_levels.event_level("m.room.join_rules")
+    if user_level(room, policy.bot) < needed:
+        findings.append(Finding(room.room_id, "no_power", f"the bot lacks the power to change join rules (needs {needed})"))
+        return None
+    content = dict(room.join_rules_content)
+    allow = list(content.get("allow") or []) if rule in RESTRICTED_RULES else []
+    allow.extend(_allow_entry(p) for p in missing)
+    content.update({"join_rule": new_rule, "allow": allow})
+    return {
+        "kind": ActionKind.SET_JOIN_RULES,
+        "room_id": room.room_id,
+        "reason": f"restrict to its Space: {rule} -> {new_rule}, allow + {', '.join(missing)}",
+        "cause": "join_rules",
+        "content": content,
+        "changes": {
+            "join_rule": (rule, new_rule),
+            "allow": (list(room.allow), list(room.allow if rule in RESTRICTED_RULES else ()) + missing),
+        },
+    }
+
+
+def _follow_upgrade(
+    snapshot: Snapshot, policy: Policy, graph: SpaceGraph, room: RoomState, root_id: RoomID | None,
+    findings: list[Finding],
+) -> list[Action]:
+    """Point the parent Spaces at the replacement of an upgraded room."""
+    new_id = room.tombstone
+    assert new_id is not None
+    findings.append(Finding(room.room_id, "upgraded", f"upgraded to {new_id}: no longer managed here"))
+    actions = []
+    for parent_id in sorted(graph.managed_parents(room.room_id)):
+        parent = snapshot.rooms.get(parent_id)
+        if parent is None:
+            continue
+        needed = parent.power_levels.event_level("m.space.child")
+        if user_level(parent, policy.bot) < needed:
+            findings.append(Finding(parent_id, "no_power", f"cannot re-point m.space.child to {new_id} (needs {needed})"))
+            continue
+        via = list(parent.children.get(room.room_id) or ())
+        if new_id not in parent.children:
+            actions.append(Action(
+                kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=new_id, cause="upgrade",
+                space_id=root_id, reason=f"add {new_id}, the upgrade of {room.room_id}",
+                content={"via": via or [new_id.split(":", 1)[-1]]}, changes={"child": (None, new_id)},
+            ))
+        actions.append(Action(
+            kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=room.room_id, cause="upgrade",
+            space_id=root_id, reason=f"remove {room.room_id}, replaced by {new_id}",
+            content={}, changes={"child": (room.room_id, None)},
+        ))
+    return actions
+
+
+def _invites(
+    room: RoomState, parents: list[RoomID], policy: Policy, graph: SpaceGraph,
+    memberships: Memberships, root_id: RoomID | None,
+) -> list[Action]:
+    """Invites for members of the parent Spaces who are not in an invite-only managed room."""
+    if user_level(room, policy.bot) < room.power_levels.invite:
+        return []
+    wanted = set()
+    for parent_id in parents:
+        wanted.update(memberships.joined(parent_id))
+    actions = []
+    for user_id in sorted(wanted):
+        if memberships.get(room.room_id, user_id) in (Membership.JOIN, Membership.INVITE, Membership.BAN):
+            continue
+        if user_id == policy.bot:
+            continue
+        actions.append(Action(
+            kind=ActionKind.INVITE, room_id=room.room_id, user_id=user_id, cause="invite_members",
+            reason=f"member of Space {', '.join(parents)}", space_id=root_id,
+        ))
+    return actions

@@ -1,0 +1,197 @@
+"""One reconcile: policy from config and database, observe, plan, guard, and write the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Awaitable, Callable
+
+import structlog
+from mautrix.errors import MatrixRequestError
+
+from ..config import Config, SpaceConfig
+from ..core.planner import plan as make_plan
+from ..matrix import MatrixAdapter
+from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
+from ..model import Action, Membership, Plan, Policy, RoomID, UserID
+from ..refs import RoomRef
+from ..store import Status, Store
+from .executor import Executor
+from .guard import guard
+from .observer import Observer
+
+log = structlog.get_logger("spacesync.reconciler")
+
+Notify = Callable[[str, str | None], Awaitable[None]]
+
+
+def new_batch_id() -> str:
+    return secrets.token_hex(3)
+
+
+class Reconciler:
+    """Turns the world as it is into journal entries; the executor carries them out."""
+
+    def __init__(self, config: Config, store: Store, matrix: MatrixAdapter, observer: Observer,
+                 executor: Executor, notify: Notify | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.matrix = matrix
+        self.observer = observer
+        self.executor = executor
+        self.notify = notify
+        self.paused = False
+        self.last_plan: Plan | None = None
+        self.last_reconcile_at: float | None = None
+        self.last_reconcile_s: float | None = None
+        self._lock = asyncio.Lock()
+        self._aliases: dict[str, RoomID] = {}
+        self._announced_findings: set[str] = set()
+
+    async def resolve(self, ref: RoomRef) -> RoomID | None:
+        """A room reference's id; aliases are resolved once and remembered."""
+        if ref.room_id:
+            return ref.room_id
+        alias = str(ref.alias)
+        if alias not in self._aliases:
+            try:
+                self._aliases[alias] = await self.matrix.resolve_alias(alias)
+            except MatrixRequestError as e:
+                log.warning("alias does not resolve", alias=alias, error=getattr(e, "message", str(e)))
+                return None
+        return self._aliases[alias]
+
+    async def policy(self) -> Policy:
+        """The policy now: configured Spaces, Spaces and exemptions added from the admin room."""
+        exempt = await self.store.exempt_users()
+        extra = await self.store.extra_rooms()
+        spaces = []
+        seen: set[RoomID] = set()
+        for space in self.config.spaces:
+            room_id = await self.resolve(space.room)
+            if room_id is None or room_id in seen:
+                continue
+            seen.add(room_id)
+            extra_ids = {r for ref in space.extra_rooms if (r := await self.resolve(ref))}
+            spaces.append(space.to_policy(room_id, extra_rooms_resolved=frozenset(extra_ids | extra.get(room_id, set()))))
+        for room_id in await self.store.managed_spaces():
+            if room_id not in seen:
+                seen.add(room_id)
+                default = SpaceConfig(room=RoomRef(room_id=room_id), max_evictions_without_confirmation=(
+                    self.config.max_evictions_without_confirmation))
+                spaces.append(default.to_policy(room_id, extra_rooms_resolved=frozenset(extra.get(room_id, set()))))
+        return Policy(
+            bot=self.matrix.user_id,
+            spaces=tuple(spaces),
+            admins=self.config.admin.users,
+            exempt=exempt,
+            max_depth=self.config.walk.max_depth,
+            max_rooms=self.config.walk.max_rooms,
+        )
+
+    async def plan(self, *, refresh: bool = True) -> Plan:
+        """What spacesync would do now, without doing it."""
+        policy = await self.policy()
+        snapshot = await self.observer.observe(policy, refresh=refresh)
+        plan = make_plan(snapshot, policy)
+        MANAGED_SPACES.set(len(policy.spaces))
+        MANAGED_ROOMS.set(len(plan.managed))
+        users: set[UserID] = set()
+        for room_id in plan.managed:
+            room = snapshot.rooms.get(room_id)
+            if room is not None:
+                users.update(u for u, m in room.members.items() if m.membership is Membership.JOIN)
+        MANAGED_USERS.set(len(users))
+        return plan
+
+    async def reconcile(self, trigger: str = "reconcile", *, refresh: bool = True) -> tuple[Plan, list[str]]:
+        """Observe, plan, and put what should happen into the journal. Returns the plan and new batch ids."""
+        async with self._lock:
+            started = time.monotonic()
+            plan = await self.plan(refresh=refresh)
+            for ban in plan.stale_bans:
+                await self.store.forget_ban(ban.room_id, ban.user_id)
+            for room_id, user_id in plan.stale_levels:
+                await self.store.set_owned_level(room_id, user_id, None)
+            batches = await self.submit(plan, trigger)
+            self.last_plan = plan
+            self.last_reconcile_at = time.time()
+            self.last_reconcile_s = time.monotonic() - started
+            RECONCILE_DURATION.observe(self.last_reconcile_s)
+            LAST_RECONCILE.set(self.last_reconcile_at)
+        if refresh:
+            await self._announce_findings(plan)
+        log.info("reconciled", trigger=trigger, actions=len(plan.actions), findings=len(plan.findings),
+                 managed=len(plan.managed), seconds=round(time.monotonic() - started, 3))
+        return plan, batches
+
+    async def submit(self, plan: Plan, trigger: str) -> list[str]:
+        """Journal the plan's new actions: guarded evictions held, the rest released to the executor."""
+        if self.paused:
+            return []
+        if self.config.dry_run:
+            for action in plan.actions:
+                log.info("dry run: would act", action=action.kind.value, room=action.room_id,
+                         user=action.user_id, reason=action.reason)
+            return []
+        open_keys = await self.store.journal.open_keys()
+        fresh = [a for a in plan.actions if a.key not in open_keys]
+        if not fresh:
+            return []
+        limits = {s.room_id: s.max_evictions_without_confirmation for s in (await self.policy()).spaces}
+        guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation)
+        batches = []
+        if guarded.release:
+            batch = new_batch_id()
+            await self.store.journal.add_batch(batch, trigger, None, guarded.release, Status.PENDING)
+            batches.append(batch)
+            self.executor.wake()
+        for space_id, held in guarded.hold.items():
+            batch = new_batch_id()
+            await self.store.journal.add_batch(batch, trigger, space_id, held, Status.HELD)
+            batches.append(batch)
+            users = len({a.user_id for a in held})
+            log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),
+                        hint=f"!spacesync confirm {batch} to run it, !spacesync cancel {batch} to drop it")
+            if self.notify:
+                await self.notify(
+                    f"⚠ Held batch {batch}: {len(held)} evictions of {users} users from Space {space_id} "
+                    f"(over the limit of {limits.get(space_id, self.config.max_evictions_without_confirmation)}). "
+                    f"Review with `!spacesync plan`, then `!spacesync confirm {batch}` or `!spacesync cancel {batch}`.",
+                    None,
+                )
+        HELD_ACTIONS.set(sum(1 for _ in await self.store.journal.by_status(Status.HELD)))
+        return batches
+
+    async def _announce_findings(self, plan: Plan) -> None:
+        """Tell the admin room once about rooms that need a moderator (not opted in, unreachable, no power)."""
+        new = [f for f in plan.findings
+               if f.code in ("not_opted_in", "unreachable", "no_power", "version", "cap_rooms", "cap_depth")
+               and str(f) not in self._announced_findings]
+        if not new or not self.notify:
+            return
+        self._announced_findings.update(str(f) for f in new)
+        lines = "\n".join(f"- {f}" for f in new[:20])
+        more = f"\n… and {len(new) - 20} more (see `!spacesync plan`)" if len(new) > 20 else ""
+        await self.notify(f"Rooms that need attention ({len(new)}):\n{lines}{more}", None)
+
+    async def release(self, batch: str) -> int:
+        count = await self.store.journal.set_batch_status(batch, "released", Status.HELD, Status.PENDING)
+        self.executor.wake()
+        HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
+        return count
+
+    async def cancel(self, batch: str) -> int:
+        count = await self.store.journal.set_batch_status(batch, "cancelled", Status.HELD, Status.CANCELLED)
+        HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
+        return count
+
+    async def enqueue(self, actions: list[Action], trigger: str) -> str | None:
+        """Journal actions chosen by a moderator (undo), outside the guard."""
+        if not actions:
+            return None
+        batch = new_batch_id()
+        await self.store.journal.add_batch(batch, trigger, None, actions, Status.PENDING)
+        self.executor.wake()
+        return batch

@@ -1,0 +1,331 @@
+"""The running service: leadership, the /sync loop, triggers, the reconcile timer and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+import structlog
+from aiohttp import ClientError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MUnknownToken
+
+from ..config import Config
+from ..matrix import ConnectError, MatrixAdapter, StateCache
+from ..metrics import IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
+from ..model import RoomID, UserID
+from ..store import Store
+from .executor import Executor
+from .observer import Observer
+from .reconciler import Reconciler
+
+log = structlog.get_logger("spacesync")
+
+SYNC_FILTER = json.dumps({
+    "presence": {"types": []},
+    "account_data": {"types": []},
+    "room": {
+        "timeline": {"limit": 50},
+        "state": {"lazy_load_members": False},
+        "ephemeral": {"types": []},
+        "account_data": {"types": []},
+    },
+})
+TRIGGER_TYPES = frozenset({
+    "m.room.member", "m.space.child", "m.space.parent", "m.room.power_levels", "m.room.join_rules",
+    "m.room.tombstone", "m.room.create",
+})
+STANDBY_POLL_S = 2.0
+
+
+class FatalError(Exception):
+    """Stops the service with one line for the operator and a non-zero exit."""
+
+
+CommandHandler = Callable[[RoomID, dict[str, Any]], Awaitable[None]]
+
+
+class App:
+    """Wires store, adapter, observer, reconciler and executor, and runs them until stopped."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.database.url)
+        self.matrix = MatrixAdapter(
+            config.homeserver.url, config.bot.user_id, access_token=config.bot.access_token,
+            password=config.bot.password, device_id=config.bot.device_id,
+        )
+        self.cache = StateCache()
+        self.observer = Observer(self.matrix, self.cache, self.store, max_seconds=config.walk.max_seconds,
+                                 concurrency=config.executor.concurrency)
+        self.executor = Executor(self.store, self.matrix, self.cache, concurrency=config.executor.concurrency,
+                                 max_attempts=config.executor.max_attempts, on_batch_done=self._batch_done)
+        self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.notify)
+        self.admin_room: RoomID | None = None
+        self.command_handler: CommandHandler | None = None
+        self.leader = False
+        self.logged_in = False
+        self.synced = False
+        self.homeserver_up = False
+        self.last_sync_at: float | None = None
+        self._stopping = asyncio.Event()
+        self._trigger = asyncio.Event()
+        self._full = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started_at = time.time()
+
+    # region lifecycle
+    async def start_store(self) -> None:
+        await self.store.start()
+
+    async def run(self) -> None:
+        """Run until stop(): wait to lead, connect, reconcile, and follow /sync."""
+        await self.start_store()
+        try:
+            if not await self._become_leader():
+                return
+            saved = await self.store.get(f"access_token:{self.config.bot.user_id}")
+            try:
+                token = await self.matrix.connect(saved_token=saved)
+            except ConnectError as e:
+                raise FatalError(str(e)) from e
+            if self.config.bot.password and token != saved:
+                await self.store.put(f"access_token:{self.config.bot.user_id}", token)
+            self.logged_in = self.homeserver_up = True
+            log.info("logged in", user=self.matrix.user_id, homeserver=self.config.homeserver.url)
+            self.admin_room = await self.reconciler.resolve(self.config.admin.room)
+            if self.admin_room is None:
+                log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
+            self._tasks = [
+                asyncio.create_task(self.executor.run_forever(), name="executor"),
+                asyncio.create_task(self._sync_loop(), name="sync"),
+                asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            ]
+            self.executor.wake()
+            self._full.set()
+            stop = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+        for task in self._tasks:
+            if task.get_name() != "executor":
+                task.cancel()
+        executor = next((t for t in self._tasks if t.get_name() == "executor"), None)
+        if executor is not None:
+            try:
+                await asyncio.wait_for(self.executor.wait_idle(), 5)
+            except asyncio.TimeoutError:
+                log.warning("stopping with actions in flight: they resume from the journal at the next start")
+            executor.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.matrix.close()
+        await self.store.stop()
+        IS_LEADER.set(0)
+
+    async def _become_leader(self) -> bool:
+        """Only one instance acts; on PostgreSQL a second one stands by and takes over, on SQLite it refuses."""
+        if await self.store.try_leadership():
+            self.leader = True
+            IS_LEADER.set(1)
+            return True
+        if not self.store.is_postgres:
+            raise FatalError(f"database.url: {self.config.database.safe_url} is in use by another spacesync "
+                             "instance; stop it first (standby needs PostgreSQL)")
+        log.info("standing by: another instance is active")
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), STANDBY_POLL_S)
+                return False
+            except asyncio.TimeoutError:
+                pass
+            if await self.store.try_leadership():
+                log.info("taking over: the active instance is gone")
+                self.leader = True
+                IS_LEADER.set(1)
+                return True
+        return False
+    # endregion
+
+    # region reconciling
+    def request_reconcile(self, *, full: bool) -> None:
+        (self._full if full else self._trigger).set()
+
+    async def _reconcile_loop(self) -> None:
+        """Full reconciles at start and every interval; quick ones (from the cache) on triggers."""
+        next_full = time.monotonic()
+        while True:
+            timeout = max(0.0, next_full - time.monotonic())
+            waiters = [asyncio.create_task(self._full.wait()), asyncio.create_task(self._trigger.wait())]
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            full = self._full.is_set() or time.monotonic() >= next_full
+            self._full.clear()
+            self._trigger.clear()
+            try:
+                plan, _ = await self.reconciler.reconcile("reconcile" if full else "sync", refresh=full)
+            except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
+                log.warning("reconcile failed: retrying soon", error=f"{type(e).__name__}: {e}")
+                next_full = time.monotonic() + 10
+                continue
+            if full:
+                next_full = time.monotonic() + self.config.reconcile_interval
+            if plan.recheck_at_ms is not None:
+                next_full = min(next_full, time.monotonic() + max(0.5, plan.recheck_at_ms / 1000 - time.time()))
+            await self._update_depth()
+
+    async def _update_depth(self) -> None:
+        depth = await self.store.journal.depth()
+        for status in ("pending", "running", "held"):
+            JOURNAL_DEPTH.labels(status=status).set(depth.get(status, 0))
+    # endregion
+
+    # region /sync
+    async def _sync_loop(self) -> None:
+        since = await self.store.get("next_batch")
+        failures = 0
+        while True:
+            try:
+                data = await self.matrix.sync(since, 30000 if since else 0, SYNC_FILTER)
+            except MUnknownToken as e:
+                raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
+            except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
+                failures += 1
+                self.homeserver_up = False
+                wait = min(30.0, 0.5 * 2 ** min(failures, 6))
+                if failures == 1:
+                    log.warning("homeserver unreachable: retrying with backoff", error=f"{type(e).__name__}: {e}")
+                else:
+                    log.debug("sync still failing", attempt=failures, wait_s=wait)
+                await asyncio.sleep(wait)
+                continue
+            if failures:
+                log.info("homeserver reachable again", after_failures=failures)
+                self.request_reconcile(full=True)
+                failures = 0
+            self.homeserver_up = True
+            first = since is None
+            await self._handle_sync(data, first=first)
+            since = data.get("next_batch") or since
+            if since:
+                await self.store.put("next_batch", since)
+            self.synced = True
+            self.last_sync_at = time.time()
+            LAST_SYNC.set(self.last_sync_at)
+            SYNC_LAG.set(0)
+
+    async def _handle_sync(self, data: dict[str, Any], *, first: bool) -> None:
+        rooms = data.get("rooms") or {}
+        trigger = full = False
+        for room_id, room in (rooms.get("invite") or {}).items():
+            await self._on_invite(RoomID(room_id), room)
+        for room_id, room in (rooms.get("join") or {}).items():
+            room_id = RoomID(room_id)
+            state = list(((room.get("state") or {}).get("events")) or [])
+            timeline = (room.get("timeline") or {})
+            events = list(timeline.get("events") or [])
+            state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
+            if room_id in self.cache:
+                self.cache.update(room_id, state_events)
+                if timeline.get("limited"):
+                    full = True
+            relevant = [e for e in state_events if e.get("type") in TRIGGER_TYPES]
+            if relevant and room_id in self.cache:
+                trigger = True
+                if any(e.get("type") in ("m.space.child", "m.room.tombstone") for e in relevant):
+                    full = True
+            if room_id == self.admin_room and not first and self.command_handler is not None:
+                for event in events:
+                    if event.get("type") == "m.room.message" and event.get("sender") != self.matrix.user_id:
+                        await self.command_handler(room_id, event)
+        for room_id in (rooms.get("leave") or {}):
+            self.cache.forget(RoomID(room_id))
+            self.observer.joined.discard(RoomID(room_id))
+        if full:
+            self.request_reconcile(full=True)
+        elif trigger:
+            self.request_reconcile(full=False)
+
+    async def _on_invite(self, room_id: RoomID, room: dict[str, Any]) -> None:
+        """Accept invites from admins only: to the admin room, or to rooms they want managed."""
+        inviter = None
+        for event in (room.get("invite_state") or {}).get("events") or []:
+            if event.get("type") == "m.room.member" and event.get("state_key") == self.matrix.user_id:
+                inviter = event.get("sender")
+        if inviter is None or not await self.is_admin(UserID(inviter)):
+            log.info("invite declined: not from an admin", room=room_id, inviter=inviter)
+            try:
+                await self.matrix.leave(room_id)
+            except (MatrixRequestError, MatrixConnectionError, ClientError):
+                pass
+            return
+        try:
+            await self.matrix.join(room_id)
+        except MatrixRequestError as e:
+            log.warning("could not join after invite", room=room_id, error=getattr(e, "message", str(e)))
+            return
+        log.info("joined after an admin's invite", room=room_id, inviter=inviter)
+        self.observer.joined.add(room_id)
+        self.request_reconcile(full=True)
+    # endregion
+
+    # region admin room
+    async def is_admin(self, user_id: UserID) -> bool:
+        """Listed in admin.users, or at least admin.min_power_level in the admin room's current state."""
+        if user_id in self.config.admin.users:
+            return True
+        if self.admin_room is None:
+            return False
+        try:
+            levels = await self.matrix.state_event(self.admin_room, "m.room.power_levels") or {}
+        except (MatrixRequestError, MatrixConnectionError, ClientError):
+            return False
+        users = levels.get("users") or {}
+        try:
+            level = int(users.get(user_id, levels.get("users_default", 0)))
+        except (TypeError, ValueError):
+            return False
+        return level >= self.config.admin.min_power_level
+
+    async def notify(self, text: str, html: str | None = None) -> None:
+        """One notice in the admin room; never lets a failure to announce stop the work."""
+        if self.admin_room is None:
+            return
+        try:
+            await self.matrix.send_notice(self.admin_room, text, html)
+        except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError) as e:
+            log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
+
+    async def _batch_done(self, batch: str) -> None:
+        info = await self.store.journal.batch(batch)
+        if info is None:
+            return
+        entries = await self.store.journal.batch_entries(batch)
+        failed = [e for e in entries if e.status.value == "failed"]
+        done = [e for e in entries if e.status.value == "done"]
+        kinds: dict[str, int] = {}
+        for e in done:
+            kinds[e.action.kind.value] = kinds.get(e.action.kind.value, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
+        text = f"Batch {batch} ({info.trigger}) finished: {summary}"
+        if failed:
+            rooms = sorted({e.action.room_id for e in failed})
+            reasons = sorted({(e.error or '').split(':')[0] for e in failed})
+            text += f"; {len(failed)} failed in {len(rooms)} rooms ({', '.join(reasons)[:200]})"
+        log.info("batch finished", batch=batch, summary=summary, failed=len(failed))
+        if await self.store.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch):
+            return
+        await self.store.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch)
+        await self.notify(text)
+    # endregion

@@ -1,0 +1,304 @@
+"""Plain data shared by every layer: room snapshots, policies and the actions the planner emits."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Mapping
+
+import attrs
+from mautrix.types import EventID, RoomID, UserID
+
+__all__ = [
+    "RoomID",
+    "UserID",
+    "EventID",
+    "Membership",
+    "MemberState",
+    "PowerLevels",
+    "RoomState",
+    "Snapshot",
+    "OnLeave",
+    "SpacePolicy",
+    "Policy",
+    "ActionKind",
+    "Action",
+    "PlacedBan",
+    "OwnedLevel",
+    "Finding",
+    "Plan",
+]
+
+
+class Membership(str, Enum):
+    JOIN = "join"
+    LEAVE = "leave"
+    BAN = "ban"
+    INVITE = "invite"
+    KNOCK = "knock"
+
+
+@attrs.frozen
+class MemberState:
+    """One user's current membership in one room, with when and how it was reached."""
+
+    membership: Membership
+    event_id: EventID | None = None
+    sender: UserID | None = None
+    ts: int = 0
+    """origin_server_ts of the membership event, in milliseconds."""
+
+
+def _to_int(value: Any, default: int) -> int:
+    """Read a power level: integers, and the legacy strings ("50") older room versions allow."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return default
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return default
+
+
+@attrs.frozen
+class PowerLevels:
+    """The parts of m.room.power_levels spacesync reasons about, plus the raw content to write back."""
+
+    users: Mapping[UserID, int] = attrs.field(factory=dict)
+    users_default: int = 0
+    kick: int = 50
+    ban: int = 50
+    invite: int = 0
+    state_default: int = 50
+    events: Mapping[str, int] = attrs.field(factory=dict)
+    raw: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_content(cls, content: Mapping[str, Any] | None) -> PowerLevels:
+        content = dict(content or {})
+        users_raw = content.get("users") if isinstance(content.get("users"), dict) else {}
+        events_raw = content.get("events") if isinstance(content.get("events"), dict) else {}
+        return cls(
+            users={UserID(k): _to_int(v, 0) for k, v in users_raw.items()},
+            users_default=_to_int(content.get("users_default"), 0),
+            kick=_to_int(content.get("kick"), 50),
+            ban=_to_int(content.get("ban"), 50),
+            invite=_to_int(content.get("invite"), 0),
+            state_default=_to_int(content.get("state_default"), 50),
+            events={str(k): _to_int(v, 50) for k, v in events_raw.items()},
+            raw=content,
+        )
+
+    def event_level(self, event_type: str) -> int:
+        return self.events.get(event_type, self.state_default)
+
+
+@attrs.frozen
+class RoomState:
+    """What the bot could read of one room: the inputs to every decision about it."""
+
+    room_id: RoomID
+    room_version: str | None = None
+    create_sender: UserID | None = None
+    additional_creators: frozenset[UserID] = frozenset()
+    is_space: bool = False
+    join_rule: str | None = None
+    allow: tuple[RoomID, ...] = ()
+    """Room ids named by `m.room_membership` entries of a restricted join rule."""
+    join_rules_content: Mapping[str, Any] = attrs.field(factory=dict)
+    children: Mapping[RoomID, tuple[str, ...]] = attrs.field(factory=dict)
+    """m.space.child state with a non-empty `via`: child room id -> via servers."""
+    child_senders: Mapping[RoomID, UserID] = attrs.field(factory=dict)
+    parents: Mapping[RoomID, UserID] = attrs.field(factory=dict)
+    """m.space.parent state with a non-empty `via`: parent room id -> sender."""
+    members: Mapping[UserID, MemberState] = attrs.field(factory=dict)
+    power_levels: PowerLevels = attrs.field(factory=PowerLevels)
+    tombstone: RoomID | None = None
+    """The replacement room named by m.room.tombstone, if the room was upgraded."""
+    name: str | None = None
+
+    def membership(self, user_id: UserID) -> Membership:
+        state = self.members.get(user_id)
+        return state.membership if state else Membership.LEAVE
+
+    def joined(self) -> frozenset[UserID]:
+        return frozenset(u for u, m in self.members.items() if m.membership is Membership.JOIN)
+
+    @property
+    def creators(self) -> frozenset[UserID]:
+        """Room creators. In room version 12 they hold unlimited power."""
+        if self.create_sender is None:
+            return self.additional_creators
+        return self.additional_creators | {self.create_sender}
+
+
+@attrs.frozen
+class Snapshot:
+    """The world as read at one moment. Rooms the bot could not read are listed in `unreachable`."""
+
+    rooms: Mapping[RoomID, RoomState] = attrs.field(factory=dict)
+    unreachable: Mapping[RoomID, str] = attrs.field(factory=dict)
+    """Room id -> why it could not be read (not joined, forbidden, remote)."""
+    placed_bans: frozenset[PlacedBan] = frozenset()
+    owned_levels: Mapping[tuple[RoomID, UserID], OwnedLevel] = attrs.field(factory=dict)
+    now_ms: int = 0
+
+
+class OnLeave(str, Enum):
+    KICK = "kick"
+    BAN = "ban"
+    NONE = "none"
+
+
+_ON_LEAVE_SEVERITY = {OnLeave.NONE: 0, OnLeave.KICK: 1, OnLeave.BAN: 2}
+
+
+@attrs.frozen
+class SpacePolicy:
+    """How one managed root Space governs its descendants."""
+
+    room_id: RoomID
+    on_leave: OnLeave = OnLeave.KICK
+    propagate_bans: bool = True
+    propagate_unbans: bool = True
+    exempt: frozenset[UserID] = frozenset()
+    extra_rooms: frozenset[RoomID] = frozenset()
+    grace_period_s: float = 0.0
+    power_levels: bool = True
+    power_level_map: Mapping[int, int] = attrs.field(factory=dict)
+    max_power_level: int | None = None
+    creator_level: int = 100
+    enforce_join_rules: bool = False
+    invite_members: bool = False
+    max_evictions_without_confirmation: int = 25
+
+    def milder_on_leave(self, other: OnLeave) -> OnLeave:
+        return min(self.on_leave, other, key=_ON_LEAVE_SEVERITY.__getitem__)
+
+
+@attrs.frozen
+class Policy:
+    """Everything the planner needs to know about who and what it may act on."""
+
+    bot: UserID
+    spaces: tuple[SpacePolicy, ...] = ()
+    admins: frozenset[UserID] = frozenset()
+    exempt: frozenset[UserID] = frozenset()
+    """Users exempt in every Space (added from the admin room)."""
+    max_depth: int = 10
+    max_rooms: int = 2000
+
+    def space(self, room_id: RoomID) -> SpacePolicy | None:
+        return next((s for s in self.spaces if s.room_id == room_id), None)
+
+
+class ActionKind(str, Enum):
+    KICK = "kick"
+    BAN = "ban"
+    UNBAN = "unban"
+    INVITE = "invite"
+    SET_POWER_LEVELS = "set_power_levels"
+    SET_JOIN_RULES = "set_join_rules"
+    SET_SPACE_CHILD = "set_space_child"
+
+
+EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
+
+
+@attrs.frozen
+class Action:
+    """One change to make in one room, with the reason a moderator will read."""
+
+    kind: ActionKind
+    room_id: RoomID
+    user_id: UserID | None = None
+    reason: str = ""
+    state_key: str | None = None
+    """For state actions whose key is not empty (m.space.child)."""
+    space_id: RoomID | None = None
+    """The managed root Space on whose behalf the action runs (for the mass-action guard)."""
+    cause: str = ""
+    """Machine-readable origin: 'space_ban', 'on_leave', 'unban', 'power_levels', ..."""
+    content: Mapping[str, Any] | None = None
+    """Full state content to send, for state-writing actions."""
+    changes: Mapping[str, Any] = attrs.field(factory=dict)
+    """Per-key before/after, shown in `plan` (e.g. user id -> [before, after])."""
+    ownership: Mapping[UserID, OwnedLevel | None] = attrs.field(factory=dict)
+    """For set_power_levels: the ownership records to store (or drop, None) once it succeeds."""
+
+    @property
+    def key(self) -> str:
+        """Identifies the action for de-duplication: same kind, room and target."""
+        return f"{self.kind.value}|{self.room_id}|{self.user_id or self.state_key or ''}"
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "action": self.kind.value,
+            "room_id": self.room_id,
+            "user_id": self.user_id,
+            "reason": self.reason,
+        }
+        if self.space_id:
+            data["space_id"] = self.space_id
+        if self.changes:
+            data["changes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.changes.items()}
+        return data
+
+
+@attrs.frozen
+class PlacedBan:
+    """A ban spacesync placed, remembered so that it lifts only its own bans."""
+
+    room_id: RoomID
+    user_id: UserID
+    cause: str
+    """'space_ban' (carried from a Space ban) or 'on_leave' (on_leave: ban)."""
+
+
+@attrs.frozen
+class OwnedLevel:
+    """A users entry spacesync wrote into a room's power levels, and what stood before it."""
+
+    room_id: RoomID
+    user_id: UserID
+    written: int
+    previous: int | None
+    """The entry before spacesync wrote, or None when there was none."""
+
+
+@attrs.frozen
+class Finding:
+    """Something a moderator should know about a room, which the planner will not act on."""
+
+    room_id: RoomID
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.room_id}: {self.message}"
+
+
+@attrs.frozen
+class Plan:
+    """The planner's answer: actions to take now, rechecks to schedule, and findings."""
+
+    actions: tuple[Action, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    managed: tuple[RoomID, ...] = ()
+    recheck_at_ms: int | None = None
+    """Earliest time a grace period ends; the engine reconciles again then."""
+    stale_bans: tuple[PlacedBan, ...] = ()
+    """Remembered bans that no longer stand (lifted by hand): forget them."""
+    stale_levels: tuple[tuple[RoomID, UserID], ...] = ()
+    """Remembered levels someone changed by hand: forget them, never touch the entry again."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "actions": [a.to_json() for a in self.actions],
+            "rooms": list(self.managed),
+            "warnings": [str(f) for f in self.findings],
+        }

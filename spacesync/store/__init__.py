@@ -1,0 +1,249 @@
+"""The database: schema migrations, the journal, the audit log, the bot's own records and settings."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from typing import Any
+
+import attrs
+from mautrix.util.async_db import Database, Scheme
+
+from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
+from .journal import Journal, Status, now_ms
+from .migrations import upgrade_table
+
+__all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord"]
+
+LEADER_LOCK_KEY = 0x5350_4353  # "SPCS": the PostgreSQL advisory lock that elects the acting instance
+
+
+class StoreError(Exception):
+    """A database problem worth one clear line to the operator."""
+
+
+@attrs.frozen
+class AuditRecord:
+    id: int
+    ts: int
+    batch: str | None
+    kind: str
+    room_id: str
+    target: str
+    reason: str
+    trigger: str
+    outcome: str
+    detail: str | None
+
+
+class Store:
+    """One database, SQLite or PostgreSQL, behind typed methods."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.db = Database.create(
+            url, upgrade_table=upgrade_table, log=logging.getLogger("spacesync.db"),
+            db_args={"min_size": 1, "max_size": 5} if not url.startswith("sqlite") else {},
+        )
+        self.journal = Journal(self.db)
+        self._lock_fd: int | None = None
+        self._lock_conn: Any = None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.db.scheme != Scheme.SQLITE
+
+    async def start(self) -> None:
+        try:
+            await self.db.start()
+        except (OSError, ConnectionError) as e:
+            raise StoreError(f"database: cannot connect ({e}); check database.url and that the server is up") from e
+        except Exception as e:
+            if type(e).__module__.startswith(("asyncpg", "sqlite3")):
+                raise StoreError(f"database: {type(e).__name__}: {e}") from e
+            raise
+
+    async def stop(self) -> None:
+        await self.release_leadership()
+        await self.db.stop()
+
+    async def ping(self) -> bool:
+        try:
+            return await self.db.fetchval("SELECT 1") == 1
+        except Exception:
+            return False
+
+    # region leadership
+    async def try_leadership(self) -> bool:
+        """Become the one acting instance: an advisory lock on PostgreSQL, a file lock on SQLite."""
+        if self.is_postgres:
+            if self._lock_conn is None:
+                import asyncpg
+
+                self._lock_conn = await asyncpg.connect(self.url)
+            got = await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY)
+            return bool(got)
+        path = self.db.url.path + ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    async def release_leadership(self) -> None:
+        if self._lock_conn is not None:
+            try:
+                await self._lock_conn.close()
+            except Exception:
+                self._lock_conn.terminate()
+            self._lock_conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+    # endregion
+
+    # region key-value state
+    async def get(self, key: str) -> str | None:
+        return await self.db.fetchval("SELECT value FROM kv WHERE key=$1", key)
+
+    async def put(self, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT INTO kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+            key, value,
+        )
+    # endregion
+
+    # region audit log
+    async def audit(self, action: Action, outcome: str, *, journal_id: int | None = None,
+                    batch: str | None = None, trigger: str = "", detail: Any = None) -> None:
+        await self.db.execute(
+            "INSERT INTO audit (ts, journal_id, batch, kind, room_id, target, reason, trigger, outcome, detail)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            now_ms(), journal_id, batch, action.kind.value, action.room_id, action.user_id or action.state_key or "",
+            action.reason, trigger, outcome, None if detail is None else json.dumps(detail),
+        )
+
+    async def audit_log(self, limit: int = 20, target: str | None = None) -> list[AuditRecord]:
+        query = "SELECT * FROM audit"
+        args: list[Any] = []
+        if target:
+            query += " WHERE target=$1"
+            args.append(target)
+        query += f" ORDER BY id DESC LIMIT ${len(args) + 1}"
+        rows = await self.db.fetch(query, *args, limit)
+        return [AuditRecord(**{f.name: r[f.name] for f in attrs.fields(AuditRecord)}) for r in rows]
+    # endregion
+
+    # region the bot's own records
+    async def placed_bans(self) -> frozenset[PlacedBan]:
+        rows = await self.db.fetch("SELECT room_id, user_id, cause FROM placed_ban")
+        return frozenset(PlacedBan(RoomID(r["room_id"]), UserID(r["user_id"]), r["cause"]) for r in rows)
+
+    async def add_placed_ban(self, ban: PlacedBan) -> None:
+        await self.db.execute(
+            "INSERT INTO placed_ban (room_id, user_id, cause) VALUES ($1, $2, $3)"
+            " ON CONFLICT (room_id, user_id) DO UPDATE SET cause=excluded.cause",
+            ban.room_id, ban.user_id, ban.cause,
+        )
+
+    async def forget_ban(self, room_id: RoomID, user_id: UserID) -> None:
+        await self.db.execute("DELETE FROM placed_ban WHERE room_id=$1 AND user_id=$2", room_id, user_id)
+
+    async def owned_levels(self) -> dict[tuple[RoomID, UserID], OwnedLevel]:
+        rows = await self.db.fetch("SELECT room_id, user_id, written, previous FROM owned_level")
+        return {
+            (RoomID(r["room_id"]), UserID(r["user_id"])): OwnedLevel(
+                RoomID(r["room_id"]), UserID(r["user_id"]), r["written"], r["previous"]
+            )
+            for r in rows
+        }
+
+    async def set_owned_level(self, room_id: RoomID, user_id: UserID, owned: OwnedLevel | None) -> None:
+        if owned is None:
+            await self.db.execute("DELETE FROM owned_level WHERE room_id=$1 AND user_id=$2", room_id, user_id)
+            return
+        await self.db.execute(
+            "INSERT INTO owned_level (room_id, user_id, written, previous) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (room_id, user_id) DO UPDATE SET written=excluded.written, previous=excluded.previous",
+            room_id, user_id, owned.written, owned.previous,
+        )
+
+    async def move_room_records(self, old: RoomID, new: RoomID) -> None:
+        """After a room upgrade, the levels spacesync wrote in the old room are its own in the new one."""
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO owned_level (room_id, user_id, written, previous)"
+                " SELECT $1, user_id, written, previous FROM owned_level WHERE room_id=$2"
+                " ON CONFLICT (room_id, user_id) DO NOTHING",
+                new, old,
+            )
+            await conn.execute("DELETE FROM owned_level WHERE room_id=$1", old)
+    # endregion
+
+    # region settings changed from the admin room
+    async def managed_spaces(self) -> list[RoomID]:
+        rows = await self.db.fetch("SELECT room_id FROM managed_space ORDER BY added_at")
+        return [RoomID(r["room_id"]) for r in rows]
+
+    async def add_space(self, room_id: RoomID, added_by: UserID) -> bool:
+        result = await self.db.fetchval(
+            "INSERT INTO managed_space (room_id, added_by, added_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (room_id) DO NOTHING RETURNING room_id",
+            room_id, added_by, now_ms(),
+        )
+        return result is not None
+
+    async def remove_space(self, room_id: RoomID) -> bool:
+        found = await self.db.fetchval("SELECT room_id FROM managed_space WHERE room_id=$1", room_id)
+        await self.db.execute("DELETE FROM managed_space WHERE room_id=$1", room_id)
+        return found is not None
+
+    async def extra_rooms(self) -> dict[RoomID, set[RoomID]]:
+        rows = await self.db.fetch("SELECT space_id, room_id FROM extra_room")
+        out: dict[RoomID, set[RoomID]] = {}
+        for r in rows:
+            out.setdefault(RoomID(r["space_id"]), set()).add(RoomID(r["room_id"]))
+        return out
+
+    async def add_extra_room(self, space_id: RoomID, room_id: RoomID, added_by: UserID) -> None:
+        await self.db.execute(
+            "INSERT INTO extra_room (space_id, room_id, added_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            space_id, room_id, added_by,
+        )
+
+    async def remove_extra_room(self, room_id: RoomID) -> bool:
+        found = await self.db.fetchval("SELECT room_id FROM extra_room WHERE room_id=$1", room_id)
+        await self.db.execute("DELETE FROM extra_room WHERE room_id=$1", room_id)
+        return found is not None
+
+    async def exempt_users(self) -> frozenset[UserID]:
+        rows = await self.db.fetch("SELECT user_id FROM exempt_user")
+        return frozenset(UserID(r["user_id"]) for r in rows)
+
+    async def add_exempt(self, user_id: UserID, added_by: UserID) -> bool:
+        result = await self.db.fetchval(
+            "INSERT INTO exempt_user (user_id, added_by, added_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+            user_id, added_by, now_ms(),
+        )
+        return result is not None
+
+    async def remove_exempt(self, user_id: UserID) -> bool:
+        found = await self.db.fetchval("SELECT user_id FROM exempt_user WHERE user_id=$1", user_id)
+        await self.db.execute("DELETE FROM exempt_user WHERE user_id=$1", user_id)
+        return found is not None
+
+    async def mark_handled(self, event_id: str) -> bool:
+        """Record an event as handled; False when it already was (handle each command once)."""
+        result = await self.db.fetchval(
+            "INSERT INTO handled_event (event_id, ts) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING"
+            " RETURNING event_id",
+            event_id, now_ms(),
+        )
+        return result is not None
+    # endregion

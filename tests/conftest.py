@@ -1,0 +1,129 @@
+"""Shared fixtures: real Synapse homeservers, registered users and throwaway databases."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from spacesync.testbed import Synapse, TestUser
+
+PG_ADMIN_URL = os.environ.get(
+    "SPACESYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+_PG_CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+MakeUser = Callable[..., Awaitable[TestUser]]
+
+
+def _unavailable(message: str) -> NoReturn:
+    """Skip when a test dependency is missing; fail instead on CI, where it must be there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+async def _start_synapse(synapse: Synapse) -> None:
+    try:
+        await synapse.start()
+        return
+    except (RuntimeError, OSError) as exc:
+        problem = f"cannot start Synapse: {exc}"
+    _unavailable(problem)
+
+
+@pytest.fixture(scope="session")
+async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Synapse]:
+    """One homeserver with rate limits lifted, shared by the whole session."""
+    hs = Synapse(tmp_path_factory.mktemp("synapse"))
+    await _start_synapse(hs)
+    yield hs
+    await hs.stop()
+
+
+@pytest.fixture(scope="session")
+async def synapse_default_limits(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Synapse]:
+    """A homeserver with Synapse's default rate limits (registration aside)."""
+    hs = Synapse(tmp_path_factory.mktemp("synapse-default-limits"), lifted_ratelimits=False)
+    await _start_synapse(hs)
+    yield hs
+    await hs.stop()
+
+
+@pytest.fixture
+async def make_user(synapse: Synapse) -> AsyncIterator[MakeUser]:
+    """Factory: ``await make_user("alice")`` registers a fresh ``@alice_<hex>`` on ``synapse``."""
+    users: list[TestUser] = []
+
+    async def make(
+        localpart: str = "user",
+        *,
+        admin: bool = False,
+        displayname: str | None = None,
+        password: str | None = None,
+    ) -> TestUser:
+        user = await synapse.register(
+            f"{localpart}_{secrets.token_hex(4)}",
+            admin=admin,
+            displayname=displayname,
+            password=password,
+        )
+        users.append(user)
+        return user
+
+    yield make
+    for user in users:
+        await user.client.close()
+
+
+async def _pg_admin_connection() -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except _PG_CONNECT_ERRORS as exc:
+        problem = f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc!r}"
+    _unavailable(problem)
+
+
+@contextlib.asynccontextmanager
+async def _throwaway_pg_database() -> AsyncIterator[str]:
+    name = f"spacesync_test_{secrets.token_hex(6)}"
+    conn = await _pg_admin_connection()
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield urlsplit(PG_ADMIN_URL)._replace(path=f"/{name}").geturl()
+    finally:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """URL of an empty PostgreSQL database, dropped after the test."""
+    async with _throwaway_pg_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of an empty database, once for each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:{tmp_path}/spacesync.db"
+    else:
+        async with _throwaway_pg_database() as url:
+            yield url
