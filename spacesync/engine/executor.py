@@ -58,7 +58,12 @@ class Executor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.drain()
+            try:
+                await self.drain()
+            except Exception as e:  # the journal keeps every entry: retry the drain shortly
+                log.error("executor drain failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
+                await asyncio.sleep(5)
+                self._wake.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

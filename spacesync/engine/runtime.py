@@ -179,6 +179,11 @@ class App:
                 log.warning("reconcile failed: retrying soon", error=f"{type(e).__name__}: {e}")
                 next_full = time.monotonic() + 10
                 continue
+            except Exception as e:
+                log.error("reconcile failed unexpectedly: retrying soon", error=f"{type(e).__name__}: {e}",
+                          exc_info=True)
+                next_full = time.monotonic() + 30
+                continue
             if full:
                 next_full = time.monotonic() + self.config.reconcile_interval
             if plan.recheck_at_ms is not None:
@@ -216,7 +221,11 @@ class App:
                 failures = 0
             self.homeserver_up = True
             first = since is None
-            await self._handle_sync(data, first=first)
+            try:
+                await self._handle_sync(data, first=first)
+            except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
+                log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
+                self.request_reconcile(full=True)
             since = data.get("next_batch") or since
             if since:
                 await self.store.put("next_batch", since)
