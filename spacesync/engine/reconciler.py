@@ -122,7 +122,7 @@ class Reconciler:
             LAST_RECONCILE.set(self.last_reconcile_at)
         if refresh:
             await self._announce_findings(plan)
-        log.info("reconciled", trigger=trigger, actions=len(plan.actions), findings=len(plan.findings),
+        (log.info if plan.actions or refresh else log.debug)("reconciled", trigger=trigger, actions=len(plan.actions), findings=len(plan.findings),
                  managed=len(plan.managed), seconds=round(time.monotonic() - started, 3))
         return plan, batches
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 from mautrix.util.async_db import Database, Scheme
+from mautrix.util.logging import TraceLogger
 
 from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
 from .journal import Journal, Status, now_ms
@@ -18,6 +19,16 @@ from .migrations import upgrade_table
 __all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord"]
 
 LEADER_LOCK_KEY = 0x5350_4353  # "SPCS": the PostgreSQL advisory lock that elects the acting instance
+
+
+def _db_logger() -> logging.Logger:
+    """mautrix's database layer needs a TraceLogger, whatever logger class structlog installed since."""
+    previous = logging.getLoggerClass()
+    logging.setLoggerClass(TraceLogger)
+    try:
+        return logging.getLogger("spacesync.db")
+    finally:
+        logging.setLoggerClass(previous)
 
 
 class StoreError(Exception):
@@ -44,7 +55,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.db = Database.create(
-            url, upgrade_table=upgrade_table, log=logging.getLogger("spacesync.db"),
+            url, upgrade_table=upgrade_table, log=_db_logger(),
             db_args={"min_size": 1, "max_size": 5} if not url.startswith("sqlite") else {},
         )
         self.journal = Journal(self.db)
