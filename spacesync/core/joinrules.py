@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..model import Action, ActionKind, Finding, Membership, Policy, RoomID, RoomState, Snapshot
-from .entitlement import Memberships, user_level
+from .entitlement import Memberships, protection, user_level
 from .graph import RESTRICTED_RULES, SpaceGraph, policies_for
 from .versions import RECOMMENDED_VERSION, features
 
@@ -30,15 +30,16 @@ def plan_join_rules(
         if room.tombstone:
             actions.extend(_follow_upgrade(snapshot, policy, graph, room, root_id, findings))
             continue
-        parents = sorted(graph.managed_parents(room_id)) or sorted(
-            p.room_id for p in policies if p.room_id != room_id
-        )
+        # Only the managed parent Spaces: they entitle membership whatever the join rule says, so
+        # naming them in the allow list changes no one's entitlement. A root that reaches the room
+        # only through Spaces that did not opt in is not the room's to name (confused deputy).
+        parents = sorted(graph.managed_parents(room_id))
         enforce = any(p.enforce_join_rules for p in policies)
         action = _join_rule_repair(room, parents, policy, findings, enforce)
         if action is not None:
             actions.append(Action(**{**action, "space_id": root_id}))
         if any(p.invite_members for p in policies) and room.join_rule == "invite":
-            actions.extend(_invites(room, parents, policy, graph, memberships, root_id))
+            actions.extend(_invites(room, parents, policy, graph, memberships, root_id, findings))
     return actions, findings
 
 
@@ -114,23 +115,28 @@ def _follow_upgrade(
             findings.append(Finding(parent_id, "no_power", f"cannot re-point m.space.child to {new_id} (needs {needed})"))
             continue
         via = list(parent.children.get(room.room_id) or ())
+        if not via:
+            # v12 room ids carry no server name: fall back to the bot's own server.
+            via = [(new_id if ":" in new_id else policy.bot).split(":", 1)[-1]]
         if new_id not in parent.children:
             actions.append(Action(
                 kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=new_id, cause="upgrade",
                 space_id=root_id, reason=f"add {new_id}, the upgrade of {room.room_id}",
-                content={"via": via or [new_id.split(":", 1)[-1]]}, changes={"child": (None, new_id)},
+                content={"via": via}, changes={"child": (None, new_id)},
             ))
-        actions.append(Action(
-            kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=room.room_id, cause="upgrade",
-            space_id=root_id, reason=f"remove {room.room_id}, replaced by {new_id}",
-            content={}, changes={"child": (room.room_id, None)},
-        ))
+        if room.room_id in parent.children:
+            # (a root's extra room has no m.space.child to remove: the configuration names it)
+            actions.append(Action(
+                kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=room.room_id, cause="upgrade",
+                space_id=root_id, reason=f"remove {room.room_id}, replaced by {new_id}",
+                content={}, changes={"child": (room.room_id, None)},
+            ))
     return actions
 
 
 def _invites(
     room: RoomState, parents: list[RoomID], policy: Policy, graph: SpaceGraph,
-    memberships: Memberships, root_id: RoomID | None,
+    memberships: Memberships, root_id: RoomID | None, findings: list[Finding],
 ) -> list[Action]:
     """Invites for members of the parent Spaces who are not in an invite-only managed room."""
     if user_level(room, policy.bot) < room.power_levels.invite:
@@ -140,9 +146,21 @@ def _invites(
         wanted.update(memberships.joined(parent_id))
     actions = []
     for user_id in sorted(wanted):
-        if memberships.get(room.room_id, user_id) in (Membership.JOIN, Membership.INVITE, Membership.BAN):
+        membership = memberships.get(room.room_id, user_id)
+        if membership in (Membership.JOIN, Membership.INVITE, Membership.BAN):
             continue
         if user_id == policy.bot:
+            continue
+        if membership is Membership.LEAVE and not memberships.is_planned(room.room_id, user_id):
+            # Who made them leave: themselves (left, declined an invite) or a moderator (kicked) is
+            # final; only spacesync's own kick (an eviction, since lifted) is followed by a new invite.
+            # Otherwise a declined invite would come back at every reconcile.
+            state = room.members.get(user_id)
+            if state is None or state.sender != policy.bot:
+                continue
+        why = protection(room, user_id, policy, graph)
+        if why:
+            findings.append(Finding(room.room_id, "protected", f"{user_id} not invited: {why}"))
             continue
         actions.append(Action(
             kind=ActionKind.INVITE, room_id=room.room_id, user_id=user_id, cause="invite_members",

@@ -39,6 +39,16 @@ TRIGGER_TYPES = frozenset({
 STANDBY_POLL_S = 2.0
 
 
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until they end. Python 3.11's asyncio.wait_for swallows a cancellation
+    that arrives as its inner future completes, so a task may survive one cancel(): repeat it."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1)
+
+
 class FatalError(Exception):
     """Stops the service with one line for the operator and a non-zero exit."""
 
@@ -97,6 +107,11 @@ class App:
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
                 log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
+            if self.command_handler is None:  # the admin-room command layer
+                from ..commands import CommandHandler as Commands
+                commands = Commands(self)
+                await commands.restore()
+                self.command_handler = commands.handle
             self._tasks = [
                 asyncio.create_task(self.executor.run_forever(), name="executor"),
                 asyncio.create_task(self._sync_loop(), name="sync"),
@@ -117,16 +132,14 @@ class App:
 
     async def shutdown(self) -> None:
         """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
-        for task in self._tasks:
-            if task.get_name() != "executor":
-                task.cancel()
+        await _cancel([t for t in self._tasks if t.get_name() != "executor"])
         executor = next((t for t in self._tasks if t.get_name() == "executor"), None)
         if executor is not None:
             try:
                 await asyncio.wait_for(self.executor.wait_idle(), 5)
             except asyncio.TimeoutError:
                 log.warning("stopping with actions in flight: they resume from the journal at the next start")
-            executor.cancel()
+            await _cancel([executor])
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.matrix.close()
@@ -167,9 +180,11 @@ class App:
         while True:
             timeout = max(0.0, next_full - time.monotonic())
             waiters = [asyncio.create_task(self._full.wait()), asyncio.create_task(self._trigger.wait())]
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
             full = self._full.is_set() or time.monotonic() >= next_full
             self._full.clear()
             self._trigger.clear()

@@ -1,0 +1,114 @@
+"""The admin-room command layer: `!spacesync <command>` (or `!ss`) from admins, answered with notices.
+
+`CommandHandler(app).handle(room_id, event)` takes every message event of the admin room. It obeys only
+admins (decided on the event's `sender`, never a display name), ignores edits, notices and the bot's own
+messages, and handles each event id once, even across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Mapping
+
+import structlog
+
+from ..model import RoomID, UserID
+from ..refs import RefError
+from . import batches, settings, status  # noqa: F401  (registers the commands)
+from .format import Reply, code, esc, one_line
+from .parser import ParseError, command_text, is_edit, parse_command
+from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageError
+
+if TYPE_CHECKING:
+    from ..engine.runtime import App
+
+__all__ = ["CommandHandler", "REFUSAL", "REGISTRY", "Registry", "Reply"]
+
+log = structlog.get_logger("spacesync.commands")
+
+REFUSAL = "Sorry, only spacesync admins can use commands here."
+
+
+class CommandHandler:
+    """Reads commands from the admin room and answers each with one notice, as a reply."""
+
+    def __init__(self, app: App, registry: Registry = REGISTRY) -> None:
+        self.app = app
+        self.registry = registry
+
+    async def restore(self) -> None:
+        """Settings kept across restarts (pause)."""
+        await settings.restore_paused(self.app)
+
+    async def handle(self, room_id: RoomID, event: Mapping[str, Any]) -> None:
+        """Handle one event; never raises (a failing command is logged and answered with one line)."""
+        try:
+            await self._handle(room_id, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("command handling failed", error=f"{type(e).__name__}: {e}", exc_info=True)
+
+    async def _handle(self, room_id: RoomID, event: Mapping[str, Any]) -> None:
+        app = self.app
+        if not isinstance(event, Mapping) or event.get("type") != "m.room.message":
+            return
+        if app.admin_room is None or room_id != app.admin_room:
+            return
+        sender, event_id, content = event.get("sender"), event.get("event_id"), event.get("content")
+        if not isinstance(sender, str) or not isinstance(event_id, str) or not isinstance(content, Mapping):
+            return
+        if sender == app.matrix.user_id or content.get("msgtype") == "m.notice" or is_edit(content):
+            return
+        if "redacted_because" in (event.get("unsigned") or {}):
+            return
+        text = command_text(content)
+        if text is None:
+            return
+        if not await app.store.mark_handled(event_id):
+            log.info("command already handled", event_id=event_id)
+            return
+        user = UserID(sender)
+        if not await app.is_admin(user):
+            log.warning("command refused: not an admin", sender=sender, event_id=event_id)
+            await self._reply(room_id, event_id, Reply.plain(REFUSAL))
+            return
+        reply = await self.run(room_id, event_id, user, text)
+        await self._reply(room_id, event_id, reply)
+
+    async def run(self, room_id: RoomID, event_id: str, sender: UserID, text: str) -> Reply:
+        """Parse and execute one admin's command text; every outcome is a reply."""
+        name = ""
+        try:
+            parsed = parse_command(text)
+            if parsed is None:
+                return Reply.plain(f"Not a command. Send '{PREFIX} help' for the list.")
+            name = parsed.name
+            if not name:
+                return self.registry.help()
+            cmd = self.registry.get(name)
+            if cmd is None:
+                return Reply.plain(self.registry.unknown(name))
+            log.info("command", sender=sender, command=name, args=list(parsed.args), event_id=event_id)
+            ctx = Context(self.app, room_id, event_id, sender, cmd)
+            try:
+                return Reply.of(await cmd.handler(ctx, list(parsed.args)))
+            except UsageError as e:
+                detail = f"{e.detail} " if e.detail else ""
+                return Reply(f"{detail}Usage: {cmd.usage_line}", f"{esc(detail)}Usage: {code(cmd.usage_line)}")
+        except (CommandError, ParseError, RefError) as e:
+            return Reply.plain(one_line(e, 500))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("command failed", command=name, sender=sender, event_id=event_id,
+                        error=f"{type(e).__name__}: {e}", exc_info=True)
+            what = f"'{name}' " if name else ""
+            return Reply.plain(one_line(f"⚠ The command {what}failed: {type(e).__name__}: {e}", 300))
+
+    async def _reply(self, room_id: RoomID, event_id: str, reply: Reply) -> None:
+        reply = reply.clipped()
+        try:
+            await self.app.matrix.send_notice(room_id, reply.text, reply.html, reply_to=event_id)
+        except Exception as e:  # a failed answer must never stop the bot
+            log.warning("could not answer a command", event_id=event_id, error=f"{type(e).__name__}: {e}")

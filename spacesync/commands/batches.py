@@ -1,0 +1,182 @@
+"""Batches from the admin room: confirm or cancel a held mass eviction, undo a finished batch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ..model import Action, ActionKind, Membership, RoomID, RoomState, UserID
+from ..store import Status
+from ..store.journal import Batch
+from .format import Reply, code, compose, line, listing, plural
+from .parser import batch_arg
+from .registry import CommandError, Context, command, expect
+from .world import label, level, room_state, show_level
+
+if TYPE_CHECKING:
+    from ..engine.runtime import App
+
+FAMILY = "batches"
+
+
+def _batch_id(text: str) -> str:
+    try:
+        return batch_arg(text)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+async def _held_ids(app: App) -> list[str]:
+    return [b.id for b in await app.store.journal.batches(status="held", limit=20) if b.counts.get("held")]
+
+
+async def _known_batch(app: App, batch: str) -> Batch:
+    info = await app.store.journal.batch(batch)
+    if info is None:
+        held = await _held_ids(app)
+        hint = f" Held batches: {', '.join(held)}." if held else " No batch is held."
+        raise CommandError(f"Unknown batch '{batch}'.{hint}")
+    return info
+
+
+async def _held_batch(app: App, batch: str, verb: str) -> Batch:
+    info = await _known_batch(app, batch)
+    if info.status != "held" or not info.counts.get("held"):
+        raise CommandError(f"Batch {batch} is not held (it is {info.status}): nothing to {verb}")
+    return info
+
+
+@command("confirm", usage="confirm <batch>", family=FAMILY, summary="run a held mass eviction",
+         help="When one trigger would evict more users from a Space than its "
+              "max_evictions_without_confirmation, the evictions are held as a batch and announced here. "
+              "Review them with 'plan', then confirm the batch to run it.")
+async def confirm(ctx: Context, args: list[str]) -> Reply:
+    expect(args, 1)
+    batch = _batch_id(args[0])
+    app = ctx.app
+    info = await _held_batch(app, batch, "confirm")
+    count = await app.reconciler.release(batch)
+    space_t, space_h = label(app, RoomID(info.space_id)) if info.space_id else ("", "")
+    where_t, where_h = (f" in Space {space_t}", f" in Space {space_h}") if info.space_id else ("", "")
+    what = plural(count, "eviction")
+    return Reply(f"Confirmed batch {batch}: {what}{where_t} running now.",
+                 f"Confirmed batch {code(batch)}: {what}{where_h} running now.")
+
+
+@command("cancel", usage="cancel <batch>", family=FAMILY, summary="drop a held mass eviction",
+         help="Drops the held evictions of a batch. The users stay where they are for now, but as long as "
+              "they are not entitled the next reconcile plans (and holds) the same evictions again: exempt "
+              "them with 'exempt add', or 'pause' the bot while you sort it out.")
+async def cancel(ctx: Context, args: list[str]) -> Reply:
+    expect(args, 1)
+    batch = _batch_id(args[0])
+    app = ctx.app
+    await _held_batch(app, batch, "cancel")
+    count = await app.reconciler.cancel(batch)
+    return Reply.rich(
+        f"Cancelled batch {batch}: {plural(count, 'eviction')} dropped. Users who are still not entitled will be "
+        "planned (and held) again at the next reconcile: exempt them with `!spacesync exempt add <@user>` or "
+        "pause with `!spacesync pause`."
+    )
+
+
+def _effective(room: RoomState, value: int | None) -> int:
+    return room.power_levels.users_default if value is None else value
+
+
+@command("undo", usage="undo <batch>", family=FAMILY, summary="revert what a finished batch did",
+         help="Re-invites the users the batch kicked, unbans the users it banned, and restores the power "
+              "levels it changed (only entries nobody changed since, and never above your own level in the "
+              "room). The reverse actions run as a new batch. Join-rule and m.space.child changes are not "
+              "undone. Users who are still not entitled are evicted again by the next reconcile once they "
+              "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again.")
+async def undo(ctx: Context, args: list[str]) -> Reply:
+    expect(args, 1)
+    batch = _batch_id(args[0])
+    app = ctx.app
+    info = await _known_batch(app, batch)
+    entries = await app.store.journal.batch_entries(batch)
+    done = [e for e in entries if e.status is Status.DONE]
+    if not done:
+        hint = f" (it is held: '!spacesync cancel {batch}' drops it)" if info.status == "held" else ""
+        raise CommandError(f"Batch {batch} has no completed actions to undo{hint}")
+    for other in await app.store.journal.batches(limit=500):
+        if other.trigger == f"undo {batch}":
+            raise CommandError(f"Batch {batch} was already undone by batch {other.id}")
+    reason = f"undo of batch {batch} (by {ctx.sender})"
+    inverse: list[Action] = []
+    skipped: list[str] = []
+    rooms: dict[RoomID, RoomState | None] = {}
+    for entry in done:
+        action = entry.action
+        user = action.user_id
+        room_t = label(app, action.room_id)[0]
+        if action.kind in (ActionKind.KICK, ActionKind.BAN) and user:
+            cached = app.cache.get(action.room_id)
+            now = cached.membership(user) if cached else None
+            if action.kind is ActionKind.KICK:
+                if now in (Membership.JOIN, Membership.INVITE, Membership.BAN):
+                    skipped.append(f"{user} is {now.value} in {room_t} now: not re-invited")
+                    continue
+                inverse.append(Action(ActionKind.INVITE, action.room_id, user, reason=reason, cause="undo"))
+            else:
+                if cached is not None and now is not Membership.BAN:
+                    skipped.append(f"{user} is no longer banned in {room_t}")
+                    continue
+                inverse.append(Action(ActionKind.UNBAN, action.room_id, user, reason=reason, cause="undo"))
+        elif action.kind is ActionKind.SET_POWER_LEVELS:
+            changes = await _restore_levels(ctx, action, rooms, skipped)
+            if changes:
+                listed = ", ".join(f"{u} → {'-' if b is None else b}" for u, (_, b) in sorted(changes.items()))
+                inverse.append(Action(ActionKind.SET_POWER_LEVELS, action.room_id, reason=f"{reason}: {listed}",
+                                      cause="undo", changes=changes))
+        else:
+            skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
+    if not inverse:
+        return listing(f"Nothing to undo in batch {batch}:", [line(s) for s in skipped])
+    new_batch = await app.reconciler.enqueue(inverse, trigger=f"undo {batch}")
+    kinds = Counter(a.kind for a in inverse)
+    names = {ActionKind.INVITE: "re-invite", ActionKind.UNBAN: "unban",
+             ActionKind.SET_POWER_LEVELS: "power-level restore"}
+    summary = ", ".join(plural(n, names[k]) for k, n in kinds.items())
+    parts: list[Reply | str] = [Reply(f"Undo of batch {batch} queued as batch {new_batch}: {summary}.",
+                                      f"Undo of batch {code(batch)} queued as batch {code(new_batch)}: {summary}.")]
+    if kinds[ActionKind.INVITE] or kinds[ActionKind.UNBAN]:
+        parts.append(Reply.rich(
+            "Users who are still not entitled (not joined to an entitling Space) will be evicted again by the next "
+            "reconcile once they rejoin, unless you exempt them: `!spacesync exempt add <@user>`."))
+    if kinds[ActionKind.SET_POWER_LEVELS]:
+        parts.append(Reply.plain("Levels a managed Space still grants will be written again by the next reconcile."))
+    if skipped:
+        parts.append(listing("Not undone:", [line(s) for s in skipped]))
+    return compose(parts)
+
+
+async def _restore_levels(ctx: Context, action: Action, rooms: dict[RoomID, RoomState | None],
+                          skipped: list[str]) -> dict[UserID, tuple[int | None, int | None]]:
+    """The inverse level changes the issuer may make: unchanged since, and not above their own level."""
+    room_id = action.room_id
+    room_t = label(ctx.app, room_id)[0]
+    if room_id not in rooms:
+        try:
+            rooms[room_id] = await room_state(ctx.app, room_id)
+        except CommandError:
+            rooms[room_id] = None
+    room = rooms[room_id]
+    if room is None:
+        skipped.append(f"power levels in {room_t}: the bot cannot read the room")
+        return {}
+    mine = level(room, ctx.sender)
+    changes: dict[UserID, tuple[int | None, int | None]] = {}
+    for user, (before, after) in sorted(action.changes.items()):
+        current = room.power_levels.users.get(user)
+        if current != after:
+            skipped.append(f"{user} in {room_t}: level changed since (now {_effective(room, current)}), left alone")
+            continue
+        old, new = _effective(room, after), _effective(room, before)
+        if (user != ctx.sender and mine <= old) or mine < new:
+            skipped.append(f"{user} in {room_t}: restoring {old} → {new} is above your own level "
+                           f"({show_level(mine)})")
+            continue
+        changes[user] = (after, before)
+    return changes

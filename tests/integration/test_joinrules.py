@@ -1,0 +1,216 @@
+"""Join rules, room upgrades and invite sync against the real Synapse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from spacesync.testbed import wait_for
+
+
+def allow_entry(room_id: str) -> dict[str, str]:
+    return {"type": "m.room_membership", "room_id": room_id}
+
+
+async def join_rules(world, room_id: str) -> dict[str, Any]:
+    return await world.owner.client.get_state_event(room_id, "m.room.join_rules") or {}
+
+
+async def wait_join_rules(world, room_id: str, expected: dict[str, Any], timeout: float = 20) -> None:
+    async def reached() -> bool:
+        return await join_rules(world, room_id) == expected
+    await wait_for(reached, timeout=timeout,
+                   message=f"{room_id} join rules never became {expected}: {await join_rules(world, room_id)}")
+
+
+def findings(bot, code: str, room_id: str | None = None) -> list:
+    plan = bot.app.reconciler.last_plan
+    if plan is None:
+        return []
+    return [f for f in plan.findings if f.code == code and (room_id is None or f.room_id == room_id)]
+
+
+def acted_in(bot, room_id: str) -> list:
+    plan = bot.app.reconciler.last_plan
+    return [a for a in plan.actions if a.room_id == room_id] if plan else []
+
+
+async def opted_in_child(world, space: str, name: str, *, join_rule: str, version: str = "10", **kw: Any) -> str:
+    """A child of `space` that opted in through m.space.parent (matched by the Space's m.space.child)."""
+    room_id = await world.room(space, name, join_rule=join_rule, version=version, **kw)
+    await world.owner.client.set_parent(room_id, space)
+    return room_id
+
+
+async def test_invite_room_opted_in_by_parent_becomes_restricted(world, start_bot):
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "R", join_rule="invite")
+    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+
+    await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
+    await bot.reconcile()
+    assert not acted_in(bot, room)
+    assert room in bot.app.reconciler.last_plan.managed
+
+
+async def test_invite_room_added_by_extra_rooms_becomes_restricted(world, start_bot):
+    space = await world.space("S")
+    room = await world.room(space, "R", join_rule="invite", add_child=False)
+    bot = await start_bot([{"room": space, "join_rules": "enforce", "extra_rooms": [room]}])
+
+    await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
+    assert room in bot.app.reconciler.last_plan.managed
+
+
+async def test_public_room_becomes_restricted(world, start_bot):
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "R", join_rule="public")
+    await start_bot([{"room": space, "join_rules": "enforce"}])
+
+    await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
+
+
+async def test_knock_becomes_knock_restricted(world, start_bot):
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "R", join_rule="knock")
+    await start_bot([{"room": space, "join_rules": "enforce"}])
+
+    await wait_join_rules(world, room, {"join_rule": "knock_restricted", "allow": [allow_entry(space)]})
+
+
+async def test_restricted_room_gains_its_parent_and_keeps_other_entries(world, start_bot):
+    space = await world.space("S")
+    elsewhere = await world.room(None, "elsewhere", join_rule="invite", bot=False)
+    room = await world.room(space, "R", join_rule="restricted", allow=[elsewhere], bot=False)
+    custom = {"type": "org.example.custom", "note": "kept"}
+    await world.owner.client.send_state(room, "m.room.join_rules", {
+        "join_rule": "restricted", "allow": [allow_entry(elsewhere), custom], "org.example.extra": 1})
+    await world.owner.client.set_parent(room, space)
+    await world.owner.client.invite(room, world.bot.user_id)
+    await world.bot.client.join(room)
+    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+
+    await wait_join_rules(world, room, {
+        "join_rule": "restricted", "allow": [allow_entry(elsewhere), custom, allow_entry(space)],
+        "org.example.extra": 1,
+    })
+    await bot.reconcile()
+    assert not acted_in(bot, room)
+
+
+@pytest.mark.parametrize("rule", ["invite", "knock"])
+async def test_v7_room_gets_upgrade_advice_and_is_left_alone(world, start_bot, rule):
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "old", join_rule=rule, version="7")
+    before = await join_rules(world, room)
+    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+    await bot.reconcile()
+
+    advice = findings(bot, "version", room)
+    assert advice and "upgrade to 10" in advice[0].message
+    assert room in bot.app.reconciler.last_plan.managed
+    assert not acted_in(bot, room)
+    assert await join_rules(world, room) == before == {"join_rule": rule}
+
+
+async def test_audit_mode_reports_and_changes_nothing(world, start_bot):
+    space = await world.space("S")
+    invite = await opted_in_child(world, space, "invite", join_rule="invite")
+    knock = await opted_in_child(world, space, "knock", join_rule="knock")
+    elsewhere = await world.room(None, "elsewhere", join_rule="invite")
+    lacking = await opted_in_child(world, space, "lacking", join_rule="restricted", allow=[elsewhere])
+    rooms = (invite, knock, lacking)
+    before = {r: await join_rules(world, r) for r in rooms}
+    bot = await start_bot([{"room": space}])
+    await bot.reconcile()
+
+    assert findings(bot, "not_restricted", invite) and findings(bot, "not_restricted", knock)
+    assert findings(bot, "allow_missing", lacking)
+    assert not [a for a in bot.app.reconciler.last_plan.actions if a.kind.value == "set_join_rules"]
+    assert {r: await join_rules(world, r) for r in rooms} == before
+    assert not [r for r in await bot.app.store.audit_log(50) if r.room_id in rooms]
+
+
+async def test_upgraded_room_is_followed(world, start_bot, make_user):
+    space = await world.space("S")
+    old = await world.room(space, "R")
+    alice = await make_user("alice")
+    await alice.client.join(space)
+    await alice.client.join(old)
+    bot = await start_bot([{"room": space}])
+
+    new = await world.owner.client.upgrade_room(old, "10")
+
+    async def repointed() -> bool:
+        new_child = await world.owner.client.get_state_event(space, "m.space.child", new)
+        old_child = await world.owner.client.get_state_event(space, "m.space.child", old)
+        return bool(new_child and new_child.get("via")) and not (old_child or {}).get("via")
+    await wait_for(repointed, timeout=20, message="the Space's m.space.child was not re-pointed")
+    assert await join_rules(world, new) == {"join_rule": "restricted", "allow": [allow_entry(space)]}
+
+    async def bot_in_new_room() -> bool:
+        return world.bot.user_id in await world.owner.client.joined_members(new)
+    await wait_for(bot_in_new_room, timeout=20, message="the bot never joined the replacement room")
+    await alice.client.join(new)
+    await bot.reconcile()
+    assert new in bot.app.reconciler.last_plan.managed
+    assert old not in bot.app.reconciler.last_plan.managed
+
+    await alice.client.leave(space)
+
+    async def evicted() -> bool:
+        return alice.user_id not in await world.owner.client.joined_members(new)
+    await wait_for(evicted, timeout=20, message="the Space leaver was not evicted from the replacement room")
+    assert (await world.owner.client.members(new))[alice.user_id] == "leave"
+
+
+async def test_invite_sync_invites_exactly_the_missing_space_members(world, start_bot, make_user):
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "R", join_rule="invite")
+    users = {name: await make_user(name) for name in ("inboth", "missing", "roomonly", "banned", "leaver")}
+    for name in ("inboth", "missing", "banned", "leaver"):
+        await users[name].client.join(space)
+    for name in ("inboth", "roomonly"):
+        await world.owner.client.invite(room, users[name].user_id)
+        await users[name].client.join(room)
+    await world.owner.client.ban(room, users["banned"].user_id)
+    await users["leaver"].client.leave(space)
+    before = await world.owner.client.members(room)
+
+    bot = await start_bot([{"room": space, "invite_members": True}])
+
+    async def invited() -> bool:
+        return (await world.owner.client.members(room)).get(users["missing"].user_id) == "invite"
+    await wait_for(invited, timeout=20, message="the missing Space member was not invited")
+    await bot.reconcile()
+    assert await world.owner.client.members(room) == {**before, users["missing"].user_id: "invite"}
+    assert (await join_rules(world, room))["join_rule"] == "invite"
+    invites = [r for r in await bot.app.store.audit_log(50) if r.kind == "invite"]
+    assert [(r.room_id, r.target) for r in invites] == [(room, users["missing"].user_id)]
+
+
+async def test_invite_sync_respects_a_declined_invite(world, start_bot, make_user):
+    """A member who declines the bot's invite (or leaves the room) is not invited again and again."""
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "R", join_rule="invite")
+    member = await make_user("member")
+    quitter = await make_user("quitter")
+    for user in (member, quitter):
+        await user.client.join(space)
+    await world.owner.client.invite(room, quitter.user_id)
+    await quitter.client.join(room)
+    await quitter.client.leave(room)
+    bot = await start_bot([{"room": space, "invite_members": True}])
+
+    async def invited() -> bool:
+        return (await world.owner.client.members(room)).get(member.user_id) == "invite"
+    await wait_for(invited, timeout=20)
+    await member.client.leave(room)
+    await bot.reconcile()
+    await bot.reconcile()
+
+    members = await world.owner.client.members(room)
+    assert members[member.user_id] == "leave" and members[quitter.user_id] == "leave"
+    invites = [r for r in await bot.app.store.audit_log(50) if r.kind == "invite"]
+    assert [(r.room_id, r.target) for r in invites] == [(room, member.user_id)]
