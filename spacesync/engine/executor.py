@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
 from typing import Awaitable, Callable
 
 import structlog
@@ -50,9 +49,14 @@ class Executor:
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stopping = False
 
     def wake(self) -> None:
         self._wake.set()
+
+    def stop(self) -> None:
+        """Start no further entry: those in flight finish, the rest stay journaled for the next start."""
+        self._stopping = True
 
     async def run_forever(self) -> None:
         while True:
@@ -72,7 +76,7 @@ class Executor:
         """Run every runnable entry; entries added meanwhile are picked up in the next round."""
         self._idle.clear()
         try:
-            while True:
+            while not self._stopping:
                 entries = await self.store.journal.runnable()
                 if not entries:
                     return
@@ -97,7 +101,7 @@ class Executor:
         return info is not None and any(info.counts.get(s.value) for s in (Status.PENDING, Status.RUNNING))
 
     async def _worker(self, queue: asyncio.Queue[Entry]) -> None:
-        while not queue.empty():
+        while not queue.empty() and not self._stopping:
             entry = queue.get_nowait()
             await self.run_entry(entry)
 
@@ -212,12 +216,12 @@ class Executor:
         room = action.room_id
         current = await self._call(lambda: self.matrix.state_event(room, "m.room.power_levels")) or {}
         users = current.get("users") or {}  # type: ignore[union-attr]
-        changes = {u: (b, a) for u, (b, a) in action.changes.items() if users.get(u) == b}
+        changes = {u: (b, a) for u, (b, a) in action.changes.items() if _level(users.get(u)) == b}
         if changes:
             content = apply_user_changes(current, changes)  # type: ignore[arg-type]
             await self._call(lambda: self.matrix.put_state(room, "m.room.power_levels", content))
             self.cache.update(room, [{"type": "m.room.power_levels", "state_key": "", "content": content}])
-        applied = {u for u, (_, a) in action.changes.items() if u in changes or users.get(u) == a}
+        applied = {u for u, (_, a) in action.changes.items() if u in changes or _level(users.get(u)) == a}
         for user_id in applied:
             await self.store.set_owned_level(room, user_id, action.ownership.get(user_id))
         if not applied:
@@ -236,6 +240,11 @@ class Executor:
         return membership in expected
 
 
-def summarize(outcomes: Counter[tuple[str, str]]) -> str:
-    parts = [f"{n} {kind} {outcome}" for (kind, outcome), n in sorted(outcomes.items())]
-    return ", ".join(parts) or "nothing"
+def _level(value: object) -> object:
+    """A users entry as the planner saw it: legacy string levels ("50") read as integers."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    return value

@@ -132,6 +132,7 @@ class App:
 
     async def shutdown(self) -> None:
         """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+        self.executor.stop()
         await _cancel([t for t in self._tasks if t.get_name() != "executor"])
         executor = next((t for t in self._tasks if t.get_name() == "executor"), None)
         if executor is not None:
@@ -217,7 +218,8 @@ class App:
         failures = 0
         while True:
             try:
-                data = await self.matrix.sync(since, 30000 if since else 0, SYNC_FILTER)
+                # No long-poll while recovering: a homeserver back up is noticed at once, not 30 s later.
+                data = await self.matrix.sync(since, 30000 if since and not failures else 0, SYNC_FILTER)
             except MUnknownToken as e:
                 raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
             except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:

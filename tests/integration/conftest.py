@@ -21,8 +21,9 @@ class World:
         self.owner = owner
         self.bot = bot
 
-    def _levels(self, extra: dict[str, int] | None = None, **overrides: Any) -> dict[str, Any]:
-        users = {self.owner.user_id: 100, self.bot.user_id: 100}
+    def _levels(self, extra: dict[str, int] | None = None, version: str = "10", **overrides: Any) -> dict[str, Any]:
+        """The owner at 100 (in v12 the creator has unlimited power and must not be listed) and the bot at 100."""
+        users = {self.bot.user_id: 100} if version == "12" else {self.owner.user_id: 100, self.bot.user_id: 100}
         users.update(extra or {})
         return {"users": users, **overrides}
 
@@ -32,7 +33,7 @@ class World:
         rule = "restricted" if parent and restricted else "public"
         room_id = await self.owner.client.create_space(
             name=name, room_version=version, join_rule=rule, allow=[parent] if parent and restricted else [],
-            power_level_content_override=self._levels(levels),
+            power_level_content_override=self._levels(levels, version),
         )
         if parent:
             await self.owner.client.add_child(parent, room_id)
@@ -48,7 +49,7 @@ class World:
             allow = [parent] if parent and join_rule in ("restricted", "knock_restricted") else []
         room_id = await self.owner.client.create_room(
             name=name, room_version=version, join_rule=join_rule, allow=allow,
-            power_level_content_override=self._levels(levels, **pl),
+            power_level_content_override=self._levels(levels, version, **pl),
         )
         if parent and add_child:
             await self.owner.client.add_child(parent, room_id)
@@ -97,7 +98,7 @@ def bot_config(synapse: Synapse, bot: TestUser, admin_room: str, db_url: str, sp
         "database": {"url": db_url},
         "admin": {"room": admin_room, "users": extra.pop("admins", [])},
         "spaces": spaces,
-        "web": None,
+        "web": {"listen": None},
         "logging": {"level": "INFO", "format": "json"},
         **extra,
     }
