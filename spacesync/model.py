@@ -268,6 +268,9 @@ class OwnedLevel:
     written: int
     previous: int | None
     """The entry before spacesync wrote, or None when there was none."""
+    released: bool = False
+    """Someone changed the entry by hand: spacesync leaves it alone while the Space still asks for
+    `written`; once the Space asks for something else, the record is dropped and mirroring resumes."""
 
 
 @attrs.frozen
@@ -294,7 +297,12 @@ class Plan:
     stale_bans: tuple[PlacedBan, ...] = ()
     """Remembered bans that no longer stand (lifted by hand): forget them."""
     stale_levels: tuple[tuple[RoomID, UserID], ...] = ()
-    """Remembered levels someone changed by hand: forget them, never touch the entry again."""
+    """Ownership records to forget (the entry changed by hand and the Space no longer asks, or a
+    released entry whose Space level changed)."""
+    released_levels: tuple[OwnedLevel, ...] = ()
+    """Entries changed by hand while the Space still asks for a level: left alone from now on."""
+    upgrades: tuple[tuple[RoomID, RoomID], ...] = ()
+    """Managed rooms replaced by an upgrade (old, new): spacesync's records move to the new room."""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -41,9 +41,13 @@ def protection(room: RoomState, user_id: UserID, policy: Policy, graph: SpaceGra
 
 
 def entitlers(room: RoomState, graph: SpaceGraph) -> frozenset[RoomID]:
-    """Rooms whose members may stay in `room`: its allow list and its managed parent Spaces."""
+    """Rooms whose members may stay in `room`: its allow list and its managed parent Spaces.
+
+    A sub-Space that lists its own ancestor back (a cycle) is no parent of it: leaving the
+    sub-Space must not cost the user the Space above it.
+    """
     allow = frozenset(room.allow) if room.join_rule in ("restricted", "knock_restricted") else frozenset()
-    return allow | graph.managed_parents(room.room_id)
+    return allow | graph.entitling_parents(room.room_id)
 
 
 class Memberships:
@@ -70,17 +74,22 @@ class Memberships:
     def plan(self, room_id: RoomID, user_id: UserID, membership: Membership) -> None:
         self._planned[(room_id, user_id)] = membership
 
-    def joined(self, room_id: RoomID) -> list[UserID]:
+    def _users(self, room_id: RoomID) -> set[UserID]:
+        """Users with a membership in the room, current or planned (a ban needs no prior membership)."""
         room = self._snapshot.rooms.get(room_id)
-        if room is None:
+        users = set(room.members) if room is not None else set()
+        users.update(u for (r, u) in self._planned if r == room_id)
+        return users
+
+    def joined(self, room_id: RoomID) -> list[UserID]:
+        if room_id not in self._snapshot.rooms:
             return []
-        return sorted(u for u in room.members if self.get(room_id, u) is Membership.JOIN)
+        return sorted(u for u in self._users(room_id) if self.get(room_id, u) is Membership.JOIN)
 
     def banned(self, room_id: RoomID) -> list[UserID]:
-        room = self._snapshot.rooms.get(room_id)
-        if room is None:
+        if room_id not in self._snapshot.rooms:
             return []
-        return sorted(u for u in room.members if self.get(room_id, u) is Membership.BAN)
+        return sorted(u for u in self._users(room_id) if self.get(room_id, u) is Membership.BAN)
 
 
 def entitled_by(

@@ -30,6 +30,12 @@ class SpaceGraph:
     governing: Mapping[RoomID, frozenset[RoomID]]
     """Managed room -> the root Spaces whose policies apply to it."""
     findings: tuple[Finding, ...]
+    dominated: Mapping[RoomID, frozenset[RoomID]] = attrs.field(factory=dict)
+    """For a room on a cycle: the rooms every walk from a root reaches only through it.
+
+    Such a room lists them, directly or not, and they list it back: they are below it, not above
+    it, whatever the back edge says. Rooms on no cycle have no entry (no room is both above and below them).
+    """
 
     def descendants(self, room_id: RoomID) -> frozenset[RoomID]:
         """Every room reachable from `room_id` by walked edges, excluding itself."""
@@ -45,10 +51,23 @@ class SpaceGraph:
         return frozenset(seen)
 
     def managed_descendants(self, room_id: RoomID) -> frozenset[RoomID]:
-        return self.descendants(room_id) & self.managed
+        """Managed rooms below `room_id`: reachable from it, and not one it is reached only through (a cycle)."""
+        return frozenset(
+            r for r in self.descendants(room_id) & self.managed
+            if room_id not in self.dominated.get(r, frozenset())
+        )
+
+    def managed_ancestors(self, room_id: RoomID) -> frozenset[RoomID]:
+        """Managed rooms above `room_id`: the converse of `managed_descendants`."""
+        return (self.ancestors(room_id) & self.managed) - self.dominated.get(room_id, frozenset())
 
     def managed_parents(self, room_id: RoomID) -> frozenset[RoomID]:
+        """Every managed Space listing the room (including one that lists it back in a cycle)."""
         return self.parents.get(room_id, frozenset()) & self.managed
+
+    def entitling_parents(self, room_id: RoomID) -> frozenset[RoomID]:
+        """Managed parent Spaces above the room: a sub-Space listing its own ancestor is no parent of it."""
+        return self.managed_parents(room_id) - self.dominated.get(room_id, frozenset())
 
     def ancestors(self, room_id: RoomID) -> frozenset[RoomID]:
         seen: set[RoomID] = set()
@@ -121,13 +140,13 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
                     continue
                 children[room_id].add(child)
                 parents[child].add(room_id)
-                if child in seen_here and child in _ancestors_of(parents, room_id):
-                    findings.append(Finding(child, "cycle", f"Space cycle: {room_id} lists its ancestor {child}"))
                 discovered.add(child)
                 frontier.append((child, d + 1))
 
     frozen_children = {k: frozenset(v) for k, v in children.items()}
+    findings.extend(_cycles(frozen_children))
     frozen_parents = {k: frozenset(v) for k, v in parents.items()}
+    dominated = _dominated(roots, frozen_children)
     managed, opt_in = _opt_in(snapshot, policy, roots, frozen_parents, depth, frozen_children)
     for room_id in sorted(set(depth) - managed):
         if room_id in snapshot.rooms:
@@ -147,7 +166,57 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
         opt_in=opt_in,
         governing=governing,
         findings=tuple(_dedupe(findings)),
+        dominated=dominated,
     )
+
+
+def _reach(starts: Iterable[RoomID], children: Mapping[RoomID, frozenset[RoomID]], avoid: RoomID | None) -> set[RoomID]:
+    seen: set[RoomID] = set()
+    stack = [r for r in starts if r != avoid]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(c for c in children.get(current, ()) if c != avoid and c not in seen)
+    return seen
+
+
+def _dominated(
+    roots: tuple[RoomID, ...], children: Mapping[RoomID, frozenset[RoomID]]
+) -> dict[RoomID, frozenset[RoomID]]:
+    """For every room on a walked cycle, the rooms reachable from the roots only through it."""
+    out: dict[RoomID, frozenset[RoomID]] = {}
+    for room_id in sorted(children):
+        below = _reach(children[room_id], children, None)
+        if room_id not in below:
+            continue  # on no cycle
+        below.discard(room_id)
+        out[room_id] = frozenset(below - _reach(roots, children, room_id))
+    return out
+
+
+def _cycles(children: Mapping[RoomID, frozenset[RoomID]]) -> list[Finding]:
+    """One finding per back edge of the walked edges (every cycle has one), whichever roots walked them."""
+    findings = []
+    state: dict[RoomID, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(children):
+        if start in state:
+            continue
+        state[start] = 1
+        stack = [(start, iter(sorted(children.get(start, ()))))]
+        while stack:
+            node, todo = stack[-1]
+            nxt = next(todo, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                findings.append(Finding(nxt, "cycle", f"Space cycle: {node} lists its ancestor {nxt}"))
+            elif nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, iter(sorted(children.get(nxt, ())))))
+    return findings
 
 
 def _ancestors_of(parents: Mapping[RoomID, set[RoomID]], room_id: RoomID) -> set[RoomID]:

@@ -33,7 +33,7 @@ def plan_join_rules(
         # Only the managed parent Spaces: they entitle membership whatever the join rule says, so
         # naming them in the allow list changes no one's entitlement. A root that reaches the room
         # only through Spaces that did not opt in is not the room's to name (confused deputy).
-        parents = sorted(graph.managed_parents(room_id))
+        parents = sorted(graph.entitling_parents(room_id))
         enforce = any(p.enforce_join_rules for p in policies)
         action = _join_rule_repair(room, parents, policy, findings, enforce)
         if action is not None:

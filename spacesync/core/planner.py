@@ -27,7 +27,7 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     graph = build_graph(snapshot, policy)
     membership = MembershipPlanner(snapshot, policy, graph)
     membership.run()
-    pl_actions, stale_levels, pl_findings = plan_power_levels(snapshot, policy, graph)
+    pl_actions, stale_levels, released_levels, pl_findings = plan_power_levels(snapshot, policy, graph)
     jr_actions, jr_findings = plan_join_rules(snapshot, policy, graph, membership.memberships)
     findings = list(graph.findings) + membership.findings + pl_findings + jr_findings
     return Plan(
@@ -37,6 +37,12 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         recheck_at_ms=membership.recheck_at_ms,
         stale_bans=tuple(membership.stale_bans),
         stale_levels=tuple(stale_levels),
+        released_levels=tuple(released_levels),
+        upgrades=tuple(
+            (room_id, room.tombstone)
+            for room_id in sorted(graph.managed)
+            if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
+        ),
     )
 
 
@@ -55,11 +61,49 @@ class MembershipPlanner:
         self._managed_rooms = sorted(r for r in graph.managed if r in snapshot.rooms)
         self._managed_spaces = [r for r in self._managed_rooms if snapshot.rooms[r].is_space or r in graph.roots]
         self._no_power: set[tuple[RoomID, str]] = set()
+        self._unknown_reported: set[tuple[RoomID, RoomID]] = set()
 
     def run(self) -> None:
-        self._propagate_bans()
-        self._evict()
-        self._lift_bans()
+        """Space bans, evictions and unbans, consistent with each other within one plan.
+
+        Bans the bot plans in a Space (on_leave: ban) are Space bans too, and Space bans make members
+        leave: both alternate to a fixpoint. Lifting the bot's own bans interacts with both (a ban
+        lifted in a Space no longer carries down; a ban carried down, or an eviction, can keep a ban
+        from lifting), so the lifts are the greatest set that still holds once the bans and evictions
+        they leave behind are planned: start from every liftable ban and drop those that no longer
+        hold, until none is dropped. Each round only drops, so it ends; and the next plan, reading
+        the state this one leaves, finds nothing more to do.
+        """
+        candidates, blocked = self._lift_candidates()
+        lifts = set(candidates)
+        while True:
+            self._reset()
+            for room_id, user_id in sorted(lifts):
+                self.memberships.plan(room_id, user_id, Membership.LEAVE)
+            while self._propagate_bans() | self._evict():
+                pass
+            dropped = {key for key in lifts if not self._lift_holds(key, candidates[key])}
+            if not dropped:
+                break
+            lifts -= dropped
+        for room_id, user_id in sorted(lifts):
+            placed = candidates[(room_id, user_id)]
+            self.actions.append(Action(
+                kind=ActionKind.UNBAN, room_id=room_id, user_id=user_id, cause="unban",
+                reason=("back in the Space" if all(p.cause == "on_leave" for p in placed) else "unbanned in the Space"),
+                space_id=self._root_for(room_id),
+            ))
+        for key, placed in sorted(blocked.items()):
+            if self._lift_holds(key, placed):
+                self._may_act(self.snapshot.rooms[key[0]], key[1], ActionKind.UNBAN)  # reports why not
+
+    def _reset(self) -> None:
+        self.memberships = Memberships(self.snapshot)
+        self.actions = []
+        self.findings = []
+        self.recheck_at_ms = None
+        self._no_power = set()
+        self._unknown_reported = set()
 
     def _root_for(self, room_id: RoomID) -> RoomID | None:
         governing = policies_for(self.graph, self.policy, room_id)
@@ -74,7 +118,12 @@ class MembershipPlanner:
             )
             return False
         pl = room.power_levels
-        needed = pl.kick if kind is ActionKind.KICK else pl.ban
+        if kind is ActionKind.KICK:
+            needed = pl.kick
+        elif kind is ActionKind.UNBAN:
+            needed = max(pl.ban, pl.kick)  # lifting a ban is a leave sent by another user: both levels
+        else:
+            needed = pl.ban
         if user_level(room, self.policy.bot) < needed:
             if (room.room_id, kind.value) not in self._no_power:
                 self._no_power.add((room.room_id, kind.value))
@@ -84,13 +133,17 @@ class MembershipPlanner:
             return False
         return True
 
-    def _propagate_bans(self) -> None:
+    def _propagates_bans(self, space_id: RoomID) -> bool:
+        policies = policies_for(self.graph, self.policy, space_id)
+        return bool(policies) and all(p.propagate_bans for p in policies)
+
+    def _propagate_bans(self) -> bool:
+        """Carry bans (standing or planned) in managed Spaces down; True when something was planned."""
+        planned = False
         for space_id in self._managed_spaces:
-            policies = policies_for(self.graph, self.policy, space_id)
-            if not policies or not all(p.propagate_bans for p in policies):
+            if not self._propagates_bans(space_id):
                 continue
-            banned = [u for u in self.snapshot.rooms[space_id].members
-                      if self.snapshot.rooms[space_id].members[u].membership is Membership.BAN]
+            banned = self.memberships.banned(space_id)
             if not banned:
                 continue
             for room_id in sorted(self.graph.managed_descendants(space_id)):
@@ -107,9 +160,13 @@ class MembershipPlanner:
                         kind=ActionKind.BAN, room_id=room_id, user_id=user_id, cause="space_ban",
                         reason=f"banned in Space {space_id}", space_id=self._root_for(room_id),
                     ))
+                    planned = True
+        return planned
 
-    def _evict(self) -> None:
-        unknown_reported: set[tuple[RoomID, RoomID]] = set()
+    def _evict(self) -> bool:
+        """Evict members no longer entitled, to a fixpoint; True when something was planned."""
+        unknown_reported = self._unknown_reported
+        planned = False
         changed = True
         while changed:
             changed = False
@@ -118,7 +175,7 @@ class MembershipPlanner:
                 if room.tombstone:
                     continue
                 allowed_by = entitlers(room, self.graph)
-                spaces = [e for e in allowed_by if e in self._managed_spaces]
+                spaces = sorted(e for e in allowed_by if e in self._managed_spaces)
                 if not spaces:
                     continue
                 policies = policies_for(self.graph, self.policy, room_id)
@@ -163,7 +220,8 @@ class MembershipPlanner:
                         kind=kind, room_id=room_id, user_id=user_id, cause="on_leave",
                         reason=self._leave_reason(user_id, left), space_id=self._root_for(room_id),
                     ))
-                    changed = True
+                    changed = planned = True
+        return planned
 
     def _leave_reason(self, user_id: UserID, left: list[RoomID]) -> str:
         space_id = left[0]
@@ -176,8 +234,13 @@ class MembershipPlanner:
             return f"kicked from Space {space_id}"
         return f"left Space {space_id}"
 
-    def _lift_bans(self) -> None:
-        for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.room_id, b.user_id)):
+    def _lift_candidates(
+        self,
+    ) -> tuple[dict[tuple[RoomID, UserID], list[PlacedBan]], dict[tuple[RoomID, UserID], list[PlacedBan]]]:
+        """The bot's standing bans it may lift (by state alone), and those it could not (protected, no power)."""
+        candidates: dict[tuple[RoomID, UserID], list[PlacedBan]] = {}
+        blocked: dict[tuple[RoomID, UserID], list[PlacedBan]] = {}
+        for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.room_id, b.user_id, b.cause)):
             room = self.snapshot.rooms.get(placed.room_id)
             if room is None:
                 continue
@@ -189,21 +252,35 @@ class MembershipPlanner:
             policies = policies_for(self.graph, self.policy, placed.room_id)
             if not policies or not all(p.propagate_unbans for p in policies):
                 continue
-            if self.memberships.is_planned(placed.room_id, placed.user_id):
-                continue
-            if not self._ban_lifted(room, placed):
-                continue
-            if user_level(room, self.policy.bot) < room.power_levels.ban:
-                continue
-            self.memberships.plan(placed.room_id, placed.user_id, Membership.LEAVE)
-            self.actions.append(Action(
-                kind=ActionKind.UNBAN, room_id=placed.room_id, user_id=placed.user_id, cause="unban",
-                reason=("unbanned in the Space" if placed.cause == "space_ban" else "back in the Space"),
-                space_id=self._root_for(placed.room_id),
-            ))
+            key = (placed.room_id, placed.user_id)
+            pl = room.power_levels
+            if (protection(room, placed.user_id, self.policy, self.graph)
+                    or user_level(room, self.policy.bot) < max(pl.ban, pl.kick)):
+                blocked.setdefault(key, []).append(placed)
+            else:
+                candidates.setdefault(key, []).append(placed)
+        return candidates, blocked
+
+    def _lift_holds(self, key: tuple[RoomID, UserID], placed: list[PlacedBan]) -> bool:
+        room_id, user_id = key
+        if self.memberships.get(room_id, user_id) is Membership.BAN and self.memberships.is_planned(room_id, user_id):
+            return False  # banned again within this plan
+        room = self.snapshot.rooms[room_id]
+        return all(self._ban_lifted(room, p) for p in placed)
+
+    def _banned_above(self, room_id: RoomID, user_id: UserID, propagating_only: bool) -> bool:
+        """Whether a managed ancestor Space (that carries bans down, if `propagating_only`) bans the user."""
+        above = self.graph.managed_ancestors(room_id) & set(self._managed_spaces)
+        return any(
+            self.memberships.get(s, user_id) is Membership.BAN
+            and (not propagating_only or self._propagates_bans(s))
+            for s in above
+        )
 
     def _ban_lifted(self, room: RoomState, placed: PlacedBan) -> bool:
         if placed.cause == "space_ban":
-            above = self.graph.ancestors(room.room_id) & set(self._managed_spaces)
-            return not any(self.memberships.get(s, placed.user_id) is Membership.BAN for s in above)
+            return not self._banned_above(room.room_id, placed.user_id, propagating_only=False)
+        # An on_leave ban stays while a Space ban would place it again at once.
+        if self._banned_above(room.room_id, placed.user_id, propagating_only=True):
+            return False
         return entitled_by(placed.user_id, entitlers(room, self.graph), self.memberships) is not None

@@ -14,7 +14,12 @@ from .versions import features
 def space_levels(
     space: RoomState, snapshot: Snapshot, creator_level: int
 ) -> tuple[dict[UserID, int], list[Finding]]:
-    """The levels a Space itself grants: its `users` map (minus entries spacesync wrote there) and v12 creators."""
+    """The levels a Space itself grants: its `users` map and v12 creators.
+
+    Where an entry is spacesync's own write, the Space grants what stood there before (if anything),
+    not the mirrored value: otherwise a level would outlive the Space above that asked for it, and
+    the sub-Space's own grant would vanish from its descendants once it was raised.
+    """
     findings: list[Finding] = []
     levels: dict[UserID, int] = {}
     for user_id, level in space.power_levels.users.items():
@@ -22,8 +27,10 @@ def space_levels(
             findings.append(Finding(space.room_id, "invalid_user", f"ignoring malformed user id {user_id!r} in power levels"))
             continue
         owned = snapshot.owned_levels.get((space.room_id, user_id))
-        if owned is not None and owned.written == level:
-            continue
+        if owned is not None and not owned.released and owned.written == level:
+            if owned.previous is None:
+                continue
+            level = owned.previous
         levels[user_id] = level
     feats = features(space.room_version)
     if feats is not None and feats.creators_privileged:
@@ -38,7 +45,7 @@ def desired_levels(
     """For one managed room: user -> (level the Spaces above it ask for, the Space asking), before the bot's cap."""
     findings: list[Finding] = []
     desired: dict[UserID, tuple[int, RoomID]] = {}
-    for space_id in sorted(graph.ancestors(room_id) & graph.managed):
+    for space_id in sorted(graph.managed_ancestors(room_id)):
         space = snapshot.rooms.get(space_id)
         if space is None or not (space.is_space or space_id in graph.roots):
             continue
@@ -58,9 +65,10 @@ def desired_levels(
 
 def plan_power_levels(
     snapshot: Snapshot, policy: Policy, graph: SpaceGraph
-) -> tuple[list[Action], list[tuple[RoomID, UserID]], list[Finding]]:
+) -> tuple[list[Action], list[tuple[RoomID, UserID]], list[OwnedLevel], list[Finding]]:
     actions: list[Action] = []
     stale: list[tuple[RoomID, UserID]] = []
+    released: list[OwnedLevel] = []
     findings: list[Finding] = []
     owned_by_room: dict[RoomID, dict[UserID, OwnedLevel]] = {}
     for (room_id, user_id), owned in snapshot.owned_levels.items():
@@ -79,6 +87,7 @@ def plan_power_levels(
         result = diff_room(room, policy.bot, desired, owned)
         findings.extend(result.findings)
         stale.extend((room_id, u) for u in result.stale)
+        released.extend(result.released)
         if result.changes:
             governing = policies_for(graph, policy, room_id)
             actions.append(Action(
@@ -91,7 +100,7 @@ def plan_power_levels(
                 changes=result.changes,
                 ownership=result.ownership,
             ))
-    return actions, stale, findings
+    return actions, stale, released, findings
 
 
 class RoomDiff:
@@ -101,6 +110,7 @@ class RoomDiff:
         self.changes: dict[UserID, tuple[int | None, int | None]] = {}
         self.ownership: dict[UserID, OwnedLevel | None] = {}
         self.stale: list[UserID] = []
+        self.released: list[OwnedLevel] = []
         self.findings: list[Finding] = []
         self.content: dict[str, Any] | None = None
         self.sources: dict[UserID, RoomID] = {}
@@ -130,7 +140,11 @@ def diff_room(
     pl = room.power_levels
     bot_level = user_level(room, bot)
     if bot_level < pl.event_level("m.room.power_levels"):
-        if desired:
+        if any(
+            user_id != bot and not (feats.creators_privileged and user_id in room.creators)
+            and level > pl.users.get(user_id, pl.users_default)
+            for user_id, (level, _) in desired.items()
+        ) or owned:
             diff.findings.append(Finding(
                 room.room_id, "no_power",
                 f"the bot lacks the power to change power levels (needs {pl.event_level('m.room.power_levels')})",
@@ -145,15 +159,22 @@ def diff_room(
         entry = pl.users.get(user_id)
         current = pl.users_default if entry is None else entry
         mine = owned.get(user_id)
-        if mine is not None and entry != mine.written:
+        asked = desired[user_id][0] if user_id in desired else None
+        if mine is not None and mine.released:
+            if asked == mine.written:
+                continue
             diff.stale.append(user_id)
+            mine = None
+        elif mine is not None and entry != mine.written:
             diff.findings.append(Finding(
                 room.room_id, "changed_by_hand",
                 f"{user_id}'s level was changed by hand ({mine.written} -> {entry}): left alone",
             ))
-            mine = None
-            if user_id not in desired:
-                continue
+            if asked is None:
+                diff.stale.append(user_id)
+            else:
+                diff.released.append(OwnedLevel(room.room_id, user_id, int(asked), None, released=True))
+            continue
         if current >= bot_level:
             if user_id in desired and desired[user_id][0] > current:
                 diff.findings.append(Finding(room.room_id, "above_bot", f"{user_id} is at or above the bot's level"))
@@ -182,13 +203,34 @@ def diff_room(
 def apply_user_changes(
     content: Mapping[str, Any], changes: Mapping[UserID, tuple[int | None, int | None]]
 ) -> dict[str, Any]:
-    """The power-levels content with only the given `users` entries changed; every other key kept."""
-    new = dict(content)
-    users = dict(new.get("users") or {})
+    """The power-levels content with only the given `users` entries changed; every other key kept.
+
+    Levels read from legacy strings are written back as the same integers ("read both, write integers").
+    """
+    new = {k: int_level(v) if k in _LEVEL_KEYS else v for k, v in content.items()}
+    users = {k: int_level(v) for k, v in (new.get("users") or {}).items()}
     for user_id, (_, after) in changes.items():
         if after is None:
             users.pop(user_id, None)
         else:
             users[user_id] = int(after)
     new["users"] = users
+    for key in ("events", "notifications"):
+        if isinstance(new.get(key), dict):
+            new[key] = {k: int_level(v) for k, v in new[key].items()}
     return new
+
+
+_LEVEL_KEYS = frozenset({
+    "ban", "kick", "invite", "redact", "events_default", "state_default", "users_default",
+})
+
+
+def int_level(value: Any) -> Any:
+    """Legacy string levels ("50", allowed before room version 10) written back as integers; anything else kept."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    return value

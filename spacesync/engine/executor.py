@@ -11,7 +11,7 @@ import structlog
 from aiohttp import ClientError
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
-from ..core.powerlevels import apply_user_changes
+from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..metrics import ACTIONS, RATELIMIT_WAIT
 from ..model import Action, ActionKind, PlacedBan
@@ -216,12 +216,12 @@ class Executor:
         room = action.room_id
         current = await self._call(lambda: self.matrix.state_event(room, "m.room.power_levels")) or {}
         users = current.get("users") or {}  # type: ignore[union-attr]
-        changes = {u: (b, a) for u, (b, a) in action.changes.items() if _level(users.get(u)) == b}
+        changes = {u: (b, a) for u, (b, a) in action.changes.items() if int_level(users.get(u)) == b}
         if changes:
             content = apply_user_changes(current, changes)  # type: ignore[arg-type]
             await self._call(lambda: self.matrix.put_state(room, "m.room.power_levels", content))
             self.cache.update(room, [{"type": "m.room.power_levels", "state_key": "", "content": content}])
-        applied = {u for u, (_, a) in action.changes.items() if u in changes or _level(users.get(u)) == a}
+        applied = {u for u, (_, a) in action.changes.items() if u in changes or int_level(users.get(u)) == a}
         for user_id in applied:
             await self.store.set_owned_level(room, user_id, action.ownership.get(user_id))
         if not applied:
@@ -238,13 +238,3 @@ class Executor:
         except (Transient, MatrixRequestError):
             return False
         return membership in expected
-
-
-def _level(value: object) -> object:
-    """A users entry as the planner saw it: legacy string levels ("50") read as integers."""
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return value
-    return value

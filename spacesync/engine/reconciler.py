@@ -17,6 +17,7 @@ from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACE
 from ..model import Action, Membership, Plan, Policy, RoomID, UserID
 from ..refs import RoomRef
 from ..store import Status, Store
+from ..store.journal import now_ms
 from .executor import Executor
 from .guard import guard
 from .observer import Observer
@@ -24,6 +25,10 @@ from .observer import Observer
 log = structlog.get_logger("spacesync.reconciler")
 
 Notify = Callable[[str, str | None], Awaitable[None]]
+
+
+CLOCK_MARGIN_MS = 2000
+"""Slack for clocks of instances sharing a database (standby) when comparing journal times."""
 
 
 def new_batch_id() -> str:
@@ -43,6 +48,7 @@ class Reconciler:
         self.notify = notify
         self.paused = False
         self.last_plan: Plan | None = None
+        self.last_policy: Policy | None = None
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
@@ -92,7 +98,7 @@ class Reconciler:
 
     async def plan(self, *, refresh: bool = True) -> Plan:
         """What spacesync would do now, without doing it."""
-        policy = await self.policy()
+        policy = self.last_policy = await self.policy()
         snapshot = await self.observer.observe(policy, refresh=refresh)
         plan = make_plan(snapshot, policy)
         MANAGED_SPACES.set(len(policy.spaces))
@@ -109,12 +115,17 @@ class Reconciler:
         """Observe, plan, and put what should happen into the journal. Returns the plan and new batch ids."""
         async with self._lock:
             started = time.monotonic()
+            observed_ms = now_ms() - CLOCK_MARGIN_MS
             plan = await self.plan(refresh=refresh)
             for ban in plan.stale_bans:
                 await self.store.forget_ban(ban.room_id, ban.user_id)
             for room_id, user_id in plan.stale_levels:
                 await self.store.set_owned_level(room_id, user_id, None)
-            batches = await self.submit(plan, trigger)
+            for released in plan.released_levels:
+                await self.store.set_owned_level(released.room_id, released.user_id, released)
+            for old, new in plan.upgrades:
+                await self.store.move_room_records(old, new)
+            batches = await self.submit(plan, trigger, observed_ms)
             self.last_plan = plan
             self.last_reconcile_at = time.time()
             self.last_reconcile_s = time.monotonic() - started
@@ -122,12 +133,18 @@ class Reconciler:
             LAST_RECONCILE.set(self.last_reconcile_at)
         if refresh:
             await self._announce_findings(plan)
-        (log.info if plan.actions or refresh else log.debug)("reconciled", trigger=trigger, actions=len(plan.actions), findings=len(plan.findings),
-                 managed=len(plan.managed), seconds=round(time.monotonic() - started, 3))
+        (log.info if plan.actions or refresh else log.debug)(
+            "reconciled", trigger=trigger, actions=len(plan.actions), findings=len(plan.findings),
+            managed=len(plan.managed), seconds=round(time.monotonic() - started, 3),
+        )
         return plan, batches
 
-    async def submit(self, plan: Plan, trigger: str) -> list[str]:
-        """Journal the plan's new actions: guarded evictions held, the rest released to the executor."""
+    async def submit(self, plan: Plan, trigger: str, observed_ms: int | None = None) -> list[str]:
+        """Journal the plan's new actions: guarded evictions held, the rest released to the executor.
+
+        Actions already open in the journal, or finished since the state behind the plan was read
+        (`observed_ms`), are not journaled again.
+        """
         if self.paused:
             return []
         if self.config.dry_run:
@@ -135,11 +152,12 @@ class Reconciler:
                 log.info("dry run: would act", action=action.kind.value, room=action.room_id,
                          user=action.user_id, reason=action.reason)
             return []
-        open_keys = await self.store.journal.open_keys()
+        open_keys = await self.store.journal.open_keys(finished_since_ms=observed_ms)
         fresh = [a for a in plan.actions if a.key not in open_keys]
         if not fresh:
             return []
-        limits = {s.room_id: s.max_evictions_without_confirmation for s in (await self.policy()).spaces}
+        policy = self.last_policy or await self.policy()
+        limits = {s.room_id: s.max_evictions_without_confirmation for s in policy.spaces}
         guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation)
         batches = []
         if guarded.release:

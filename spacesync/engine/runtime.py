@@ -11,6 +11,7 @@ import structlog
 from aiohttp import ClientError
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MUnknownToken
 
+from ..commands import CommandHandler as AdminCommands
 from ..config import Config
 from ..matrix import ConnectError, MatrixAdapter, StateCache
 from ..metrics import IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
@@ -37,6 +38,7 @@ TRIGGER_TYPES = frozenset({
     "m.room.tombstone", "m.room.create",
 })
 STANDBY_POLL_S = 2.0
+LEADERSHIP_CHECK_S = 1.0
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -107,15 +109,15 @@ class App:
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
                 log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
-            if self.command_handler is None:  # the admin-room command layer
-                from ..commands import CommandHandler as Commands
-                commands = Commands(self)
+            if self.command_handler is None:
+                commands = AdminCommands(self)
                 await commands.restore()
                 self.command_handler = commands.handle
             self._tasks = [
                 asyncio.create_task(self.executor.run_forever(), name="executor"),
                 asyncio.create_task(self._sync_loop(), name="sync"),
                 asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                asyncio.create_task(self._keep_leadership(), name="leadership"),
             ]
             self.executor.wake()
             self._full.set()
@@ -169,6 +171,17 @@ class App:
                 IS_LEADER.set(1)
                 return True
         return False
+
+    async def _keep_leadership(self) -> None:
+        """Stop acting once the lock is gone: PostgreSQL frees it with its connection, and a standby takes it."""
+        while True:
+            await asyncio.sleep(LEADERSHIP_CHECK_S)
+            if not await self.store.holds_leadership():
+                self.leader = False
+                IS_LEADER.set(0)
+                raise FatalError(f"database.url: lost the leadership lock on {self.config.database.safe_url} (its "
+                                 "connection dropped) and stopped, so that only one instance acts; start it again "
+                                 "to stand by")
     # endregion
 
     # region reconciling
@@ -218,8 +231,10 @@ class App:
         failures = 0
         while True:
             try:
-                # No long-poll while recovering: a homeserver back up is noticed at once, not 30 s later.
-                data = await self.matrix.sync(since, 30000 if since and not failures else 0, SYNC_FILTER)
+                # No long-poll while recovering, nor on the first request after a start or a takeover: a
+                # homeserver back up, or a new leader, is ready at once, not after a quiet 30 s long-poll.
+                long_poll = since and not failures and self.synced
+                data = await self.matrix.sync(since, 30000 if long_poll else 0, SYNC_FILTER)
             except MUnknownToken as e:
                 raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
             except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import logging
@@ -106,6 +107,22 @@ class Store:
         self._lock_fd = fd
         return True
 
+    async def holds_leadership(self) -> bool:
+        """Whether this instance still holds the lock. PostgreSQL frees an advisory lock when its connection
+        drops (a server restart, a network cut, pg_terminate_backend): then a standby may hold it."""
+        if not self.is_postgres:
+            return self._lock_fd is not None
+        conn = self._lock_conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            return bool(await asyncio.wait_for(conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = pg_backend_pid() AND classid = 0 AND objid = $1 AND objsubid = 1)",
+                LEADER_LOCK_KEY), 10))
+        except Exception:  # unconfirmed is not held: never risk two acting instances
+            return False
+
     async def release_leadership(self) -> None:
         if self._lock_conn is not None:
             try:
@@ -166,10 +183,10 @@ class Store:
         await self.db.execute("DELETE FROM placed_ban WHERE room_id=$1 AND user_id=$2", room_id, user_id)
 
     async def owned_levels(self) -> dict[tuple[RoomID, UserID], OwnedLevel]:
-        rows = await self.db.fetch("SELECT room_id, user_id, written, previous FROM owned_level")
+        rows = await self.db.fetch("SELECT room_id, user_id, written, previous, released FROM owned_level")
         return {
             (RoomID(r["room_id"]), UserID(r["user_id"])): OwnedLevel(
-                RoomID(r["room_id"]), UserID(r["user_id"]), r["written"], r["previous"]
+                RoomID(r["room_id"]), UserID(r["user_id"]), r["written"], r["previous"], bool(r["released"])
             )
             for r in rows
         }
@@ -179,17 +196,18 @@ class Store:
             await self.db.execute("DELETE FROM owned_level WHERE room_id=$1 AND user_id=$2", room_id, user_id)
             return
         await self.db.execute(
-            "INSERT INTO owned_level (room_id, user_id, written, previous) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (room_id, user_id) DO UPDATE SET written=excluded.written, previous=excluded.previous",
-            room_id, user_id, owned.written, owned.previous,
+            "INSERT INTO owned_level (room_id, user_id, written, previous, released) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (room_id, user_id) DO UPDATE SET written=excluded.written, previous=excluded.previous,"
+            " released=excluded.released",
+            room_id, user_id, owned.written, owned.previous, owned.released,
         )
 
     async def move_room_records(self, old: RoomID, new: RoomID) -> None:
         """After a room upgrade, the levels spacesync wrote in the old room are its own in the new one."""
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute(
-                "INSERT INTO owned_level (room_id, user_id, written, previous)"
-                " SELECT $1, user_id, written, previous FROM owned_level WHERE room_id=$2"
+                "INSERT INTO owned_level (room_id, user_id, written, previous, released)"
+                " SELECT $1, user_id, written, previous, released FROM owned_level WHERE room_id=$2"
                 " ON CONFLICT (room_id, user_id) DO NOTHING",
                 new, old,
             )

@@ -138,7 +138,13 @@ async def test_upgraded_room_is_followed(world, start_bot, make_user):
     alice = await make_user("alice")
     await alice.client.join(space)
     await alice.client.join(old)
+    mod = await make_user("mod")
+    await world.owner.client.set_user_level(space, mod.user_id, 50)
     bot = await start_bot([{"room": space}])
+
+    async def mirrored() -> bool:
+        return (await world.owner.client.get_power_levels(old)).get("users", {}).get(mod.user_id) == 50
+    await wait_for(mirrored, timeout=20, message="the Space's promotion never reached the old room")
 
     new = await world.owner.client.upgrade_room(old, "10")
 
@@ -156,6 +162,16 @@ async def test_upgraded_room_is_followed(world, start_bot, make_user):
     await bot.reconcile()
     assert new in bot.app.reconciler.last_plan.managed
     assert old not in bot.app.reconciler.last_plan.managed
+    assert (new, mod.user_id) in await bot.app.store.owned_levels()
+
+    # The level spacesync wrote in the old room is its own in the new one: a demotion undoes it there.
+    levels = await world.owner.client.get_power_levels(space)
+    levels["users"].pop(mod.user_id)
+    await world.owner.client.send_state(space, "m.room.power_levels", levels)
+
+    async def demoted() -> bool:
+        return mod.user_id not in (await world.owner.client.get_power_levels(new)).get("users", {})
+    await wait_for(demoted, timeout=20, message="the demotion did not reach the replacement room")
 
     await alice.client.leave(space)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from spacesync.model import Action, ActionKind, OwnedLevel, PlacedBan, RoomID, UserID
 from spacesync.store import Status, Store
+from spacesync.store.journal import now_ms
 
 ROOM = RoomID("!room:example.org")
 USER = UserID("@alice:example.org")
@@ -25,7 +26,7 @@ async def test_migrations_are_idempotent_and_kv_persists(db_url):
     try:
         assert await again.get("next_batch") == "s2"
         assert await again.get("missing") is None
-        assert await again.db.fetchval("SELECT version FROM spacesync_version") == 1
+        assert await again.db.fetchval("SELECT version FROM spacesync_version") == 2
     finally:
         await again.stop()
 
@@ -45,6 +46,9 @@ async def test_journal_lifecycle(db_url):
         await store.journal.set_status(entries[0].id, Status.RUNNING, attempt=True)
         await store.journal.set_status(entries[0].id, Status.DONE)
         assert [e.action for e in await store.journal.runnable()] == [levels]
+        assert kick.key not in await store.journal.open_keys()
+        assert kick.key in await store.journal.open_keys(finished_since_ms=now_ms() - 60_000)
+        assert kick.key not in await store.journal.open_keys(finished_since_ms=now_ms() + 60_000)
         assert await store.journal.depth() == {"pending": 1, "held": 1}
         assert await store.journal.set_batch_status("b2", "released", Status.HELD, Status.PENDING) == 1
         batch = await store.journal.batch("b2")
@@ -67,6 +71,8 @@ async def test_records_settings_and_audit(db_url):
         new_room = RoomID("!new:example.org")
         await store.move_room_records(ROOM, new_room)
         assert await store.owned_levels() == {(new_room, USER): OwnedLevel(new_room, USER, 50, 10)}
+        await store.set_owned_level(new_room, USER, OwnedLevel(new_room, USER, 50, None, released=True))
+        assert (await store.owned_levels())[(new_room, USER)].released is True
         await store.set_owned_level(new_room, USER, None)
         assert await store.owned_levels() == {}
 

@@ -174,6 +174,7 @@ def apply_plan(snapshot: Snapshot, plan: Plan, *, bot: UserID = BOT, now_ms: int
     placed = set(snapshot.placed_bans) - set(plan.stale_bans)
     stale_levels = set(plan.stale_levels)
     owned = {k: v for k, v in snapshot.owned_levels.items() if k not in stale_levels}
+    owned.update({(r.room_id, r.user_id): r for r in plan.released_levels})
     for action in plan.actions:
         current = rooms[action.room_id]
         if action.kind in _MEMBERSHIP_AFTER:

@@ -1,0 +1,449 @@
+"""Membership planning: evictions, their cascade, Space bans carried down, unbans, grace and protections."""
+
+from __future__ import annotations
+
+import attrs
+
+from spacesync.core.planner import plan
+from spacesync.model import ActionKind, OnLeave, PlacedBan, Policy, SpacePolicy
+
+from .helpers import (
+    BAN,
+    BOT,
+    JOIN,
+    LEAVE,
+    actions_of,
+    apply_plan,
+    codes,
+    kinds,
+    member,
+    rid,
+    room,
+    snapshot,
+    space,
+    uid,
+)
+
+
+def policy(*roots, **kw) -> Policy:
+    spaces = tuple(r if isinstance(r, SpacePolicy) else SpacePolicy(rid(r)) for r in roots)
+    return Policy(bot=BOT, spaces=spaces, **kw)
+
+
+def child(name: str, parent: str = "root", **kw):
+    kw.setdefault("join_rule", "restricted")
+    kw.setdefault("allow", [parent])
+    return room(name, **kw)
+
+
+def assert_idempotent(snap, pol, first=None):
+    first = first or plan(snap, pol)
+    again = plan(apply_plan(snap, first), pol)
+    assert again.actions == (), kinds(again)
+
+
+# --- on_leave -------------------------------------------------------------------------------
+
+
+def test_user_who_left_the_space_is_kicked():
+    snap = snapshot(
+        space("root", children=["x"], members={"gone": LEAVE, "stay": JOIN, "kicked": member(LEAVE, sender="mod")}),
+        child("x", members={"gone": JOIN, "stay": JOIN, "kicked": JOIN, "never": JOIN}),
+    )
+    p = plan(snap, policy("root"))
+    assert kinds(p) == [("kick", rid("x"), uid("gone")), ("kick", rid("x"), uid("kicked"))]
+    gone, kicked = p.actions
+    assert gone.cause == "on_leave" and gone.space_id == rid("root")
+    assert "left Space" in gone.reason
+    assert "kicked from Space" in kicked.reason
+    assert_idempotent(snap, policy("root"), p)
+
+
+def test_user_who_never_was_in_the_space_is_left_alone():
+    snap = snapshot(space("root", children=["x"]), child("x", members={"never": JOIN, "invited": JOIN}))
+    assert plan(snap, policy("root")).actions == ()
+
+
+def test_on_leave_ban_and_none():
+    snap = snapshot(space("root", children=["x"], members={"gone": LEAVE}), child("x", members={"gone": JOIN}))
+    banned = plan(snap, policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN)))
+    assert kinds(banned) == [("ban", rid("x"), uid("gone"))]
+    assert banned.actions[0].cause == "on_leave"
+    assert plan(snap, policy(SpacePolicy(rid("root"), on_leave=OnLeave.NONE))).actions == ()
+
+
+def test_sub_space_eviction_cascades_in_one_plan():
+    snap = snapshot(
+        space("root", children=["sub"], members={"u": LEAVE}),
+        space("sub", children=["x"], parents=["root"], members={"u": JOIN}),
+        child("x", parent="sub", members={"u": JOIN}),
+        child("y", parent="sub", members={"u": JOIN}),  # not listed by sub: not reached
+    )
+    p = plan(snap, policy("root"))
+    assert kinds(p) == [("kick", rid("sub"), uid("u")), ("kick", rid("x"), uid("u"))]
+    assert "removed from Space" in p.actions[1].reason
+    assert_idempotent(snap, policy("root"), p)
+
+
+def test_room_in_two_spaces_is_kept_while_one_entitles():
+    def snap(r2_membership):
+        return snapshot(
+            space("r1", children=["x"], members={"u": LEAVE}),
+            space("r2", children=["x"], members={"u": r2_membership}),
+            room("x", join_rule="restricted", allow=["r1", "r2"], members={"u": JOIN}),
+        )
+
+    both = policy("r1", "r2")
+    assert plan(snap(JOIN), both).actions == ()
+    assert kinds(plan(snap(LEAVE), both)) == [("kick", rid("x"), uid("u"))]
+
+
+def test_room_in_two_roots_takes_the_mildest_on_leave():
+    snap = snapshot(
+        space("r1", children=["x"], members={"u": LEAVE}),
+        space("r2", children=["x"], members={"u": LEAVE}),
+        room("x", join_rule="restricted", allow=["r1", "r2"], members={"u": JOIN}),
+    )
+    ban, kick, none = (SpacePolicy(rid(r), on_leave=o) for r, o in (("r1", OnLeave.BAN), ("r2", OnLeave.KICK), ("r2", OnLeave.NONE)))
+    assert kinds(plan(snap, policy(ban, kick))) == [("kick", rid("x"), uid("u"))]
+    assert plan(snap, policy(ban, none)).actions == ()
+
+
+def test_allow_list_room_entitles():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE}),
+        room("lobby", members={"u": JOIN}),
+        room("x", join_rule="restricted", allow=["root", "lobby"], members={"u": JOIN}),
+    )
+    assert plan(snap, policy("root")).actions == ()
+
+
+def test_allow_list_is_ignored_once_the_room_is_no_longer_restricted():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE}),
+        room("lobby", members={"u": JOIN}),
+        room("x", join_rule="invite", allow=["lobby"], parents=["root"], members={"u": JOIN}),
+    )
+    assert kinds(plan(snap, policy("root"))) == [("kick", rid("x"), uid("u"))]
+
+
+def test_unreadable_entitler_means_entitled_with_a_finding():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE}),
+        room("x", join_rule="restricted", allow=["root", "elsewhere"], members={"u": JOIN}),
+    )
+    p = plan(snap, policy("root"))
+    assert p.actions == ()
+    finding = next(f for f in p.findings if f.code == "unchecked_entitlement")
+    assert finding.room_id == rid("x") and rid("elsewhere") in finding.message
+
+
+def test_not_opted_in_child_is_never_touched():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE, "b": BAN}, levels={"mod": 50}),
+        room("x", join_rule="invite", members={"u": JOIN}),
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), enforce_join_rules=True, invite_members=True)))
+    assert p.actions == ()
+    assert (rid("x"), "not_opted_in") in codes(p)
+    assert rid("x") not in p.managed
+
+
+# --- Space bans -----------------------------------------------------------------------------
+
+
+def test_space_ban_cascades_to_every_managed_descendant():
+    snap = snapshot(
+        space("root", children=["sub", "a", "stray"], members={"bad": BAN}),
+        space("sub", children=["b"], parents=["root"]),
+        child("a", members={"bad": JOIN}),
+        child("b", parent="sub", members={"bad": BAN}),  # already banned
+        child("c", parent="sub"),  # not listed: not reached
+        room("stray", members={"bad": JOIN}),  # not opted in
+    )
+    p = plan(snap, policy("root"))
+    assert kinds(p) == [("ban", rid("a"), uid("bad")), ("ban", rid("sub"), uid("bad"))]
+    assert {a.cause for a in p.actions} == {"space_ban"}
+    assert_idempotent(snap, policy("root"), p)
+
+
+def test_without_propagate_bans_a_space_ban_still_counts_as_leaving():
+    snap = snapshot(
+        space("root", children=["a", "b"], members={"bad": BAN}),
+        child("a", members={"bad": JOIN}),
+        child("b"),
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), propagate_bans=False)))
+    assert kinds(p) == [("kick", rid("a"), uid("bad"))]
+    assert "banned in Space" in p.actions[0].reason
+
+
+def test_on_leave_ban_in_a_sub_space_is_carried_down_in_the_same_plan():
+    snap = snapshot(
+        space("root", children=["sub"], members={"u": LEAVE}),
+        space("sub", children=["x"], parents=["root"], members={"u": JOIN}),
+        child("x", parent="sub"),  # u was never here
+    )
+    pol = policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))
+    p = plan(snap, pol)
+    assert ("ban", rid("sub"), uid("u")) in kinds(p)
+    assert ("ban", rid("x"), uid("u")) in kinds(p)
+    assert_idempotent(snap, pol, p)
+
+
+# --- unbans ---------------------------------------------------------------------------------
+
+
+def test_unban_lifts_only_the_bots_own_bans():
+    snap = snapshot(
+        space("root", children=["a", "b"], members={"u": LEAVE}),
+        child("a", members={"u": BAN}),
+        child("b", members={"u": BAN}),
+        placed_bans=[PlacedBan(rid("a"), uid("u"), "space_ban")],
+    )
+    p = plan(snap, policy("root"))
+    assert kinds(p) == [("unban", rid("a"), uid("u"))]
+    assert p.actions[0].cause == "unban"
+    assert plan(snap, policy(SpacePolicy(rid("root"), propagate_unbans=False))).actions == ()
+
+
+def test_space_ban_is_kept_while_an_ancestor_still_bans():
+    snap = snapshot(
+        space("root", children=["sub"], members={"u": BAN}),
+        space("sub", children=["x"], parents=["root"], members={"u": LEAVE}),
+        child("x", parent="sub", members={"u": BAN}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "space_ban")],
+    )
+    p = plan(snap, policy("root"))
+    assert ("unban", rid("x"), uid("u")) not in kinds(p)
+
+
+def test_unban_cascades_through_sub_spaces_in_one_plan():
+    # "!a-sub" sorts before "!z-x"... and the child before its Space: order must not matter.
+    snap = snapshot(
+        space("root", children=["z-sub"], members={"u": LEAVE}),
+        space("z-sub", children=["a-x"], parents=["root"], members={"u": BAN}),
+        child("a-x", parent="z-sub", members={"u": BAN}),
+        placed_bans=[PlacedBan(rid("z-sub"), uid("u"), "space_ban"), PlacedBan(rid("a-x"), uid("u"), "space_ban")],
+    )
+    p = plan(snap, policy("root"))
+    assert sorted(kinds(p)) == [("unban", rid("a-x"), uid("u")), ("unban", rid("z-sub"), uid("u"))]
+    assert_idempotent(snap, policy("root"), p)
+
+
+def test_on_leave_ban_is_lifted_when_entitled_again():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": JOIN, "v": LEAVE}),
+        child("x", members={"u": BAN, "v": BAN}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "on_leave"), PlacedBan(rid("x"), uid("v"), "on_leave")],
+    )
+    pol = policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))
+    p = plan(snap, pol)
+    assert kinds(p) == [("unban", rid("x"), uid("u"))]
+    assert p.actions[0].reason == "back in the Space"
+
+
+def test_on_leave_ban_is_kept_while_a_space_ban_would_place_it_again():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": BAN}),
+        room("lobby", members={"u": JOIN}),
+        room("x", join_rule="restricted", allow=["root", "lobby"], members={"u": BAN}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "on_leave")],
+    )
+    pol = policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))
+    p = plan(snap, pol)
+    assert p.actions == ()
+    assert_idempotent(snap, pol, p)
+
+
+def test_a_ban_lifted_in_a_sub_space_is_not_carried_down_in_the_same_plan():
+    # u is back in root: the bot's on_leave ban in sub lifts, so sub's ban must not reach x.
+    snap = snapshot(
+        space("root", children=["sub"], members={"u": JOIN}),
+        space("sub", children=["x"], parents=["root"], members={"u": BAN}),
+        child("x", parent="sub"),
+        placed_bans=[PlacedBan(rid("sub"), uid("u"), "on_leave")],
+    )
+    pol = policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))
+    p = plan(snap, pol)
+    assert kinds(p) == [("unban", rid("sub"), uid("u"))]
+    assert_idempotent(snap, pol, p)
+
+
+def test_a_lift_that_an_eviction_undoes_does_not_happen():
+    # u's on_leave ban in x would lift (u is in lobby, on x's allow list) were it not for the
+    # eviction from lobby this plan makes (lobby is a managed sub-Space u's Space membership entitles).
+    snap = snapshot(
+        space("root", children=["lobby", "x"], members={"u": LEAVE}),
+        space("lobby", parents=["root"], members={"u": JOIN}),
+        room("x", join_rule="restricted", allow=["root", "lobby"], members={"u": BAN}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "on_leave")],
+    )
+    pol = policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))
+    p = plan(snap, pol)
+    assert kinds(p) == [("ban", rid("lobby"), uid("u"))]
+    assert_idempotent(snap, pol, p)
+
+
+def test_placed_ban_lifted_by_hand_is_stale():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": BAN}),
+        child("x", members={"u": LEAVE}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "space_ban")],
+    )
+    p = plan(snap, policy("root"))
+    assert p.stale_bans == (PlacedBan(rid("x"), uid("u"), "space_ban"),)
+    # the Space still bans: the ban is placed again, as a new ban of the bot's
+    assert kinds(p) == [("ban", rid("x"), uid("u"))]
+
+
+def test_unban_needs_the_power_and_respects_protection():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE, "adm": LEAVE}),
+        child("x", members={"u": BAN, "adm": BAN}, pl={"users": {BOT: 50}, "ban": 50, "kick": 60}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "space_ban"), PlacedBan(rid("x"), uid("adm"), "space_ban")],
+    )
+    p = plan(snap, policy("root", admins=frozenset({uid("adm")})))
+    assert p.actions == ()  # unbanning needs the kick level too (auth rules), and adm is protected
+    assert (rid("x"), "no_power") in codes(p) and (rid("x"), "protected") in codes(p)
+
+
+# --- grace ----------------------------------------------------------------------------------
+
+
+def test_grace_period_delays_eviction_and_schedules_a_recheck():
+    snap = snapshot(
+        space("root", children=["x"], members={"recent": member(LEAVE, sender="recent", ts=95_000), "old": member(LEAVE, sender="old", ts=10_000)}),
+        child("x", members={"recent": JOIN, "old": JOIN}),
+        now_ms=100_000,
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), grace_period_s=30)))
+    assert kinds(p) == [("kick", rid("x"), uid("old"))]
+    assert p.recheck_at_ms == 125_000
+    later = plan(attrs.evolve(snap, now_ms=125_000), policy(SpacePolicy(rid("root"), grace_period_s=30)))
+    assert ("kick", rid("x"), uid("recent")) in kinds(later)
+    assert later.recheck_at_ms is None
+
+
+def test_grace_does_not_delay_the_cascade_of_an_eviction():
+    snap = snapshot(
+        space("root", children=["sub"], members={"u": member(LEAVE, ts=0)}),
+        space("sub", children=["x"], parents=["root"], members={"u": JOIN}),
+        child("x", parent="sub", members={"u": JOIN}),
+        now_ms=60_000,
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), grace_period_s=30)))
+    assert kinds(p) == [("kick", rid("sub"), uid("u")), ("kick", rid("x"), uid("u"))]
+
+
+# --- protections ----------------------------------------------------------------------------
+
+
+def test_protected_users_are_never_evicted_or_banned():
+    gone = {u: LEAVE for u in ("adm", "ex", "sex", "creator", "extra", "mod", "strmod", "bot")}
+    gone["bot"] = LEAVE
+    joined = {u: JOIN for u in gone if u != "strmod"}
+    snap = snapshot(
+        space("root", children=["x", "y"], members=gone | {"banned_adm": BAN}),
+        child("x", members=joined, creator="creator", additional_creators=["extra"], version="10",
+              levels={"mod": 100}),
+        child("y", version="9", members={"strmod": JOIN, "banned_adm": JOIN},
+              pl={"users": {BOT: "50", uid("strmod"): "50"}, "kick": "50", "ban": "50"}),
+    )
+    snap = attrs.evolve(snap, rooms={**snap.rooms, rid("root"): attrs.evolve(snap.rooms[rid("root")], members={
+        **snap.rooms[rid("root")].members, BOT: member(JOIN)})})
+    pol = policy(
+        SpacePolicy(rid("root"), exempt=frozenset({uid("sex")})),
+        admins=frozenset({uid("adm"), uid("banned_adm")}),
+        exempt=frozenset({uid("ex")}),
+    )
+    p = plan(snap, pol)
+    assert p.actions == ()
+    protected = [f.message for f in p.findings if f.code == "protected"]
+    for who in ("adm", "ex", "sex", "creator", "extra", "mod", "strmod", "banned_adm"):
+        assert any(m.startswith(uid(who)) for m in protected), who
+
+
+def test_v12_creators_have_infinite_power():
+    snap = snapshot(
+        space("root", children=["x"], members={"c": LEAVE, "u": LEAVE}),
+        child("x", version="12", creator="c", members={"c": JOIN, "u": JOIN}),
+    )
+    p = plan(snap, policy("root"))
+    assert kinds(p) == [("kick", rid("x"), uid("u"))]
+    # the bot as a v12 creator outranks everyone who is not a creator
+    snap2 = snapshot(
+        space("root", children=["x"], members={"u": LEAVE}),
+        child("x", version="12", creator="bot", members={"u": JOIN}, pl={"users": {uid("u"): 100}}),
+    )
+    assert kinds(plan(snap2, policy("root"))) == [("kick", rid("x"), uid("u"))]
+
+
+def test_bot_without_kick_power_reports_once():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE, "v": LEAVE}),
+        child("x", members={"u": JOIN, "v": JOIN}, bot_level=10),
+    )
+    p = plan(snap, policy("root"))
+    assert p.actions == ()
+    assert [f.message for f in p.findings if f.room_id == rid("x") and "kick" in f.message] == [
+        "the bot lacks the power to kick (needs 50)"
+    ]
+
+
+def test_string_levels_are_read_as_integers():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE, "mod": LEAVE}),
+        child("x", version="9", members={"u": JOIN, "mod": JOIN},
+              pl={"users": {BOT: "60", uid("mod"): "60", uid("u"): "59"}, "kick": "60"}),
+    )
+    p = plan(snap, policy("root"))
+    assert kinds(p) == [("kick", rid("x"), uid("u"))]
+
+
+def test_planning_is_pure():
+    snap = snapshot(
+        space("root", children=["x"], members={"u": LEAVE, "b": BAN}),
+        child("x", members={"u": JOIN}),
+    )
+    before = attrs.asdict(snap, recurse=True)
+    first = plan(snap, policy("root"))
+    assert attrs.asdict(snap, recurse=True) == before
+    assert plan(snap, policy("root")) == first
+    assert actions_of(first, ActionKind.BAN) and actions_of(first, ActionKind.KICK)
+    assert {a.kind for a in first.actions} <= {ActionKind.BAN, ActionKind.KICK}
+
+
+# --- cycles ---------------------------------------------------------------------------------
+
+
+def test_leaving_a_sub_space_that_lists_the_root_keeps_the_root():
+    # root lists sub, sub lists root back: sub is not a parent that entitles root
+    snap = snapshot(
+        space("root", children=["sub"], members={"u": JOIN, "b": JOIN}),
+        space("sub", children=["root", "x"], join_rule="restricted", allow=["root"], members={"u": LEAVE, "b": BAN}),
+        child("x", parent="sub", members={"u": JOIN, "b": JOIN}),
+    )
+    p = plan(snap, policy("root"))
+    assert ("kick", rid("root"), uid("u")) not in kinds(p)
+    assert ("ban", rid("root"), uid("b")) not in kinds(p), "a sub-Space's ban never reaches up to the root"
+    assert sorted(kinds(p)) == [("ban", rid("x"), uid("b")), ("kick", rid("x"), uid("u"))]
+    assert_idempotent(snap, policy("root"), p)
+
+
+def test_a_cycle_between_sub_spaces_does_not_keep_leavers_in():
+    # s1 and s2 list each other below root: a user who left root must not stay in both forever
+    snap = snapshot(
+        space("root", children=["s1"], members={"u": LEAVE}),
+        space("s1", children=["s2"], parents=["root", "s2"], members={"u": JOIN}),
+        space("s2", children=["s1"], parents=["s1"], members={"u": JOIN}),
+    )
+    p = plan(snap, policy("root"))
+    assert sorted(kinds(p)) == [("kick", rid("s1"), uid("u")), ("kick", rid("s2"), uid("u"))]
+    # and leaving s2 alone costs nothing in s1, which s2 only reaches through s1 itself
+    snap2 = snapshot(
+        space("root", children=["s1"], members={"u": JOIN}),
+        space("s1", children=["s2"], parents=["root", "s2"], members={"u": JOIN}),
+        space("s2", children=["s1"], parents=["s1"], members={"u": LEAVE}),
+    )
+    assert plan(snap2, policy("root")).actions == ()
