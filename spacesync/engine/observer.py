@@ -27,6 +27,8 @@ class Observer:
         self.max_seconds = max_seconds
         self._sem = asyncio.Semaphore(concurrency)
         self.joined: set[RoomID] = set()
+        self.seen: set[RoomID] = set()
+        """Every room the last walk reached: the roots, their descendants and allow-list rooms."""
         self.requests = 0
         self._join_attempted: set[RoomID] = set()
 
@@ -65,6 +67,7 @@ class Observer:
                 if room.tombstone:
                     frontier.append(room.tombstone)
             depth += 1
+        self.seen = visited
         rooms = {r: self.cache.get(r) for r in visited if r in self.cache and r not in unreachable}
         return Snapshot(
             rooms={r: s for r, s in rooms.items() if s is not None},

@@ -76,6 +76,7 @@ class App:
         self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.notify)
         self.admin_room: RoomID | None = None
         self.command_handler: CommandHandler | None = None
+        self._pending_invites: dict[RoomID, UserID] = {}
         self.leader = False
         self.logged_in = False
         self.synced = False
@@ -204,6 +205,8 @@ class App:
             self._trigger.clear()
             try:
                 plan, _ = await self.reconciler.reconcile("reconcile" if full else "sync", refresh=full)
+                if full and self._pending_invites:
+                    await self._accept_invites()
             except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
                 log.warning("reconcile failed: retrying soon", error=f"{type(e).__name__}: {e}")
                 next_full = time.monotonic() + 10
@@ -299,7 +302,11 @@ class App:
             self.request_reconcile(full=False)
 
     async def _on_invite(self, room_id: RoomID, room: dict[str, Any]) -> None:
-        """Accept invites from admins only: to the admin room, or to rooms they want managed."""
+        """Invites from admins only, and only to the admin room or to rooms listed under a managed Space.
+
+        An admin's invite to a room the walk has not reached yet stays pending (not declined) and is
+        looked at again after each full reconcile.
+        """
         inviter = None
         for event in (room.get("invite_state") or {}).get("events") or []:
             if event.get("type") == "m.room.member" and event.get("state_key") == self.matrix.user_id:
@@ -311,14 +318,24 @@ class App:
             except (MatrixRequestError, MatrixConnectionError, ClientError):
                 pass
             return
-        try:
-            await self.matrix.join(room_id)
-        except MatrixRequestError as e:
-            log.warning("could not join after invite", room=room_id, error=getattr(e, "message", str(e)))
-            return
-        log.info("joined after an admin's invite", room=room_id, inviter=inviter)
-        self.observer.joined.add(room_id)
-        self.request_reconcile(full=True)
+        self._pending_invites[room_id] = UserID(inviter)
+        await self._accept_invites()
+
+    async def _accept_invites(self) -> None:
+        for room_id, inviter in list(self._pending_invites.items()):
+            if room_id != self.admin_room and room_id not in self.observer.seen:
+                log.info("invite pending: the room is not listed under a managed Space", room=room_id,
+                         inviter=inviter)
+                continue
+            del self._pending_invites[room_id]
+            try:
+                await self.matrix.join(room_id)
+            except MatrixRequestError as e:
+                log.warning("could not join after invite", room=room_id, error=getattr(e, "message", str(e)))
+                continue
+            log.info("joined after an admin's invite", room=room_id, inviter=inviter)
+            self.observer.joined.add(room_id)
+            self.request_reconcile(full=True)
     # endregion
 
     # region admin room
