@@ -119,6 +119,8 @@ class RoomState:
     power_levels: PowerLevels = attrs.field(factory=PowerLevels)
     tombstone: RoomID | None = None
     """The replacement room named by m.room.tombstone, if the room was upgraded."""
+    predecessor: RoomID | None = None
+    """The room this one replaced (m.room.create `predecessor`): how an upgrade is verified."""
     name: str | None = None
 
     def membership(self, user_id: UserID) -> Membership:

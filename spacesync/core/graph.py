@@ -30,6 +30,12 @@ class SpaceGraph:
     governing: Mapping[RoomID, frozenset[RoomID]]
     """Managed room -> the root Spaces whose policies apply to it."""
     findings: tuple[Finding, ...]
+    authority: Mapping[RoomID, frozenset[RoomID]] = attrs.field(factory=dict)
+    """Managed room -> the managed Spaces it answers to: those it opted into, and theirs, upwards.
+
+    Only these Spaces' memberships, bans and power levels apply to the room. A Space that merely
+    lists a room (any Space admin can) gains no authority over it: the confused deputy.
+    """
     dominated: Mapping[RoomID, frozenset[RoomID]] = attrs.field(factory=dict)
     """For a room on a cycle: the rooms every walk from a root reaches only through it.
 
@@ -50,24 +56,17 @@ class SpaceGraph:
         seen.discard(room_id)
         return frozenset(seen)
 
-    def managed_descendants(self, room_id: RoomID) -> frozenset[RoomID]:
-        """Managed rooms below `room_id`: reachable from it, and not one it is reached only through (a cycle)."""
-        return frozenset(
-            r for r in self.descendants(room_id) & self.managed
-            if room_id not in self.dominated.get(r, frozenset())
-        )
-
-    def managed_ancestors(self, room_id: RoomID) -> frozenset[RoomID]:
-        """Managed rooms above `room_id`: the converse of `managed_descendants`."""
-        return (self.ancestors(room_id) & self.managed) - self.dominated.get(room_id, frozenset())
+    def governed_by(self, space_id: RoomID) -> frozenset[RoomID]:
+        """Managed rooms that answer to `space_id` (its bans and levels reach them)."""
+        return frozenset(r for r, spaces in self.authority.items() if space_id in spaces)
 
     def managed_parents(self, room_id: RoomID) -> frozenset[RoomID]:
         """Every managed Space listing the room (including one that lists it back in a cycle)."""
         return self.parents.get(room_id, frozenset()) & self.managed
 
     def entitling_parents(self, room_id: RoomID) -> frozenset[RoomID]:
-        """Managed parent Spaces above the room: a sub-Space listing its own ancestor is no parent of it."""
-        return self.managed_parents(room_id) - self.dominated.get(room_id, frozenset())
+        """Managed parent Spaces the room answers to: their members may stay in it."""
+        return self.managed_parents(room_id) & self.authority.get(room_id, frozenset())
 
     def ancestors(self, room_id: RoomID) -> frozenset[RoomID]:
         seen: set[RoomID] = set()
@@ -148,13 +147,14 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
     frozen_parents = {k: frozenset(v) for k, v in parents.items()}
     dominated = _dominated(roots, frozen_children)
     managed, opt_in = _opt_in(snapshot, policy, roots, frozen_parents, depth, frozen_children)
+    authority = _authority(snapshot, policy, roots, managed, frozen_parents, dominated)
     for room_id in sorted(set(depth) - managed):
         if room_id in snapshot.rooms:
             findings.append(
                 Finding(room_id, "not_opted_in", "listed as a child but not opted in: left untouched")
             )
     governing = {
-        room_id: frozenset(r for r in reached_by[room_id] if r in managed) or frozenset(reached_by[room_id])
+        room_id: frozenset(r for r in roots if r == room_id or r in authority[room_id])
         for room_id in managed
     }
     return SpaceGraph(
@@ -166,6 +166,7 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
         opt_in=opt_in,
         governing=governing,
         findings=tuple(_dedupe(findings)),
+        authority=authority,
         dominated=dominated,
     )
 
@@ -243,10 +244,7 @@ def _opt_in(
     managed: set[RoomID] = {r for r in roots if r in snapshot.rooms}
     why: dict[RoomID, str] = {r: "configured root Space" for r in managed}
     ancestors = {room_id: _ancestors_of(parents, room_id) for room_id in depth}
-    extra_for: dict[RoomID, set[RoomID]] = defaultdict(set)
-    for space in policy.spaces:
-        for extra in space.extra_rooms:
-            extra_for[extra].add(space.room_id)
+    extra_for = _extra_for(policy)
     changed = True
     while changed:
         changed = False
@@ -263,6 +261,59 @@ def _opt_in(
                 why[room_id] = reason
                 changed = True
     return managed, why
+
+
+def _extra_for(policy: Policy) -> dict[RoomID, set[RoomID]]:
+    """Room -> the roots that added it explicitly."""
+    extra_for: dict[RoomID, set[RoomID]] = defaultdict(set)
+    for space in policy.spaces:
+        for extra in space.extra_rooms:
+            extra_for[extra].add(space.room_id)
+    return extra_for
+
+
+def _opted_into(room: RoomState, managed_above: set[RoomID], snapshot: Snapshot, explicit: set[RoomID]) -> set[RoomID]:
+    """Every managed Space above the room that the room itself chose (allow list, parent, operator)."""
+    chosen = set(explicit)
+    if room.join_rule in RESTRICTED_RULES:
+        chosen |= set(room.allow) & managed_above
+    for parent_id in set(room.parents) & managed_above:
+        parent = snapshot.rooms.get(parent_id)
+        if parent is not None and room.room_id in parent.children:
+            chosen.add(parent_id)
+    return chosen
+
+
+def _authority(
+    snapshot: Snapshot,
+    policy: Policy,
+    roots: tuple[RoomID, ...],
+    managed: set[RoomID],
+    parents: Mapping[RoomID, frozenset[RoomID]],
+    dominated: Mapping[RoomID, frozenset[RoomID]],
+) -> dict[RoomID, frozenset[RoomID]]:
+    """The Spaces each managed room answers to: the ones it opted into, closed upwards."""
+    extra_for = _extra_for(policy)
+    direct: dict[RoomID, set[RoomID]] = {}
+    for room_id in managed:
+        room = snapshot.rooms[room_id]
+        above = {
+            a for a in _ancestors_of(parents, room_id)
+            if a in managed and _is_space(snapshot, a, roots)
+        } - dominated.get(room_id, frozenset())
+        direct[room_id] = _opted_into(room, above, snapshot, extra_for.get(room_id, set()) & managed)
+    authority: dict[RoomID, frozenset[RoomID]] = {}
+    for room_id in managed:
+        seen: set[RoomID] = set()
+        stack = list(direct[room_id])
+        while stack:
+            space_id = stack.pop()
+            if space_id in seen or space_id == room_id:
+                continue
+            seen.add(space_id)
+            stack.extend(direct.get(space_id, ()))
+        authority[room_id] = frozenset(seen)
+    return authority
 
 
 def _opt_in_reason(

@@ -104,9 +104,16 @@ def _follow_upgrade(
     """Point the parent Spaces at the replacement of an upgraded room."""
     new_id = room.tombstone
     assert new_id is not None
+    if not verified_upgrade(snapshot, room):
+        findings.append(Finding(
+            room.room_id, "upgrade_unverified",
+            f"tombstone names {new_id}, which the bot cannot read or which does not name this room as its "
+            "predecessor: not followed",
+        ))
+        return []
     findings.append(Finding(room.room_id, "upgraded", f"upgraded to {new_id}: no longer managed here"))
     actions = []
-    for parent_id in sorted(graph.managed_parents(room.room_id)):
+    for parent_id in sorted(graph.entitling_parents(room.room_id)):
         parent = snapshot.rooms.get(parent_id)
         if parent is None:
             continue
@@ -132,6 +139,16 @@ def _follow_upgrade(
                 content={}, changes={"child": (room.room_id, None)},
             ))
     return actions
+
+
+def verified_upgrade(snapshot: Snapshot, room: RoomState) -> bool:
+    """A tombstone is followed only when the replacement's create event names this room as predecessor.
+
+    Anyone with power in a child room can send a tombstone naming any room; the Space's child entry
+    must not be re-pointed on that say-so alone.
+    """
+    new = snapshot.rooms.get(room.tombstone) if room.tombstone else None
+    return new is not None and new.predecessor == room.room_id
 
 
 def _invites(

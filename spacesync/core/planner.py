@@ -18,7 +18,7 @@ from ..model import (
 )
 from .entitlement import Memberships, entitled_by, entitlers, protection, user_level
 from .graph import SpaceGraph, build_graph, policies_for
-from .joinrules import plan_join_rules
+from .joinrules import plan_join_rules, verified_upgrade
 from .powerlevels import plan_power_levels
 
 
@@ -42,6 +42,7 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
             (room_id, room.tombstone)
             for room_id in sorted(graph.managed)
             if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
+            and verified_upgrade(snapshot, room)
         ),
     )
 
@@ -146,7 +147,7 @@ class MembershipPlanner:
             banned = self.memberships.banned(space_id)
             if not banned:
                 continue
-            for room_id in sorted(self.graph.managed_descendants(space_id)):
+            for room_id in sorted(self.graph.governed_by(space_id)):
                 room = self.snapshot.rooms.get(room_id)
                 if room is None or room.tombstone:
                     continue
@@ -270,7 +271,7 @@ class MembershipPlanner:
 
     def _banned_above(self, room_id: RoomID, user_id: UserID, propagating_only: bool) -> bool:
         """Whether a managed ancestor Space (that carries bans down, if `propagating_only`) bans the user."""
-        above = self.graph.managed_ancestors(room_id) & set(self._managed_spaces)
+        above = self.graph.authority.get(room_id, frozenset()) & set(self._managed_spaces)
         return any(
             self.memberships.get(s, user_id) is Membership.BAN
             and (not propagating_only or self._propagates_bans(s))

@@ -45,7 +45,7 @@ def desired_levels(
     """For one managed room: user -> (level the Spaces above it ask for, the Space asking), before the bot's cap."""
     findings: list[Finding] = []
     desired: dict[UserID, tuple[int, RoomID]] = {}
-    for space_id in sorted(graph.managed_ancestors(room_id)):
+    for space_id in sorted(graph.authority.get(room_id, frozenset())):
         space = snapshot.rooms.get(space_id)
         if space is None or not (space.is_space or space_id in graph.roots):
             continue

@@ -30,7 +30,12 @@ class Observer:
         self.seen: set[RoomID] = set()
         """Every room the last walk reached: the roots, their descendants and allow-list rooms."""
         self.requests = 0
+        self.auto_join = False
+        """Join opted-in rooms and verified upgrades by itself (the running service; never `plan`)."""
+        self.known_managed: set[RoomID] = set()
+        """Managed rooms as of the last plan: the Spaces whose restricted children the bot may join."""
         self._join_attempted: set[RoomID] = set()
+        self._hierarchy: dict[RoomID, list[dict]] = {}
 
     async def observe(self, policy: Policy, *, refresh: bool) -> Snapshot:
         """A snapshot of every room reachable from the roots. `refresh` re-reads state; else the cache serves."""
@@ -40,6 +45,10 @@ class Observer:
             self.requests += 1
         unreachable: dict[RoomID, str] = {}
         visited: set[RoomID] = set()
+        self._hierarchy = {}
+        if refresh:
+            self._join_attempted.clear()
+        upgrades: dict[RoomID, RoomID] = {}
         frontier = [s.room_id for s in policy.spaces]
         depth = 0
         while frontier and len(visited) < policy.max_rooms:
@@ -49,7 +58,8 @@ class Observer:
                 for room_id in level:
                     unreachable[room_id] = f"walk time cap {self.max_seconds:.0f}s reached"
                 break
-            await self._auto_join(policy, [r for r in level if r not in self.joined])
+            if refresh and self.auto_join:
+                await self._auto_join(policy, [r for r in level if r not in self.joined], upgrades)
             await asyncio.gather(*(self._load(r, refresh, unreachable) for r in level))
             frontier = []
             if depth >= policy.max_depth:
@@ -66,6 +76,7 @@ class Observer:
                     frontier.extend(space.extra_rooms)
                 if room.tombstone:
                     frontier.append(room.tombstone)
+                    upgrades[room.tombstone] = room_id
             depth += 1
         self.seen = visited
         rooms = {r: self.cache.get(r) for r in visited if r in self.cache and r not in unreachable}
@@ -97,33 +108,44 @@ class Observer:
                 return
         self.cache.replace(room_id, events)
 
-    async def _auto_join(self, policy: Policy, rooms: list[RoomID]) -> None:
-        """Join children that opted in by their join rule (the hierarchy API shows their allow list)."""
+    async def _auto_join(self, policy: Policy, rooms: list[RoomID], upgrades: dict[RoomID, RoomID]) -> None:
+        """Join rooms that opted in by their join rule (the hierarchy API shows their allow list), and the
+        replacements of upgraded rooms (the planner follows an upgrade only once it can verify it)."""
         pending = [r for r in rooms if r not in self._join_attempted]
         if not pending:
             return
-        managed_spaces = {s.room_id for s in policy.spaces}
         extra = {r for s in policy.spaces for r in s.extra_rooms}
-        for root in sorted(managed_spaces & self.joined):
+        managed_spaces = {s.room_id for s in policy.spaces} | self.known_managed
+        opted: dict[RoomID, list[str]] = {}
+        for room_id in pending:
+            if room_id in upgrades or room_id in extra:
+                old = upgrades.get(room_id, room_id)
+                opted[room_id] = [old.split(":", 1)[1]] if ":" in old else []
+        for root in sorted({s.room_id for s in policy.spaces} & self.joined):
+            if not set(pending) - set(opted):
+                break
+            for entry in await self._hierarchy_of(root, policy):
+                room_id = RoomID(entry["room_id"])
+                allowed = set(entry.get("allowed_room_ids") or ())
+                if (room_id in pending and entry.get("join_rule") in RESTRICTED_RULES
+                        and allowed & managed_spaces):
+                    opted.setdefault(room_id, [root.split(":", 1)[1]] if ":" in root else [])
+        for room_id, via in sorted(opted.items()):
+            self._join_attempted.add(room_id)
             try:
-                entries = await self.matrix.hierarchy(root, policy.max_depth, policy.max_rooms)
+                await self.matrix.join(room_id, via or None)
+                self.joined.add(room_id)
+                log.info("joined opted-in room", room=room_id)
+            except MatrixRequestError as e:
+                log.warning("could not join opted-in room", room=room_id, error=getattr(e, "message", str(e)))
+
+    async def _hierarchy_of(self, root: RoomID, policy: Policy) -> list[dict]:
+        """The hierarchy below a root, fetched at most once per walk."""
+        if root not in self._hierarchy:
+            try:
+                self._hierarchy[root] = await self.matrix.hierarchy(root, policy.max_depth, policy.max_rooms)
                 self.requests += 1
             except (MatrixRequestError, asyncio.TimeoutError) as e:
                 log.warning("hierarchy unreadable", room=root, error=str(e))
-                continue
-            spaces_seen = {e["room_id"] for e in entries if e.get("room_type") == "m.space"} | managed_spaces
-            for entry in entries:
-                room_id = RoomID(entry["room_id"])
-                if room_id not in pending or room_id in self._join_attempted:
-                    continue
-                allowed = set(entry.get("allowed_room_ids") or ())
-                opted = room_id in extra or (entry.get("join_rule") in RESTRICTED_RULES and allowed & spaces_seen)
-                if not opted:
-                    continue
-                self._join_attempted.add(room_id)
-                try:
-                    await self.matrix.join(room_id, [root.split(":", 1)[-1]] if ":" in root else None)
-                    self.joined.add(room_id)
-                    log.info("joined opted-in room", room=room_id)
-                except MatrixRequestError as e:
-                    log.warning("could not join opted-in room", room=room_id, error=getattr(e, "message", str(e)))
+                self._hierarchy[root] = []
+        return self._hierarchy[root]

@@ -14,7 +14,7 @@ from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
 from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
-from ..model import Action, Membership, Plan, Policy, RoomID, UserID
+from ..model import Action, ActionKind, Membership, Plan, Policy, RoomID, UserID
 from ..refs import RoomRef
 from ..store import Status, Store
 from ..store.journal import now_ms
@@ -27,6 +27,9 @@ log = structlog.get_logger("spacesync.reconciler")
 Notify = Callable[[str, str | None], Awaitable[None]]
 
 
+MEMBERSHIP_KINDS = frozenset({ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionKind.INVITE})
+"""Actions that a stale plan must not repeat. State writes are safe to repeat: the executor re-reads the
+current state and applies only the changes still missing."""
 CLOCK_MARGIN_MS = 2000
 """Slack for clocks of instances sharing a database (standby) when comparing journal times."""
 
@@ -49,6 +52,8 @@ class Reconciler:
         self.paused = False
         self.last_plan: Plan | None = None
         self.last_policy: Policy | None = None
+        self.recheck_soon = False
+        """The last plan skipped actions done meanwhile: plan again shortly rather than repeat them."""
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
@@ -101,6 +106,7 @@ class Reconciler:
         policy = self.last_policy = await self.policy()
         snapshot = await self.observer.observe(policy, refresh=refresh)
         plan = make_plan(snapshot, policy)
+        self.observer.known_managed = set(plan.managed)
         MANAGED_SPACES.set(len(policy.spaces))
         MANAGED_ROOMS.set(len(plan.managed))
         users: set[UserID] = set()
@@ -152,8 +158,18 @@ class Reconciler:
                 log.info("dry run: would act", action=action.kind.value, room=action.room_id,
                          user=action.user_id, reason=action.reason)
             return []
-        open_keys = await self.store.journal.open_keys(finished_since_ms=observed_ms)
-        fresh = [a for a in plan.actions if a.key not in open_keys]
+        open_keys = await self.store.journal.open_keys()
+        recent = await self.store.journal.done_keys_since(observed_ms) if observed_ms is not None else set()
+        fresh = []
+        self.recheck_soon = False
+        for action in plan.actions:
+            if action.key in open_keys:
+                continue
+            if action.key in recent and action.kind in MEMBERSHIP_KINDS:
+                # Done after the state behind this plan was read: look again once that state is fresh.
+                self.recheck_soon = True
+                continue
+            fresh.append(action)
         if not fresh:
             return []
         policy = self.last_policy or await self.policy()

@@ -19,7 +19,7 @@ from ..model import RoomID, UserID
 from ..store import Store
 from .executor import Executor
 from .observer import Observer
-from .reconciler import Reconciler
+from .reconciler import CLOCK_MARGIN_MS, Reconciler
 
 log = structlog.get_logger("spacesync")
 
@@ -106,6 +106,7 @@ class App:
             if self.config.bot.password and token != saved:
                 await self.store.put(f"access_token:{self.config.bot.user_id}", token)
             self.logged_in = self.homeserver_up = True
+            self.observer.auto_join = True
             log.info("logged in", user=self.matrix.user_id, homeserver=self.config.homeserver.url)
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
@@ -207,6 +208,8 @@ class App:
                 plan, _ = await self.reconciler.reconcile("reconcile" if full else "sync", refresh=full)
                 if full and self._pending_invites:
                     await self._accept_invites()
+                if self.reconciler.recheck_soon:
+                    asyncio.get_running_loop().call_later(CLOCK_MARGIN_MS / 1000 + 0.5, self._trigger.set)
             except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
                 log.warning("reconcile failed: retrying soon", error=f"{type(e).__name__}: {e}")
                 next_full = time.monotonic() + 10

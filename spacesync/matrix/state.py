@@ -59,6 +59,8 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
                     ts=int(event.get("origin_server_ts") or 0),
                 )
     tombstone = content("m.room.tombstone").get("replacement_room")
+    predecessor = create_content.get("predecessor")
+    predecessor_id = predecessor.get("room_id") if isinstance(predecessor, dict) else None
     name = content("m.room.name").get("name")
     return RoomState(
         room_id=room_id,
@@ -75,6 +77,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         members=members,
         power_levels=PowerLevels.from_content(content("m.room.power_levels") or _default_levels(create)),
         tombstone=RoomID(tombstone) if isinstance(tombstone, str) and tombstone.startswith("!") else None,
+        predecessor=RoomID(predecessor_id) if isinstance(predecessor_id, str) else None,
         name=name if isinstance(name, str) else None,
     )
 

@@ -124,18 +124,19 @@ class Journal:
             )
         return len(rows)
 
-    async def open_keys(self, finished_since_ms: int | None = None) -> set[str]:
-        """Keys (kind|room|target) of every action not yet finished, to avoid enqueuing one twice.
+    async def open_keys(self) -> set[str]:
+        """Keys (kind|room|target) of every action not yet finished, to avoid enqueuing one twice."""
+        rows = await self.db.fetch(
+            "SELECT kind, room_id, target FROM journal WHERE status IN ($1, $2, $3)", *[s.value for s in OPEN]
+        )
+        return {f"{r['kind']}|{r['room_id']}|{r['target']}" for r in rows}
 
-        With `finished_since_ms`, also those done since then: a plan made from state read before
-        they were done must not repeat them.
-        """
-        query = "SELECT kind, room_id, target FROM journal WHERE status IN ($1, $2, $3)"
-        args: list[Any] = [s.value for s in OPEN]
-        if finished_since_ms is not None:
-            query += " OR (status = $4 AND updated_at >= $5)"
-            args.extend([Status.DONE.value, finished_since_ms])
-        rows = await self.db.fetch(query, *args)
+    async def done_keys_since(self, since_ms: int) -> set[str]:
+        """Keys of actions done since `since_ms`: a plan made from state read before then may repeat them."""
+        rows = await self.db.fetch(
+            "SELECT kind, room_id, target FROM journal WHERE status = $1 AND updated_at >= $2",
+            Status.DONE.value, since_ms,
+        )
         return {f"{r['kind']}|{r['room_id']}|{r['target']}" for r in rows}
 
     async def runnable(self, limit: int = 500) -> list[Entry]:

@@ -279,3 +279,20 @@ async def test_power_levels_off_mirrors_nothing(world, start_bot, make_user):
     assert not [a for a in bot.app.reconciler.last_plan.actions if a.kind.value == "set_power_levels"]
     assert await bot.app.store.owned_levels() == {}
 
+
+
+async def test_quick_successive_changes_all_reach_the_rooms(world, start_bot, make_user):
+    """Two promotions a moment apart, for two users: neither is lost while the first is written."""
+    space = await make_space(world, "10", name="S")
+    rooms = [await make_room(world, "10", space, name=f"R{i}") for i in range(3)]
+    alice, bob = await make_user("alice"), await make_user("bob")
+    await start_bot([{"room": space}])
+
+    await world.owner.client.set_user_level(space, alice.user_id, 30)
+    await wait_level(world, rooms[0], alice.user_id, 30)
+    await world.owner.client.set_user_level(space, bob.user_id, 40)
+    await world.owner.client.set_user_level(space, alice.user_id, 45)
+
+    for room_id in rooms:
+        await wait_level(world, room_id, bob.user_id, 40, timeout=10)
+        await wait_level(world, room_id, alice.user_id, 45, timeout=10)

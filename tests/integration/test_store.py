@@ -47,8 +47,8 @@ async def test_journal_lifecycle(db_url):
         await store.journal.set_status(entries[0].id, Status.DONE)
         assert [e.action for e in await store.journal.runnable()] == [levels]
         assert kick.key not in await store.journal.open_keys()
-        assert kick.key in await store.journal.open_keys(finished_since_ms=now_ms() - 60_000)
-        assert kick.key not in await store.journal.open_keys(finished_since_ms=now_ms() + 60_000)
+        assert await store.journal.done_keys_since(now_ms() - 60_000) == {kick.key}
+        assert await store.journal.done_keys_since(now_ms() + 60_000) == set()
         assert await store.journal.depth() == {"pending": 1, "held": 1}
         assert await store.journal.set_batch_status("b2", "released", Status.HELD, Status.PENDING) == 1
         batch = await store.journal.batch("b2")

@@ -87,6 +87,7 @@ def room(
     creator: str | None = None,
     additional_creators: Iterable[str] = (),
     tombstone: str | None = None,
+    predecessor: str | None = None,
     bot_joined: bool = True,
 ) -> RoomState:
     """A room the bot can read. `levels` are users entries besides the bot's; `pl` overrides the whole content."""
@@ -116,6 +117,7 @@ def room(
         members=mem,
         power_levels=PowerLevels.from_content(content),
         tombstone=rid(tombstone) if tombstone else None,
+        predecessor=rid(predecessor) if predecessor else None,
     )
 
 

@@ -27,7 +27,9 @@ def test_restricted_child_and_sub_space_are_managed():
     assert g.opt_in[rid("b")].startswith("knock_restricted")
     assert g.ancestors(rid("b")) == {rid("root"), rid("sub")}
     assert g.managed_parents(rid("b")) == {rid("sub")}
-    assert g.managed_descendants(rid("root")) == {rid("sub"), rid("a"), rid("b")}
+    assert g.governed_by(rid("root")) == {rid("sub"), rid("a"), rid("b")}
+    assert g.governed_by(rid("sub")) == {rid("b")}
+    assert g.authority[rid("b")] == {rid("sub"), rid("root")}
     assert g.findings == ()
 
 

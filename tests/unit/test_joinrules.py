@@ -47,7 +47,8 @@ def test_enforce_restricts_to_the_parent_spaces():
         "join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": rid("root")}]
     }
     assert actions[rid("b")].content["join_rule"] == "restricted"
-    assert [e["room_id"] for e in actions[rid("b")].content["allow"]] == [rid("root"), rid("sub")]
+    # b opted into root only: sub lists it, but gains no say over who may join (confused deputy).
+    assert [e["room_id"] for e in actions[rid("b")].content["allow"]] == [rid("root")]
     assert actions[rid("c")].content["join_rule"] == "knock_restricted"
     assert all(a.space_id == rid("root") and a.cause == "join_rules" for a in actions.values())
     assert rid("sub") in actions  # the sub-Space itself is restricted to its parent
@@ -59,12 +60,13 @@ def test_missing_parent_is_added_and_existing_entries_kept():
     snap = snapshot(
         space("root", children=["x", "other"]),
         space("other", children=["x"], parents=["root"]),
-        room("x", join_rule="restricted", allow=["root", "lobby"]),
+        room("x", join_rule="restricted", allow=["lobby"], parents=["root"]),
         room("lobby"),
     )
     p = plan(snap, policy(ENFORCE))
     x = jr(p)[rid("x")]
-    assert [e["room_id"] for e in x.content["allow"]] == [rid("root"), rid("lobby"), rid("other")]
+    # x chose root (m.space.parent); "other" merely lists it and is not added.
+    assert [e["room_id"] for e in x.content["allow"]] == [rid("lobby"), rid("root")]
     assert x.content["join_rule"] == "restricted"
     assert (rid("x"), "allow_missing") in codes(p)
     # nothing missing: nothing to do
@@ -115,13 +117,15 @@ def test_tombstoned_room_is_re_pointed_in_its_parent_spaces():
         space("root", children=["old", "sub"]),
         space("sub", children=["old", "new"], parents=["root"]),
         room("old", join_rule="restricted", allow=["root"], tombstone="new", members={"u": JOIN}),
+        room("new", join_rule="restricted", allow=["root"], predecessor="old"),
     )
     p = plan(snap, policy("root"))
+    # Re-pointed where the room answers to (root); sub merely listed it and is left alone.
     assert sorted((a.room_id, a.state_key, bool(a.content)) for a in p.actions) == [
         (rid("root"), rid("new"), True),
         (rid("root"), rid("old"), False),
-        (rid("sub"), rid("old"), False),
     ]
+    assert p.upgrades == ((rid("old"), rid("new")),)
     assert all(a.kind is ActionKind.SET_SPACE_CHILD for a in p.actions)
     assert (rid("old"), "upgraded") in codes(p)
     add = next(a for a in p.actions if a.content)
@@ -131,12 +135,23 @@ def test_tombstoned_room_is_re_pointed_in_its_parent_spaces():
 
 
 def test_tombstoned_extra_room_is_not_removed_again_and_again():
-    snap = snapshot(space("root"), room("old", tombstone="!new"))
+    snap = snapshot(space("root"), room("old", tombstone="!new"), room("!new", predecessor="old"))
     pol = policy(SpacePolicy(rid("root"), extra_rooms=frozenset({rid("old")})))
     p = plan(snap, pol)
     # the extra room has no m.space.child to remove; the replacement is added once (v12 id: bot's server)
     assert [(a.room_id, a.state_key, a.content) for a in p.actions] == [(rid("root"), "!new", {"via": ["hs.test"]})]
     assert plan(apply_plan(snap, p), pol).actions == ()
+
+
+def test_a_tombstone_is_followed_only_when_the_replacement_names_the_room():
+    """A room admin may send a tombstone naming any room: unverified, the Space is not re-pointed."""
+    for replacement in (None, room("new", predecessor="elsewhere")):
+        rooms = [space("root", children=["old"]), room("old", join_rule="restricted", allow=["root"],
+                                                        tombstone="new")]
+        snap = snapshot(*rooms, *([replacement] if replacement else []))
+        p = plan(snap, policy("root"))
+        assert p.actions == () and p.upgrades == ()
+        assert (rid("old"), "upgrade_unverified") in codes(p)
 
 
 def test_invite_members_to_invite_only_rooms():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from spacesync.core.graph import build_graph
 from spacesync.core.planner import plan
 from spacesync.model import ActionKind, OnLeave, PlacedBan, Policy, SpacePolicy
 
@@ -447,3 +448,21 @@ def test_a_cycle_between_sub_spaces_does_not_keep_leavers_in():
         space("s2", children=["s1"], parents=["s1"], members={"u": LEAVE}),
     )
     assert plan(snap2, policy("root")).actions == ()
+
+
+def test_a_space_that_merely_lists_a_room_gains_no_authority_over_it():
+    """A sub-Space admin lists a room that chose only the root: the sub-Space's bans, levels and
+    memberships must not reach it (the confused deputy)."""
+    snap = snapshot(
+        space("root", children=["sub", "r"], members={"victim": JOIN, "stayer": JOIN}),
+        space("sub", children=["r"], join_rule="restricted", allow=["root"],
+              members={"victim": BAN, "stayer": LEAVE}, levels={"eve": 100}),
+        room("r", join_rule="restricted", allow=["root"], members={"victim": JOIN, "stayer": JOIN}),
+    )
+    result = plan(snap, Policy(bot=BOT, spaces=(SpacePolicy(rid("root")),)))
+    assert rid("r") in result.managed
+    touching_r = [a for a in result.actions if a.room_id == rid("r")]
+    assert touching_r == [], touching_r
+    graph = build_graph(snap, Policy(bot=BOT, spaces=(SpacePolicy(rid("root")),)))
+    assert graph.authority[rid("r")] == {rid("root")}
+    assert rid("r") not in graph.governed_by(rid("sub"))

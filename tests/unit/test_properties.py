@@ -429,7 +429,7 @@ def test_space_bans_reach_every_managed_descendant(world):
         for user, state in space.members.items():
             if state.membership is not Membership.BAN:
                 continue
-            for room_id in graph.managed_descendants(space_id):
+            for room_id in graph.governed_by(space_id):
                 room = after.rooms[room_id]
                 if room.tombstone is not None:
                     continue
