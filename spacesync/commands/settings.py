@@ -188,8 +188,10 @@ async def exempt(ctx: Context, args: list[str]) -> Reply:
     if sub == "add":
         if not await app.store.add_exempt(user, ctx.sender):
             return Reply.plain(f"{user} is already exempt.")
-        return Reply(f"{user} is exempt: the bot will not evict or ban them in any managed room.",
-                     f"{code(user)} is exempt: the bot will not evict or ban them in any managed room.")
+        dropped = await app.store.journal.cancel_open_for(user)
+        note = f" {plural(dropped, 'queued or held action')} against them dropped." if dropped else ""
+        return Reply(f"{user} is exempt: the bot will not evict or ban them in any managed room.{note}",
+                     f"{code(user)} is exempt: the bot will not evict or ban them in any managed room.{note}")
     if not await app.store.remove_exempt(user):
         in_config = [str(s.room) for s in app.config.spaces if user in s.exempt]
         where = f" (exempt in the config for {', '.join(in_config)}: change it there)" if in_config else ""

@@ -245,7 +245,11 @@ class MembershipPlanner:
             room = self.snapshot.rooms.get(placed.room_id)
             if room is None:
                 continue
-            if room.membership(placed.user_id) is not Membership.BAN:
+            state = room.members.get(placed.user_id)
+            if state is None or state.membership is not Membership.BAN or (
+                state.sender is not None and state.sender != self.policy.bot
+            ):
+                # Lifted, or replaced by a moderator's own ban: no longer spacesync's to lift.
                 self.stale_bans.append(placed)
                 continue
             if placed.room_id not in self.graph.managed or room.tombstone:

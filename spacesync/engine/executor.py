@@ -131,6 +131,17 @@ class Executor:
                     await self._finish(entry, "failed", f"{e.http_status} {getattr(e, 'errcode', '')}: "
                                                         f"{getattr(e, 'message', '') or e}")
                     return
+            except Exception as e:  # a malformed answer: fail this entry, never wedge the journal
+                if attempt >= self.max_attempts:
+                    await self._finish(entry, "failed", f"{type(e).__name__}: {e}")
+                    return
+                log.warning("action errored: retrying", action=action.kind.value, room=action.room_id,
+                            error=f"{type(e).__name__}: {e}")
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
+                recovered = True
+                continue
+            if outcome == "already_done" and action.kind is ActionKind.BAN and self._banned_by_other(action):
+                outcome = "banned_by_someone_else"
             await self._finish(entry, outcome, None)
             return
 
@@ -193,6 +204,9 @@ class Executor:
         if action.kind is ActionKind.KICK:
             await self._call(lambda: m.kick(room, user, action.reason))
         elif action.kind is ActionKind.BAN:
+            if self._banned_by_other(action):
+                # Banning again would replace a moderator's ban with one spacesync would later lift.
+                return "banned_by_someone_else"
             await self._call(lambda: m.ban(room, user, action.reason))
         elif action.kind is ActionKind.UNBAN:
             await self._call(lambda: m.unban(room, user, action.reason))
@@ -227,6 +241,13 @@ class Executor:
         if not applied:
             return "skipped"
         return "done" if changes else "already_done"
+
+    def _banned_by_other(self, action: Action) -> bool:
+        """Whether the state cache shows the target already banned, by someone other than spacesync."""
+        room = self.cache.get(action.room_id)
+        state = room.members.get(action.user_id) if room is not None and action.user_id else None
+        return (state is not None and state.membership.value == "ban"
+                and state.sender is not None and state.sender != self.matrix.user_id)
 
     async def _already_done(self, action: Action) -> bool:
         """Whether the homeserver already shows the action's effect (a retry after a crash or an error)."""

@@ -211,7 +211,15 @@ class Reconciler:
         await self.notify(f"Rooms that need attention ({len(new)}):\n{lines}{more}", None)
 
     async def release(self, batch: str) -> int:
-        count = await self.store.journal.set_batch_status(batch, "released", Status.HELD, Status.PENDING)
+        """Run a held batch's actions that a fresh plan still wants; drop the rest (exempted or back since)."""
+        async with self._lock:
+            still_wanted = {a.key for a in (await self.plan(refresh=True)).actions}
+            held = [e for e in await self.store.journal.batch_entries(batch) if e.status is Status.HELD]
+            stale = [e.id for e in held if e.action.key not in still_wanted]
+            await self.store.journal.set_statuses(stale, Status.CANCELLED)
+            count = await self.store.journal.set_batch_status(batch, "released", Status.HELD, Status.PENDING)
+        if stale:
+            log.info("held actions no longer planned: dropped", batch=batch, dropped=len(stale))
         self.executor.wake()
         HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
         return count

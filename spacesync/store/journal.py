@@ -177,6 +177,25 @@ class Journal:
             )
         return int(count or 0)
 
+    async def set_statuses(self, entry_ids: list[int], status: Status) -> None:
+        if entry_ids:
+            await self.db.executemany(
+                "UPDATE journal SET status=$1, updated_at=$2 WHERE id=$3",
+                [(status.value, now_ms(), entry_id) for entry_id in entry_ids],
+            )
+
+    async def cancel_open_for(self, target: str) -> int:
+        """Drop pending and held actions against one user (for instance, once they are exempt)."""
+        count = await self.db.fetchval(
+            "SELECT COUNT(*) FROM journal WHERE target=$1 AND status IN ($2, $3)",
+            target, Status.PENDING.value, Status.HELD.value,
+        )
+        await self.db.execute(
+            "UPDATE journal SET status=$1, updated_at=$2 WHERE target=$3 AND status IN ($4, $5)",
+            Status.CANCELLED.value, now_ms(), target, Status.PENDING.value, Status.HELD.value,
+        )
+        return int(count or 0)
+
     async def batch(self, batch_id: str) -> Batch | None:
         row = await self.db.fetchrow("SELECT * FROM batch WHERE id=$1", batch_id)
         if row is None:

@@ -409,3 +409,73 @@ async def test_dry_run_kicks_nothing(world, start_bot, make_user):
     assert user.user_id in await joined(world.owner.client, room)
     assert not await bot.app.store.journal.by_status(*Status)
     assert not await bot.app.store.audit_log(10)
+
+
+async def test_held_ban_confirmed_after_a_moderator_banned_by_hand_keeps_the_moderators_ban(
+        world, start_bot, make_user):
+    """Confirming a held Space ban must not replace a moderator's ban in a room (and later lift it)."""
+    space = await world.space("S")
+    room = await world.room(space, "R")
+    users = [await make_user(f"spammer{i}") for i in range(2)]
+    for user in users:
+        await user.client.join(space)
+        await user.client.join(room)
+    config = [{"room": space, "max_evictions_without_confirmation": 1}]
+    bot = await start_bot(config)
+    await bot.stop()
+    for user in users:  # two bans seen in one pass: held
+        await world.owner.client.ban(space, user.user_id, reason="spam")
+    bot = await start_bot(config)
+
+    async def held() -> list:
+        return await bot.app.store.journal.by_status(Status.HELD)
+    entries = await wait_for(held, timeout=20)
+    await world.owner.client.ban(room, users[0].user_id, reason="by hand, in R")
+
+    async def cache_sees_it() -> bool:
+        state = bot.app.cache.get(room)
+        return state is not None and state.members[users[0].user_id].sender == world.owner.user_id
+    await wait_for(cache_sees_it, timeout=10)
+    await bot.app.reconciler.release(entries[0].batch)
+    await wait_membership(world, [room], users[1].user_id, "ban")
+    await bot.idle()
+
+    event = await world.owner.client.get_state_event(room, "m.room.member", users[0].user_id)
+    assert event["reason"] == "by hand, in R"
+    placed = {b.user_id for b in await bot.app.store.placed_bans() if b.room_id == room}
+    assert placed == {users[1].user_id}
+
+    for user in users:
+        await world.owner.client.unban(space, user.user_id)
+    await wait_membership(world, [room], users[1].user_id, "leave")
+    await bot.reconcile()
+    assert (await world.owner.client.members(room))[users[0].user_id] == "ban"
+
+
+async def test_confirming_a_held_batch_skips_users_exempted_or_back_since(world, start_bot, make_user):
+    space = await world.space("S")
+    room = await world.room(space, "R")
+    users = [await make_user(f"u{i}") for i in range(3)]
+    for user in users:
+        await user.client.join(space)
+        await user.client.join(room)
+    config = [{"room": space, "max_evictions_without_confirmation": 1}]
+    bot = await start_bot(config)
+    await bot.stop()
+    for user in users:
+        await user.client.leave(space)
+    bot = await start_bot(config)
+    held = await bot.app.store.journal.by_status(Status.HELD)
+    assert {e.action.user_id for e in held} == {u.user_id for u in users}
+
+    exempted, returned, evicted = users
+    await bot.app.store.add_exempt(exempted.user_id, world.owner.user_id)
+    await returned.client.join(space)
+    assert await bot.app.reconciler.release(held[0].batch) == 1
+    await wait_membership(world, [room], evicted.user_id, "leave")
+    await bot.idle()
+    joined_now = await joined(world.owner.client, room)
+    assert {exempted.user_id, returned.user_id} <= joined_now
+    statuses = {e.action.user_id: e.status for e in await bot.app.store.journal.batch_entries(held[0].batch)}
+    assert statuses == {exempted.user_id: Status.CANCELLED, returned.user_id: Status.CANCELLED,
+                        evicted.user_id: Status.DONE}

@@ -133,10 +133,18 @@ def snapshot(
     owned: Iterable[OwnedLevel] = (),
     now_ms: int = 0,
 ) -> Snapshot:
+    placed_bans = frozenset(placed_bans)
+    by_room: dict[RoomID, RoomState] = {r.room_id: r for r in rooms}
+    for ban in placed_bans:  # a ban spacesync placed is the bot's own membership event
+        room_state = by_room.get(ban.room_id)
+        state = room_state.members.get(ban.user_id) if room_state else None
+        if room_state is not None and state is not None and state.membership is Membership.BAN:
+            members = {**room_state.members, ban.user_id: attrs.evolve(state, sender=BOT)}
+            by_room[ban.room_id] = attrs.evolve(room_state, members=members)
     return Snapshot(
-        rooms={r.room_id: r for r in rooms},
+        rooms=by_room,
         unreachable={rid(k): v for k, v in (unreachable or {}).items()},
-        placed_bans=frozenset(placed_bans),
+        placed_bans=placed_bans,
         owned_levels={(o.room_id, o.user_id): o for o in owned},
         now_ms=now_ms,
     )

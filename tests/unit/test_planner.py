@@ -466,3 +466,15 @@ def test_a_space_that_merely_lists_a_room_gains_no_authority_over_it():
     graph = build_graph(snap, Policy(bot=BOT, spaces=(SpacePolicy(rid("root")),)))
     assert graph.authority[rid("r")] == {rid("root")}
     assert rid("r") not in graph.governed_by(rid("sub"))
+
+
+def test_a_ban_a_moderator_placed_over_the_bots_is_not_lifted():
+    mod_ban = member(BAN, sender="mod")
+    snap = snapshot(
+        space("root", children=["a"], members={"u": LEAVE}),
+        child("a", members={"u": mod_ban}),
+    )
+    snap = attrs.evolve(snap, placed_bans=frozenset({PlacedBan(rid("a"), uid("u"), "space_ban")}))
+    p = plan(snap, policy("root"))
+    assert p.actions == ()
+    assert p.stale_bans == (PlacedBan(rid("a"), uid("u"), "space_ban"),)
