@@ -10,6 +10,8 @@ import sys
 from typing import Sequence
 
 import structlog
+from aiohttp import ClientError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from . import __version__
 from .config import Config, ConfigError, default_config_path, load_config
@@ -109,6 +111,11 @@ async def _plan(config: Config, *, as_json: bool) -> int:
         held = await app.store.journal.by_status(*_held())
     except (ConnectError, StoreError) as e:
         print(f"spacesync: {e}", file=sys.stderr)
+        return 1
+    except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError) as e:
+        print(f"spacesync: homeserver.url: {config.homeserver.url} failed while reading the Spaces "
+              f"({type(e).__name__}: {getattr(e, 'message', None) or e}); check that it is up and try again",
+              file=sys.stderr)
         return 1
     finally:
         await app.matrix.close()

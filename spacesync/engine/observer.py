@@ -97,8 +97,15 @@ class Observer:
             return
         async with self._sem:
             try:
-                events = await self.matrix.room_state(room_id)
-                self.requests += 1
+                for _ in range(3):  # a /sync delta that landed meanwhile is newer: read again
+                    generation = self.cache.generation(room_id)
+                    events = await self.matrix.room_state(room_id)
+                    self.requests += 1
+                    if self.cache.generation(room_id) == generation:
+                        break
+                else:
+                    if room_id in self.cache:  # still moving: the cache with its deltas is the newer view
+                        return
             except MatrixRequestError as e:
                 unreachable[room_id] = f"state unreadable: {e.http_status} {getattr(e, 'errcode', '')}"
                 self.cache.forget(room_id)

@@ -94,6 +94,11 @@ class StateCache:
     def __init__(self) -> None:
         self._state: dict[RoomID, dict[StateKey, dict[str, Any]]] = {}
         self._parsed: dict[RoomID, RoomState] = {}
+        self._generation: dict[RoomID, int] = {}
+
+    def generation(self, room_id: RoomID) -> int:
+        """Counts the updates of a room: a /state read that overlapped one must not overwrite it."""
+        return self._generation.get(room_id, 0)
 
     def replace(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> RoomState:
         self._state[room_id] = {}
@@ -111,6 +116,7 @@ class StateCache:
             if isinstance(key, str) and isinstance(event.get("type"), str):
                 room[(event["type"], key)] = dict(event)
         self._parsed.pop(room_id, None)
+        self._generation[room_id] = self._generation.get(room_id, 0) + 1
         return True
 
     def forget(self, room_id: RoomID) -> None:

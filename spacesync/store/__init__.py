@@ -19,6 +19,7 @@ from .migrations import upgrade_table
 
 __all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord"]
 
+log = logging.getLogger("spacesync.store")
 LEADER_LOCK_KEY = 0x5350_4353  # "SPCS": the PostgreSQL advisory lock that elects the acting instance
 
 
@@ -91,12 +92,16 @@ class Store:
     async def try_leadership(self) -> bool:
         """Become the one acting instance: an advisory lock on PostgreSQL, a file lock on SQLite."""
         if self.is_postgres:
-            if self._lock_conn is None:
-                import asyncpg
+            import asyncpg
 
-                self._lock_conn = await asyncpg.connect(self.url)
-            got = await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY)
-            return bool(got)
+            try:
+                if self._lock_conn is None or self._lock_conn.is_closed():
+                    self._lock_conn = await asyncpg.connect(self.url)
+                return bool(await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("database unreachable while standing by: retrying", error=f"{type(e).__name__}: {e}")
+                self._lock_conn = None
+                return False
         path = self.db.url.path + ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
