@@ -154,9 +154,13 @@ class Executor:
         await self.store.audit(action, outcome, journal_id=entry.id, batch=entry.batch,
                                detail={"error": error} if error else None)
         ACTIONS.labels(kind=action.kind.value, outcome=outcome).inc()
-        bound = log.warning if error else log.info
-        bound("action", action=action.kind.value, room=action.room_id, user=action.user_id, outcome=outcome,
-              reason=action.reason, batch=entry.batch, error=error)
+        context = {"error": error} if error else {}
+        if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:
+            context["changes"] = {u: list(v) for u, v in action.changes.items()}
+        (log.warning if error else log.info)(
+            "action", action=action.kind.value, room=action.room_id, user=action.user_id or action.state_key,
+            outcome=outcome, reason=action.reason, batch=entry.batch, **context,
+        )
 
     async def _record(self, action: Action) -> None:
         """Remember what spacesync owns now, and mirror the change in the cache until /sync confirms it."""

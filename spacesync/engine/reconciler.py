@@ -10,6 +10,8 @@ from typing import Awaitable, Callable
 import structlog
 from mautrix.errors import MatrixRequestError
 
+from ..commands.format import line, listing
+from ..commands.notices import held_notice
 from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
@@ -189,14 +191,16 @@ class Reconciler:
             log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),
                         hint=f"!spacesync confirm {batch} to run it, !spacesync cancel {batch} to drop it")
             if self.notify:
-                await self.notify(
-                    f"⚠ Held batch {batch}: {len(held)} evictions of {users} users from Space {space_id} "
-                    f"(over the limit of {limits.get(space_id, self.config.max_evictions_without_confirmation)}). "
-                    f"Review with `!spacesync plan`, then `!spacesync confirm {batch}` or `!spacesync cancel {batch}`.",
-                    None,
-                )
+                limit = limits.get(space_id, self.config.max_evictions_without_confirmation)
+                notice = held_notice(batch, self._room_name(space_id) if space_id else "?", held, limit,
+                                     self._room_name)
+                await self.notify(notice.text, notice.html)
         HELD_ACTIONS.set(sum(1 for _ in await self.store.journal.by_status(Status.HELD)))
         return batches
+
+    def _room_name(self, room_id: RoomID) -> str:
+        room = self.observer.cache.get(room_id)
+        return f"{room.name} ({room_id})" if room is not None and room.name else str(room_id)
 
     async def _announce_findings(self, plan: Plan) -> None:
         """Tell the admin room once about rooms that need a moderator (not opted in, unreachable, no power)."""
@@ -206,9 +210,10 @@ class Reconciler:
         if not new or not self.notify:
             return
         self._announced_findings.update(str(f) for f in new)
-        lines = "\n".join(f"- {f}" for f in new[:20])
-        more = f"\n… and {len(new) - 20} more (see `!spacesync plan`)" if len(new) > 20 else ""
-        await self.notify(f"Rooms that need attention ({len(new)}):\n{lines}{more}", None)
+        notice = listing(f"Rooms that need attention ({len(new)}):",
+                         [line(f"{self._room_name(f.room_id)}: {f.message}") for f in new],
+                         hint="!spacesync plan lists them all")
+        await self.notify(notice.text, notice.html)
 
     async def release(self, batch: str) -> int:
         """Run a held batch's actions that a fresh plan still wants; drop the rest (exempted or back since)."""

@@ -11,7 +11,9 @@ import structlog
 from aiohttp import ClientError
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MUnknownToken
 
+from .. import __version__
 from ..commands import CommandHandler as AdminCommands
+from ..commands.notices import batch_summary
 from ..config import Config
 from ..matrix import ConnectError, MatrixAdapter, StateCache
 from ..metrics import IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
@@ -108,7 +110,9 @@ class App:
                 await self.store.put(f"access_token:{self.config.bot.user_id}", token)
             self.logged_in = self.homeserver_up = True
             self.observer.auto_join = True
-            log.info("logged in", user=self.matrix.user_id, homeserver=self.config.homeserver.url)
+            log.info("logged in", user=self.matrix.user_id, homeserver=self.config.homeserver.url,
+                     version=__version__, database=self.config.database.safe_url,
+                     spaces=[str(s.room) for s in self.config.spaces], dry_run=self.config.dry_run)
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
                 log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
@@ -380,25 +384,20 @@ class App:
         except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError) as e:
             log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
 
+    def room_name(self, room_id: RoomID) -> str:
+        room = self.cache.get(room_id)
+        return room.name if room is not None and room.name else str(room_id)
+
     async def _batch_done(self, batch: str) -> None:
+        """One notice per finished batch: what was done to whom, where, what failed, how to undo."""
         info = await self.store.journal.batch(batch)
         if info is None:
             return
         entries = await self.store.journal.batch_entries(batch)
-        failed = [e for e in entries if e.status.value == "failed"]
-        done = [e for e in entries if e.status.value == "done"]
-        kinds: dict[str, int] = {}
-        for e in done:
-            kinds[e.action.kind.value] = kinds.get(e.action.kind.value, 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
-        text = f"Batch {batch} ({info.trigger}) finished: {summary}"
-        if failed:
-            rooms = sorted({e.action.room_id for e in failed})
-            reasons = sorted({(e.error or '').split(':')[0] for e in failed})
-            text += f"; {len(failed)} failed in {len(rooms)} rooms ({', '.join(reasons)[:200]})"
-        log.info("batch finished", batch=batch, summary=summary, failed=len(failed))
+        log.info("batch finished", batch=batch, trigger=info.trigger, **info.counts)
         if await self.store.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch):
             return
         await self.store.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch)
-        await self.notify(text)
+        summary = batch_summary(batch, info.trigger, entries, self.room_name)
+        await self.notify(summary.text, summary.html)
     # endregion

@@ -62,6 +62,17 @@ async def test_leave_cascades_through_subspace(world, start_bot, make_user):
     records = await bot.app.store.audit_log(10, target=user.user_id)
     assert {r.room_id for r in records if r.outcome == "done"} == {sub, room}
 
+    # One grouped notice in the admin room says who was removed from which rooms, and how to undo it.
+    async def summary():
+        for event in await world.owner.client.messages(bot.app.admin_room, limit=20):
+            body = event.get("content", {}).get("body", "")
+            if event.get("sender") == world.bot.user_id and body.startswith("Batch "):
+                return event["content"]
+        return None
+    content = await wait_for(summary, timeout=10)
+    assert f"kicked {user.user_id} in 2 rooms: R, T" in content["body"]
+    assert "!spacesync undo" in content["body"] and "<code>" in content["formatted_body"]
+
 
 # 1. A room shared by two Spaces
 

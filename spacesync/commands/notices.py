@@ -1,0 +1,78 @@
+"""Notices the bot posts on its own: a finished batch, a held mass action, grouped and named."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Sequence
+
+from ..model import EVICTIONS, Action, ActionKind, RoomID, UserID
+from ..store.journal import Entry, Status
+from .format import Line, Reply, code, esc, line, listing, one_line, plural
+
+RoomName = Callable[[RoomID], str]
+
+_DONE = {
+    ActionKind.KICK: "kicked", ActionKind.BAN: "banned", ActionKind.UNBAN: "unbanned",
+    ActionKind.INVITE: "invited", ActionKind.SET_POWER_LEVELS: "updated power levels",
+    ActionKind.SET_JOIN_RULES: "restricted the join rule", ActionKind.SET_SPACE_CHILD: "re-pointed the Space's child",
+}
+_TRIGGERS = {"sync": "after a change in a Space", "reconcile": "scheduled check", "command": "!spacesync sync"}
+NAMES_SHOWN = 5
+
+
+def _rooms(rooms: Sequence[RoomID], name: RoomName) -> str:
+    names = [name(r) for r in sorted(rooms)]
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
+def _grouped(actions: Sequence[Action], name: RoomName) -> list[Line]:
+    """One line per (what, whom): 'kicked @alice in 4 rooms: general, random, …'."""
+    groups: dict[tuple[ActionKind, UserID | None], list[RoomID]] = defaultdict(list)
+    for action in actions:
+        groups[(action.kind, action.user_id)].append(action.room_id)
+    lines = []
+    for (kind, user), rooms in sorted(groups.items(), key=lambda g: (g[0][0].value, g[0][1] or "")):
+        verb = _DONE.get(kind, kind.value)
+        where = f"in {plural(len(rooms), 'room')}: {_rooms(rooms, name)}"
+        if user:
+            lines.append(line(f"{verb} {user} {where}", f"{esc(verb)} {code(user)} {esc(where)}"))
+        else:
+            lines.append(line(f"{verb} {where}"))
+    return lines
+
+
+def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: RoomName) -> Reply:
+    """What one batch did, grouped by action and user, with its failures and how to undo it."""
+    done = [e.action for e in entries if e.status is Status.DONE]
+    failed = [e for e in entries if e.status is Status.FAILED]
+    why = _TRIGGERS.get(trigger, trigger)
+    title = f"Batch {batch} finished ({why}): {plural(len(done), 'action')} done"
+    if failed:
+        title += f", {len(failed)} failed"
+    lines = _grouped(done, name)
+    for entry in failed[:NAMES_SHOWN]:
+        what = f"{entry.action.kind.value} {entry.action.user_id or ''}".strip()
+        lines.append(line(f"failed: {what} in {name(entry.action.room_id)}: {one_line(entry.error, 160)}"))
+    if len(failed) > NAMES_SHOWN:
+        lines.append(line(f"… {len(failed) - NAMES_SHOWN} more failures (!spacesync audit)"))
+    reply = listing(title, lines, limit=None)
+    if any(a.kind in EVICTIONS or a.kind is ActionKind.SET_POWER_LEVELS for a in done):
+        hint = f"Undo: !spacesync undo {batch}"
+        reply = Reply(f"{reply.text}\n{hint}", f"{reply.html}<p>Undo: {code(f'!spacesync undo {batch}')}</p>")
+    return reply
+
+
+def held_notice(batch: str, space: str, held: Sequence[Action], limit: int, name: RoomName) -> Reply:
+    """A mass action waiting for a moderator: who, where, and the two commands that decide it."""
+    users = sorted({a.user_id for a in held if a.user_id})
+    shown = ", ".join(users[:NAMES_SHOWN]) + (f" and {len(users) - NAMES_SHOWN} more" if len(users) > NAMES_SHOWN else "")
+    rooms = sorted({a.room_id for a in held})
+    text = (f"⚠ Held batch {batch}: {len(held)} evictions of {plural(len(users), 'user')} ({shown}) "
+            f"from {plural(len(rooms), 'room')} of Space {space}, over the limit of {limit}.\n"
+            f"Review with !spacesync plan, then !spacesync confirm {batch} or !spacesync cancel {batch}.")
+    html = (f"<p>⚠ Held batch {code(batch)}: {len(held)} evictions of {plural(len(users), 'user')} "
+            f"({esc(shown)}) from {plural(len(rooms), 'room')} of Space {esc(space)}, over the limit of {limit}.</p>"
+            f"<p>Review with {code('!spacesync plan')}, then {code(f'!spacesync confirm {batch}')} or "
+            f"{code(f'!spacesync cancel {batch}')}.</p>")
+    return Reply(text, html)
