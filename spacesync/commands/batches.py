@@ -114,6 +114,10 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
         if action.kind in (ActionKind.KICK, ActionKind.BAN) and user:
             cached = app.cache.get(action.room_id)
             now = cached.membership(user) if cached else None
+            needed = "invite" if action.kind is ActionKind.KICK else "ban"
+            if cached is None or level(cached, ctx.sender) < getattr(cached.power_levels, needed):
+                skipped.append(f"{user} in {room_t}: you lack the power to {needed} there yourself")
+                continue
             if action.kind is ActionKind.KICK:
                 if now in (Membership.JOIN, Membership.INVITE, Membership.BAN):
                     skipped.append(f"{user} is {now.value} in {room_t} now: not re-invited")

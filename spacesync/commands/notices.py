@@ -21,7 +21,7 @@ NAMES_SHOWN = 5
 
 
 def _rooms(rooms: Sequence[RoomID], name: RoomName) -> str:
-    names = [name(r) for r in sorted(rooms)]
+    names = sorted(name(r) for r in rooms)
     shown = ", ".join(names[:NAMES_SHOWN])
     return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
 

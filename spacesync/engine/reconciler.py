@@ -56,6 +56,8 @@ class Reconciler:
         self.last_policy: Policy | None = None
         self.recheck_soon = False
         """The last plan skipped actions done meanwhile: plan again shortly rather than repeat them."""
+        self.replan_after_batch = False
+        """A state write was skipped behind a queued one for the same room: plan again once a batch ends."""
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
@@ -166,6 +168,9 @@ class Reconciler:
         self.recheck_soon = False
         for action in plan.actions:
             if action.key in open_keys:
+                if action.kind not in MEMBERSHIP_KINDS:
+                    # A state write for this room is still queued with older content: plan again after it.
+                    self.replan_after_batch = True
                 continue
             if action.key in recent and action.kind in MEMBERSHIP_KINDS:
                 # Done after the state behind this plan was read: look again once that state is fresh.

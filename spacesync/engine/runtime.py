@@ -39,6 +39,8 @@ TRIGGER_TYPES = frozenset({
     "m.room.member", "m.space.child", "m.space.parent", "m.room.power_levels", "m.room.join_rules",
     "m.room.tombstone", "m.room.create",
 })
+OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})
+"""The bot's own changes of these kinds come back through /sync already applied to the cache."""
 STANDBY_POLL_S = 2.0
 LEADERSHIP_CHECK_S = 1.0
 
@@ -296,7 +298,10 @@ class App:
                 self.cache.update(room_id, state_events)
                 if timeline.get("limited"):
                     full = True
-            relevant = [e for e in state_events if e.get("type") in TRIGGER_TYPES]
+            # The bot's own changes are already in the cache (the executor applies them as it goes) and
+            # were planned together: they need no new plan. Everyone else's do.
+            relevant = [e for e in state_events if e.get("type") in TRIGGER_TYPES and not (
+                e.get("sender") == self.matrix.user_id and e.get("type") in OWN_ECHOES)]
             if relevant and room_id in self.cache:
                 trigger = True
                 if any(e.get("type") in ("m.space.child", "m.room.tombstone") for e in relevant):
@@ -395,6 +400,9 @@ class App:
             return
         entries = await self.store.journal.batch_entries(batch)
         log.info("batch finished", batch=batch, trigger=info.trigger, **info.counts)
+        if self.reconciler.replan_after_batch:
+            self.reconciler.replan_after_batch = False
+            self.request_reconcile(full=False)
         if await self.store.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch):
             return
         await self.store.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch)

@@ -1,0 +1,123 @@
+"""Eviction latency: a user leaves a Space with N restricted children; how soon is the user out of all of them?
+
+(A) floor: a plain aiohttp loop kicking an identical user from every child, at 1, 8 and 32 requests in
+    flight; the best is the homeserver's floor for this work.
+(B) spacesync: the bot (App, in-process, SQLite) evicts the user after the leave, at a couple of
+    executor concurrencies.
+
+Both are timed the same way: from the start (A: the first kick sent; B: the leave request returned)
+to the moment the last kick reaches the long-poll /sync of a third user who is in every room.
+B is also shown by the kick events' own timestamps (last origin_server_ts minus the leave's return).
+
+    .venv/bin/python benchmarks/eviction.py [--rooms 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    Bench, SyncWatcher, admin_room, bot_config, build_space, fmt_s, homeserver, in_flight, join_all,
+    kicked, quiesce, print_machine, print_result, process_cpu_s, print_table, q, request, run, running_bot,
+)
+
+
+async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], user_id: str, concurrency: int) -> dict:
+    session = await bench.http()
+    token = bench.bot.access_token
+
+    async def kick(room: str) -> None:
+        await request(session, token, "POST", f"{bench.url}/_matrix/client/v3/rooms/{q(room)}/kick",
+                      {"user_id": user_id, "reason": "benchmark floor"})
+
+    hs_cpu, cpu, started = process_cpu_s(bench.synapse.pid), time.process_time(), time.monotonic()
+    await in_flight(rooms, concurrency, kick)
+    returned = time.monotonic() - started
+    seen = await watcher.wait_rooms(rooms, kicked(user_id), timeout=300)
+    last = max(s.arrived for s in seen.values()) - started
+    return {"concurrency": concurrency, "returned_s": returned, "seen_s": last, "cpu_s": time.process_time() - cpu,
+            "synapse_cpu_s": process_cpu_s(bench.synapse.pid) - hs_cpu}
+
+
+async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str,
+                    user, concurrency: int) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
+    config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
+    async with running_bot(bench, config) as app:
+        await quiesce(bench)  # let the bot's start-up work (initial sync, first reconcile) settle
+        hs_cpu, cpu = process_cpu_s(bench.synapse.pid), time.process_time()
+        await user.client.leave(space)
+        left, left_wall = time.monotonic(), time.time()
+        seen = await watcher.wait_rooms(rooms, kicked(user.user_id, by=bench.bot.user_id), timeout=300)
+        last = max(s.arrived for s in seen.values()) - left
+        cpu, hs_cpu = time.process_time() - cpu, process_cpu_s(bench.synapse.pid) - hs_cpu
+        last_ts = max(s.event["origin_server_ts"] for s in seen.values()) / 1000 - left_wall
+        first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - left_wall
+        await app.executor.wait_idle()
+    return {"concurrency": concurrency, "seen_s": last, "last_kick_ts_s": last_ts, "first_kick_ts_s": first_ts,
+            "cpu_s": cpu, "synapse_cpu_s": hs_cpu}
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rooms", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every run; the best of each is kept")
+    parser.add_argument("--floor-concurrency", default="1,8,32")
+    parser.add_argument("--bot-concurrency", default="8,16,32")
+    args = parser.parse_args()
+    floor_c = [int(c) for c in args.floor_concurrency.split(",")]
+    bot_c = [int(c) for c in args.bot_concurrency.split(",")]
+    n = args.rooms
+    print_machine()
+    async with homeserver("eviction") as bench:
+        space, rooms = await build_space(bench, n)
+        admin = await admin_room(bench)
+        observer = await bench.user("observer")
+        runs = [("floor", c, r) for r in range(args.rounds) for c in floor_c]
+        runs += [("bot", c, r) for r in range(args.rounds) for c in bot_c]
+        users = await bench.users_named("warmup", *(f"{kind}{c}r{r}" for kind, c, r in runs))
+        await join_all([observer, *users], space, rooms)
+        warmup, users = users[0], users[1:]
+        watcher = SyncWatcher(bench, observer)
+        await watcher.start()
+        floors: dict[int, list[dict]] = {c: [] for c in floor_c}
+        bots: dict[int, list[dict]] = {c: [] for c in bot_c}
+        plan = dict(zip(runs, users))
+        try:
+            await floor(bench, watcher, rooms, warmup.user_id, 8)  # warm Synapse's caches; not counted
+            for r in range(args.rounds):  # floor and spacesync runs alternate, so drift hits both
+                for c in floor_c:
+                    await quiesce(bench)
+                    floors[c].append(await floor(bench, watcher, rooms, plan["floor", c, r].user_id, c))
+                for c in bot_c:
+                    bots[c].append(await spacesync(bench, watcher, space, rooms, admin, plan["bot", c, r], c))
+        finally:
+            await watcher.stop()
+    best_floor = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in floors.items()}
+    best_bot = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in bots.items()}
+    best_a = min(best_floor.values(), key=lambda x: x["seen_s"])
+    best_b = min(best_bot.values(), key=lambda x: x["seen_s"])
+    print()
+    print(f"eviction of one user from {n} rooms: time until the last kick reached an observer's /sync "
+          f"(best of {args.rounds}; all runs in brackets)")
+    rows = [[f"A floor: plain kick loop, {c} in flight", fmt_s(r["seen_s"]), f"{n / r['seen_s']:.1f}",
+             f"{r['cpu_s']:.2f} s", f"{r['synapse_cpu_s']:.2f} s", "[" + ", ".join(f"{x['seen_s']:.2f}" for x in floors[c]) + "]"]
+            for c, r in best_floor.items()]
+    rows += [[f"B spacesync, executor.concurrency {c}", fmt_s(r["seen_s"]), f"{n / r['seen_s']:.1f}",
+              f"{r['cpu_s']:.2f} s", f"{r['synapse_cpu_s']:.2f} s",
+              "[" + ", ".join(f"{x['seen_s']:.2f}" for x in bots[c]) + f"]; first kick +{r['first_kick_ts_s'] * 1000:.0f} ms"]
+             for c, r in best_bot.items()]
+    print_table(["run", "time", "kicks/s", "client CPU", "Synapse CPU", "runs (s)"], rows)
+    ratio = best_b["seen_s"] / best_a["seen_s"]
+    print(f"\nA (best floor, {best_a['concurrency']} in flight) = {fmt_s(best_a['seen_s'])}; "
+          f"B (best spacesync, concurrency {best_b['concurrency']}) = {fmt_s(best_b['seen_s'])}; "
+          f"B/A = {ratio:.2f} (goal <= 1.2)")
+    print_result("eviction", {"rooms": n, "floor": floors, "spacesync": bots, "ratio": round(ratio, 3)})
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,144 @@
+"""Power-level mirroring latency: one promotion in a Space with N children; how soon do all children show it?
+
+(A) floor: a plain aiohttp loop of N m.room.power_levels PUTs (one per child, contents prepared
+    beforehand), at 1, 8 and 32 in flight; the best is the homeserver's floor.
+(B) spacesync: the owner raises a user to 50 in the Space; the bot (App, in-process, SQLite) mirrors it
+    into every child.
+
+Both are timed to the moment the last child's new m.room.power_levels reaches the long-poll /sync of an
+observer who is in every room; A from its first PUT, B from the promotion PUT's return.
+
+    .venv/bin/python benchmarks/power_levels.py [--rooms 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    Bench, SyncWatcher, admin_room, bot_config, build_space, bounded, fmt_s, homeserver, in_flight, join_all,
+    level_shown, print_machine, print_result, process_cpu_s, print_table, q, quiesce, request, run, running_bot,
+)
+
+LEVEL = 50
+
+
+async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], user_id: str, concurrency: int) -> dict:
+    session = await bench.http()
+    token = bench.bot.access_token
+
+    def url(room: str) -> str:
+        return f"{bench.url}/_matrix/client/v3/rooms/{q(room)}/state/m.room.power_levels/"
+
+    current = await bounded(request(session, token, "GET", url(room)) for room in rooms)
+    contents = {}
+    for room, content in zip(rooms, current):
+        content["users"] = {**content.get("users", {}), user_id: LEVEL}
+        contents[room] = content
+    await quiesce(bench)
+
+    async def put(room: str) -> None:
+        await request(session, token, "PUT", url(room), contents[room])
+
+    hs_cpu, cpu, started = process_cpu_s(bench.synapse.pid), time.process_time(), time.monotonic()
+    await in_flight(rooms, concurrency, put)
+    returned = time.monotonic() - started
+    seen = await watcher.wait_rooms(rooms, level_shown(user_id, LEVEL), timeout=300)
+    return {"concurrency": concurrency, "returned_s": returned, "cpu_s": time.process_time() - cpu,
+            "synapse_cpu_s": process_cpu_s(bench.synapse.pid) - hs_cpu,
+            "seen_s": max(s.arrived for s in seen.values()) - started}
+
+
+async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str,
+                    user_id: str, concurrency: int) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
+    config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
+    async with running_bot(bench, config) as app:
+        await quiesce(bench)
+        levels = await bench.owner.client.get_power_levels(space)
+        levels["users"] = {**levels.get("users", {}), user_id: LEVEL}
+        hs_cpu, cpu = process_cpu_s(bench.synapse.pid), time.process_time()
+        await bench.owner.client.send_state(space, "m.room.power_levels", levels)
+        promoted, promoted_wall = time.monotonic(), time.time()
+        try:
+            seen = await watcher.wait_rooms(rooms, level_shown(user_id, LEVEL), timeout=120)
+        except TimeoutError as e:
+            shown = len(watcher.matching(level_shown(user_id, LEVEL)))
+            plan = app.reconciler.last_plan
+            journal = await app.store.journal.depth()
+            log_tail = (bench.workdir / "spacesync.log").read_text().splitlines()[-15:]
+            print("journal:", journal, "\nthe bot's last log lines:\n" + "\n".join(log_tail))
+            raise SystemExit(
+                f"power-level mirroring did not reach every child: {e}; {shown} rooms show {user_id} at "
+                f"{LEVEL}; last plan: {len(plan.actions) if plan else '?'} actions, "
+                f"findings {[str(f) for f in (plan.findings if plan else [])][:5]}"
+            ) from None
+        last = max(s.arrived for s in seen.values()) - promoted
+        cpu, hs_cpu = time.process_time() - cpu, process_cpu_s(bench.synapse.pid) - hs_cpu
+        last_ts = max(s.event["origin_server_ts"] for s in seen.values()) / 1000 - promoted_wall
+        first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - promoted_wall
+        await app.executor.wait_idle()
+    return {"concurrency": concurrency, "seen_s": last, "last_ts_s": last_ts, "first_ts_s": first_ts, "cpu_s": cpu, "synapse_cpu_s": hs_cpu}
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rooms", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every run; the best of each is kept")
+    parser.add_argument("--floor-concurrency", default="1,8,32")
+    parser.add_argument("--bot-concurrency", default="8,16,32")
+    args = parser.parse_args()
+    floor_c = [int(c) for c in args.floor_concurrency.split(",")]
+    bot_c = [int(c) for c in args.bot_concurrency.split(",")]
+    n = args.rooms
+    print_machine()
+    async with homeserver("power-levels") as bench:
+        space, rooms = await build_space(bench, n)
+        admin = await admin_room(bench)
+        observer = await bench.user("observer")
+        await join_all([observer], space, rooms)
+        runs = [("floor", c, r) for r in range(args.rounds) for c in floor_c]
+        runs += [("bot", c, r) for r in range(args.rounds) for c in bot_c]
+        users = await bench.users_named("warmup", *(f"{kind}{c}r{r}" for kind, c, r in runs))
+        plan = dict(zip(runs, users[1:]))
+        watcher = SyncWatcher(bench, observer)
+        await watcher.start()
+        floors: dict[int, list[dict]] = {c: [] for c in floor_c}
+        bots: dict[int, list[dict]] = {c: [] for c in bot_c}
+        try:
+            await floor(bench, watcher, rooms, users[0].user_id, 8)  # warm Synapse's caches; not counted
+            for r in range(args.rounds):  # floor and spacesync runs alternate, so drift hits both
+                for c in floor_c:
+                    floors[c].append(await floor(bench, watcher, rooms, plan["floor", c, r].user_id, c))
+                for c in bot_c:
+                    bots[c].append(await spacesync(bench, watcher, space, rooms, admin, plan["bot", c, r].user_id, c))
+        finally:
+            await watcher.stop()
+    best_floor = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in floors.items()}
+    best_bot = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in bots.items()}
+    best_a = min(best_floor.values(), key=lambda x: x["seen_s"])
+    best_b = min(best_bot.values(), key=lambda x: x["seen_s"])
+    print()
+    print(f"one promotion mirrored into {n} rooms: time until the last child's new power levels reached an "
+          f"observer's /sync (best of {args.rounds}; all runs in brackets)")
+    rows = [[f"A floor: plain PUT loop, {c} in flight", fmt_s(r["seen_s"]), f"{n / r['seen_s']:.1f}",
+             f"{r['cpu_s']:.2f} s", f"{r['synapse_cpu_s']:.2f} s", "[" + ", ".join(f"{x['seen_s']:.2f}" for x in floors[c]) + "]"]
+            for c, r in best_floor.items()]
+    rows += [[f"B spacesync, executor.concurrency {c}", fmt_s(r["seen_s"]), f"{n / r['seen_s']:.1f}",
+              f"{r['cpu_s']:.2f} s", f"{r['synapse_cpu_s']:.2f} s",
+              "[" + ", ".join(f"{x['seen_s']:.2f}" for x in bots[c]) + f"]; first write +{r['first_ts_s'] * 1000:.0f} ms"]
+             for c, r in best_bot.items()]
+    print_table(["run", "time", "writes/s", "client CPU", "Synapse CPU", "runs (s)"], rows)
+    ratio = best_b["seen_s"] / best_a["seen_s"]
+    print(f"\nA (best floor, {best_a['concurrency']} in flight) = {fmt_s(best_a['seen_s'])}; "
+          f"B (best spacesync, concurrency {best_b['concurrency']}) = {fmt_s(best_b['seen_s'])}; "
+          f"B/A = {ratio:.2f} (goal <= 1.2)")
+    print_result("power_levels", {"rooms": n, "floor": floors, "spacesync": bots, "ratio": round(ratio, 3)})
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

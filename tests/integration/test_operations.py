@@ -1,0 +1,508 @@
+"""Operations against the real Synapse and PostgreSQL: /health, /ready, /metrics, standby, the SQLite lock
+and graceful shutdown. The bot runs in-process where that is enough, as `spacesync run` subprocesses where
+the test needs a process to kill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from spacesync.config import parse_config
+from spacesync.engine.runtime import App
+from spacesync.store import LEADER_LOCK_KEY
+from spacesync.testbed import Synapse, TestUser, free_port, wait_for
+from spacesync.web import start_web
+
+MEMBER_FILTER = json.dumps({
+    "presence": {"types": []},
+    "account_data": {"types": []},
+    "room": {
+        "timeline": {"limit": 100, "types": ["m.room.member"]},
+        "state": {"types": []},
+        "ephemeral": {"types": []},
+        "account_data": {"types": []},
+    },
+})
+
+
+# region helpers
+def config_dict(synapse: Synapse, bot: TestUser, admin_room: str, db_url: str, space: str, *,
+                port: int | None = None, concurrency: int = 8) -> dict[str, Any]:
+    return {
+        "homeserver": {"url": synapse.url},
+        "bot": {"user_id": bot.user_id, "access_token": bot.access_token},
+        "database": {"url": db_url},
+        "admin": {"room": admin_room},
+        "spaces": [{"room": space}],
+        "max_evictions_without_confirmation": 1000,
+        "executor": {"concurrency": concurrency},
+        "web": {"listen": f"127.0.0.1:{port}" if port else None},
+        "logging": {"level": "INFO", "format": "json"},
+    }
+
+
+async def http_get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of one GET; status 0 when nothing listens."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(url) as resp:
+                return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return 0, "", ""
+
+
+async def ready(port: int) -> tuple[int, dict[str, Any]]:
+    status, _, body = await http_get(f"http://127.0.0.1:{port}/ready")
+    try:
+        return status, json.loads(body) if body else {}
+    except ValueError:
+        return status, {"raw": body}
+
+
+async def wait_ready(port: int, want: int, timeout: float, reason: str | None = None) -> dict[str, Any]:
+    """Poll /ready until it answers `want` (and, for a 503, names `reason`)."""
+    last: list[Any] = []
+
+    async def check() -> dict[str, Any] | None:
+        status, body = await ready(port)
+        last[:] = [status, body]
+        if status != want:
+            return None
+        if reason is not None and not any(reason in r for r in body.get("reasons", [])):
+            return None
+        return body or {"status": status}
+
+    try:
+        return await wait_for(check, timeout=timeout, interval=0.1)
+    except TimeoutError:
+        raise AssertionError(f"/ready on :{port} never answered {want} {reason or ''} in {timeout:g} s; "
+                             f"last answer {last}") from None
+
+
+def kick_counter(metrics_text: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if (sample.name == "spacesync_actions_total" and sample.labels.get("kind") == "kick"
+                    and sample.labels.get("outcome") == "done"):
+                return sample.value
+    return 0.0
+
+
+@contextlib.asynccontextmanager
+async def serving(config: dict[str, Any]) -> AsyncIterator[App]:
+    """The bot in-process with its web listener, started the way `spacesync run` starts them."""
+    conf = parse_config(config, env={})
+    app = App(conf)
+    assert conf.web is not None
+    runner = await start_web(app, conf.web.host, conf.web.port)
+    task = asyncio.create_task(app.run())
+    try:
+        yield app
+    finally:
+        app.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        await runner.cleanup()
+
+
+async def build_rooms(world: Any, space: str, count: int) -> list[str]:
+    return list(await asyncio.gather(*(world.room(space, f"room-{i}") for i in range(count))))
+
+
+async def join_everywhere(user: TestUser, space: str, rooms: list[str]) -> None:
+    await user.client.join(space)
+    await asyncio.gather(*(user.client.join(r) for r in rooms))
+
+
+class KickWatch:
+    """A member's /sync long-poll that notices the bot's kicks of one user as they happen."""
+
+    def __init__(self, client: Any, bot_id: str, user_id: str) -> None:
+        self.client = client
+        self.bot_id = bot_id
+        self.user_id = user_id
+        self.rooms: set[str] = set()
+        self._since: str | None = None
+
+    async def _sync(self, timeout_ms: int) -> None:
+        params = {"timeout": str(timeout_ms), "filter": MEMBER_FILTER}
+        if self._since:
+            params["since"] = self._since
+        data = await self.client.request("GET", "/_matrix/client/v3/sync", params=params)
+        self._since = data["next_batch"]
+        for room_id, room in ((data.get("rooms") or {}).get("join") or {}).items():
+            for event in (room.get("timeline") or {}).get("events") or []:
+                if (event.get("type") == "m.room.member" and event.get("state_key") == self.user_id
+                        and event.get("sender") == self.bot_id
+                        and (event.get("content") or {}).get("membership") == "leave"):
+                    self.rooms.add(room_id)
+
+    async def start(self) -> None:
+        await self._sync(0)
+        self.rooms.clear()
+
+    async def wait(self, at_least: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while len(self.rooms) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"saw {len(self.rooms)} kicks, expected {at_least} within {timeout:g} s")
+            await self._sync(1000)
+        return len(self.rooms)
+
+
+async def kicks_by_room(client: Any, rooms: list[str], bot_id: str, user_id: str) -> dict[str, int]:
+    """How many times the bot kicked the user in each room, from each room's timeline."""
+    async def count(room: str) -> int:
+        events = await client.messages(room, limit=200)
+        return sum(1 for e in events
+                   if e.get("type") == "m.room.member" and e.get("state_key") == user_id
+                   and e.get("sender") == bot_id and (e.get("content") or {}).get("membership") == "leave")
+    return dict(zip(rooms, await asyncio.gather(*(count(r) for r in rooms))))
+
+
+async def still_joined(client: Any, rooms: list[str], user_id: str) -> list[str]:
+    members = await asyncio.gather(*(client.joined_members(r) for r in rooms))
+    return [r for r, m in zip(rooms, members) if user_id in m]
+
+
+async def check_journal(db_url: str, rooms: list[str]) -> None:
+    """Nothing left open, and per room at most one kick that the homeserver accepted ("done").
+
+    A room may also carry an "already_done" entry: a kick recovered after a crash, or one planned from a
+    state read that raced the kick (the executor checks the membership, so nothing is sent twice)."""
+    if db_url.startswith("sqlite:"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:"):])) as db:
+            db.row_factory = sqlite3.Row
+            journal = db.execute("SELECT * FROM journal").fetchall()
+            audit = db.execute("SELECT * FROM audit").fetchall()
+    else:
+        conn = await asyncpg.connect(db_url)
+        try:
+            journal = await conn.fetch("SELECT * FROM journal")
+            audit = await conn.fetch("SELECT * FROM audit")
+        finally:
+            await conn.close()
+    dump = "\n".join(str(dict(r)) for r in [*journal, *audit])
+    assert {r["status"] for r in journal} == {"done"}, dump
+    assert {r["kind"] for r in journal} == {"kick"}, dump
+    done = [r["room_id"] for r in audit if r["kind"] == "kick" and r["outcome"] == "done"]
+    assert len(done) == len(set(done)), dump
+    finished = {r["room_id"] for r in audit if r["kind"] == "kick" and r["outcome"] in ("done", "already_done")}
+    assert finished == set(rooms), dump
+
+
+class Process:
+    """`spacesync -c CONFIG run` as a child process, output in a log file."""
+
+    def __init__(self, tmp_path: Path, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.config_path = tmp_path / f"{name}.yaml"
+        self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        self.log_path = tmp_path / f"{name}.log"
+        self.port = int(config["web"]["listen"].rsplit(":", 1)[1]) if config["web"]["listen"] else None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPACESYNC_")}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "spacesync", "-c", str(self.config_path), "run"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=self.config_path.parent,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.proc.poll()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def reap(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def make(tmp_path: Path, name: str, config: dict[str, Any]) -> Process:
+        p = Process(tmp_path, name, config)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.reap()
+# endregion
+
+
+# region /health, /ready, /metrics
+async def test_health_ready_and_metrics(world, synapse, make_user, tmp_path):
+    space = await world.space("ops")
+    room = await world.room(space, "ops-room")
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, [room])
+    port = free_port()
+    config = config_dict(synapse, world.bot, admin, f"sqlite:{tmp_path}/bot.db", space, port=port)
+    base = f"http://127.0.0.1:{port}"
+    async with serving(config) as app:
+        status, ctype, body = await http_get(f"{base}/health")
+        assert status == 200 and ctype.startswith("application/json")
+        assert json.loads(body)["status"] == "ok"
+
+        body = await wait_ready(port, 200, timeout=30)
+        assert body == {"status": "ready"}
+        assert app.leader and app.logged_in and app.synced
+
+        status, ctype, text = await http_get(f"{base}/metrics")
+        assert status == 200
+        assert ctype.startswith("text/plain"), ctype
+        families = list(text_string_to_metric_families(text))
+        assert families, "no metrics at all"
+        for family in families:
+            assert family.name.startswith("spacesync_"), family.name
+            for sample in family.samples:
+                assert sample.name.startswith("spacesync_"), sample.name
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                assert line.split()[2].startswith("spacesync_"), line
+            elif line and not line.startswith("#"):
+                assert line.startswith("spacesync_"), line
+        names = {f.name for f in families}
+        assert {"spacesync_actions", "spacesync_leader", "spacesync_homeserver_request_seconds"} <= names
+        before = kick_counter(text)
+
+        await user.client.leave(space)
+
+        async def gone() -> bool:
+            return user.user_id not in await world.owner.client.joined_members(room)
+        await wait_for(gone, timeout=30)
+
+        async def counted() -> float:
+            _, _, text = await http_get(f"{base}/metrics")
+            after = kick_counter(text)
+            return after if after >= before + 1 else 0.0
+        after = await wait_for(counted, timeout=15)
+        assert after == before + 1
+
+
+async def test_ready_says_why_while_the_homeserver_is_down(tmp_path):
+    hs = Synapse(tmp_path / "hs")
+    try:
+        await hs.start()
+    except (RuntimeError, OSError) as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot start Synapse: {e}", pytrace=False)
+        pytest.skip(f"cannot start Synapse: {e}")
+    owner = bot = None
+    try:
+        owner = await hs.register("owner")
+        bot = await hs.register("bot")
+        levels = {"users": {owner.user_id: 100, bot.user_id: 100}}
+        space = await owner.client.create_space(name="S", join_rule="public", power_level_content_override=levels)
+        await bot.client.join(space)
+        admin = await owner.client.create_room(name="admin", join_rule="invite", power_level_content_override=levels)
+        await owner.client.invite(admin, bot.user_id)
+        await bot.client.join(admin)
+        port = free_port()
+        config = config_dict(hs, bot, admin, f"sqlite:{tmp_path}/bot.db", space, port=port)
+        async with serving(config) as app:
+            await wait_ready(port, 200, timeout=30)
+
+            await hs.kill()
+            body = await wait_ready(port, 503, timeout=15, reason="homeserver unreachable")
+            assert body["status"] == "unready"
+            assert app.leader  # still the acting instance: only the homeserver is missing
+            status, _, _ = await http_get(f"http://127.0.0.1:{port}/health")
+            assert status == 200  # alive, though not ready
+
+            await hs.start()  # same port, same database
+            await wait_ready(port, 200, timeout=60)
+    finally:
+        for user in (owner, bot):
+            if user is not None:
+                await user.client.close()
+        await hs.stop()
+# endregion
+
+
+# region standby, the SQLite lock, shutdown
+@pytest.mark.slow
+async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(world, synapse, make_user, pg_url,
+                                                                        tmp_path, processes):
+    space = await world.space("ha")
+    rooms = await build_rooms(world, space, 30)
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, rooms)
+
+    base = config_dict(synapse, world.bot, admin, pg_url, space, concurrency=1)
+    first = processes(tmp_path, "first", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(first.port, 200, timeout=60)
+    second = processes(tmp_path, "second", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    body = await wait_ready(second.port, 503, timeout=60, reason="standing by")
+    assert body["status"] == "unready"
+    await asyncio.sleep(1)
+    assert (await ready(first.port))[0] == 200, "the active instance lost its leadership"
+    assert (await ready(second.port))[0] == 503, "two instances act at once"
+
+    watch = KickWatch(world.owner.client, world.bot.user_id, user.user_id)
+    await watch.start()
+    await user.client.leave(space)
+    await watch.wait(1, timeout=30)
+    first.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert await first.wait_exit(10) == -signal.SIGKILL
+    left = await still_joined(world.owner.client, rooms, user.user_id)
+    assert left, "the first instance finished every kick before it was killed: nothing left to take over"
+
+    await wait_ready(second.port, 200, timeout=15)
+    took_over = time.monotonic() - killed_at
+    assert took_over <= 15
+
+    async def all_out() -> bool:
+        return not await still_joined(world.owner.client, rooms, user.user_id)
+    try:
+        await wait_for(all_out, timeout=60)
+    except TimeoutError:
+        raise AssertionError(f"the standby did not finish; its log:\n{second.log()}") from None
+    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
+    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
+
+    await check_journal(pg_url, rooms)
+
+    second.signal(signal.SIGTERM)
+    assert await second.wait_exit(15) == 0, second.log()
+
+
+@pytest.mark.slow
+async def test_active_instance_that_loses_its_lock_stops_acting(world, synapse, pg_url, tmp_path, processes):
+    """PostgreSQL frees the advisory lock when the lock's connection drops (a restart, a network cut, an
+    operator's pg_terminate_backend): the standby then takes over, so the old leader must stop acting."""
+    space = await world.space("split")
+    admin = await world.admin_room()
+    base = config_dict(synapse, world.bot, admin, pg_url, space)
+    first = processes(tmp_path, "first", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(first.port, 200, timeout=60)
+    second = processes(tmp_path, "second", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(second.port, 503, timeout=60, reason="standing by")
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        holders = await conn.fetch(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY
+        )
+        assert len(holders) == 1, holders
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
+    finally:
+        await conn.close()
+
+    await wait_ready(second.port, 200, timeout=15)
+    code = await first.wait_exit(15)
+    assert code is not None and code != 0, f"the old leader still runs (exit {code}):\n{first.log()}"
+    errors = [line for line in first.log(200).splitlines() if line.startswith("spacesync: ")]
+    assert errors and "leadership" in errors[-1], first.log()
+    status, _ = await ready(second.port)
+    assert status == 200
+
+
+async def test_sqlite_second_instance_refuses_to_start(world, synapse, start_bot, tmp_path):
+    space = await world.space("lock")
+    admin = await world.admin_room()
+    db_url = f"sqlite:{tmp_path}/bot.db"
+    await start_bot([{"room": space}], db_url=db_url, admin_room=admin)
+    config_path = tmp_path / "second.yaml"
+    config = config_dict(synapse, world.bot, admin, db_url, space)
+    config_path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPACESYNC_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spacesync", "-c", str(config_path), "run",
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    err = stderr.decode()
+    assert proc.returncode not in (0, None), err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("spacesync: database.url:"), lines[0]
+    assert "another spacesync instance" in lines[0]
+
+
+@pytest.mark.slow
+async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, synapse, make_user, tmp_path,
+                                                                     processes):
+    space = await world.space("stop")
+    rooms = await build_rooms(world, space, 30)
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, rooms)
+    config = config_dict(synapse, world.bot, admin, f"sqlite:{tmp_path}/bot.db", space, port=free_port(),
+                         concurrency=1)
+
+    first = processes(tmp_path, "first", config).start()
+    await wait_ready(first.port, 200, timeout=60)
+    watch = KickWatch(world.owner.client, world.bot.user_id, user.user_id)
+    await watch.start()
+    await user.client.leave(space)
+    await watch.wait(1, timeout=30)
+    first.signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    code = await first.wait_exit(10)
+    assert code == 0, f"exit {code} {time.monotonic() - stopped_at:.1f} s after SIGTERM:\n{first.log()}"
+    left = await still_joined(world.owner.client, rooms, user.user_id)
+    assert left, "every kick ran after SIGTERM: a stopping bot should not start new actions"
+
+    again = processes(tmp_path, "again", config).start()
+    await wait_ready(again.port, 200, timeout=60)
+
+    async def all_out() -> bool:
+        return not await still_joined(world.owner.client, rooms, user.user_id)
+    try:
+        await wait_for(all_out, timeout=60)
+    except TimeoutError:
+        raise AssertionError(f"the restarted bot did not finish; its log:\n{again.log()}") from None
+    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
+    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
+    await check_journal(config["database"]["url"], rooms)
+    again.signal(signal.SIGTERM)
+    assert await again.wait_exit(15) == 0, again.log()
+# endregion
