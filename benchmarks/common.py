@@ -472,3 +472,32 @@ def run(main: Callable[[], Awaitable[int | None]]) -> None:
 if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         asyncio.run(_watch(sys.argv[2], sys.argv[3]))
+
+
+def report_ratio(name: str, title: str, rooms: int, rate: str, floor_label: str, first_key: str,
+                 floors: dict[int, list[dict[str, Any]]], bots: dict[int, list[dict[str, Any]]]) -> float:
+    """Print the floor and spacesync runs as one table, the best-vs-best ratio, and the RESULT line."""
+    best_floor = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in floors.items()}
+    best_bot = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in bots.items()}
+    best_a = min(best_floor.values(), key=lambda x: x["seen_s"])
+    best_b = min(best_bot.values(), key=lambda x: x["seen_s"])
+
+    def runs(results: list[dict[str, Any]]) -> str:
+        return "[" + ", ".join(f"{x['seen_s']:.2f}" for x in results) + "]"
+
+    def row(label: str, r: dict[str, Any], all_runs: list[dict[str, Any]], extra: str = "") -> list[str]:
+        return [label, fmt_s(r["seen_s"]), f"{rooms / r['seen_s']:.1f}", f"{r['cpu_s']:.2f} s",
+                f"{r['synapse_cpu_s']:.2f} s", runs(all_runs) + extra]
+
+    print()
+    print(title)
+    rows = [row(f"A floor: {floor_label}, {c} in flight", r, floors[c]) for c, r in best_floor.items()]
+    rows += [row(f"B spacesync, executor.concurrency {c}", r, bots[c], f"; first +{r[first_key] * 1000:.0f} ms")
+             for c, r in best_bot.items()]
+    print_table(["run", "time", rate, "client CPU", "Synapse CPU", "runs (s)"], rows)
+    ratio = best_b["seen_s"] / best_a["seen_s"]
+    print(f"\nA (best floor, {best_a['concurrency']} in flight) = {fmt_s(best_a['seen_s'])}; "
+          f"B (best spacesync, concurrency {best_b['concurrency']}) = {fmt_s(best_b['seen_s'])}; "
+          f"B/A = {ratio:.2f} (goal <= 1.2)")
+    print_result(name, {"rooms": rooms, "floor": floors, "spacesync": bots, "ratio": round(ratio, 3)})
+    return ratio

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from common import (
-    Bench, SyncWatcher, admin_room, bot_config, build_space, fmt_s, homeserver, in_flight, join_all,
-    kicked, quiesce, print_machine, print_result, process_cpu_s, print_table, q, request, run, running_bot,
+    report_ratio,
+    Bench, SyncWatcher, admin_room, bot_config, build_space, homeserver, in_flight, join_all,
+    kicked, quiesce, print_machine, process_cpu_s, q, request, run, running_bot,
 )
 
 
@@ -96,26 +97,7 @@ async def main() -> int:
                     bots[c].append(await spacesync(bench, watcher, space, rooms, admin, plan["bot", c, r], c))
         finally:
             await watcher.stop()
-    best_floor = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in floors.items()}
-    best_bot = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in bots.items()}
-    best_a = min(best_floor.values(), key=lambda x: x["seen_s"])
-    best_b = min(best_bot.values(), key=lambda x: x["seen_s"])
-    print()
-    print(f"eviction of one user from {n} rooms: time until the last kick reached an observer's /sync "
-          f"(best of {args.rounds}; all runs in brackets)")
-    rows = [[f"A floor: plain kick loop, {c} in flight", fmt_s(r["seen_s"]), f"{n / r['seen_s']:.1f}",
-             f"{r['cpu_s']:.2f} s", f"{r['synapse_cpu_s']:.2f} s", "[" + ", ".join(f"{x['seen_s']:.2f}" for x in floors[c]) + "]"]
-            for c, r in best_floor.items()]
-    rows += [[f"B spacesync, executor.concurrency {c}", fmt_s(r["seen_s"]), f"{n / r['seen_s']:.1f}",
-              f"{r['cpu_s']:.2f} s", f"{r['synapse_cpu_s']:.2f} s",
-              "[" + ", ".join(f"{x['seen_s']:.2f}" for x in bots[c]) + f"]; first kick +{r['first_kick_ts_s'] * 1000:.0f} ms"]
-             for c, r in best_bot.items()]
-    print_table(["run", "time", "kicks/s", "client CPU", "Synapse CPU", "runs (s)"], rows)
-    ratio = best_b["seen_s"] / best_a["seen_s"]
-    print(f"\nA (best floor, {best_a['concurrency']} in flight) = {fmt_s(best_a['seen_s'])}; "
-          f"B (best spacesync, concurrency {best_b['concurrency']}) = {fmt_s(best_b['seen_s'])}; "
-          f"B/A = {ratio:.2f} (goal <= 1.2)")
-    print_result("eviction", {"rooms": n, "floor": floors, "spacesync": bots, "ratio": round(ratio, 3)})
+    report_ratio("eviction", f"eviction of one user from {n} rooms: time until the last kick reached an observer's /sync (best of {args.rounds}; all runs in brackets)", n, "kicks/s", "plain kick loop", "first_kick_ts_s", floors, bots)
     return 0
 
 

@@ -56,6 +56,7 @@ class Memberships:
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
         self._planned: dict[tuple[RoomID, UserID], Membership] = {}
+        self._planned_in: dict[RoomID, set[UserID]] = {}
 
     def get(self, room_id: RoomID, user_id: UserID) -> Membership | None:
         """The membership, or None when the user has no membership event there (never was in it)."""
@@ -73,13 +74,22 @@ class Memberships:
 
     def plan(self, room_id: RoomID, user_id: UserID, membership: Membership) -> None:
         self._planned[(room_id, user_id)] = membership
+        self._planned_in.setdefault(room_id, set()).add(user_id)
 
     def _users(self, room_id: RoomID) -> set[UserID]:
         """Users with a membership in the room, current or planned (a ban needs no prior membership)."""
         room = self._snapshot.rooms.get(room_id)
         users = set(room.members) if room is not None else set()
-        users.update(u for (r, u) in self._planned if r == room_id)
+        users.update(self._planned_in.get(room_id, ()))
         return users
+
+    def departed(self, room_ids: Iterable[RoomID]) -> set[UserID]:
+        """Users whose membership in any of these rooms is leave or ban, now or once planned actions ran."""
+        out: set[UserID] = set()
+        for room_id in room_ids:
+            out.update(u for u in self._users(room_id)
+                       if self.get(room_id, u) in (Membership.LEAVE, Membership.BAN))
+        return out
 
     def joined(self, room_id: RoomID) -> list[UserID]:
         if room_id not in self._snapshot.rooms:
@@ -95,8 +105,8 @@ class Memberships:
 def entitled_by(
     user_id: UserID, rooms: Iterable[RoomID], memberships: Memberships
 ) -> RoomID | None:
-    """The first room in `rooms` the user is joined to, or None."""
-    for room_id in sorted(rooms):
+    """The first room in `rooms` (in their order; pass them sorted) the user is joined to, or None."""
+    for room_id in rooms:
         if memberships.get(room_id, user_id) is Membership.JOIN:
             return room_id
     return None

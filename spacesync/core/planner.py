@@ -171,11 +171,14 @@ class MembershipPlanner:
         changed = True
         while changed:
             changed = False
+            # Only someone with a leave or ban in a managed Space can be evicted: look at them alone,
+            # not at every member of every room.
+            departed = self.memberships.departed(self._managed_spaces)
             for room_id in self._managed_rooms:
                 room = self.snapshot.rooms[room_id]
                 if room.tombstone:
                     continue
-                allowed_by = entitlers(room, self.graph)
+                allowed_by = sorted(entitlers(room, self.graph))
                 spaces = sorted(e for e in allowed_by if e in self._managed_spaces)
                 if not spaces:
                     continue
@@ -189,7 +192,9 @@ class MembershipPlanner:
                     continue
                 grace_ms = int(max((p.grace_period_s for p in policies), default=0) * 1000)
                 unreadable = sorted(e for e in allowed_by if e not in self.snapshot.rooms)
-                for user_id in self.memberships.joined(room_id):
+                for user_id in sorted(departed):
+                    if self.memberships.get(room_id, user_id) is not Membership.JOIN:
+                        continue
                     if entitled_by(user_id, allowed_by, self.memberships):
                         continue
                     left = [s for s in spaces
