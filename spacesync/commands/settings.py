@@ -114,16 +114,27 @@ async def spaces(ctx: Context, args: list[str]) -> Reply:
 # region rooms
 
 
-@command("rooms", usage="rooms add|remove <room> [space]", family=FAMILY,
+@command("rooms", usage="rooms add|remove|list [room] [space]", family=FAMILY,
          summary="opt a room in (or out) explicitly",
-         help="rooms add <room> [space] — manage a room listed under a managed Space even though it does not "
+         help="rooms list — the rooms opted in explicitly, here and in the config's extra_rooms.\n"
+              "rooms add <room> [space] — manage a room listed under a managed Space even though it does not "
               "opt in by its join rule or m.space.parent. Name the Space when several are managed. The bot must "
               "be in the room, and you need the power to kick, ban and change power levels there yourself.\n"
               "rooms remove <room> — undo 'rooms add'. A room that opts in by its join rule or m.space.parent "
               "stays managed.")
 async def rooms(ctx: Context, args: list[str]) -> Reply:
-    sub, rest = subcommand(args, ("add", "remove"))
+    sub, rest = subcommand(args, ("add", "remove", "list"))
     app = ctx.app
+    if sub == "list":
+        expect(rest, 0)
+        lines = []
+        for space_id, extra in sorted((await app.store.extra_rooms()).items()):
+            space_t = label(app, space_id)[0]
+            lines.extend(line(f"{label(app, r)[0]} — under {space_t}, added here") for r in sorted(extra))
+        for space in app.config.spaces:
+            lines.extend(line(f"{ref} — under {space.room}, in the config") for ref in space.extra_rooms)
+        return listing(plural(len(lines), "room opted in explicitly", "rooms opted in explicitly"), lines,
+                       empty="None. Rooms opt in by their join rule or m.space.parent; 'rooms add' adds one.")
     if sub == "remove":
         expect(rest, 1)
         room_id = await resolve(app, rest[0])
@@ -151,6 +162,8 @@ async def rooms(ctx: Context, args: list[str]) -> Reply:
     if room_id == space:
         raise CommandError(f"{room_id} is the Space itself")
     await _require_power(ctx, room_id, "managing this room")
+    if room_id in (await app.store.extra_rooms()).get(space, set()):
+        return Reply.plain(f"{label(app, room_id)[0]} is already opted in under {label(app, space)[0]}.")
     await app.store.add_extra_room(space, room_id, ctx.sender)
     app.request_reconcile(full=True)
     room_t, room_h = label(app, room_id)

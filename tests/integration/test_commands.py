@@ -212,6 +212,8 @@ async def test_read_commands(world, start_bot, make_user):
 
     # Explicit opt-in: the lobby becomes managed.
     assert "now managed under" in await ask(world, bot, world.owner, f"!ss rooms add {lobby}")
+    assert "already opted in" in await ask(world, bot, world.owner, f"!ss rooms add {lobby}")
+    assert "1 room opted in explicitly" in await ask(world, bot, world.owner, "!ss rooms list")
     synced = await ask(world, bot, world.owner, "!ss sync")
     assert synced.startswith("Reconciled in") and "4 managed rooms" in synced
     assert lobby in bot.app.reconciler.last_plan.managed
