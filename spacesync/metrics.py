@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
+from . import __version__
+
+disable_created_metrics()  # no *_created series: they double the exposition and nobody alerts on them
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+BUILD = Info("spacesync_build", "The running spacesync version.", registry=REGISTRY)
+BUILD.info({"version": __version__})
 
 ACTIONS = Counter(
     "spacesync_actions_total", "Actions finished, by kind and outcome (done, already_done, failed).",
