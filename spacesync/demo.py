@@ -462,8 +462,8 @@ class Demo:
 def _quiet_idle_reconciles(record: logging.LogRecord) -> bool:
     """Keep the demo's console readable: drop "reconciled" lines of passes that found nothing to do."""
     event = record.msg
-    return not (isinstance(event, dict) and event.get("event") == "reconciled" and event.get("actions") == 0
-                and not event.get("findings"))
+    return not (isinstance(event, dict) and event.get("event") == "reconciled"
+                and not event.get("queued") and not event.get("held") and not event.get("findings"))
 
 
 def _join(items: Iterable[str]) -> str:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..model import Action, ActionKind, Membership, RoomID, RoomState, UserID
 from ..store import Status
 from ..store.journal import Batch
-from .format import Reply, code, compose, line, listing, plural
+from .format import Reply, code, compose, esc, line, listing, plural
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
 from .world import label, level, room_state, show_level
@@ -44,6 +44,30 @@ async def _held_batch(app: App, batch: str, verb: str) -> Batch:
     if info.status != "held" or not info.counts.get("held"):
         raise CommandError(f"Batch {batch} is not held (it is {info.status}): nothing to {verb}")
     return info
+
+
+@command("batch", usage="batch <batch>", family=FAMILY, summary="what one batch holds or did",
+         help="Shows a batch: why it was made, its state, and each action with its status — the way to review "
+              "a held mass eviction before 'confirm' or 'cancel', or a finished batch before 'undo'.")
+async def batch(ctx: Context, args: list[str]) -> Reply:
+    expect(args, 1)
+    batch_id = _batch_id(args[0])
+    app = ctx.app
+    info = await _known_batch(app, batch_id)
+    entries = await app.store.journal.batch_entries(batch_id)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(info.counts.items()))
+    lines = []
+    for entry in entries:
+        action = entry.action
+        room_t, room_h = label(app, action.room_id)
+        target = action.user_id or action.state_key or ""
+        error = f" ({entry.error})" if entry.error else ""
+        lines.append(line(f"{action.kind.value} {target} in {room_t}: {entry.status.value}{error} — {action.reason}",
+                          f"{action.kind.value} {code(target)} in {room_h}: <b>{entry.status.value}</b>"
+                          f"{esc(error)} — {esc(action.reason)}"))
+    next_step = {"held": f" Decide with '!spacesync confirm {batch_id}' or '!spacesync cancel {batch_id}'."}
+    title = f"Batch {batch_id} ({info.trigger}, {info.status}): {counts}.{next_step.get(info.status, '')}"
+    return listing(title, lines, hint="!spacesync audit shows the outcomes")
 
 
 @command("confirm", usage="confirm <batch>", family=FAMILY, summary="run a held mass eviction",

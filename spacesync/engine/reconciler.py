@@ -54,6 +54,8 @@ class Reconciler:
         self.paused = False
         self.last_plan: Plan | None = None
         self.last_policy: Policy | None = None
+        self.last_queued = 0
+        self.last_held = 0
         self.recheck_soon = False
         """The last plan skipped actions done meanwhile: plan again shortly rather than repeat them."""
         self.replan_after_batch = False
@@ -143,9 +145,10 @@ class Reconciler:
             LAST_RECONCILE.set(self.last_reconcile_at)
         if refresh:
             await self._announce_findings(plan)
-        (log.info if plan.actions or refresh else log.debug)(
-            "reconciled", trigger=trigger, actions=len(plan.actions), findings=len(plan.findings),
-            managed=len(plan.managed), seconds=round(time.monotonic() - started, 3),
+        (log.info if self.last_queued or self.last_held or refresh else log.debug)(
+            "reconciled", trigger=trigger, planned=len(plan.actions), queued=self.last_queued,
+            held=self.last_held, paused=self.paused, findings=len(plan.findings), managed=len(plan.managed),
+            seconds=round(time.monotonic() - started, 3),
         )
         return plan, batches
 
@@ -155,6 +158,7 @@ class Reconciler:
         Actions already open in the journal, or finished since the state behind the plan was read
         (`observed_ms`), are not journaled again.
         """
+        self.last_queued = self.last_held = 0
         if self.paused:
             return []
         if self.config.dry_run:
@@ -182,6 +186,8 @@ class Reconciler:
         policy = self.last_policy or await self.policy()
         limits = {s.room_id: s.max_evictions_without_confirmation for s in policy.spaces}
         guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation)
+        self.last_queued = len(guarded.release)
+        self.last_held = sum(len(held) for held in guarded.hold.values())
         batches = []
         if guarded.release:
             batch = new_batch_id()

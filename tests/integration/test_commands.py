@@ -276,6 +276,8 @@ async def test_confirm_and_cancel_a_held_mass_eviction(world, start_bot, make_us
         await user.client.leave(space)
     await ask(world, bot, world.owner, "!ss resume")
     first = await _held_batch(bot)
+    review = await ask(world, bot, world.owner, f"!ss batch {first}")
+    assert f"Batch {first}" in review and "2 held" in review and review.count("kick @") == 2
     status = await ask(world, bot, world.owner, "!ss status")
     assert first in status and "2 held" in status
 
