@@ -6,6 +6,7 @@ the homeserver's own floor for the same work in the same run, and stops it. Noth
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.metadata
@@ -501,3 +502,14 @@ def report_ratio(name: str, title: str, rooms: int, rate: str, floor_label: str,
           f"B/A = {ratio:.2f} (goal <= 1.2)")
     print_result(name, {"rooms": rooms, "floor": floors, "spacesync": bots, "ratio": round(ratio, 3)})
     return ratio
+
+
+def ratio_args(description: str) -> tuple[argparse.Namespace, list[int], list[int]]:
+    """The options the floor-vs-spacesync scripts share: rooms, rounds, and the concurrencies to try."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rooms", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every run; the best of each is kept")
+    parser.add_argument("--floor-concurrency", default="1,8,32")
+    parser.add_argument("--bot-concurrency", default="8,16,32")
+    args = parser.parse_args()
+    return args, [int(c) for c in args.floor_concurrency.split(",")], [int(c) for c in args.bot_concurrency.split(",")]

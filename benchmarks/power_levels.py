@@ -13,12 +13,12 @@ observer who is in every room; A from its first PUT, B from the promotion PUT's 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 from common import (
+    ratio_args,
     report_ratio,
     Bench, SyncWatcher, admin_room, bot_config, build_space, bounded, homeserver, in_flight, join_all,
     level_shown, print_machine, process_cpu_s, q, quiesce, request, run, running_bot,
@@ -86,14 +86,7 @@ async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[
 
 
 async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rooms", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3, help="repeat every run; the best of each is kept")
-    parser.add_argument("--floor-concurrency", default="1,8,32")
-    parser.add_argument("--bot-concurrency", default="8,16,32")
-    args = parser.parse_args()
-    floor_c = [int(c) for c in args.floor_concurrency.split(",")]
-    bot_c = [int(c) for c in args.bot_concurrency.split(",")]
+    args, floor_c, bot_c = ratio_args(__doc__.splitlines()[0])
     n = args.rooms
     print_machine()
     async with homeserver("power-levels") as bench:
