@@ -365,6 +365,9 @@ def _http_url(value: Any, path: str) -> str:
         ok = False
     if not ok or parts.query or parts.fragment:
         _fail(path, f'{_show(url)} is not an http(s) URL; use your homeserver\'s client URL, e.g. "https://matrix.example.org"')
+    if "/_matrix" in parts.path:
+        base = url[: url.index("/_matrix")]
+        _fail(path, f'{_show(url)} includes an API path; use the base URL, e.g. "{base}"')
     return url.rstrip("/")
 
 

@@ -139,6 +139,8 @@ def test_space_fields_and_policy() -> None:
         ({"homeserver": DELETE}, "homeserver.url: missing;"),
         ({"admin": DELETE}, "admin.room: missing;"),
         ({"homeserver": {"url": "ftp://x"}}, "homeserver.url: 'ftp://x' is not an http(s) URL"),
+        ({"homeserver": {"url": "https://hs.example/_matrix/client"}},
+         'homeserver.url: \'https://hs.example/_matrix/client\' includes an API path; use the base URL, e.g. "https://hs.example"'),
         ({"spaces": [{"room": "!s:example.org", "on_leave": "explode"}]}, "spaces[0].on_leave: 'explode' is not one of kick, ban, none"),
         ({"database": {"url": "mysql://x"}}, "database.url: unsupported scheme 'mysql'; use sqlite:PATH or postgresql://…"),
         ({"database": {"url": "spacesync.db"}}, "database.url: no scheme"),
