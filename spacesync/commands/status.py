@@ -355,14 +355,24 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
                 if guard:
                     why_t += f"; protected: {guard}"
                     why_h += f"; protected: {esc(guard)}"
+            else:  # not in the room: entitlement is moot; say who put them out
+                by = room.members[user].sender
+                placed = any(b.room_id == room_id and b.user_id == user for b in snapshot.placed_bans)
+                who = "spacesync" if by == policy.bot else (by or "unknown")
+                why_t = why_h = f"{membership.value} by {who}" + (" (its own ban: lifted with the Space ban)"
+                                                                 if placed else "")
         lines.append(line(f"{room_t}: {membership.value} — {why_t}",
                           f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}"))
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
     if exempt_spaces:
         general.append("exempt in the config for " + _labels(app, exempt_spaces, v)[0])
-    head = f"{user}: " + (f"in {len(lines)} managed rooms" if lines else "not in any managed room")
+    joined_count = sum(1 for r in graph.managed
+                       if (room := snapshot.rooms.get(r)) is not None and room.membership(user) is Membership.JOIN)
+    head = (f"{user}: joined to {plural(joined_count, 'managed room')}, "
+            f"with a membership in {plural(len(lines), 'managed room')}" if lines else
+            f"{user}: not in any managed room")
     if general:
-        head += f" ({'; '.join(general)})"
+        head += ". " + "; ".join(general).capitalize()
     return listing(head, lines)
 # endregion
 

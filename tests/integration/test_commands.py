@@ -192,7 +192,7 @@ async def test_read_commands(world, start_bot, make_user):
     assert "Lobby" not in branch and "Team chat" in branch
 
     whois = await ask(world, bot, world.owner, f"!ss whois {alice.user_id}")
-    assert "in 3 managed rooms" in whois
+    assert "joined to 3 managed rooms" in whois
     assert re.search(r"Team chat \(!\S+\): join — entitled by Team", whois), whois
 
     plan = await ask(world, bot, world.owner, "!ss plan")
@@ -237,6 +237,9 @@ async def test_exempt_keeps_a_leaver(world, start_bot, make_user):
     # Lifting the exemption lets the next reconcile evict.
     assert "no longer exempt" in await ask(world, bot, world.owner, f"!ss exempt remove {user.user_id}")
     await wait_for(lambda: _not_in(world, room, user.user_id), timeout=20)
+    await bot.idle()
+    whois = await ask(world, bot, world.owner, f"!ss whois {user.user_id}")
+    assert "joined to 0 managed rooms" in whois and "leave by spacesync" in whois, whois
 
 
 async def _not_in(world, room: str, user_id: str) -> bool:
