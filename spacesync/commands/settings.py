@@ -201,8 +201,8 @@ async def exempt(ctx: Context, args: list[str]) -> Reply:
     if sub == "add":
         if not await app.store.add_exempt(user, ctx.sender):
             return Reply.plain(f"{user} is already exempt.")
-        dropped = await app.store.journal.cancel_open_for(user)
-        note = f" {plural(dropped, 'queued or held action')} against them dropped." if dropped else ""
+        dropped = await app.store.journal.cancel_evictions_of(user)
+        note = f" {plural(dropped, 'queued or held eviction')} against them dropped." if dropped else ""
         return Reply(f"{user} is exempt: the bot will not evict or ban them in any managed room.{note}",
                      f"{code(user)} is exempt: the bot will not evict or ban them in any managed room.{note}")
     if not await app.store.remove_exempt(user):

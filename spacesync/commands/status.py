@@ -372,7 +372,8 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
             f"with a membership in {plural(len(lines), 'managed room')}" if lines else
             f"{user}: not in any managed room")
     if general:
-        head += ". " + "; ".join(general).capitalize()
+        notes = "; ".join(general)
+        head += ". " + notes[:1].upper() + notes[1:]
     return listing(head, lines)
 # endregion
 

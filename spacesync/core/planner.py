@@ -96,7 +96,10 @@ class MembershipPlanner:
             ))
         for key, placed in sorted(blocked.items()):
             if self._lift_holds(key, placed):
-                self._may_act(self.snapshot.rooms[key[0]], key[1], ActionKind.UNBAN)  # reports why not
+                self.findings.append(Finding(
+                    key[0], "no_power",
+                    f"cannot lift its own ban on {key[1]}: needs kick and ban power and a level above theirs",
+                ))
 
     def _reset(self) -> None:
         self.memberships = Memberships(self.snapshot)
@@ -264,8 +267,10 @@ class MembershipPlanner:
                 continue
             key = (placed.room_id, placed.user_id)
             pl = room.power_levels
-            if (protection(room, placed.user_id, self.policy, self.graph)
-                    or user_level(room, self.policy.bot) < max(pl.ban, pl.kick)):
+            # Lifting its own ban is never held back by exemption (it only helps the user); the auth
+            # rules still need the kick and ban levels and a target below the bot.
+            bot_level = user_level(room, self.policy.bot)
+            if bot_level < max(pl.ban, pl.kick) or user_level(room, placed.user_id) >= bot_level:
                 blocked.setdefault(key, []).append(placed)
             else:
                 candidates.setdefault(key, []).append(placed)

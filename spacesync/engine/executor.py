@@ -149,7 +149,7 @@ class Executor:
         action = entry.action
         status = Status.FAILED if outcome == "failed" else Status.DONE
         if outcome in ("done", "already_done"):
-            await self._record(action)
+            await self._record(action, mirror=outcome == "done")
         await self.store.journal.set_status(entry.id, status, error)
         await self.store.audit(action, outcome, journal_id=entry.id, batch=entry.batch,
                                detail={"error": error} if error else None)
@@ -162,15 +162,16 @@ class Executor:
             outcome=outcome, reason=action.reason, batch=entry.batch, **context,
         )
 
-    async def _record(self, action: Action) -> None:
-        """Remember what spacesync owns now, and mirror the change in the cache until /sync confirms it."""
+    async def _record(self, action: Action, *, mirror: bool) -> None:
+        """Remember what spacesync owns now, and (`mirror`, when its own request did it) show the change in
+        the cache until /sync confirms it. Something already done was done by someone else: /sync tells."""
         if action.kind is ActionKind.BAN and action.user_id:
             await self.store.add_placed_ban(PlacedBan(action.room_id, action.user_id, action.cause or "space_ban"))
         elif action.kind is ActionKind.UNBAN and action.user_id:
             await self.store.forget_ban(action.room_id, action.user_id)
         membership = {ActionKind.KICK: "leave", ActionKind.BAN: "ban", ActionKind.UNBAN: "leave",
                       ActionKind.INVITE: "invite"}.get(action.kind)
-        if membership and action.user_id:
+        if membership and action.user_id and mirror:
             self.cache.update(action.room_id, [{
                 "type": "m.room.member", "state_key": action.user_id, "sender": self.matrix.user_id,
                 "content": {"membership": membership}, "origin_server_ts": int(time.time() * 1000),

@@ -76,7 +76,8 @@ class Observer:
                     frontier.extend(space.extra_rooms)
                 if room.tombstone:
                     frontier.append(room.tombstone)
-                    upgrades[room.tombstone] = room_id
+                    if room_id in self.known_managed:  # a room that never opted in gets no say
+                        upgrades[room.tombstone] = room_id
             depth += 1
         self.seen = visited
         rooms = {r: self.cache.get(r) for r in visited if r in self.cache and r not in unreachable}
@@ -122,7 +123,8 @@ class Observer:
         if not pending:
             return
         extra = {r for s in policy.spaces for r in s.extra_rooms}
-        managed_spaces = {s.room_id for s in policy.spaces} | self.known_managed
+        managed_spaces = {s.room_id for s in policy.spaces} | {
+            r for r in self.known_managed if (state := self.cache.get(r)) is not None and state.is_space}
         opted: dict[RoomID, list[str]] = {}
         for room_id in pending:
             if room_id in upgrades or room_id in extra:

@@ -29,9 +29,12 @@ log = structlog.get_logger("spacesync.reconciler")
 Notify = Callable[[str, str | None], Awaitable[None]]
 
 
-MEMBERSHIP_KINDS = frozenset({ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionKind.INVITE})
-"""Actions that a stale plan must not repeat. State writes are safe to repeat: the executor re-reads the
-current state and applies only the changes still missing."""
+NOT_REPEATABLE = frozenset({
+    ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionKind.INVITE, ActionKind.SET_JOIN_RULES,
+    ActionKind.SET_SPACE_CHILD,
+})
+"""Actions a plan made from stale state must not repeat. Power-level writes are safe to repeat: the
+executor re-reads the current levels and applies only the changes still missing."""
 CLOCK_MARGIN_MS = 2000
 """Slack for clocks of instances sharing a database (standby) when comparing journal times."""
 
@@ -58,8 +61,6 @@ class Reconciler:
         self.last_held = 0
         self.recheck_soon = False
         """The last plan skipped actions done meanwhile: plan again shortly rather than repeat them."""
-        self.replan_after_batch = False
-        """A state write was skipped behind a queued one for the same room: plan again once a batch ends."""
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
@@ -159,6 +160,7 @@ class Reconciler:
         (`observed_ms`), are not journaled again.
         """
         self.last_queued = self.last_held = 0
+        self.recheck_soon = False
         if self.paused:
             return []
         if self.config.dry_run:
@@ -169,14 +171,10 @@ class Reconciler:
         open_keys = await self.store.journal.open_keys()
         recent = await self.store.journal.done_keys_since(observed_ms) if observed_ms is not None else set()
         fresh = []
-        self.recheck_soon = False
         for action in plan.actions:
             if action.key in open_keys:
-                if action.kind not in MEMBERSHIP_KINDS:
-                    # A state write for this room is still queued with older content: plan again after it.
-                    self.replan_after_batch = True
                 continue
-            if action.key in recent and action.kind in MEMBERSHIP_KINDS:
+            if action.key in recent and action.kind in NOT_REPEATABLE:
                 # Done after the state behind this plan was read: look again once that state is fresh.
                 self.recheck_soon = True
                 continue

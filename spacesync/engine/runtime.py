@@ -118,6 +118,8 @@ class App:
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
                 log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
+            self._pending_invites = {RoomID(r): UserID(u) for r, u in
+                                     json.loads(await self.store.get("pending_invites") or "{}").items()}
             if self.command_handler is None:
                 commands = AdminCommands(self)
                 await commands.restore()
@@ -338,13 +340,19 @@ class App:
         self._pending_invites[room_id] = UserID(inviter)
         await self._accept_invites()
 
+    async def _save_invites(self) -> None:
+        """Pending invites survive a restart: /sync does not deliver an invite again."""
+        await self.store.put("pending_invites", json.dumps(self._pending_invites))
+
     async def _accept_invites(self) -> None:
         for room_id, inviter in list(self._pending_invites.items()):
             if room_id != self.admin_room and room_id not in self.observer.seen:
                 log.info("invite pending: the room is not listed under a managed Space", room=room_id,
                          inviter=inviter)
+                await self._save_invites()
                 continue
             del self._pending_invites[room_id]
+            await self._save_invites()
             try:
                 await self.matrix.join(room_id)
             except MatrixRequestError as e:
@@ -400,9 +408,9 @@ class App:
             return
         entries = await self.store.journal.batch_entries(batch)
         log.info("batch finished", batch=batch, trigger=info.trigger, **info.counts)
-        if self.reconciler.replan_after_batch:
-            self.reconciler.replan_after_batch = False
-            self.request_reconcile(full=False)
+        # Its own echoes do not re-plan (OWN_ECHOES): look once more now that the batch is in the cache,
+        # for what waited behind it (a newer level for the same room, the effects of an undo).
+        self.request_reconcile(full=False)
         if await self.store.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch):
             return
         await self.store.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch)

@@ -110,6 +110,8 @@ class StateCache:
         """Apply state events to a cached room; False when the room is not cached."""
         room = self._state.get(room_id)
         if room is None:
+            # Still counted: a first /state read in flight must notice it and read again.
+            self._generation[room_id] = self._generation.get(room_id, 0) + 1
             return False
         for event in events:
             key = event.get("state_key")

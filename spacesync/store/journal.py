@@ -184,15 +184,14 @@ class Journal:
                 [(status.value, now_ms(), entry_id) for entry_id in entry_ids],
             )
 
-    async def cancel_open_for(self, target: str) -> int:
-        """Drop pending and held actions against one user (for instance, once they are exempt)."""
-        count = await self.db.fetchval(
-            "SELECT COUNT(*) FROM journal WHERE target=$1 AND status IN ($2, $3)",
-            target, Status.PENDING.value, Status.HELD.value,
-        )
+    async def cancel_evictions_of(self, target: str) -> int:
+        """Drop pending and held kicks and bans of one user (for instance, once they are exempt)."""
+        where = "target=$1 AND status IN ($2, $3) AND kind IN ('kick', 'ban')"
+        args = (target, Status.PENDING.value, Status.HELD.value)
+        count = await self.db.fetchval(f"SELECT COUNT(*) FROM journal WHERE {where}", *args)
         await self.db.execute(
-            "UPDATE journal SET status=$1, updated_at=$2 WHERE target=$3 AND status IN ($4, $5)",
-            Status.CANCELLED.value, now_ms(), target, Status.PENDING.value, Status.HELD.value,
+            f"UPDATE journal SET status=${len(args) + 1}, updated_at=${len(args) + 2} WHERE {where}",
+            *args, Status.CANCELLED.value, now_ms(),
         )
         return int(count or 0)
 

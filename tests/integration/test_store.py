@@ -55,9 +55,9 @@ async def test_journal_lifecycle(db_url):
         assert batch is not None and batch.status == "released" and batch.counts == {"pending": 1}
         assert await store.journal.set_batch_status("b2", "cancelled", Status.HELD, Status.CANCELLED) == 0
         assert (await store.journal.batch_entries("b1"))[0].attempts == 1
-        assert await store.journal.cancel_open_for(MOD) == 1
+        assert await store.journal.cancel_evictions_of(MOD) == 1
         assert [e.status for e in await store.journal.batch_entries("b2")] == [Status.CANCELLED]
-        assert await store.journal.cancel_open_for(MOD) == 0
+        assert await store.journal.cancel_evictions_of(MOD) == 0
     finally:
         await store.stop()
 

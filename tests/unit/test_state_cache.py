@@ -41,6 +41,7 @@ def test_parse_reads_what_the_planner_needs_and_tolerates_junk():
 def test_updates_apply_to_cached_rooms_and_count_generations():
     cache = StateCache()
     assert cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "join"})]) is False
+    assert cache.generation(ROOM) == 1, "a delta for a room still being read for the first time must count"
     cache.replace(ROOM, [event("m.room.create", "", {"room_version": "10"})])
     before = cache.generation(ROOM)
     assert cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "join"})]) is True
