@@ -117,7 +117,11 @@ def listing(title: Line | str, lines: Sequence[Line], *, limit: int | None = MAX
     if more:
         tail = f"… {more} more" + (f" ({hint})" if hint else "")
         text.append(tail)
-        html.append(f"<p>{esc(tail)}</p>")
+        rest = _nested_html(list(lines[len(shown):]))
+        if len(rest) <= MAX_CHARS:  # the full detail, folded: clients that know <details> show it on demand
+            html.append(f"<details><summary>{esc(tail)}</summary>{rest}</details>")
+        else:
+            html.append(f"<p>{esc(tail)}</p>")
     return Reply("\n".join(text), "".join(html))
 
 

@@ -56,7 +56,7 @@ def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: Room
         lines.append(line(f"failed: {what} in {name(entry.action.room_id)}: {one_line(entry.error, 160)}"))
     if len(failed) > NAMES_SHOWN:
         lines.append(line(f"… {len(failed) - NAMES_SHOWN} more failures (!spacesync audit)"))
-    reply = listing(title, lines, limit=None)
+    reply = listing(title, lines, hint=f"!spacesync batch {batch} lists them all")
     if any(a.kind in EVICTIONS or a.kind is ActionKind.SET_POWER_LEVELS for a in done):
         hint = f"Undo: !spacesync undo {batch}"
         reply = Reply(f"{reply.text}\n{hint}", f"{reply.html}<p>Undo: {code(f'!spacesync undo {batch}')}</p>")

@@ -272,7 +272,11 @@ def test_long_lists_are_summarized():
     reply = listing("Rooms", [line(f"room {i}") for i in range(40)])
     assert reply.text.count("\n- ") == MAX_LINES
     assert reply.text.endswith(f"… {40 - MAX_LINES} more")
-    assert reply.html.count("<li>") == MAX_LINES
+    shown, folded = reply.html.split("<details>")
+    assert shown.count("<li>") == MAX_LINES
+    # the full detail stays behind the summary, folded
+    assert folded.startswith(f"<summary>… {40 - MAX_LINES} more</summary>")
+    assert folded.count("<li>") == 40 - MAX_LINES and "room 39" in folded
 
 
 def test_nested_html_is_balanced():
