@@ -108,6 +108,17 @@ async def test_admin_is_obeyed_and_non_admin_refused(world, start_bot, make_user
     assert await bot.app.store.exempt_users() == frozenset()
     assert not bot.app.reconciler.paused
 
+    # Every command, refused alike for a non-admin, with nothing changed.
+    samples = {"spaces": f"add {space}", "rooms": f"add {room}", "exempt": f"add {mallory.user_id}",
+               "whois": mallory.user_id, "confirm": "abcdef", "cancel": "abcdef", "undo": "abcdef",
+               "batch": "abcdef", "audit": "5"}
+    for name in REGISTRY.names():
+        reply = await ask(world, bot, mallory, f"!ss {name} {samples.get(name, '')}".strip())
+        assert reply == REFUSAL, (name, reply)
+    assert await bot.app.store.exempt_users() == frozenset()
+    assert await bot.app.store.extra_rooms() == {} and await bot.app.store.managed_spaces() == []
+    assert not bot.app.reconciler.paused and not await bot.app.store.journal.batches()
+
     assert "is exempt" in await ask(world, bot, listed, f"!ss exempt add {mallory.user_id}")
     assert await bot.app.store.exempt_users() == {mallory.user_id}
     assert "Unknown command 'statsu'. Did you mean 'status'?" == await ask(world, bot, world.owner, "!spacesync statsu")
