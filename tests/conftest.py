@@ -24,7 +24,7 @@ _PG_CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Inte
 MakeUser = Callable[..., Awaitable[TestUser]]
 
 
-def _unavailable(message: str) -> NoReturn:
+def unavailable(message: str) -> NoReturn:
     """Skip when a test dependency is missing; fail instead on CI, where it must be there."""
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
@@ -37,7 +37,7 @@ async def _start_synapse(synapse: Synapse) -> None:
         return
     except (RuntimeError, OSError) as exc:
         problem = f"cannot start Synapse: {exc}"
-    _unavailable(problem)
+    unavailable(problem)
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +91,7 @@ async def _pg_admin_connection() -> asyncpg.Connection:
         return await asyncpg.connect(PG_ADMIN_URL, timeout=5)
     except _PG_CONNECT_ERRORS as exc:
         problem = f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc!r}"
-    _unavailable(problem)
+    unavailable(problem)
 
 
 @contextlib.asynccontextmanager

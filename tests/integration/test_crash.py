@@ -15,6 +15,8 @@ import pytest
 from spacesync.store import Status, Store
 from spacesync.testbed import Synapse, TestUser, wait_for
 
+from ..conftest import unavailable
+
 ROOMS = 40
 
 
@@ -198,7 +200,7 @@ async def test_bot_recovers_when_the_homeserver_restarts(tmp_path, bot_process):
     try:
         await hs.start()
     except (RuntimeError, OSError) as e:
-        pytest.skip(f"cannot start Synapse: {e}")
+        unavailable(f"cannot start Synapse: {e}")
     users: list[TestUser] = []
     try:
         owner, bot, user = [await hs.register(f"{name}") for name in ("owner", "bot", "leaver")]

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
 def _needs_synapse() -> None:
     if importlib.util.find_spec("synapse") is None:
-        message = "matrix-synapse is not installed: pip install -e '.[test]'"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("matrix-synapse is not installed: pip install -e '.[test]'")
 
 
 def _env() -> dict[str, str]:
