@@ -28,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spacesync.testbed import Synapse, TestUser  # noqa: E402
+from spacesync.testbed import Synapse, TestUser, wait_for  # noqa: E402
 
 ROOM_VERSION = "10"
 SETUP_CONCURRENCY = 16
@@ -283,7 +283,7 @@ async def running_bot(bench: Bench, config: dict[str, Any]) -> AsyncIterator[Any
                 and not await app.store.journal.runnable())
 
     try:
-        await wait(settled, 120, "the bot did not settle")
+        await wait_for(settled, timeout=120, interval=0.05, message="the bot did not settle")
         await app.executor.wait_idle()
         yield app
     finally:
@@ -292,17 +292,6 @@ async def running_bot(bench: Bench, config: dict[str, Any]) -> AsyncIterator[Any
             await asyncio.wait_for(task, 30)
 
 
-async def wait(predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(message)
-        await asyncio.sleep(interval)
 # endregion
 
 
