@@ -45,7 +45,16 @@ class MemberState:
     event_id: EventID | None = None
     sender: UserID | None = None
     ts: int = 0
-    """origin_server_ts of the membership event, in milliseconds."""
+    """origin_server_ts of the membership event, in milliseconds: set by the sender's server, so it is
+    shown to people but never used to time anything."""
+    was_joined: bool | None = None
+    """For a `leave`: whether the membership it replaced was a `join` (the user left or was kicked).
+    False for a declined or withdrawn invite, a rejected knock, an unban; None when nobody can tell.
+    Only a leave with was_joined True is a departure (a ban always is)."""
+    seen_ms: int | None = None
+    """When spacesync first saw this membership, on its own clock (grace periods run from it)."""
+    replaces: EventID | None = None
+    """For a `leave`: the membership event it replaced (`unsigned.replaces_state`), when the homeserver said."""
 
 
 def _to_int(value: Any, default: int) -> int:
@@ -122,6 +131,8 @@ class RoomState:
     predecessor: RoomID | None = None
     """The room this one replaced (m.room.create `predecessor`): how an upgrade is verified."""
     name: str | None = None
+    malformed: int = 0
+    """State events skipped because their content could not be read (wrong types, missing fields)."""
 
     def membership(self, user_id: UserID) -> Membership:
         state = self.members.get(user_id)
@@ -140,14 +151,26 @@ class RoomState:
 
 @attrs.frozen
 class Snapshot:
-    """The world as read at one moment. Rooms the bot could not read are listed in `unreachable`."""
+    """The world as read at one moment. Rooms the bot could not read are listed in `unreachable`.
+
+    A room that could not be read this time but was read before is in both `rooms` (its last known
+    state) and `unreachable`: it is *stale*. Its last known state keeps the Space graph whole (its
+    children, its allow lists), but nothing is done in it or on its account until it reads again.
+    """
 
     rooms: Mapping[RoomID, RoomState] = attrs.field(factory=dict)
     unreachable: Mapping[RoomID, str] = attrs.field(factory=dict)
-    """Room id -> why it could not be read (not joined, forbidden, remote)."""
+    """Room id -> why it could not be read (not joined, forbidden, 5xx, timeout, walk cap)."""
     placed_bans: frozenset[PlacedBan] = frozenset()
     owned_levels: Mapping[tuple[RoomID, UserID], OwnedLevel] = attrs.field(factory=dict)
     now_ms: int = 0
+
+    def known(self, room_id: RoomID) -> bool:
+        """Read in this snapshot: neither missing nor stale."""
+        return room_id in self.rooms and room_id not in self.unreachable
+
+    def stale(self, room_id: RoomID) -> bool:
+        return room_id in self.rooms and room_id in self.unreachable
 
 
 class OnLeave(str, Enum):

@@ -57,6 +57,7 @@ class Memberships:
         self._snapshot = snapshot
         self._planned: dict[tuple[RoomID, UserID], Membership] = {}
         self._planned_in: dict[RoomID, set[UserID]] = {}
+        self._lifted: set[tuple[RoomID, UserID]] = set()
 
     def get(self, room_id: RoomID, user_id: UserID) -> Membership | None:
         """The membership, or None when the user has no membership event there (never was in it)."""
@@ -72,9 +73,14 @@ class Memberships:
     def is_planned(self, room_id: RoomID, user_id: UserID) -> bool:
         return (room_id, user_id) in self._planned
 
-    def plan(self, room_id: RoomID, user_id: UserID, membership: Membership) -> None:
+    def plan(self, room_id: RoomID, user_id: UserID, membership: Membership, *, lift: bool = False) -> None:
+        """Record a planned change; `lift` marks a leave that lifts a ban (an unban is no departure)."""
         self._planned[(room_id, user_id)] = membership
         self._planned_in.setdefault(room_id, set()).add(user_id)
+        if lift:
+            self._lifted.add((room_id, user_id))
+        else:
+            self._lifted.discard((room_id, user_id))
 
     def _users(self, room_id: RoomID) -> set[UserID]:
         """Users with a membership in the room, current or planned (a ban needs no prior membership)."""
@@ -83,8 +89,32 @@ class Memberships:
         users.update(self._planned_in.get(room_id, ()))
         return users
 
+    def departed_from(self, room_id: RoomID, user_id: UserID) -> bool:
+        """A real departure: banned, removed by this plan, or a leave that replaced a join.
+
+        A declined or withdrawn invite, a rejected knock, an unban, or a leave nobody can tell the
+        history of is no departure: unknown is not absent.
+        """
+        membership = self.get(room_id, user_id)
+        if membership is Membership.BAN:
+            return True
+        if membership is not Membership.LEAVE:
+            return False
+        if self.is_planned(room_id, user_id):
+            return (room_id, user_id) not in self._lifted
+        state = self._snapshot.rooms[room_id].members.get(user_id)
+        return state is not None and state.was_joined is True
+
+    def history_unknown(self, room_id: RoomID, user_id: UserID) -> bool:
+        """A leave whose previous membership nobody could tell (it evicts nobody, and is reported)."""
+        if self.get(room_id, user_id) is not Membership.LEAVE or self.is_planned(room_id, user_id):
+            return False
+        state = self._snapshot.rooms[room_id].members.get(user_id)
+        return state is not None and state.was_joined is None
+
     def departed(self, room_ids: Iterable[RoomID]) -> set[UserID]:
-        """Users whose membership in any of these rooms is leave or ban, now or once planned actions ran."""
+        """Users with a leave or ban in any of these rooms, now or once planned actions ran: the only
+        ones who can be evicted (`departed_from` tells which of them really departed)."""
         out: set[UserID] = set()
         for room_id in room_ids:
             out.update(u for u in self._users(room_id)

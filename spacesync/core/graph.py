@@ -118,6 +118,10 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
                 reason = snapshot.unreachable.get(room_id, "the bot is not joined")
                 findings.append(Finding(room_id, "unreachable", f"cannot read the room ({reason})"))
                 continue
+            if room_id in snapshot.unreachable:
+                findings.append(Finding(room_id, "unreachable", (
+                    f"cannot read the room ({snapshot.unreachable[room_id]}): its last known state keeps the "
+                    "Space tree whole, and nothing changes in it or because of it until it reads again")))
             if not (room.is_space or room_id == root):
                 continue
             if d >= policy.max_depth:

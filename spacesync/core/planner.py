@@ -29,22 +29,41 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     membership.run()
     pl_actions, stale_levels, released_levels, pl_findings = plan_power_levels(snapshot, policy, graph)
     jr_actions, jr_findings = plan_join_rules(snapshot, policy, graph, membership.memberships)
-    findings = list(graph.findings) + membership.findings + pl_findings + jr_findings
+    # A room that could not be read, or that answers to a Space that could not be read, gets no state
+    # writes: its levels, join rules and children are known only as they were (unknown is not absent).
+    waits = unsure_rooms(snapshot, graph)
+    findings = list(graph.findings) + membership.findings + pl_findings + jr_findings + malformed_findings(snapshot)
     return Plan(
-        actions=tuple(membership.actions + jr_actions + pl_actions),
+        actions=tuple(membership.actions + [a for a in jr_actions + pl_actions if a.room_id not in waits]),
         findings=tuple(dict.fromkeys(findings)),
         managed=tuple(sorted(graph.managed)),
         recheck_at_ms=membership.recheck_at_ms,
         stale_bans=tuple(membership.stale_bans),
-        stale_levels=tuple(stale_levels),
-        released_levels=tuple(released_levels),
+        stale_levels=tuple(k for k in stale_levels if k[0] not in waits),
+        released_levels=tuple(r for r in released_levels if r.room_id not in waits),
         upgrades=tuple(
             (room_id, room.tombstone)
             for room_id in sorted(graph.managed)
             if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
-            and verified_upgrade(snapshot, room)
+            and room_id not in waits and verified_upgrade(snapshot, room)
         ),
     )
+
+
+def unsure_rooms(snapshot: Snapshot, graph: SpaceGraph) -> frozenset[RoomID]:
+    """Managed rooms not read this time, or answering to a Space not read this time."""
+    return frozenset(
+        r for r in graph.managed
+        if not snapshot.known(r) or not all(snapshot.known(s) for s in graph.authority.get(r, ()))
+    )
+
+
+def malformed_findings(snapshot: Snapshot) -> list[Finding]:
+    return [
+        Finding(room_id, "malformed", f"{room.malformed} state event(s) with malformed content skipped; "
+                                      "the rest of the room is planned as usual")
+        for room_id, room in sorted(snapshot.rooms.items()) if room.malformed
+    ]
 
 
 class MembershipPlanner:
@@ -59,10 +78,13 @@ class MembershipPlanner:
         self.findings: list[Finding] = []
         self.stale_bans: list[PlacedBan] = []
         self.recheck_at_ms: int | None = None
-        self._managed_rooms = sorted(r for r in graph.managed if r in snapshot.rooms)
+        # Only rooms read this time are acted in, and only Spaces read this time count departures and
+        # bans; a stale room (its last known state) keeps the graph whole but decides nothing.
+        self._managed_rooms = sorted(r for r in graph.managed if snapshot.known(r))
         self._managed_spaces = [r for r in self._managed_rooms if snapshot.rooms[r].is_space or r in graph.roots]
         self._no_power: set[tuple[RoomID, str]] = set()
         self._unknown_reported: set[tuple[RoomID, RoomID]] = set()
+        self._history_reported: set[tuple[RoomID, UserID]] = set()
 
     def run(self) -> None:
         """Space bans, evictions and unbans, consistent with each other within one plan.
@@ -80,7 +102,7 @@ class MembershipPlanner:
         while True:
             self._reset()
             for room_id, user_id in sorted(lifts):
-                self.memberships.plan(room_id, user_id, Membership.LEAVE)
+                self.memberships.plan(room_id, user_id, Membership.LEAVE, lift=True)
             while self._propagate_bans() | self._evict():
                 pass
             dropped = {key for key in lifts if not self._lift_holds(key, candidates[key])}
@@ -108,6 +130,7 @@ class MembershipPlanner:
         self.recheck_at_ms = None
         self._no_power = set()
         self._unknown_reported = set()
+        self._history_reported = set()
 
     def _root_for(self, room_id: RoomID) -> RoomID | None:
         governing = policies_for(self.graph, self.policy, room_id)
@@ -152,7 +175,7 @@ class MembershipPlanner:
                 continue
             for room_id in sorted(self.graph.governed_by(space_id)):
                 room = self.snapshot.rooms.get(room_id)
-                if room is None or room.tombstone:
+                if room is None or room.tombstone or not self.snapshot.known(room_id):
                     continue
                 for user_id in sorted(banned):
                     if self.memberships.get(room_id, user_id) is Membership.BAN:
@@ -194,15 +217,31 @@ class MembershipPlanner:
                 if on_leave is OnLeave.NONE:
                     continue
                 grace_ms = int(max((p.grace_period_s for p in policies), default=0) * 1000)
-                unreadable = sorted(e for e in allowed_by if e not in self.snapshot.rooms)
+                # A Space or allow-list room that could not be read may hold any user: nobody is evicted
+                # here on its account. That includes a parent the room names that the walk reached but
+                # could not read (its m.space.child, and so its say over the room, is unknown).
+                unreadable = sorted(
+                    {e for e in allowed_by if not self.snapshot.known(e)}
+                    | {p for p in room.parents if p in self.snapshot.unreachable}
+                    | {s.room_id for s in self.policy.spaces
+                       if room_id in s.extra_rooms and not self.snapshot.known(s.room_id)}
+                )
                 for user_id in sorted(departed):
                     if self.memberships.get(room_id, user_id) is not Membership.JOIN:
                         continue
                     if entitled_by(user_id, allowed_by, self.memberships):
                         continue
-                    left = [s for s in spaces
-                            if self.memberships.get(s, user_id) in (Membership.LEAVE, Membership.BAN)]
+                    left = [s for s in spaces if self.memberships.departed_from(s, user_id)]
                     if not left:
+                        unknown = [s for s in spaces if self.memberships.history_unknown(s, user_id)]
+                        if unknown and (room_id, user_id) not in self._history_reported:
+                            self._history_reported.add((room_id, user_id))
+                            self.findings.append(Finding(
+                                room_id, "history_unknown",
+                                f"{user_id} has left {unknown[0]}, but whether they had joined it first "
+                                "cannot be told (a declined invite or a rejected knock is no departure): "
+                                "not evicted",
+                            ))
                         continue
                     if unreadable:
                         for other in unreadable:
@@ -210,11 +249,17 @@ class MembershipPlanner:
                                 unknown_reported.add((room_id, other))
                                 self.findings.append(Finding(
                                     room_id, "unchecked_entitlement",
-                                    f"cannot see the members of {other}: its members are assumed entitled",
+                                    f"cannot see the members of {other}: nobody is evicted here on its account until it "
+                                    "can be read again",
                                 ))
                         continue
                     if grace_ms and not any(self.memberships.is_planned(s, user_id) for s in left):
-                        left_at = max(self.snapshot.rooms[s].members[user_id].ts for s in left)
+                        # spacesync's own clock: when it first saw the departure, never the sender's timestamp.
+                        left_at = max(
+                            seen if (seen := self.snapshot.rooms[s].members[user_id].seen_ms) is not None
+                            else self.snapshot.now_ms
+                            for s in left
+                        )
                         ends = left_at + grace_ms
                         if ends > self.snapshot.now_ms:
                             self.recheck_at_ms = min(ends, self.recheck_at_ms or ends)
@@ -251,8 +296,10 @@ class MembershipPlanner:
         blocked: dict[tuple[RoomID, UserID], list[PlacedBan]] = {}
         for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.room_id, b.user_id, b.cause)):
             room = self.snapshot.rooms.get(placed.room_id)
-            if room is None:
-                continue
+            if room is None or not self.snapshot.known(placed.room_id) or not all(
+                self.snapshot.known(s) for s in self.graph.authority.get(placed.room_id, ())
+            ):
+                continue  # read again before lifting, or forgetting, anything there
             state = room.members.get(placed.user_id)
             if state is None or state.membership is not Membership.BAN or (
                 state.sender is not None and state.sender != self.policy.bot

@@ -6,14 +6,26 @@ import asyncio
 import time
 
 import structlog
-from mautrix.errors import MatrixRequestError
+from aiohttp import ClientError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from ..core.graph import RESTRICTED_RULES
-from ..matrix import MatrixAdapter, StateCache
+from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..model import Policy, RoomID, Snapshot
 from ..store import Store
+from .history import MemberHistory
 
 log = structlog.get_logger("spacesync.observer")
+
+READ_ATTEMPTS = 3
+READ_ERRORS = (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError, ValueError)
+
+
+def describe_error(error: BaseException) -> str:
+    """A short reason for findings and logs: '502 M_UNKNOWN', 'TimeoutError', ..."""
+    if isinstance(error, MatrixRequestError):
+        return f"{error.http_status} {getattr(error, 'errcode', '') or ''}".strip()
+    return f"{type(error).__name__}: {error}".rstrip(": ")
 
 
 class Observer:
@@ -36,6 +48,7 @@ class Observer:
         """Managed rooms as of the last plan: the Spaces whose restricted children the bot may join."""
         self._join_attempted: set[RoomID] = set()
         self._hierarchy: dict[RoomID, list[dict]] = {}
+        self.history = MemberHistory(matrix, store)
 
     async def observe(self, policy: Policy, *, refresh: bool) -> Snapshot:
         """A snapshot of every room reachable from the roots. `refresh` re-reads state; else the cache serves."""
@@ -80,9 +93,12 @@ class Observer:
                         upgrades[room.tombstone] = room_id
             depth += 1
         self.seen = visited
-        rooms = {r: self.cache.get(r) for r in visited if r in self.cache and r not in unreachable}
+        # Rooms that could not be read this time keep their last known state (stale): see Snapshot.
+        rooms = {r: state for r in visited if (state := self.cache.get(r)) is not None}
+        roots = {s.room_id for s in policy.spaces}
+        rooms = await self.history.annotate(rooms, [r for r, s in rooms.items() if s.is_space or r in roots])
         return Snapshot(
-            rooms={r: s for r, s in rooms.items() if s is not None},
+            rooms=rooms,
             unreachable=unreachable,
             placed_bans=await self.store.placed_bans(),
             owned_levels=await self.store.owned_levels(),
@@ -90,6 +106,8 @@ class Observer:
         )
 
     async def _load(self, room_id: RoomID, refresh: bool, unreachable: dict[RoomID, str]) -> None:
+        """Read one room's state into the cache. A room that cannot be read keeps its last known state
+        (and is listed in `unreachable`, which makes it stale): unknown is not absent."""
         if room_id not in self.joined:
             self.cache.forget(room_id)
             unreachable[room_id] = "the bot is not joined: invite it or make the room restricted to the Space"
@@ -97,24 +115,37 @@ class Observer:
         if not refresh and room_id in self.cache:
             return
         async with self._sem:
+            self.cache.begin_read(room_id)
             try:
-                for _ in range(3):  # a /sync delta that landed meanwhile is newer: read again
-                    generation = self.cache.generation(room_id)
-                    events = await self.matrix.room_state(room_id)
-                    self.requests += 1
-                    if self.cache.generation(room_id) == generation:
-                        break
-                else:
-                    if room_id in self.cache:  # still moving: the cache with its deltas is the newer view
-                        return
+                events = await self._read_state(room_id)
+            except READ_ERRORS as e:
+                self.cache.end_read(room_id)
+                unreachable[room_id] = f"state unreadable: {describe_error(e)}"
+                log.warning("room state unreadable", room=room_id, error=describe_error(e),
+                            kept_last_known=room_id in self.cache)
+                return
+            self.cache.replace(room_id, events)
+
+    async def _read_state(self, room_id: RoomID) -> list[dict]:
+        """GET /state, tried again after a 429 (its retry_after_ms) or a 5xx, timeout or dropped connection
+        (with backoff), a bounded number of times. Other answers (403, 404) are final."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                events = await self.matrix.room_state(room_id)
+                self.requests += 1
+                return events
             except MatrixRequestError as e:
-                unreachable[room_id] = f"state unreadable: {e.http_status} {getattr(e, 'errcode', '')}"
-                self.cache.forget(room_id)
-                return
-            except (ValueError, asyncio.TimeoutError) as e:
-                unreachable[room_id] = f"state unreadable: {e}"
-                return
-        self.cache.replace(room_id, events)
+                self.requests += 1
+                if attempt == READ_ATTEMPTS or not (e.http_status == 429 or e.http_status >= 500):
+                    raise
+                wait = min(30.0, (retry_after_ms(e) or 1000) / 1000) if e.http_status == 429 else 0.5 * 2 ** attempt
+            except (ClientError, MatrixConnectionError, asyncio.TimeoutError, OSError):
+                self.requests += 1
+                if attempt == READ_ATTEMPTS:
+                    raise
+                wait = 0.5 * 2 ** attempt
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _auto_join(self, policy: Policy, rooms: list[RoomID], upgrades: dict[RoomID, RoomID]) -> None:
         """Join rooms that opted in by their join rule (the hierarchy API shows their allow list), and the

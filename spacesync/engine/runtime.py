@@ -296,10 +296,9 @@ class App:
             timeline = (room.get("timeline") or {})
             events = list(timeline.get("events") or [])
             state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
-            if room_id in self.cache:
-                self.cache.update(room_id, state_events)
-                if timeline.get("limited"):
-                    full = True
+            # Also for a room whose first /state read is in flight: the cache keeps the delta for it.
+            if self.cache.update(room_id, state_events) and timeline.get("limited"):
+                full = True
             # The bot's own changes are already in the cache (the executor applies them as it goes) and
             # were planned together: they need no new plan. Everyone else's do.
             relevant = [e for e in state_events if e.get("type") in TRIGGER_TYPES and not (

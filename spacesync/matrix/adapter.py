@@ -122,6 +122,13 @@ class MatrixAdapter:
                 return None
             raise
 
+    async def event(self, room_id: RoomID, event_id: str) -> dict[str, Any]:
+        """One event of a room by id (`GET /rooms/{roomId}/event/{eventId}`)."""
+        data = await self.request(Method.GET, Path.v3.rooms[room_id].event[event_id], timeout=15)
+        if not isinstance(data, dict):
+            raise ValueError(f"{room_id}: the homeserver's answer for event {event_id} is not an object")
+        return data
+
     async def membership(self, room_id: RoomID, user_id: UserID) -> str | None:
         content = await self.state_event(room_id, "m.room.member", user_id)
         return content.get("membership") if content else None

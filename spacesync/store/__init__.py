@@ -17,7 +17,7 @@ from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
 from .journal import Journal, Status, now_ms
 from .migrations import upgrade_table
 
-__all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord"]
+__all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord", "SeenMembership"]
 
 log = logging.getLogger("spacesync.store")
 LEADER_LOCK_KEY = 0x5350_4353  # "SPCS": the PostgreSQL advisory lock that elects the acting instance
@@ -31,6 +31,18 @@ def _db_logger() -> logging.Logger:
         return logging.getLogger("spacesync.db")
     finally:
         logging.setLoggerClass(previous)
+
+
+@attrs.frozen
+class SeenMembership:
+    """The last membership event spacesync saw for a user in a managed Space."""
+
+    event_id: str
+    membership: str
+    was_joined: bool | None
+    """For a leave: whether it replaced a join; None while nobody could tell."""
+    seen_at: int
+    """When spacesync first saw this event, in milliseconds on its own clock."""
 
 
 class StoreError(Exception):
@@ -205,6 +217,29 @@ class Store:
             " ON CONFLICT (room_id, user_id) DO UPDATE SET written=excluded.written, previous=excluded.previous,"
             " released=excluded.released",
             room_id, user_id, owned.written, owned.previous, owned.released,
+        )
+
+    async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:
+        rows = await self.db.fetch(
+            "SELECT room_id, user_id, event_id, membership, was_joined, seen_at FROM member_history")
+        return {
+            (RoomID(r["room_id"]), UserID(r["user_id"])): SeenMembership(
+                r["event_id"], r["membership"], None if r["was_joined"] is None else bool(r["was_joined"]),
+                int(r["seen_at"]),
+            )
+            for r in rows
+        }
+
+    async def save_member_history(self, rows: dict[tuple[RoomID, UserID], SeenMembership]) -> None:
+        if not rows:
+            return
+        await self.db.executemany(
+            "INSERT INTO member_history (room_id, user_id, event_id, membership, was_joined, seen_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, user_id) DO UPDATE SET"
+            " event_id=excluded.event_id, membership=excluded.membership, was_joined=excluded.was_joined,"
+            " seen_at=excluded.seen_at",
+            [(room_id, user_id, s.event_id, s.membership, s.was_joined, s.seen_at)
+             for (room_id, user_id), s in rows.items()],
         )
 
     async def move_room_records(self, old: RoomID, new: RoomID) -> None:

@@ -33,8 +33,13 @@ def uid(name: str) -> UserID:
     return UserID(name if name.startswith("@") else f"@{name}:{HS}")
 
 
-def member(membership: Membership | str, *, sender: str | None = None, ts: int = 0) -> MemberState:
-    return MemberState(Membership(membership), sender=uid(sender) if sender else None, ts=ts)
+def member(membership: Membership | str, *, sender: str | None = None, ts: int = 0,
+           was_joined: bool | None = True) -> MemberState:
+    """A membership reached at `ts` (also when spacesync first saw it). A leave is a real departure
+    (it replaced a join) unless `was_joined` says otherwise (False: a declined invite; None: unknown)."""
+    membership = Membership(membership)
+    return MemberState(membership, sender=uid(sender) if sender else None, ts=ts, seen_ms=ts,
+                       was_joined=was_joined if membership is Membership.LEAVE else None)
 
 
 JOIN = Membership.JOIN
@@ -96,7 +101,7 @@ def room(
         mem[BOT] = MemberState(Membership.JOIN, sender=BOT)
     for user, state in (members or {}).items():
         if not isinstance(state, MemberState):
-            state = MemberState(Membership(state), sender=uid(user))
+            state = member(state, sender=user)
         mem[uid(user)] = state
     content = dict(pl) if pl is not None else pl_content(levels, bot_level=bot_level)
     allow_ids = tuple(rid(a) for a in allow)
@@ -190,7 +195,12 @@ def apply_plan(snapshot: Snapshot, plan: Plan, *, bot: UserID = BOT, now_ms: int
         if action.kind in _MEMBERSHIP_AFTER:
             assert action.user_id is not None
             members = dict(current.members)
-            members[action.user_id] = MemberState(_MEMBERSHIP_AFTER[action.kind], sender=bot, ts=now)
+            after = _MEMBERSHIP_AFTER[action.kind]
+            members[action.user_id] = MemberState(
+                after, sender=bot, ts=now, seen_ms=now,
+                # A kick removes a joined user (a departure); an unban only lifts a ban (none).
+                was_joined=(action.kind is ActionKind.KICK) if after is Membership.LEAVE else None,
+            )
             rooms[action.room_id] = attrs.evolve(current, members=members)
             if action.kind in (ActionKind.BAN, ActionKind.UNBAN, ActionKind.KICK):
                 placed = {b for b in placed if (b.room_id, b.user_id) != (action.room_id, action.user_id)}

@@ -14,7 +14,7 @@ def member(user: str, membership: str) -> dict:
 
 
 class RacingHomeserver:
-    """Answers /state with what it held when asked, while a ban reaches /sync during the first read."""
+    """Answers /state with what it held when asked, while a ban reaches /sync before the answer lands."""
 
     def __init__(self, cache: StateCache) -> None:
         self.cache = cache
@@ -30,12 +30,46 @@ class RacingHomeserver:
         return answer
 
 
-async def test_a_delta_during_a_state_read_is_not_overwritten():
-    cache = StateCache()
-    cache.replace(ROOM, [member("@u:hs", "join")])
+async def _read(cache: StateCache) -> RacingHomeserver:
     homeserver = RacingHomeserver(cache)
     observer = Observer(homeserver, cache, store=None)  # type: ignore[arg-type]
     observer.joined = {ROOM}
     await observer._load(ROOM, True, {})
-    assert homeserver.reads == 2
+    return homeserver
+
+
+async def test_a_delta_during_a_state_read_is_not_overwritten():
+    cache = StateCache()
+    cache.replace(ROOM, [member("@u:hs", "join")])
+    homeserver = await _read(cache)
+    assert homeserver.reads == 1, "the delta is applied over the answer: no second read is needed"
     assert cache.get(ROOM).membership("@u:hs") is Membership.BAN
+
+
+async def test_a_delta_during_the_first_read_of_a_room_is_not_lost():
+    cache = StateCache()
+    await _read(cache)
+    assert cache.get(ROOM).membership("@u:hs") is Membership.BAN
+
+
+async def test_a_failed_read_keeps_the_last_known_state_and_stops_buffering():
+    cache = StateCache()
+    cache.replace(ROOM, [member("@u:hs", "join")])
+
+    class Down:
+        async def room_state(self, room_id: RoomID) -> list[dict]:
+            raise OSError("connection refused")
+
+    observer = Observer(Down(), cache, store=None)  # type: ignore[arg-type]
+    observer.joined = {ROOM}
+    unreachable: dict[RoomID, str] = {}
+    import spacesync.engine.observer as module
+    module_attempts, module.READ_ATTEMPTS = module.READ_ATTEMPTS, 1
+    try:
+        await observer._load(ROOM, True, unreachable)
+    finally:
+        module.READ_ATTEMPTS = module_attempts
+    assert "OSError" in unreachable[ROOM]
+    assert cache.get(ROOM).membership("@u:hs") is Membership.JOIN, "unknown is not absent: the last state stays"
+    cache.update(ROOM, [member("@u:hs", "leave")])
+    assert cache.get(ROOM).membership("@u:hs") is Membership.LEAVE

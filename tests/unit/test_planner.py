@@ -486,3 +486,85 @@ def test_a_ban_a_moderator_placed_over_the_bots_is_not_lifted():
     p = plan(snap, policy("root"))
     assert p.actions == ()
     assert p.stale_bans == (PlacedBan(rid("a"), uid("u"), "space_ban"),)
+
+
+# --- unknown is not absent ------------------------------------------------------------------
+
+
+def test_only_a_leave_that_replaced_a_join_is_a_departure():
+    snap = snapshot(
+        space("root", children=["x"], members={
+            "left": member(LEAVE, sender="left"),
+            "declined": member(LEAVE, sender="declined", was_joined=False),
+            "unknown": member(LEAVE, sender="unknown", was_joined=None),
+            "banned": member(BAN, sender="mod"),
+        }),
+        child("x", members={"left": JOIN, "declined": JOIN, "unknown": JOIN, "banned": JOIN}),
+    )
+    p = plan(snap, policy("root"))
+    assert {(a.kind.value, a.user_id) for a in p.actions} == {("kick", uid("left")), ("ban", uid("banned"))}
+    unknown = [f for f in p.findings if f.code == "history_unknown"]
+    assert [f.room_id for f in unknown] == [rid("x")] and uid("unknown") in unknown[0].message
+    assert not any(uid("declined") in f.message for f in p.findings), "a declined invite is nothing to report"
+
+
+def test_a_parent_space_that_cannot_be_read_keeps_its_members_in():
+    # x answers to Spaces a and b (m.space.parent, with matching children); u left a but is in b.
+    rooms = (
+        space("a", children=["x"], members={"u": LEAVE}),
+        space("b", children=["x"], members={"u": JOIN}),
+        child("x", join_rule="invite", allow=[], parents=["a", "b"], members={"u": JOIN}),
+    )
+    pol = policy("a", "b")
+    assert plan(snapshot(*rooms), pol).actions == (), "entitled through b while b reads"
+    # b answers 502 this time: its last known state is kept (stale), and u stays.
+    stale = plan(snapshot(*rooms, unreachable={"b": "state unreadable: 502"}), pol)
+    assert stale.actions == ()
+    assert (rid("b"), "unreachable") in codes(stale)
+    # b never read at all: x names it as a parent, so it may entitle, and u stays.
+    never_read = plan(snapshot(rooms[0], rooms[2], unreachable={"b": "state unreadable: 502"}), pol)
+    assert never_read.actions == ()
+    assert (rid("x"), "unchecked_entitlement") in codes(never_read)
+    # and once b reads again showing u gone, u is evicted
+    gone = attrs.evolve(rooms[1], members={**rooms[1].members, uid("u"): member(LEAVE, sender="u")})
+    assert kinds(plan(snapshot(rooms[0], gone, rooms[2]), pol)) == [("kick", rid("x"), uid("u"))]
+
+
+def test_nothing_is_done_in_a_stale_room_nor_from_a_stale_space():
+    snap = snapshot(
+        space("root", children=["x", "y"], members={"gone": LEAVE, "banned": member(BAN, sender="mod")}),
+        child("x", members={"gone": JOIN, "banned": JOIN}, levels={"p": 10}),
+        child("y", members={"gone": JOIN, "banned": JOIN}),
+        unreachable={"x": "state unreadable: TimeoutError"},
+    )
+    p = plan(snap, policy("root"))
+    assert {a.room_id for a in p.actions} == {rid("y")}
+    stale_root = plan(attrs.evolve(snap, unreachable={rid("root"): "state unreadable: 429"}), policy("root"))
+    assert stale_root.actions == (), "a Space read before but not now neither evicts nor bans"
+
+
+def test_a_root_that_added_the_room_explicitly_may_entitle_while_unreadable():
+    rooms = (
+        space("a", children=["x"], members={"u": LEAVE}),
+        space("b", members={"u": JOIN}),
+        child("x", parent="a", members={"u": JOIN}),
+    )
+    pol = policy("a", SpacePolicy(rid("b"), extra_rooms=frozenset({rid("x")})))
+    assert plan(snapshot(*rooms), pol).actions == ()
+    assert plan(snapshot(rooms[0], rooms[2], unreachable={"b": "state unreadable: 502"}), pol).actions == ()
+
+
+def test_grace_runs_on_spacesyncs_clock_not_the_senders():
+    # The leaver's server claims the leave is old (origin_server_ts 0); spacesync saw it at 95 s.
+    gone = attrs.evolve(member(LEAVE, sender="gone", ts=0), seen_ms=95_000)
+    snap = snapshot(space("root", children=["x"], members={"gone": gone}), child("x", members={"gone": JOIN}),
+                    now_ms=100_000)
+    p = plan(snap, policy(SpacePolicy(rid("root"), grace_period_s=30)))
+    assert p.actions == () and p.recheck_at_ms == 125_000
+
+
+def test_malformed_state_is_reported_and_the_rest_planned():
+    bad = attrs.evolve(space("root", children=["x"], members={"gone": LEAVE}), malformed=2)
+    p = plan(snapshot(bad, child("x", members={"gone": JOIN})), policy("root"))
+    assert kinds(p) == [("kick", rid("x"), uid("gone"))]
+    assert (rid("root"), "malformed") in codes(p)

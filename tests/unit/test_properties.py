@@ -13,6 +13,8 @@ import functools
 import os
 from typing import Any
 
+import attrs
+
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -137,7 +139,9 @@ def rooms_and_snapshot(draw: Any, *, n_roots: int) -> tuple[Snapshot, list[Any]]
     for i, room_id in enumerate(ids):
         if i >= n_roots and draw(_ints(0, 11)) == 0:
             unreachable[room_id] = "forbidden"
-            continue
+            if draw(_BOOL):
+                continue  # never read
+            # else read before: its last known state stays in the snapshot (stale)
         version = draw(_one_of(tuple(VERSIONS)))
         feats = features(version)
         v12 = feats is not None and feats.creators_privileged
@@ -166,7 +170,12 @@ def rooms_and_snapshot(draw: Any, *, n_roots: int) -> tuple[Snapshot, list[Any]]
                 kind, sender = "leave", USERS[0] if user != USERS[0] else BOT
             elif kind in ("ban", "invite"):
                 sender = BOT if k % 2 else (USERS[0] if user != USERS[0] else BOT)
-            members[user] = MemberState(Membership(kind), sender=sender, ts=(ts_base + 7919 * k) % 100_000)
+            ts = (ts_base + 7919 * k) % 100_000
+            # How a leave came about: mostly a real departure, sometimes a declined invite or a rejected
+            # knock (False), sometimes nobody can tell (None).
+            was_joined = _pick(draw, [True, True, True, False, None]) if kind == "leave" else None
+            members[user] = MemberState(Membership(kind), sender=sender, ts=(ts * 13) % 100_000, seen_ms=ts,
+                                        was_joined=was_joined)
         strings = feats is not None and not feats.integer_levels and draw(_ints(0, 2)) == 0
         as_level = str if strings else int
         users: dict[str, Any] = {}
@@ -369,16 +378,18 @@ def test_no_eviction_of_an_entitled_user(world):
         room = snapshot.rooms[action.room_id]
         user = action.user_id
         assert room.membership(user) is Membership.JOIN
+        assert snapshot.known(action.room_id), "nothing is done in a room that could not be read"
         # entitlers as they stand after the plan too: a join-rule repair must not entitle again
         # a user this very plan evicts
         allowed = entitlers(room, graph) | entitlers(after.rooms[action.room_id], graph)
-        assert allowed <= set(snapshot.rooms), "an unreadable entitler means entitled"
+        assert all(snapshot.known(e) for e in allowed), "an unreadable entitler means entitled"
+        assert not any(p in snapshot.unreachable for p in room.parents), "an unreadable parent may entitle"
         assert not any(after.rooms[e].membership(user) is Membership.JOIN for e in allowed), action
-        # and the user did leave (or was removed from) a managed entitling Space: never a stranger
+        # and the user really departed from (or was removed from) a managed entitling Space: never a
+        # stranger, never someone who declined an invite, never on a leave nobody can tell the history of
         assert any(
             e in graph.managed and (after.rooms[e].is_space or e in graph.roots)
-            and after.rooms[e].members.get(user) is not None
-            and after.rooms[e].members[user].membership in (Membership.LEAVE, Membership.BAN)
+            and _departed(snapshot, after, e, user)
             for e in allowed
         ), action
 
@@ -399,16 +410,64 @@ def test_grace_period_is_kept(world):
         grace_ms = int(max(s.grace_period_s for s in policy.spaces if s.room_id in graph.governing[action.room_id]) * 1000)
         left = [
             e for e in entitlers(snapshot.rooms[action.room_id], graph)
-            if e in graph.managed and after.rooms[e].members.get(user) is not None
-            and after.rooms[e].members[user].membership in (Membership.LEAVE, Membership.BAN)
+            if e in graph.managed and _departed(snapshot, after, e, user)
         ]
         assert left
-        # the grace is over for some Space left, or this plan itself removes the user from one
+        # the grace is over for some Space left (on spacesync's own clock, never the sender's
+        # timestamp), or this plan itself removes the user from one
         assert any(
             after.rooms[e].members[user] != snapshot.rooms[e].members.get(user)
-            or snapshot.rooms[e].members[user].ts + grace_ms <= snapshot.now_ms
+            or snapshot.rooms[e].members[user].seen_ms + grace_ms <= snapshot.now_ms
             for e in left
         ), action
+
+
+def _departed(before: Snapshot, after: Snapshot, room_id: Any, user: Any) -> bool:
+    """A real departure from a room: a ban, a leave that replaced a join, or removed by the plan itself."""
+    state = after.rooms[room_id].members.get(user)
+    if state is None:
+        return False
+    if state != before.rooms[room_id].members.get(user):
+        return state.membership in (Membership.LEAVE, Membership.BAN)
+    return state.membership is Membership.BAN or (state.membership is Membership.LEAVE and state.was_joined is True)
+
+
+def _evictions(result: Any) -> set[tuple[Any, Any]]:
+    return {(a.room_id, a.user_id) for a in result.actions if a.kind in MEMBERSHIP_EVICTIONS}
+
+
+@SETTINGS
+@given(worlds(), st.data())
+def test_a_room_that_cannot_be_read_never_causes_an_eviction(world, data):
+    """Hiding rooms (stale: last known state kept; or never read) only ever removes evictions."""
+    snapshot, policy = world
+    policy = attrs.evolve(policy, max_rooms=2000)  # a smaller walk must not let the cap admit other rooms
+    full = _evictions(plan(snapshot, policy))
+    hidden = data.draw(_subset(tuple(sorted(snapshot.rooms)), 3))
+    keep_last_known = data.draw(_BOOL)
+    degraded = attrs.evolve(
+        snapshot,
+        rooms=snapshot.rooms if keep_last_known else {r: s for r, s in snapshot.rooms.items() if r not in hidden},
+        unreachable={**snapshot.unreachable, **{r: "502 from the homeserver" for r in hidden}},
+    )
+    assert _evictions(plan(degraded, policy)) <= full, hidden
+
+
+@SETTINGS
+@given(worlds())
+def test_a_leave_that_was_no_departure_evicts_nobody(world):
+    """Declined invites, rejected knocks and leaves nobody can tell the history of never evict."""
+    snapshot, policy = world
+    rooms = {}
+    for room_id, room in snapshot.rooms.items():
+        members = {
+            u: attrs.evolve(m, membership=Membership.LEAVE, was_joined=(False if len(u) % 2 else None))
+            if m.membership in (Membership.LEAVE, Membership.BAN) else m
+            for u, m in room.members.items()
+        }
+        rooms[room_id] = attrs.evolve(room, members=members)
+    result = plan(attrs.evolve(snapshot, rooms=rooms, placed_bans=frozenset()), policy)
+    assert not [a for a in result.actions if a.kind in MEMBERSHIP_EVICTIONS], result.actions
 
 
 @SETTINGS
@@ -433,6 +492,10 @@ def test_space_bans_reach_every_managed_descendant(world):
             for room_id in graph.governed_by(space_id):
                 room = after.rooms[room_id]
                 if room.tombstone is not None:
+                    continue
+                if not (snapshot.known(room_id) and snapshot.known(space_id)):
+                    # last known state only: nothing is done there or on its account, and it is reported
+                    assert (room_id if not snapshot.known(room_id) else space_id, "unreachable") in reported
                     continue
                 assert (
                     room.membership(user) is Membership.BAN

@@ -38,16 +38,48 @@ def test_parse_reads_what_the_planner_needs_and_tolerates_junk():
     assert room.predecessor == "!old:hs"
 
 
-def test_updates_apply_to_cached_rooms_and_count_generations():
+def test_updates_apply_to_cached_rooms_and_wait_for_a_first_read():
     cache = StateCache()
     assert cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "join"})]) is False
-    assert cache.generation(ROOM) == 1, "a delta for a room still being read for the first time must count"
-    cache.replace(ROOM, [event("m.room.create", "", {"room_version": "10"})])
-    before = cache.generation(ROOM)
+    assert ROOM not in cache, "a delta alone is no state: the room still needs its /state read"
+    cache.begin_read(ROOM)
+    cache.update(ROOM, [event("m.room.member", "@v:hs", {"membership": "ban"})])
+    cache.replace(ROOM, [event("m.room.create", "", {"room_version": "10"}),
+                         event("m.room.member", "@v:hs", {"membership": "join"})])
+    assert cache.get(ROOM).membership("@v:hs") is Membership.BAN, "the delta seen during the read wins"
     assert cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "join"})]) is True
-    assert cache.generation(ROOM) == before + 1
     assert cache.get(ROOM).membership("@u:hs") is Membership.JOIN
     cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "leave"})])
     assert cache.get(ROOM).membership("@u:hs") is Membership.LEAVE
     cache.forget(ROOM)
     assert cache.get(ROOM) is None and ROOM not in cache
+
+
+def test_membership_history_read_from_unsigned_and_malformed_events_skipped():
+    leave = event("m.room.member", "@l:hs", {"membership": "leave"})
+    leave["unsigned"] = {"prev_content": {"membership": "join"}, "replaces_state": "$prev"}
+    declined = event("m.room.member", "@d:hs", {"membership": "leave"})
+    declined["unsigned"] = {"prev_content": {"membership": "invite"}}
+    unknown = event("m.room.member", "@q:hs", {"membership": "leave"})
+    unknown["unsigned"] = {"replaces_state": "$x"}
+    bad_ts = event("m.room.member", "@t:hs", {"membership": "join"})
+    bad_ts["origin_server_ts"] = "yesterday"
+    state = {
+        ("m.room.member", "@l:hs"): leave,
+        ("m.room.member", "@d:hs"): declined,
+        ("m.room.member", "@q:hs"): unknown,
+        ("m.room.member", "@t:hs"): bad_ts,
+        ("m.room.member", "@list:hs"): {**event("m.room.member", "@list:hs", {}), "content": ["join"]},
+        ("m.room.member", "@sender:hs"): {**event("m.room.member", "@sender:hs", {"membership": "join"}),
+                                          "sender": ["@a:hs"]},
+        ("m.space.child", "!c:hs"): {**event("m.space.child", "!c:hs", {}), "content": ["via"]},
+        ("m.space.child", "!ok:hs"): event("m.space.child", "!ok:hs", {"via": ["hs"]}),
+    }
+    room = parse_room_state(ROOM, state)
+    assert room.members["@l:hs"].was_joined is True and room.members["@l:hs"].replaces == "$prev"
+    assert room.members["@d:hs"].was_joined is False
+    assert room.members["@q:hs"].was_joined is None and room.members["@q:hs"].replaces == "$x"
+    assert room.members["@t:hs"].membership is Membership.JOIN and room.members["@t:hs"].ts == 0
+    assert "@list:hs" not in room.members and "@sender:hs" not in room.members
+    assert room.malformed == 2, "the event with a sender list and the child with list content"
+    assert dict(room.children) == {"!ok:hs": ("hs",)}
