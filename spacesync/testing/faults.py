@@ -18,7 +18,17 @@ its fault, every other request is forwarded. The faults:
 - `Drop`: close the connection without any answer (the client sees a disconnect).
 - `Rewrite`: forward, then pass the JSON answer through a function (malformed or surprising answers).
 
-Every request is logged (method, path, rule applied, status) for assertions.
+Every request is logged (method, path, rule applied, status) for assertions::
+
+    async with FaultProxy(synapse.url) as proxy:          # or the `fault_proxy` fixture
+        rule = proxy.rate_limit(r"/rooms/[^/]+/kick$", retry_after_ms=1500, times=3)
+        proxy.delay_response(rf"/rooms/{re.escape(room_id)}/state$", 2.0, method="GET")
+        ...                                                # point the client at proxy.url
+        assert proxy.count(r"/kick$", method="POST") == 4
+        rule.remove()
+
+aiohttp clients (mautrix among them) resend an idempotent request once after a disconnect: to make
+them see a `Drop`, drop at least two.
 
 `TcpProxy` is a plain TCP relay in front of a database: `cut()` breaks every live connection, and
 `refuse()` makes new connections fail at once until `accept()`.
@@ -141,10 +151,10 @@ class Rule:
     path: re.Pattern[str]
     method: str | None = None
     times: int | None = None
-    hits: int = 0
-    """How many requests this rule has been applied to."""
     _proxy: FaultProxy | None = attrs.field(default=None, repr=False)
-    _removed: asyncio.Event = attrs.field(factory=asyncio.Event, repr=False)
+    hits: int = attrs.field(default=0, init=False)
+    """How many requests this rule has been applied to."""
+    _removed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False, repr=False)
 
     @property
     def exhausted(self) -> bool:
@@ -202,6 +212,11 @@ class FaultProxy:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled now: held, waiting for the upstream or being answered."""
+        return len(self._handlers)
 
     async def start(self) -> None:
         # No timeout towards the upstream: /sync long-polls take as long as the client asked for.
@@ -361,7 +376,14 @@ class FaultProxy:
             case DelayResponse(seconds=seconds):
                 await asyncio.sleep(seconds)
             case Rewrite(fn=fn):
-                result = fn(json.loads(body))
+                try:
+                    document = json.loads(body)
+                except ValueError:
+                    error = (f"fault proxy: cannot rewrite the answer to {request.method} {request.path}: "
+                             f"the upstream's HTTP {status} body is not JSON; narrow the rule's path or method")
+                    log.warning("fault proxy rewrite skipped", method=request.method, path=request.path)
+                    return web.json_response({"errcode": "M_UNKNOWN", "error": error}, status=502)
+                result = fn(document)
                 body = result if isinstance(result, bytes) else json.dumps(result).encode()
         return web.Response(status=status, headers=headers, body=body)
 
