@@ -53,7 +53,6 @@ import aiohttp
 import attrs
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 __all__ = [
@@ -73,14 +72,20 @@ log = structlog.get_logger("spacesync.testing")
 
 LOOPBACK: Final = "127.0.0.1"
 _CHUNK: Final = 64 * 1024
-# Per connection, not end-to-end: never forwarded as they are (RFC 9110 section 7.6.1), plus the
-# framing headers that aiohttp recomputes for the body it sends.
+# Per connection, not end-to-end, so never passed on (RFC 9110 section 7.6.1); plus Host (the
+# upstream's own), Content-Length (recomputed) and Content-Encoding (aiohttp decompresses answers).
 _HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
 })
 
 JSONValue = Any
+Headers = list[tuple[str, str]]
+
+
+def _end_to_end(headers: Mapping[str, str]) -> Headers:
+    """The headers to pass on, repeated ones kept."""
+    return [(key, value) for key, value in headers.items() if key.lower() not in _HOP_BY_HOP]
 
 
 # Faults
@@ -387,22 +392,22 @@ class FaultProxy:
                 body = result if isinstance(result, bytes) else json.dumps(result).encode()
         return web.Response(status=status, headers=headers, body=body)
 
-    async def _forward(self, request: web.Request) -> tuple[int, CIMultiDict[str], bytes]:
+    async def _forward(self, request: web.Request) -> tuple[int, Headers, bytes]:
         """Send the request on to the upstream: same method, path, query, headers (Host aside) and body."""
         assert self._session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
+        headers = _end_to_end(request.headers)
         body = await request.read()
         url = URL(self.upstream + request.raw_path, encoded=True)
         try:
             async with self._session.request(request.method, url, headers=headers, data=body or None,
                                              allow_redirects=False) as upstream:
                 answer = await upstream.read()
-                reply = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP)
+                reply = _end_to_end(upstream.headers)
                 return upstream.status, reply, answer
         except aiohttp.ClientError as exc:
             log.warning("fault proxy upstream unreachable", upstream=self.upstream, error=repr(exc))
             error = {"errcode": "M_UNKNOWN", "error": f"fault proxy: upstream {self.upstream} unreachable: {exc}"}
-            return 502, CIMultiDict({"Content-Type": "application/json"}), json.dumps(error).encode()
+            return 502, [("Content-Type", "application/json")], json.dumps(error).encode()
 
 
 # TCP proxy
