@@ -214,7 +214,8 @@ class Reconciler:
     async def _announce_findings(self, plan: Plan) -> None:
         """Tell the admin room once about rooms that need a moderator (not opted in, unreachable, no power)."""
         new = [f for f in plan.findings
-               if f.code in ("not_opted_in", "unreachable", "no_power", "version", "cap_rooms", "cap_depth")
+               if f.code in ("not_opted_in", "unreachable", "no_power", "version", "cap_rooms", "cap_depth",
+                             "unchecked_entitlement", "history_unknown", "malformed")
                and str(f) not in self._announced_findings]
         if not new or not self.notify:
             return

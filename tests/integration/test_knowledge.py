@@ -60,8 +60,11 @@ async def test_a_departure_while_the_bot_never_ran_is_still_evicted(world, start
     for r in (space, room):
         await user.client.join(r)
     await user.client.leave(space)
-    await start_bot([{"room": space}])
+    for i in range(60):  # push the leave out of the timeline the bot's first /sync shows it
+        await world.owner.client.send_text(space, f"news {i}")
+    bot = await start_bot([{"room": space}])
     await wait_membership(world, [room], user.user_id, "leave", timeout=15)
+    assert bot.app.observer.history.lookups >= 1, "the previous membership was read from the homeserver"
 
 
 async def test_a_parent_space_answering_502_keeps_its_members_in(world, start_bot, make_user, fault_proxy):
