@@ -175,6 +175,9 @@ class SpacePolicy:
     max_power_level: int | None = None
     creator_level: int = 100
     enforce_join_rules: bool = False
+    restrict_invite_rooms: bool = False
+    """With `enforce_join_rules`, also turn invite-only rooms into restricted ones (which opens them to every
+    member of the Space): a separate choice, never implied by enforcing."""
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
 

@@ -46,7 +46,7 @@ async def opted_in_child(world, space: str, name: str, *, join_rule: str, versio
 async def test_invite_room_opted_in_by_parent_becomes_restricted(world, start_bot):
     space = await world.space("S")
     room = await opted_in_child(world, space, "R", join_rule="invite")
-    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+    bot = await start_bot([{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True}])
 
     await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
     await bot.reconcile()
@@ -57,10 +57,28 @@ async def test_invite_room_opted_in_by_parent_becomes_restricted(world, start_bo
 async def test_invite_room_added_by_extra_rooms_becomes_restricted(world, start_bot):
     space = await world.space("S")
     room = await world.room(space, "R", join_rule="invite", add_child=False)
-    bot = await start_bot([{"room": space, "join_rules": "enforce", "extra_rooms": [room]}])
+    bot = await start_bot([{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True,
+                            "extra_rooms": [room]}])
 
     await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
     assert room in bot.app.reconciler.last_plan.managed
+
+
+async def test_enforce_alone_leaves_an_invite_room_invite_only_and_reports_it(world, start_bot):
+    space = await world.space("S")
+    invite = await opted_in_child(world, space, "invite", join_rule="invite")
+    public = await opted_in_child(world, space, "public", join_rule="public")
+    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+
+    # The public room is restricted (that only narrows who may join): the same pass left the invite room alone.
+    await wait_join_rules(world, public, {"join_rule": "restricted", "allow": [allow_entry(space)]})
+    await bot.reconcile()
+    assert await join_rules(world, invite) == {"join_rule": "invite"}
+    assert invite in bot.app.reconciler.last_plan.managed
+    assert not acted_in(bot, invite)
+    kept = findings(bot, "invite_kept", invite)
+    assert len(kept) == 1 and "restrict_invite_rooms: true" in kept[0].message
+    assert not [r for r in await bot.app.store.audit_log(50) if r.room_id == invite]
 
 
 async def test_public_room_becomes_restricted(world, start_bot):
