@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 FAMILY = "status"
 
-JOIN_RULE_CODES = frozenset({"allow_missing", "not_restricted", "join_rule", "version", "upgraded"})
+JOIN_RULE_CODES = frozenset({"allow_missing", "not_restricted", "invite_kept", "join_rule", "version", "upgraded"})
 POWER_LEVEL_CODES = frozenset({"invalid_user", "changed_by_hand", "above_bot"})
 JOIN_RULE_KINDS = frozenset({ActionKind.SET_JOIN_RULES, ActionKind.SET_SPACE_CHILD, ActionKind.INVITE})
 
@@ -309,6 +309,14 @@ def _labels(app: App, rooms: Iterable[RoomID], v: View) -> tuple[str, str]:
     return ", ".join(t for t, _ in pairs), ", ".join(h for _, h in pairs)
 
 
+def put_out_by(membership: Membership, sender: str | None, bot: str, placed: bool) -> tuple[str, str]:
+    """'leave by @mod:example.org': who put a user out of a room, in plain text and escaped HTML (the sender
+    comes from room state: any homeserver may send any text there)."""
+    who = "spacesync" if sender == bot else (sender or "unknown")
+    text = f"{membership.value} by {who}" + (" (its own ban: lifted with the Space ban)" if placed else "")
+    return text, esc(text)
+
+
 @command("whois", usage="whois <@user>", family=FAMILY,
          summary="the managed rooms a user is in and what entitles them",
          help="For each managed room where the user has a membership, shows it and the rooms that entitle "
@@ -356,11 +364,8 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
                     why_t += f"; protected: {guard}"
                     why_h += f"; protected: {esc(guard)}"
             else:  # not in the room: entitlement is moot; say who put them out
-                by = room.members[user].sender
                 placed = any(b.room_id == room_id and b.user_id == user for b in snapshot.placed_bans)
-                who = "spacesync" if by == policy.bot else (by or "unknown")
-                why_t = why_h = f"{membership.value} by {who}" + (" (its own ban: lifted with the Space ban)"
-                                                                 if placed else "")
+                why_t, why_h = put_out_by(membership, room.members[user].sender, policy.bot, placed)
         lines.append(line(f"{room_t}: {membership.value} — {why_t}",
                           f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}"))
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
@@ -409,8 +414,9 @@ async def _family_report(ctx: Context, args: list[str], family: str, kinds: froz
 @command("joinrules", usage="joinrules [space]", family=FAMILY,
          summary="join-rule findings and pending join-rule actions",
          help="From a fresh plan: managed rooms whose join rule is not restricted to their Space, allow lists "
-              "missing their Space, room versions that cannot be restricted, upgraded rooms to re-point, and "
-              "the join-rule, m.space.child and invite actions the bot would take (join_rules: enforce).")
+              "missing their Space, room versions that cannot be restricted, upgraded rooms to re-point, "
+              "invite-only rooms kept as they are (restrict_invite_rooms not set), and the join-rule, m.space.child "
+              "and invite actions the bot would take (join_rules: enforce).")
 async def joinrules(ctx: Context, args: list[str]) -> Reply:
     return await _family_report(ctx, args, "joinrules", JOIN_RULE_KINDS, "Join rules")
 
@@ -425,4 +431,4 @@ async def powerlevels(ctx: Context, args: list[str]) -> Reply:
 # endregion
 
 
-__all__ = ["finding_family", "action_line", "finding_line"]
+__all__ = ["finding_family", "action_line", "finding_line", "put_out_by"]
