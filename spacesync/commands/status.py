@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 FAMILY = "status"
 
 JOIN_RULE_CODES = frozenset({"allow_missing", "not_restricted", "invite_kept", "join_rule", "version", "upgraded"})
-POWER_LEVEL_CODES = frozenset({"invalid_user", "changed_by_hand", "above_bot"})
+POWER_LEVEL_CODES = frozenset({"invalid_user", "changed_by_hand", "above_bot", "restricted_locally"})
 JOIN_RULE_KINDS = frozenset({ActionKind.SET_JOIN_RULES, ActionKind.SET_SPACE_CHILD, ActionKind.INVITE})
 
 
@@ -423,7 +423,8 @@ async def joinrules(ctx: Context, args: list[str]) -> Reply:
 
 @command("powerlevels", usage="powerlevels [space]", family=FAMILY,
          summary="power-level findings and pending power-level changes",
-         help="From a fresh plan: power levels changed by hand (left alone), users at or above the bot's "
+         help="From a fresh plan: power levels changed by hand (left alone), users muted or demoted in the room "
+              "itself (not raised), users at or above the bot's "
               "level, rooms where the bot lacks the power to write levels, and the level changes it would make "
               "(user: before → after).")
 async def powerlevels(ctx: Context, args: list[str]) -> Reply:
