@@ -46,6 +46,8 @@ class MemberState:
     sender: UserID | None = None
     ts: int = 0
     """origin_server_ts of the membership event, in milliseconds."""
+    reason: str | None = None
+    """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
 
 
 def _to_int(value: Any, default: int) -> int:

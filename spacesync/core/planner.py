@@ -17,7 +17,7 @@ from ..model import (
     UserID,
 )
 from .entitlement import Memberships, entitled_by, entitlers, protection, user_level
-from .graph import SpaceGraph, build_graph, policies_for
+from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
 from .powerlevels import plan_power_levels
 
@@ -38,12 +38,35 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         stale_bans=tuple(membership.stale_bans),
         stale_levels=tuple(stale_levels),
         released_levels=tuple(released_levels),
-        upgrades=tuple(
-            (room_id, room.tombstone)
-            for room_id in sorted(graph.managed)
-            if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
-            and verified_upgrade(snapshot, room)
-        ),
+        upgrades=tuple(verified_upgrades(snapshot, graph)),
+    )
+
+
+def verified_upgrades(snapshot: Snapshot, graph: SpaceGraph) -> list[tuple[RoomID, RoomID]]:
+    """Managed rooms replaced by a verified upgrade, as (old, new)."""
+    return [
+        (room_id, room.tombstone)
+        for room_id in sorted(graph.managed)
+        if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
+        and verified_upgrade(snapshot, room)
+    ]
+
+
+def upgrade_copy(new: RoomState, old: RoomState | None, user_id: UserID, bot: UserID) -> bool:
+    """Whether the user's ban in an upgraded room is the homeserver's copy of the bot's own ban in the room it
+    replaced.
+
+    Synapse copies every ban into the replacement room as it upgrades, sent by the user who upgraded (the
+    replacement's creator) with the same content. Such a copy of spacesync's ban is still spacesync's: it may
+    ban again over it, to make the ban its own and lift it later. Any other ban is a moderator's.
+    """
+    if old is None or new.predecessor != old.room_id or old.tombstone != new.room_id:
+        return False
+    mine, theirs = old.members.get(user_id), new.members.get(user_id)
+    return (
+        mine is not None and mine.membership is Membership.BAN and mine.sender == bot
+        and theirs is not None and theirs.membership is Membership.BAN and theirs.sender != bot
+        and theirs.sender is not None and theirs.sender == new.create_sender and theirs.reason == mine.reason
     )
 
 
@@ -61,6 +84,7 @@ class MembershipPlanner:
         self.recheck_at_ms: int | None = None
         self._managed_rooms = sorted(r for r in graph.managed if r in snapshot.rooms)
         self._managed_spaces = [r for r in self._managed_rooms if snapshot.rooms[r].is_space or r in graph.roots]
+        self._upgrades = verified_upgrades(snapshot, graph)
         self._no_power: set[tuple[RoomID, str]] = set()
         self._unknown_reported: set[tuple[RoomID, RoomID]] = set()
 
@@ -81,7 +105,7 @@ class MembershipPlanner:
             self._reset()
             for room_id, user_id in sorted(lifts):
                 self.memberships.plan(room_id, user_id, Membership.LEAVE)
-            while self._propagate_bans() | self._evict():
+            while self._carry_bans() | self._propagate_bans() | self._evict():
                 pass
             dropped = {key for key in lifts if not self._lift_holds(key, candidates[key])}
             if not dropped:
@@ -136,6 +160,47 @@ class MembershipPlanner:
                 )
             return False
         return True
+
+    def _carry_bans(self) -> bool:
+        """The bot's own bans in an upgraded room, placed again in its replacement; True when something was
+        planned.
+
+        Only bans that still hold (the Space has not lifted them) are carried. A ban already standing in the
+        replacement is left alone, unless it is the homeserver's copy of the bot's ban (`upgrade_copy`): then
+        the bot bans again, so that the ban is its own and is lifted with the Space ban.
+        """
+        planned = False
+        bot = self.policy.bot
+        for old_id, new_id in self._upgrades:
+            old, new = self.snapshot.rooms[old_id], self.snapshot.rooms.get(new_id)
+            if new is None:
+                continue
+            for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.user_id, b.cause)):
+                user_id = placed.user_id
+                state = old.members.get(user_id)
+                if (placed.room_id != old_id or state is None or state.membership is not Membership.BAN
+                        or state.sender != bot or self.memberships.is_planned(new_id, user_id)):
+                    continue
+                if self._ban_lifted(old, placed):
+                    continue
+                there = new.members.get(user_id)
+                if there is not None and there.membership is Membership.BAN and (
+                        there.sender == bot or not upgrade_copy(new, old, user_id, bot)):
+                    continue  # already the bot's ban there, or a moderator's own
+                if user_id in exempt_in(self.graph, self.policy, old_id):
+                    self.findings.append(Finding(new_id, "protected", f"{user_id} not banned: exempt"))
+                    continue
+                if not self._may_act(new, user_id, ActionKind.BAN):
+                    continue
+                self.memberships.plan(new_id, user_id, Membership.BAN)
+                why = state.reason or f"banned by spacesync in {old_id}"
+                self.actions.append(Action(
+                    kind=ActionKind.BAN, room_id=new_id, user_id=user_id, cause=placed.cause,
+                    reason=f"{why} (carried over from {old_id}, which this room replaced)",
+                    space_id=self._root_for(old_id),
+                ))
+                planned = True
+        return planned
 
     def _propagates_bans(self, space_id: RoomID) -> bool:
         policies = policies_for(self.graph, self.policy, space_id)

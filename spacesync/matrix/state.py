@@ -50,13 +50,16 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
             if _via(event.get("content") or {}) and key.startswith("!"):
                 parents[RoomID(key)] = UserID(event.get("sender", ""))
         elif event_type == "m.room.member":
-            membership = _MEMBERSHIPS.get((event.get("content") or {}).get("membership"))
+            member_content = event.get("content") or {}
+            membership = _MEMBERSHIPS.get(member_content.get("membership"))
             if membership is not None and key.startswith("@"):
+                reason = member_content.get("reason")
                 members[UserID(key)] = MemberState(
                     membership=membership,
                     event_id=EventID(event.get("event_id", "")),
                     sender=UserID(event.get("sender", "")),
                     ts=int(event.get("origin_server_ts") or 0),
+                    reason=reason if isinstance(reason, str) else None,
                 )
     tombstone = content("m.room.tombstone").get("replacement_room")
     predecessor = create_content.get("predecessor")

@@ -486,3 +486,68 @@ def test_a_ban_a_moderator_placed_over_the_bots_is_not_lifted():
     p = plan(snap, policy("root"))
     assert p.actions == ()
     assert p.stale_bans == (PlacedBan(rid("a"), uid("u"), "space_ban"),)
+
+
+# Bans follow upgrades
+
+
+def _upgraded(old_members, new_members, root_members, **new_kw):
+    """root lists `old`, which was upgraded to `new` (not yet re-pointed: new is no child yet)."""
+    return snapshot(
+        space("root", children=["old"], members=root_members),
+        child("old", tombstone="new", members=old_members),
+        child("new", predecessor="old", creator="owner", members=new_members, **new_kw),
+        placed_bans=[PlacedBan(rid("old"), uid("u"), "space_ban")],
+    )
+
+
+def test_a_space_ban_is_carried_into_the_replacement_room():
+    from spacesync.model import MemberState, Membership
+
+    mine = MemberState(Membership.BAN, sender=BOT, reason="banned in Space !root:hs.test")
+    snap = _upgraded({"u": mine}, {"u": JOIN}, {"u": member(BAN, sender="owner")})
+    p = plan(snap, policy("root"))
+    bans = actions_of(p, ActionKind.BAN)
+    assert [(a.room_id, a.user_id, a.cause) for a in bans] == [(rid("new"), uid("u"), "space_ban")]
+    assert "carried over from" in bans[0].reason and bans[0].space_id == rid("root")
+    after = apply_plan(snap, p)
+    assert PlacedBan(rid("new"), uid("u"), "space_ban") in after.placed_bans
+    assert not actions_of(plan(after, policy("root")), ActionKind.BAN)
+
+
+def test_the_homeservers_copy_of_the_bots_ban_is_banned_over_a_moderators_ban_is_not():
+    from spacesync.model import MemberState, Membership
+
+    reason = "banned in Space !root:hs.test"
+    mine = MemberState(Membership.BAN, sender=BOT, reason=reason)
+    copy = MemberState(Membership.BAN, sender=uid("owner"), reason=reason)
+    snap = _upgraded({"u": mine}, {"u": copy}, {"u": member(BAN, sender="owner")})
+    assert [(a.room_id, a.user_id) for a in actions_of(plan(snap, policy("root")), ActionKind.BAN)] == [
+        (rid("new"), uid("u"))]
+    # A ban with another reason, or by someone other than the replacement's creator, is a moderator's own.
+    for theirs in (MemberState(Membership.BAN, sender=uid("owner"), reason="spam"),
+                   MemberState(Membership.BAN, sender=uid("mod"), reason=reason)):
+        other = _upgraded({"u": mine}, {"u": theirs}, {"u": member(BAN, sender="owner")})
+        assert not actions_of(plan(other, policy("root")), ActionKind.BAN)
+
+
+def test_a_ban_the_space_lifted_is_not_carried():
+    from spacesync.model import MemberState, Membership
+
+    mine = MemberState(Membership.BAN, sender=BOT)
+    snap = _upgraded({"u": mine}, {"u": LEAVE}, {"u": member(LEAVE, sender="owner")})
+    assert not actions_of(plan(snap, policy("root")), ActionKind.BAN)
+
+
+def test_an_on_leave_ban_is_carried_while_the_user_stays_out():
+    from spacesync.model import MemberState, Membership
+
+    mine = MemberState(Membership.BAN, sender=BOT)
+    snap = attrs.evolve(
+        _upgraded({"u": mine}, {}, {"u": member(LEAVE)}),
+        placed_bans=frozenset({PlacedBan(rid("old"), uid("u"), "on_leave")}),
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN)))
+    assert [(a.room_id, a.cause) for a in actions_of(p, ActionKind.BAN)] == [(rid("new"), "on_leave")]
+    back = attrs.evolve(snap, rooms={**snap.rooms, rid("root"): space("root", children=["old"], members={"u": JOIN})})
+    assert not actions_of(plan(back, policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))), ActionKind.BAN)
