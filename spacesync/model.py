@@ -25,6 +25,7 @@ __all__ = [
     "PlacedBan",
     "OwnedLevel",
     "Finding",
+    "LeftBehind",
     "Plan",
 ]
 
@@ -293,6 +294,26 @@ class Finding:
 
 
 @attrs.frozen
+class LeftBehind:
+    """A user the plan would evict from a room but must not or cannot (protected, no power): the batch's
+    notice names them next to the rooms where the eviction worked."""
+
+    room_id: RoomID
+    user_id: UserID
+    kind: ActionKind
+    """The eviction that did not happen: kick or ban."""
+    why: str
+
+    def to_json(self) -> list[str]:
+        return [self.room_id, self.user_id, self.kind.value, self.why]
+
+    @classmethod
+    def from_json(cls, data: Any) -> LeftBehind:
+        room_id, user_id, kind, why = data
+        return cls(RoomID(room_id), UserID(user_id), ActionKind(kind), str(why))
+
+
+@attrs.frozen
 class Plan:
     """The planner's answer: actions to take now, rechecks to schedule, and findings."""
 
@@ -310,6 +331,8 @@ class Plan:
     """Entries changed by hand while the Space still asks for a level: left alone from now on."""
     upgrades: tuple[tuple[RoomID, RoomID], ...] = ()
     """Managed rooms replaced by an upgrade (old, new): spacesync's records move to the new room."""
+    left_behind: tuple[LeftBehind, ...] = ()
+    """Evictions that could not be planned, one per (room, user): who stays where, and why."""
 
     def to_json(self) -> dict[str, Any]:
         return {

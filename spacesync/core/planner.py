@@ -6,6 +6,7 @@ from ..model import (
     Action,
     ActionKind,
     Finding,
+    LeftBehind,
     Membership,
     OnLeave,
     PlacedBan,
@@ -39,7 +40,15 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         stale_levels=tuple(stale_levels),
         released_levels=tuple(released_levels),
         upgrades=tuple(verified_upgrades(snapshot, graph)),
+        left_behind=_one_per_room_and_user(membership.left_behind),
     )
+
+
+def _one_per_room_and_user(items: list[LeftBehind]) -> tuple[LeftBehind, ...]:
+    first: dict[tuple[RoomID, UserID], LeftBehind] = {}
+    for item in items:
+        first.setdefault((item.room_id, item.user_id), item)
+    return tuple(first.values())
 
 
 def verified_upgrades(snapshot: Snapshot, graph: SpaceGraph) -> list[tuple[RoomID, RoomID]]:
@@ -80,6 +89,7 @@ class MembershipPlanner:
         self.memberships = Memberships(snapshot)
         self.actions: list[Action] = []
         self.findings: list[Finding] = []
+        self.left_behind: list[LeftBehind] = []
         self.stale_bans: list[PlacedBan] = []
         self.recheck_at_ms: int | None = None
         self._managed_rooms = sorted(r for r in graph.managed if r in snapshot.rooms)
@@ -129,6 +139,7 @@ class MembershipPlanner:
         self.memberships = Memberships(self.snapshot)
         self.actions = []
         self.findings = []
+        self.left_behind = []
         self.recheck_at_ms = None
         self._no_power = set()
         self._unknown_reported = set()
@@ -144,6 +155,7 @@ class MembershipPlanner:
             self.findings.append(
                 Finding(room.room_id, "protected", f"{user_id} not {kind.value}ed: {why}")
             )
+            self.left_behind.append(LeftBehind(room.room_id, user_id, kind, why))
             return False
         pl = room.power_levels
         if kind is ActionKind.KICK:
@@ -158,6 +170,8 @@ class MembershipPlanner:
                 self.findings.append(
                     Finding(room.room_id, "no_power", f"the bot lacks the power to {kind.value} (needs {needed})")
                 )
+            self.left_behind.append(LeftBehind(
+                room.room_id, user_id, kind, f"the bot lacks the power to {kind.value} there (needs {needed})"))
             return False
         return True
 
@@ -189,6 +203,7 @@ class MembershipPlanner:
                     continue  # already the bot's ban there, or a moderator's own
                 if user_id in exempt_in(self.graph, self.policy, old_id):
                     self.findings.append(Finding(new_id, "protected", f"{user_id} not banned: exempt"))
+                    self.left_behind.append(LeftBehind(new_id, user_id, ActionKind.BAN, "exempt"))
                     continue
                 if not self._may_act(new, user_id, ActionKind.BAN):
                     continue

@@ -418,6 +418,7 @@ class App:
         if await self.store.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch):
             return
         await self.store.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch)
-        summary = batch_summary(batch, info.trigger, entries, self.room_name)
+        left = await self.store.journal.left_behind(batch)
+        summary = batch_summary(batch, info.trigger, entries, self.room_name, left)
         await self.notify(summary.text, summary.html)
     # endregion
