@@ -384,7 +384,7 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
                     note = f"; protected: {guard}"
                 elif item is not None:
                     note = f"; not {'banned' if item.kind is ActionKind.BAN else 'kicked'}: {item.why}"
-                elif failed.get(room_id):
+                elif failed.get(room_id) and not joined:
                     note = f"; eviction failed: {failed[room_id]}"
                 why_t += note
                 why_h += esc(note)
