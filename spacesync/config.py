@@ -134,6 +134,7 @@ class SpaceConfig:
     max_power_level: int | None = None
     creator_level: int = 100
     join_rules_enforce: bool = False
+    restrict_invite_rooms: bool = False
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
 
@@ -165,6 +166,7 @@ class SpaceConfig:
             max_power_level=self.max_power_level,
             creator_level=self.creator_level,
             enforce_join_rules=self.join_rules_enforce,
+            restrict_invite_rooms=self.restrict_invite_rooms,
             invite_members=self.invite_members,
             max_evictions_without_confirmation=self.max_evictions_without_confirmation,
         )
@@ -477,6 +479,7 @@ _SPACE = _section(
         "max_power_level": _Key(_nullable(_integer()), None),
         "creator_level": _Key(_integer(), 100),
         "join_rules": _Key(_choice({"audit": False, "enforce": True}), "audit"),
+        "restrict_invite_rooms": _Key(_boolean, False),
         "invite_members": _Key(_boolean, False),
         "max_evictions_without_confirmation": _Key(_nullable(_max_evictions), None),
     }

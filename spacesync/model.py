@@ -25,6 +25,7 @@ __all__ = [
     "PlacedBan",
     "OwnedLevel",
     "Finding",
+    "LeftBehind",
     "Plan",
 ]
 
@@ -55,6 +56,8 @@ class MemberState:
     """When spacesync first saw this membership, on its own clock (grace periods run from it)."""
     replaces: EventID | None = None
     """For a `leave`: the membership event it replaced (`unsigned.replaces_state`), when the homeserver said."""
+    reason: str | None = None
+    """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
 
 
 def _to_int(value: Any, default: int) -> int:
@@ -198,6 +201,9 @@ class SpacePolicy:
     max_power_level: int | None = None
     creator_level: int = 100
     enforce_join_rules: bool = False
+    restrict_invite_rooms: bool = False
+    """With `enforce_join_rules`, also turn invite-only rooms into restricted ones (which opens them to every
+    member of the Space): a separate choice, never implied by enforcing."""
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
 
@@ -311,6 +317,26 @@ class Finding:
 
 
 @attrs.frozen
+class LeftBehind:
+    """A user the plan would evict from a room but must not or cannot (protected, no power): the batch's
+    notice names them next to the rooms where the eviction worked."""
+
+    room_id: RoomID
+    user_id: UserID
+    kind: ActionKind
+    """The eviction that did not happen: kick or ban."""
+    why: str
+
+    def to_json(self) -> list[str]:
+        return [self.room_id, self.user_id, self.kind.value, self.why]
+
+    @classmethod
+    def from_json(cls, data: Any) -> LeftBehind:
+        room_id, user_id, kind, why = data
+        return cls(RoomID(room_id), UserID(user_id), ActionKind(kind), str(why))
+
+
+@attrs.frozen
 class Plan:
     """The planner's answer: actions to take now, rechecks to schedule, and findings."""
 
@@ -328,6 +354,8 @@ class Plan:
     """Entries changed by hand while the Space still asks for a level: left alone from now on."""
     upgrades: tuple[tuple[RoomID, RoomID], ...] = ()
     """Managed rooms replaced by an upgrade (old, new): spacesync's records move to the new room."""
+    left_behind: tuple[LeftBehind, ...] = ()
+    """Evictions that could not be planned, one per (room, user): who stays where, and why."""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from ..core.powerlevels import record_before
 from ..model import Action, ActionKind, Membership, RoomID, RoomState, UserID
 from ..store import Status
 from ..store.journal import Batch
@@ -113,7 +114,8 @@ def _effective(room: RoomState, value: int | None) -> int:
               "levels it changed (only entries nobody changed since, and never above your own level in the "
               "room). The reverse actions run as a new batch. Join-rule and m.space.child changes are not "
               "undone. Users who are still not entitled are evicted again by the next reconcile once they "
-              "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again.")
+              "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again. The "
+              "bot's records of the levels it wrote go back to what they were before the batch.")
 async def undo(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch = _batch_id(args[0])
@@ -156,8 +158,12 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
             changes = await _restore_levels(ctx, action, rooms, skipped)
             if changes:
                 listed = ", ".join(f"{u} → {'-' if b is None else b}" for u, (_, b) in sorted(changes.items()))
+                # The records go back to what they were before the batch, as the entries do: a later change
+                # of the Space's level then restores the room from the right value.
+                ownership = {u: record_before(action.room_id, u, action.changes[u], action.ownership.get(u))
+                             for u in changes}
                 inverse.append(Action(ActionKind.SET_POWER_LEVELS, action.room_id, reason=f"{reason}: {listed}",
-                                      cause="undo", changes=changes))
+                                      cause="undo", changes=changes, ownership=ownership))
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
     if not inverse:

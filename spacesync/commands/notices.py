@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Sequence
 
-from ..model import EVICTIONS, Action, ActionKind, RoomID, UserID
+from ..model import EVICTIONS, Action, ActionKind, LeftBehind, RoomID, UserID
 from ..store.journal import Entry, Status
 from .format import Line, Reply, code, esc, line, listing, one_line, plural
 
@@ -42,20 +42,31 @@ def _grouped(actions: Sequence[Action], name: RoomName) -> list[Line]:
     return lines
 
 
-def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: RoomName) -> Reply:
-    """What one batch did, grouped by action and user, with its failures and how to undo it."""
+def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: RoomName,
+                  left_behind: Sequence[LeftBehind] = ()) -> Reply:
+    """What one batch did, grouped by action and user, with its failures, the rooms where its users had to be
+    left in place (and why), and how to undo it."""
     done = [e.action for e in entries if e.status is Status.DONE]
     failed = [e for e in entries if e.status is Status.FAILED]
     why = _TRIGGERS.get(trigger, trigger)
     title = f"Batch {batch} finished ({why}): {plural(len(done), 'action')} done"
     if failed:
         title += f", {len(failed)} failed"
+    if left_behind:
+        title += f", {len(left_behind)} left in place"
     lines = _grouped(done, name)
     for entry in failed[:NAMES_SHOWN]:
         what = f"{entry.action.kind.value} {entry.action.user_id or ''}".strip()
         lines.append(line(f"failed: {what} in {name(entry.action.room_id)}: {one_line(entry.error, 160)}"))
     if len(failed) > NAMES_SHOWN:
         lines.append(line(f"… {len(failed) - NAMES_SHOWN} more failures (!spacesync audit)"))
+    for item in left_behind[:NAMES_SHOWN]:
+        verb = f"not {_DONE.get(item.kind, item.kind.value)}"
+        room = name(item.room_id)
+        lines.append(line(f"{verb}: {item.user_id} in {room}: {item.why}",
+                          f"{esc(verb)}: {code(item.user_id)} in {esc(room)}: {esc(item.why)}"))
+    if len(left_behind) > NAMES_SHOWN:
+        lines.append(line(f"… {len(left_behind) - NAMES_SHOWN} more left in place (!spacesync whois <user>)"))
     reply = listing(title, lines, hint=f"!spacesync batch {batch} lists them all")
     if any(a.kind in EVICTIONS or a.kind is ActionKind.SET_POWER_LEVELS for a in done):
         hint = f"Undo: !spacesync undo {batch}"

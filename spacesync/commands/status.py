@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Iterable
 
 from ..core.entitlement import entitlers, protection
+from ..core.planner import plan as make_plan
 from ..model import Action, ActionKind, Finding, Membership, Plan, RoomID
 from ..refs import RefError
-from ..store import Status
-from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, plural, timestamp
+from ..store import AuditRecord, Status
+from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
 from .parser import count_arg, room_arg, user_arg
 from .registry import CommandError, Context, command, expect
 from .world import View, filter_plan, label, scope, space_filter, view
@@ -18,8 +20,8 @@ if TYPE_CHECKING:
 
 FAMILY = "status"
 
-JOIN_RULE_CODES = frozenset({"allow_missing", "not_restricted", "join_rule", "version", "upgraded"})
-POWER_LEVEL_CODES = frozenset({"invalid_user", "changed_by_hand", "above_bot"})
+JOIN_RULE_CODES = frozenset({"allow_missing", "not_restricted", "invite_kept", "join_rule", "version", "upgraded"})
+POWER_LEVEL_CODES = frozenset({"invalid_user", "changed_by_hand", "above_bot", "restricted_locally"})
 JOIN_RULE_KINDS = frozenset({ActionKind.SET_JOIN_RULES, ActionKind.SET_SPACE_CHILD, ActionKind.INVITE})
 
 
@@ -309,11 +311,29 @@ def _labels(app: App, rooms: Iterable[RoomID], v: View) -> tuple[str, str]:
     return ", ".join(t for t, _ in pairs), ", ".join(h for _, h in pairs)
 
 
+def _audit_error(record: AuditRecord) -> str:
+    try:
+        detail = json.loads(record.detail) if record.detail else {}
+    except ValueError:
+        detail = {}
+    error = detail.get("error") if isinstance(detail, dict) else None
+    return one_line(error or record.outcome, 160)
+
+
+def put_out_by(membership: Membership, sender: str | None, bot: str, placed: bool) -> tuple[str, str]:
+    """'leave by @mod:example.org': who put a user out of a room, in plain text and escaped HTML (the sender
+    comes from room state: any homeserver may send any text there)."""
+    who = "spacesync" if sender == bot else (sender or "unknown")
+    text = f"{membership.value} by {who}" + (" (its own ban: lifted with the Space ban)" if placed else "")
+    return text, esc(text)
+
+
 @command("whois", usage="whois <@user>", family=FAMILY,
          summary="the managed rooms a user is in and what entitles them",
          help="For each managed room where the user has a membership, shows it and the rooms that entitle "
               "them to stay (its allow list and managed parent Spaces they are joined to), or why not, and "
-              "whether the bot must leave them alone (admin, exempt, creator, at or above the bot's level).")
+              "whether the bot must leave them alone (admin, exempt, creator, at or above the bot's level), and why "
+              "a user who is not entitled is still there (the bot lacks the power, or the eviction failed).")
 async def whois(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     try:
@@ -323,6 +343,12 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
     app = ctx.app
     v = await view(app)
     graph, snapshot, policy = v.graph, v.snapshot, v.policy
+    # Where a plan must leave them in place, and evictions that failed (the newest outcome per room).
+    left = {item.room_id: item for item in make_plan(snapshot, policy).left_behind if item.user_id == user}
+    failed: dict[RoomID, str] = {}
+    for record in await app.store.audit_log(200, target=user):
+        if record.kind in ("kick", "ban"):
+            failed.setdefault(RoomID(record.room_id), _audit_error(record) if record.outcome == "failed" else "")
     lines = []
     general = []
     if user in policy.admins:
@@ -352,15 +378,19 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
                 why_t = why_h = "no entitling Space"
             if membership is Membership.JOIN:
                 guard = protection(room, user, policy, graph)
+                item = left.get(room_id)
+                note = ""
                 if guard:
-                    why_t += f"; protected: {guard}"
-                    why_h += f"; protected: {esc(guard)}"
+                    note = f"; protected: {guard}"
+                elif item is not None:
+                    note = f"; not {'banned' if item.kind is ActionKind.BAN else 'kicked'}: {item.why}"
+                elif failed.get(room_id) and not joined:
+                    note = f"; eviction failed: {failed[room_id]}"
+                why_t += note
+                why_h += esc(note)
             else:  # not in the room: entitlement is moot; say who put them out
-                by = room.members[user].sender
                 placed = any(b.room_id == room_id and b.user_id == user for b in snapshot.placed_bans)
-                who = "spacesync" if by == policy.bot else (by or "unknown")
-                why_t = why_h = f"{membership.value} by {who}" + (" (its own ban: lifted with the Space ban)"
-                                                                 if placed else "")
+                why_t, why_h = put_out_by(membership, room.members[user].sender, policy.bot, placed)
         lines.append(line(f"{room_t}: {membership.value} — {why_t}",
                           f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}"))
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
@@ -409,15 +439,17 @@ async def _family_report(ctx: Context, args: list[str], family: str, kinds: froz
 @command("joinrules", usage="joinrules [space]", family=FAMILY,
          summary="join-rule findings and pending join-rule actions",
          help="From a fresh plan: managed rooms whose join rule is not restricted to their Space, allow lists "
-              "missing their Space, room versions that cannot be restricted, upgraded rooms to re-point, and "
-              "the join-rule, m.space.child and invite actions the bot would take (join_rules: enforce).")
+              "missing their Space, room versions that cannot be restricted, upgraded rooms to re-point, "
+              "invite-only rooms kept as they are (restrict_invite_rooms not set), and the join-rule, m.space.child "
+              "and invite actions the bot would take (join_rules: enforce).")
 async def joinrules(ctx: Context, args: list[str]) -> Reply:
     return await _family_report(ctx, args, "joinrules", JOIN_RULE_KINDS, "Join rules")
 
 
 @command("powerlevels", usage="powerlevels [space]", family=FAMILY,
          summary="power-level findings and pending power-level changes",
-         help="From a fresh plan: power levels changed by hand (left alone), users at or above the bot's "
+         help="From a fresh plan: power levels changed by hand (left alone), users muted or demoted in the room "
+              "itself (not raised), users at or above the bot's "
               "level, rooms where the bot lacks the power to write levels, and the level changes it would make "
               "(user: before → after).")
 async def powerlevels(ctx: Context, args: list[str]) -> Reply:
@@ -425,4 +457,4 @@ async def powerlevels(ctx: Context, args: list[str]) -> Reply:
 # endregion
 
 
-__all__ = ["finding_family", "action_line", "finding_line"]
+__all__ = ["finding_family", "action_line", "finding_line", "put_out_by"]

@@ -34,8 +34,11 @@ def plan_join_rules(
         # naming them in the allow list changes no one's entitlement. A root that reaches the room
         # only through Spaces that did not opt in is not the room's to name (confused deputy).
         parents = sorted(graph.entitling_parents(room_id))
-        enforce = any(p.enforce_join_rules for p in policies)
-        action = _join_rule_repair(room, parents, policy, findings, enforce)
+        enforcing = [p for p in policies if p.enforce_join_rules]
+        # Restricting an invite-only room opens it to every member of its Spaces: only when every Space
+        # that enforces also asked for exactly that.
+        widen = bool(enforcing) and all(p.restrict_invite_rooms for p in enforcing)
+        action = _join_rule_repair(room, parents, policy, findings, bool(enforcing), widen)
         if action is not None:
             actions.append(Action(**{**action, "space_id": root_id}))
         if any(p.invite_members for p in policies) and room.join_rule == "invite":
@@ -44,9 +47,14 @@ def plan_join_rules(
 
 
 def _join_rule_repair(
-    room: RoomState, parents: list[RoomID], policy: Policy, findings: list[Finding], enforce: bool
+    room: RoomState, parents: list[RoomID], policy: Policy, findings: list[Finding], enforce: bool,
+    widen: bool = False,
 ) -> dict[str, Any] | None:
-    """Audit one room's join rule; with `enforce`, the repair that makes it restricted to its parents."""
+    """Audit one room's join rule; with `enforce`, the repair that makes it restricted to its parents.
+
+    `public -> restricted` and `knock -> knock_restricted` only narrow who may join. `invite -> restricted`
+    lets every member of the Space in: it needs `widen` (restrict_invite_rooms), else it is reported.
+    """
     rule = room.join_rule or "invite"
     feats = features(room.room_version)
     if feats is None:
@@ -67,6 +75,13 @@ def _join_rule_repair(
             findings.append(Finding(
                 room.room_id, "version",
                 f"join rule {rule} on room version {room.room_version or '1'}: upgrade to {RECOMMENDED_VERSION} or later to restrict it to its Space",
+            ))
+            return None
+        if enforce and rule == "invite" and not widen:
+            findings.append(Finding(
+                room.room_id, "invite_kept",
+                "join rule is invite: left as it is, since restricting it would let every member of its Space "
+                "join; set restrict_invite_rooms: true for its Space to restrict it",
             ))
             return None
         findings.append(Finding(room.room_id, "not_restricted", f"join rule is {rule}, not restricted to its Space"))

@@ -6,6 +6,7 @@ from ..model import (
     Action,
     ActionKind,
     Finding,
+    LeftBehind,
     Membership,
     OnLeave,
     PlacedBan,
@@ -17,7 +18,7 @@ from ..model import (
     UserID,
 )
 from .entitlement import Memberships, entitled_by, entitlers, protection, user_level
-from .graph import SpaceGraph, build_graph, policies_for
+from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
 from .powerlevels import plan_power_levels
 
@@ -41,12 +42,43 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         stale_bans=tuple(membership.stale_bans),
         stale_levels=tuple(k for k in stale_levels if k[0] not in waits),
         released_levels=tuple(r for r in released_levels if r.room_id not in waits),
-        upgrades=tuple(
-            (room_id, room.tombstone)
-            for room_id in sorted(graph.managed)
-            if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
-            and room_id not in waits and verified_upgrade(snapshot, room)
-        ),
+        upgrades=tuple(u for u in verified_upgrades(snapshot, graph) if u[0] not in waits),
+        left_behind=_one_per_room_and_user(membership.left_behind),
+    )
+
+
+def _one_per_room_and_user(items: list[LeftBehind]) -> tuple[LeftBehind, ...]:
+    first: dict[tuple[RoomID, UserID], LeftBehind] = {}
+    for item in items:
+        first.setdefault((item.room_id, item.user_id), item)
+    return tuple(first.values())
+
+
+def verified_upgrades(snapshot: Snapshot, graph: SpaceGraph) -> list[tuple[RoomID, RoomID]]:
+    """Managed rooms replaced by a verified upgrade, as (old, new)."""
+    return [
+        (room_id, room.tombstone)
+        for room_id in sorted(graph.managed)
+        if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
+        and verified_upgrade(snapshot, room)
+    ]
+
+
+def upgrade_copy(new: RoomState, old: RoomState | None, user_id: UserID, bot: UserID) -> bool:
+    """Whether the user's ban in an upgraded room is the homeserver's copy of the bot's own ban in the room it
+    replaced.
+
+    Synapse copies every ban into the replacement room as it upgrades, sent by the user who upgraded (the
+    replacement's creator) with the same content. Such a copy of spacesync's ban is still spacesync's: it may
+    ban again over it, to make the ban its own and lift it later. Any other ban is a moderator's.
+    """
+    if old is None or new.predecessor != old.room_id or old.tombstone != new.room_id:
+        return False
+    mine, theirs = old.members.get(user_id), new.members.get(user_id)
+    return (
+        mine is not None and mine.membership is Membership.BAN and mine.sender == bot
+        and theirs is not None and theirs.membership is Membership.BAN and theirs.sender != bot
+        and theirs.sender is not None and theirs.sender == new.create_sender and theirs.reason == mine.reason
     )
 
 
@@ -76,12 +108,14 @@ class MembershipPlanner:
         self.memberships = Memberships(snapshot)
         self.actions: list[Action] = []
         self.findings: list[Finding] = []
+        self.left_behind: list[LeftBehind] = []
         self.stale_bans: list[PlacedBan] = []
         self.recheck_at_ms: int | None = None
         # Only rooms read this time are acted in, and only Spaces read this time count departures and
         # bans; a stale room (its last known state) keeps the graph whole but decides nothing.
         self._managed_rooms = sorted(r for r in graph.managed if snapshot.known(r))
         self._managed_spaces = [r for r in self._managed_rooms if snapshot.rooms[r].is_space or r in graph.roots]
+        self._upgrades = verified_upgrades(snapshot, graph)
         self._no_power: set[tuple[RoomID, str]] = set()
         self._unknown_reported: set[tuple[RoomID, RoomID]] = set()
         self._history_reported: set[tuple[RoomID, UserID]] = set()
@@ -103,7 +137,7 @@ class MembershipPlanner:
             self._reset()
             for room_id, user_id in sorted(lifts):
                 self.memberships.plan(room_id, user_id, Membership.LEAVE, lift=True)
-            while self._propagate_bans() | self._evict():
+            while self._carry_bans() | self._propagate_bans() | self._evict():
                 pass
             dropped = {key for key in lifts if not self._lift_holds(key, candidates[key])}
             if not dropped:
@@ -127,6 +161,7 @@ class MembershipPlanner:
         self.memberships = Memberships(self.snapshot)
         self.actions = []
         self.findings = []
+        self.left_behind = []
         self.recheck_at_ms = None
         self._no_power = set()
         self._unknown_reported = set()
@@ -143,6 +178,7 @@ class MembershipPlanner:
             self.findings.append(
                 Finding(room.room_id, "protected", f"{user_id} not {kind.value}ed: {why}")
             )
+            self.left_behind.append(LeftBehind(room.room_id, user_id, kind, why))
             return False
         pl = room.power_levels
         if kind is ActionKind.KICK:
@@ -157,8 +193,52 @@ class MembershipPlanner:
                 self.findings.append(
                     Finding(room.room_id, "no_power", f"the bot lacks the power to {kind.value} (needs {needed})")
                 )
+            self.left_behind.append(LeftBehind(
+                room.room_id, user_id, kind, f"the bot lacks the power to {kind.value} there (needs {needed})"))
             return False
         return True
+
+    def _carry_bans(self) -> bool:
+        """The bot's own bans in an upgraded room, placed again in its replacement; True when something was
+        planned.
+
+        Only bans that still hold (the Space has not lifted them) are carried. A ban already standing in the
+        replacement is left alone, unless it is the homeserver's copy of the bot's ban (`upgrade_copy`): then
+        the bot bans again, so that the ban is its own and is lifted with the Space ban.
+        """
+        planned = False
+        bot = self.policy.bot
+        for old_id, new_id in self._upgrades:
+            old, new = self.snapshot.rooms[old_id], self.snapshot.rooms.get(new_id)
+            if new is None or not (self.snapshot.known(old_id) and self.snapshot.known(new_id)):
+                continue
+            for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.user_id, b.cause)):
+                user_id = placed.user_id
+                state = old.members.get(user_id)
+                if (placed.room_id != old_id or state is None or state.membership is not Membership.BAN
+                        or state.sender != bot or self.memberships.is_planned(new_id, user_id)):
+                    continue
+                if self._ban_lifted(old, placed):
+                    continue
+                there = new.members.get(user_id)
+                if there is not None and there.membership is Membership.BAN and (
+                        there.sender == bot or not upgrade_copy(new, old, user_id, bot)):
+                    continue  # already the bot's ban there, or a moderator's own
+                if user_id in exempt_in(self.graph, self.policy, old_id):
+                    self.findings.append(Finding(new_id, "protected", f"{user_id} not banned: exempt"))
+                    self.left_behind.append(LeftBehind(new_id, user_id, ActionKind.BAN, "exempt"))
+                    continue
+                if not self._may_act(new, user_id, ActionKind.BAN):
+                    continue
+                self.memberships.plan(new_id, user_id, Membership.BAN)
+                why = state.reason or f"banned by spacesync in {old_id}"
+                self.actions.append(Action(
+                    kind=ActionKind.BAN, room_id=new_id, user_id=user_id, cause=placed.cause,
+                    reason=f"{why} (carried over from {old_id}, which this room replaced)",
+                    space_id=self._root_for(old_id),
+                ))
+                planned = True
+        return planned
 
     def _propagates_bans(self, space_id: RoomID) -> bool:
         policies = policies_for(self.graph, self.policy, space_id)

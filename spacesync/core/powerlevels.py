@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from ..model import Action, ActionKind, Finding, OwnedLevel, Policy, RoomID, RoomState, Snapshot, UserID
+from ..model import Action, ActionKind, Finding, OwnedLevel, Policy, PowerLevels, RoomID, RoomState, Snapshot, UserID
 from .entitlement import user_level, valid_user_id
 from .graph import SpaceGraph, policies_for
 from .versions import features
@@ -142,7 +142,7 @@ def diff_room(
     if bot_level < pl.event_level("m.room.power_levels"):
         if any(
             user_id != bot and not (feats.creators_privileged and user_id in room.creators)
-            and level > pl.users.get(user_id, pl.users_default)
+            and level > pl.users.get(user_id, pl.users_default) and not held_down(pl, user_id, owned.get(user_id))
             for user_id, (level, _) in desired.items()
         ) or owned:
             diff.findings.append(Finding(
@@ -191,13 +191,51 @@ def diff_room(
                 diff.changes[user_id] = (entry, target)
                 diff.ownership[user_id] = record
         elif wanted is not None and wanted > current:
-            diff.changes[user_id] = (entry, int(wanted))
-            diff.ownership[user_id] = OwnedLevel(room.room_id, user_id, int(wanted), entry)
+            if held_down(pl, user_id, None):
+                diff.findings.append(Finding(
+                    room.room_id, "restricted_locally",
+                    f"{user_id} is held at {entry} in this room, below its default level {pl.users_default} "
+                    f"(muted or demoted here): the Space's level {int(wanted)} is not applied",
+                ))
+            else:
+                diff.changes[user_id] = (entry, int(wanted))
+                diff.ownership[user_id] = OwnedLevel(room.room_id, user_id, int(wanted), entry)
         if user_id in desired:
             diff.sources[user_id] = desired[user_id][1]
     if diff.changes:
         diff.content = apply_user_changes(pl.raw, diff.changes)
     return diff
+
+
+def held_down(pl: PowerLevels, user_id: UserID, mine: OwnedLevel | None) -> bool:
+    """Whether the room itself set the user below its `users_default` (a mute, a local demotion).
+
+    A room-local restriction wins over the Space: mirroring never raises such a user. An entry spacesync
+    wrote (`mine`, still as written) is its own, not the room's decision.
+    """
+    entry = pl.users.get(user_id)
+    if entry is None or entry >= pl.users_default:
+        return False
+    return mine is None or mine.released or mine.written != entry
+
+
+def record_before(
+    room_id: RoomID, user_id: UserID, change: tuple[int | None, int | None], record_after: OwnedLevel | None
+) -> OwnedLevel | None:
+    """The ownership record as it stood before one mirroring write, from the write's change and the record
+    it stored: what undoing the write must restore so that the records match the room again.
+
+    `diff_room` writes three kinds of change: a raise of an entry spacesync did not own (the new record's
+    `previous` is the entry before), a raise of its own entry (`written` moves, `previous` stays: the record
+    before held the old value), and a restore to `previous` (the record is dropped; it held the old value
+    over what the entry returns to). A record's `written` always differs from its `previous`.
+    """
+    before, after = change
+    if record_after is None:
+        return OwnedLevel(room_id, user_id, before, after) if before is not None else None
+    if record_after.previous == before:
+        return None
+    return None if before is None else OwnedLevel(room_id, user_id, before, record_after.previous)
 
 
 def apply_user_changes(

@@ -11,6 +11,7 @@ import structlog
 from aiohttp import ClientError
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
+from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..metrics import ACTIONS, RATELIMIT_WAIT
@@ -172,9 +173,10 @@ class Executor:
         membership = {ActionKind.KICK: "leave", ActionKind.BAN: "ban", ActionKind.UNBAN: "leave",
                       ActionKind.INVITE: "invite"}.get(action.kind)
         if membership and action.user_id and mirror:
+            content = {"membership": membership, **({"reason": action.reason} if action.reason else {})}
             self.cache.update(action.room_id, [{
                 "type": "m.room.member", "state_key": action.user_id, "sender": self.matrix.user_id,
-                "content": {"membership": membership}, "origin_server_ts": int(time.time() * 1000),
+                "content": content, "origin_server_ts": int(time.time() * 1000),
             }])
 
     async def _gate(self) -> None:
@@ -248,11 +250,18 @@ class Executor:
         return "done" if changes else "already_done"
 
     def _banned_by_other(self, action: Action) -> bool:
-        """Whether the state cache shows the target already banned, by someone other than spacesync."""
+        """Whether the state cache shows the target already banned, by someone other than spacesync.
+
+        The homeserver's copy of spacesync's own ban, made as the room was upgraded, is not someone else's.
+        """
         room = self.cache.get(action.room_id)
         state = room.members.get(action.user_id) if room is not None and action.user_id else None
-        return (state is not None and state.membership.value == "ban"
-                and state.sender is not None and state.sender != self.matrix.user_id)
+        if not (state is not None and state.membership.value == "ban"
+                and state.sender is not None and state.sender != self.matrix.user_id):
+            return False
+        assert room is not None and action.user_id is not None
+        old = self.cache.get(room.predecessor) if room.predecessor else None
+        return not upgrade_copy(room, old, action.user_id, self.matrix.user_id)
 
     async def _already_done(self, action: Action) -> bool:
         """Whether the homeserver already shows the action's effect (a retry after a crash or an error)."""

@@ -16,7 +16,7 @@ from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
 from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
-from ..model import Action, ActionKind, Membership, Plan, Policy, RoomID, UserID
+from ..model import EVICTIONS, Action, ActionKind, LeftBehind, Membership, Plan, Policy, RoomID, UserID
 from ..refs import RoomRef
 from ..store import Status, Store
 from ..store.journal import now_ms
@@ -41,6 +41,12 @@ CLOCK_MARGIN_MS = 2000
 
 def new_batch_id() -> str:
     return secrets.token_hex(3)
+
+
+def left_behind_for(plan: Plan, actions: list[Action]) -> list[LeftBehind]:
+    """Where the plan had to leave in place the users these actions evict: their batch's notice says so."""
+    evicted = {a.user_id for a in actions if a.kind in EVICTIONS and a.user_id}
+    return [item for item in plan.left_behind if item.user_id in evicted]
 
 
 class Reconciler:
@@ -190,11 +196,13 @@ class Reconciler:
         if guarded.release:
             batch = new_batch_id()
             await self.store.journal.add_batch(batch, trigger, None, guarded.release, Status.PENDING)
+            await self.store.journal.set_left_behind(batch, left_behind_for(plan, guarded.release))
             batches.append(batch)
             self.executor.wake()
         for space_id, held in guarded.hold.items():
             batch = new_batch_id()
             await self.store.journal.add_batch(batch, trigger, space_id, held, Status.HELD)
+            await self.store.journal.set_left_behind(batch, left_behind_for(plan, held))
             batches.append(batch)
             users = len({a.user_id for a in held})
             log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),

@@ -15,7 +15,9 @@ from .. import __version__
 from ..commands import CommandHandler as AdminCommands
 from ..commands.notices import batch_summary
 from ..config import Config
+from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
+from ..matrix.state import parse_room_state
 from ..metrics import IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
 from ..model import RoomID, UserID
 from ..store import Store
@@ -371,21 +373,23 @@ class App:
                 await self.command_handler(room_id, event)
 
     async def is_admin(self, user_id: UserID) -> bool:
-        """Listed in admin.users, or at least admin.min_power_level in the admin room's current state."""
+        """Listed in admin.users, or at least admin.min_power_level in the admin room's current state.
+
+        In room version 12 the admin room's creators (the m.room.create sender and `additional_creators`)
+        have unlimited power without a `users` entry: the whole state is read, not only the power levels.
+        """
         if user_id in self.config.admin.users:
             return True
         if self.admin_room is None:
             return False
         try:
-            levels = await self.matrix.state_event(self.admin_room, "m.room.power_levels") or {}
-        except (MatrixRequestError, MatrixConnectionError, ClientError):
+            events = await self.matrix.room_state(self.admin_room)
+        except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, ValueError):
             return False
-        users = levels.get("users") or {}
-        try:
-            level = int(users.get(user_id, levels.get("users_default", 0)))
-        except (TypeError, ValueError):
-            return False
-        return level >= self.config.admin.min_power_level
+        state = {(e["type"], e["state_key"]): e for e in events
+                 if isinstance(e.get("type"), str) and isinstance(e.get("state_key"), str)}
+        room = parse_room_state(self.admin_room, state)
+        return user_level(room, user_id) >= self.config.admin.min_power_level
 
     async def notify(self, text: str, html: str | None = None) -> None:
         """One notice in the admin room; never lets a failure to announce stop the work."""
@@ -413,6 +417,7 @@ class App:
         if await self.store.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch):
             return
         await self.store.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch)
-        summary = batch_summary(batch, info.trigger, entries, self.room_name)
+        left = await self.store.journal.left_behind(batch)
+        summary = batch_summary(batch, info.trigger, entries, self.room_name, left)
         await self.notify(summary.text, summary.html)
     # endregion

@@ -39,10 +39,12 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
             was_joined = prev["membership"] == "join"
         if isinstance(unsigned.get("replaces_state"), str):
             replaces = unsigned["replaces_state"]
+    reason = content.get("reason")
     return MemberState(
         membership=membership, event_id=EventID(event_id) if event_id else None,
         sender=UserID(sender) if sender else None, ts=ts,
         was_joined=was_joined, replaces=EventID(replaces) if replaces else None,
+        reason=reason if isinstance(reason, str) else None,
     )
 
 

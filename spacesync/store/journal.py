@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import attrs
 from mautrix.util.async_db import Database
 
-from ..model import Action, ActionKind, OwnedLevel, RoomID, UserID
+from ..model import Action, ActionKind, LeftBehind, OwnedLevel, RoomID, UserID
 
 
 class Status(str, Enum):
@@ -213,6 +213,16 @@ class Journal:
         else:
             rows = await self.db.fetch("SELECT id FROM batch ORDER BY created_at DESC LIMIT $1", limit)
         return [b for r in rows if (b := await self.batch(r["id"])) is not None]
+
+    async def set_left_behind(self, batch_id: str, left: Iterable[LeftBehind]) -> None:
+        """Remember who the batch's evictions had to leave in place, for its notice."""
+        data = [item.to_json() for item in left]
+        if data:
+            await self.db.execute("UPDATE batch SET left_behind=$1 WHERE id=$2", json.dumps(data), batch_id)
+
+    async def left_behind(self, batch_id: str) -> list[LeftBehind]:
+        raw = await self.db.fetchval("SELECT left_behind FROM batch WHERE id=$1", batch_id)
+        return [LeftBehind.from_json(item) for item in json.loads(raw)] if raw else []
 
     async def depth(self) -> dict[str, int]:
         rows = await self.db.fetch(

@@ -422,3 +422,53 @@ async def test_fuzzed_commands_never_stop_the_bot(world, start_bot, make_user):
     bot.app.reconciler.paused = False  # a fuzzed "pause" is legitimate
     assert "State: running" in await ask(world, bot, world.owner, "!spacesync status")
 # endregion
+
+
+# region escaping and admin rooms
+
+
+async def ask_html(world, bot, user: TestUser, text: str) -> str:
+    event_id = await user.client.send_text(bot.app.admin_room, text)
+    return (await reply_for(world, bot, event_id))["formatted_body"]
+
+
+async def test_replies_and_notices_escape_room_names(world, start_bot, make_user):
+    raw = '<b>&"x'
+    escaped = "&lt;b&gt;&amp;&quot;x"
+    space = await world.space("Community")
+    room = await world.room(space, raw)
+    user = await make_user("member")
+    await user.client.join(space)
+    await user.client.join(room)
+    bot = await start_bot([{"room": space}])
+    await ready(bot)
+
+    await user.client.leave(space)
+    await wait_for(lambda: _not_in(world, room, user.user_id), timeout=20)
+
+    async def notice() -> dict[str, Any] | None:
+        return next((e["content"] for e in await bot_notices(world, bot)
+                     if e["content"].get("body", "").startswith("Batch ")), None)
+    summary = await wait_for(notice, timeout=20)
+    bodies = {"notice": summary["formatted_body"]}
+    batch = re.search(r"Batch ([0-9a-f]{6})", summary["body"]).group(1)
+    for command in (f"whois {user.user_id}", f"batch {batch}", "audit 5", "tree"):
+        bodies[command] = await ask_html(world, bot, world.owner, f"!ss {command}")
+    for where, html in bodies.items():
+        assert escaped in html, (where, html)
+        assert raw not in html, (where, html)
+
+
+async def test_v12_admin_room_creator_is_an_admin(world, start_bot, make_user):
+    """In room version 12 the creator has unlimited power without a `users` entry."""
+    space, _, _ = await community(world, make_user)
+    admin_room = await world.room(None, "admin", join_rule="invite", version="12")
+    assert world.owner.user_id not in (await world.owner.client.get_power_levels(admin_room))["users"]
+    mallory = await make_user("mallory")
+    bot = await start_bot([{"room": space}], admin_room=admin_room)
+    await ready(bot)
+    await join_admin_room(world, bot, mallory)
+
+    assert "State: running" in await ask(world, bot, world.owner, "!ss status")
+    assert await ask(world, bot, mallory, "!ss status") == REFUSAL
+# endregion

@@ -490,3 +490,39 @@ async def test_confirming_a_held_batch_skips_users_exempted_or_back_since(world,
     statuses = {e.action.user_id: e.status for e in await bot.app.store.journal.batch_entries(held[0].batch)}
     assert statuses == {exempted.user_id: Status.CANCELLED, returned.user_id: Status.CANCELLED,
                         evicted.user_id: Status.DONE}
+
+
+# 9. Nobody left behind silently
+
+
+async def test_the_batch_notice_names_a_room_where_the_kick_could_not_happen(world, start_bot, make_user):
+    from .test_commands import ask, ready
+
+    space = await world.space("S")
+    kicked_from = await world.room(space, "Kicks work")
+    stays_in = await world.room(space, "No kick power", levels={world.bot.user_id: 40})
+    user = await make_user("alice")
+    for room_id in (space, kicked_from, stays_in):
+        await user.client.join(room_id)
+    bot = await start_bot([{"room": space}])
+    await ready(bot)
+
+    await user.client.leave(space)
+    await wait_membership(world, [kicked_from], user.user_id, "leave")
+
+    async def summary():
+        for event in await world.owner.client.messages(bot.app.admin_room, limit=30):
+            body = event.get("content", {}).get("body", "")
+            if event.get("sender") == world.bot.user_id and body.startswith("Batch ") and user.user_id in body:
+                return event["content"]
+        return None
+    content = await wait_for(summary, timeout=20)
+    assert f"kicked {user.user_id} in 1 room: Kicks work" in content["body"], content["body"]
+    assert (f"not kicked: {user.user_id} in No kick power: the bot lacks the power to kick there (needs 50)"
+            in content["body"]), content["body"]
+    assert "1 left in place" in content["body"].splitlines()[0]
+    assert user.user_id in await joined(world.owner.client, stays_in)
+
+    whois = await ask(world, bot, world.owner, f"!ss whois {user.user_id}")
+    assert "not kicked: the bot lacks the power to kick there (needs 50)" in whois, whois
+    assert f"No kick power ({stays_in}): join" in whois

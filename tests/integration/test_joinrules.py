@@ -46,7 +46,7 @@ async def opted_in_child(world, space: str, name: str, *, join_rule: str, versio
 async def test_invite_room_opted_in_by_parent_becomes_restricted(world, start_bot):
     space = await world.space("S")
     room = await opted_in_child(world, space, "R", join_rule="invite")
-    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+    bot = await start_bot([{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True}])
 
     await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
     await bot.reconcile()
@@ -57,10 +57,28 @@ async def test_invite_room_opted_in_by_parent_becomes_restricted(world, start_bo
 async def test_invite_room_added_by_extra_rooms_becomes_restricted(world, start_bot):
     space = await world.space("S")
     room = await world.room(space, "R", join_rule="invite", add_child=False)
-    bot = await start_bot([{"room": space, "join_rules": "enforce", "extra_rooms": [room]}])
+    bot = await start_bot([{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True,
+                            "extra_rooms": [room]}])
 
     await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
     assert room in bot.app.reconciler.last_plan.managed
+
+
+async def test_enforce_alone_leaves_an_invite_room_invite_only_and_reports_it(world, start_bot):
+    space = await world.space("S")
+    invite = await opted_in_child(world, space, "invite", join_rule="invite")
+    public = await opted_in_child(world, space, "public", join_rule="public")
+    bot = await start_bot([{"room": space, "join_rules": "enforce"}])
+
+    # The public room is restricted (that only narrows who may join): the same pass left the invite room alone.
+    await wait_join_rules(world, public, {"join_rule": "restricted", "allow": [allow_entry(space)]})
+    await bot.reconcile()
+    assert await join_rules(world, invite) == {"join_rule": "invite"}
+    assert invite in bot.app.reconciler.last_plan.managed
+    assert not acted_in(bot, invite)
+    kept = findings(bot, "invite_kept", invite)
+    assert len(kept) == 1 and "restrict_invite_rooms: true" in kept[0].message
+    assert not [r for r in await bot.app.store.audit_log(50) if r.room_id == invite]
 
 
 async def test_public_room_becomes_restricted(world, start_bot):
@@ -230,3 +248,43 @@ async def test_invite_sync_respects_a_declined_invite(world, start_bot, make_use
     assert members[member.user_id] == "leave" and members[quitter.user_id] == "leave"
     invites = [r for r in await bot.app.store.audit_log(50) if r.kind == "invite"]
     assert [(r.room_id, r.target) for r in invites] == [(room, member.user_id)]
+
+
+async def member_event(world, room_id: str, user_id: str) -> dict[str, Any] | None:
+    for event in await world.owner.client.get_state(room_id):
+        if event.get("type") == "m.room.member" and event.get("state_key") == user_id:
+            return event
+    return None
+
+
+async def test_bans_spacesync_placed_follow_an_upgrade_and_lift_with_the_space_ban(world, start_bot, make_user):
+    space = await world.space("S")
+    old = await world.room(space, "R")
+    mallory = await make_user("mallory")
+    for room_id in (space, old):
+        await mallory.client.join(room_id)
+    bot = await start_bot([{"room": space}])
+
+    await world.owner.client.ban(space, mallory.user_id, reason="spam")
+
+    async def banned_by_bot(room_id: str) -> bool:
+        event = await member_event(world, room_id, mallory.user_id)
+        return bool(event) and event["content"]["membership"] == "ban" and event["sender"] == world.bot.user_id
+    await wait_for(lambda: banned_by_bot(old), timeout=20, message="the Space ban was not carried into the room")
+    await bot.idle()
+
+    new = await world.owner.client.upgrade_room(old, "10")
+
+    # Synapse copies the ban into the replacement in the upgrader's name; the bot makes it its own again.
+    await wait_for(lambda: banned_by_bot(new), timeout=30,
+                   message=f"the bot's ban was not carried into the replacement: {await member_event(world, new, mallory.user_id)}")
+    await bot.idle()
+    assert (new, mallory.user_id) in {(b.room_id, b.user_id) for b in await bot.app.store.placed_bans()}
+
+    await world.owner.client.unban(space, mallory.user_id)
+
+    async def lifted() -> bool:
+        return (await world.owner.client.members(new)).get(mallory.user_id) == "leave"
+    await wait_for(lifted, timeout=30, message="the Space unban did not lift the ban in the replacement")
+    event = await member_event(world, new, mallory.user_id)
+    assert event["sender"] == world.bot.user_id

@@ -296,3 +296,60 @@ async def test_quick_successive_changes_all_reach_the_rooms(world, start_bot, ma
     for room_id in rooms:
         await wait_level(world, room_id, bob.user_id, 40, timeout=10)
         await wait_level(world, room_id, alice.user_id, 45, timeout=10)
+
+
+async def test_a_user_muted_in_a_room_is_not_raised_there(world, start_bot, make_user):
+    space = await make_space(world, "10", name="S")
+    alice = await make_user("alice")
+    muted = await make_room(world, "10", space, name="muted", users={alice.user_id: -10})
+    demoted = await make_room(world, "10", space, name="demoted", users={alice.user_id: 5}, users_default=10)
+    fine = await make_room(world, "10", space, name="fine")
+    bot = await start_bot([{"room": space}])
+
+    await world.owner.client.set_user_level(space, alice.user_id, 50)
+
+    await wait_level(world, fine, alice.user_id, 50)
+    await bot.reconcile()
+    assert (await users_of(world, muted))[alice.user_id] == -10
+    assert (await users_of(world, demoted))[alice.user_id] == 5
+    held = findings(bot, "restricted_locally")
+    assert sorted(f.room_id for f in held) == sorted([muted, demoted])
+    message = next(f.message for f in held if f.room_id == muted)
+    assert alice.user_id in message and "-10" in message and "default level 0" in message and "50" in message
+    assert (muted, alice.user_id) not in await bot.app.store.owned_levels()
+
+
+async def test_undo_of_a_level_change_leaves_true_records_for_a_later_demotion(world, start_bot, make_user):
+    from .test_commands import ask, ready
+
+    space = await make_space(world, "10", name="S")
+    room = await make_room(world, "10", space, name="R")
+    mod = await make_user("mod")
+    bot = await start_bot([{"room": space}])
+    await ready(bot)
+    await world.owner.client.set_user_level(space, mod.user_id, 50)
+    await wait_level(world, room, mod.user_id, 50)
+    await world.owner.client.set_user_level(space, mod.user_id, 75)
+    await wait_level(world, room, mod.user_id, 75)
+    await bot.idle()
+
+    async def raise_batch() -> str | None:
+        for record in await bot.app.store.audit_log(20):
+            if record.kind == "set_power_levels" and record.room_id == room and record.outcome == "done":
+                entries = await bot.app.store.journal.batch_entries(record.batch)
+                if any(e.action.changes.get(mod.user_id) == (50, 75) for e in entries):
+                    return record.batch
+        return None
+    batch = await wait_for(raise_batch, timeout=10)
+
+    await ask(world, bot, world.owner, "!ss pause")  # look at the undo alone, before the Space's level returns
+    assert "1 power-level restore" in await ask(world, bot, world.owner, f"!ss undo {batch}")
+    await wait_level(world, room, mod.user_id, 50)
+    await bot.app.executor.wait_idle()
+    owned = (await bot.app.store.owned_levels()).get((room, mod.user_id))
+    assert owned is not None and (owned.written, owned.previous) == (50, None)
+
+    await ask(world, bot, world.owner, "!ss resume")  # the Space still asks 75: written again
+    await wait_level(world, room, mod.user_id, 75)
+    await remove_user_level(world.owner.client, space, mod.user_id)
+    await wait_level(world, room, mod.user_id, None)

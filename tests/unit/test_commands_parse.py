@@ -289,3 +289,14 @@ def test_nested_html_is_balanced():
 def test_plain_reply_escapes_html():
     assert Reply.plain("<b>&\nx").html == "&lt;b&gt;&amp;<br>x"
 # endregion
+
+
+def test_whois_escapes_who_put_a_user_out():
+    from spacesync.commands.status import put_out_by
+    from spacesync.model import Membership
+
+    text, html = put_out_by(Membership.BAN, '@<b>&"x:hs.test', "@bot:hs.test", False)
+    assert text == 'ban by @<b>&"x:hs.test'
+    assert html == "ban by @&lt;b&gt;&amp;&quot;x:hs.test"
+    text, html = put_out_by(Membership.BAN, "@bot:hs.test", "@bot:hs.test", True)
+    assert text.startswith("ban by spacesync (its own ban") and html == text

@@ -98,6 +98,7 @@ def test_space_fields_and_policy() -> None:
                 "power_level_map": {100: 50},
                 "max_power_level": 90,
                 "join_rules": "enforce",
+                "restrict_invite_rooms": True,
                 "invite_members": True,
             },
             {"room": "#other:example.org", "max_evictions_without_confirmation": 100},
@@ -122,6 +123,7 @@ def test_space_fields_and_policy() -> None:
         power_level_map={100: 50},
         max_power_level=90,
         enforce_join_rules=True,
+        restrict_invite_rooms=True,
         invite_members=True,
         max_evictions_without_confirmation=5,
     )
@@ -147,6 +149,14 @@ def test_space_fields_and_policy() -> None:
         (
             {"spaces": [{"room": "!s:example.org", "on_leav": "kick"}]},
             "spaces[0].on_leav: unknown key; did you mean 'on_leave'?",
+        ),
+        (
+            {"spaces": [{"room": "!s:example.org", "restrict_invite_room": True}]},
+            "spaces[0].restrict_invite_room: unknown key; did you mean 'restrict_invite_rooms'?",
+        ),
+        (
+            {"spaces": [{"room": "!s:example.org", "restrict_invite_rooms": "yes"}]},
+            "spaces[0].restrict_invite_rooms: expected true or false, got 'yes'",
         ),
         ({"reconcile_intervall": "1h"}, "reconcile_intervall: unknown key; did you mean 'reconcile_interval'?"),
         ({"zzz": 1}, "zzz: unknown key; expected one of homeserver, bot,"),

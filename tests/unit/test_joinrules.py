@@ -14,6 +14,7 @@ def policy(*roots, **kw) -> Policy:
 
 
 ENFORCE = SpacePolicy(rid("root"), enforce_join_rules=True)
+ENFORCE_INVITE = SpacePolicy(rid("root"), enforce_join_rules=True, restrict_invite_rooms=True)
 
 
 def managed_child(name, *, join_rule="invite", **kw):
@@ -41,7 +42,7 @@ def test_enforce_restricts_to_the_parent_spaces():
         managed_child("b", join_rule="public"),
         managed_child("c", join_rule="knock"),
     )
-    p = plan(snap, policy(ENFORCE))
+    p = plan(snap, policy(ENFORCE_INVITE))
     actions = jr(p)
     assert actions[rid("a")].content == {
         "join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": rid("root")}]
@@ -52,8 +53,42 @@ def test_enforce_restricts_to_the_parent_spaces():
     assert actions[rid("c")].content["join_rule"] == "knock_restricted"
     assert all(a.space_id == rid("root") and a.cause == "join_rules" for a in actions.values())
     assert rid("sub") in actions  # the sub-Space itself is restricted to its parent
-    again = plan(apply_plan(snap, p), policy(ENFORCE))
+    again = plan(apply_plan(snap, p), policy(ENFORCE_INVITE))
     assert again.actions == ()
+
+
+def test_enforce_alone_never_opens_an_invite_room():
+    snap = snapshot(
+        space("root", children=["a", "b", "c"]),
+        managed_child("a"),
+        managed_child("b", join_rule="public"),
+        managed_child("c", join_rule="knock"),
+    )
+    p = plan(snap, policy(ENFORCE))
+    actions = jr(p)
+    assert rid("a") not in actions
+    assert actions[rid("b")].content["join_rule"] == "restricted"
+    assert actions[rid("c")].content["join_rule"] == "knock_restricted"
+    kept = [f for f in p.findings if f.room_id == rid("a")]
+    assert [f.code for f in kept] == ["invite_kept"]
+    assert "restrict_invite_rooms: true" in kept[0].message
+    # Without enforce the setting changes nothing: invite rooms are reported as before.
+    audit = plan(snap, policy(SpacePolicy(rid("root"), restrict_invite_rooms=True)))
+    assert audit.actions == () and (rid("a"), "not_restricted") in codes(audit)
+
+
+def test_invite_room_opened_only_when_every_enforcing_space_asks():
+    snap = snapshot(
+        space("r1", children=["x"]), space("r2", children=["x"]),
+        room("x", join_rule="invite", parents=["r1", "r2"]),
+    )
+    both = policy(SpacePolicy(rid("r1"), enforce_join_rules=True, restrict_invite_rooms=True),
+                  SpacePolicy(rid("r2"), enforce_join_rules=True, restrict_invite_rooms=True))
+    assert jr(plan(snap, both))[rid("x")].content["join_rule"] == "restricted"
+    one = policy(SpacePolicy(rid("r1"), enforce_join_rules=True, restrict_invite_rooms=True),
+                 SpacePolicy(rid("r2"), enforce_join_rules=True))
+    p = plan(snap, one)
+    assert not jr(p) and (rid("x"), "invite_kept") in codes(p)
 
 
 def test_missing_parent_is_added_and_existing_entries_kept():
@@ -90,7 +125,7 @@ def test_old_room_versions_get_upgrade_advice_and_no_action():
 
 def test_version_9_restricts_invite_rooms():
     snap = snapshot(space("root", children=["x"]), managed_child("x", version="9"))
-    assert jr(plan(snap, policy(ENFORCE)))[rid("x")].content["join_rule"] == "restricted"
+    assert jr(plan(snap, policy(ENFORCE_INVITE)))[rid("x")].content["join_rule"] == "restricted"
 
 
 def test_unknown_version_is_left_alone():
@@ -102,7 +137,7 @@ def test_unknown_version_is_left_alone():
 
 def test_no_power_to_change_join_rules():
     snap = snapshot(space("root", children=["x"]), managed_child("x", pl=pl_content(bot_level=40)))
-    p = plan(snap, policy(ENFORCE))
+    p = plan(snap, policy(ENFORCE_INVITE))
     assert not jr(p)
     assert (rid("x"), "no_power") in codes(p)
 

@@ -568,3 +568,109 @@ def test_malformed_state_is_reported_and_the_rest_planned():
     p = plan(snapshot(bad, child("x", members={"gone": JOIN})), policy("root"))
     assert kinds(p) == [("kick", rid("x"), uid("gone"))]
     assert (rid("root"), "malformed") in codes(p)
+
+
+# Bans follow upgrades
+
+
+def _upgraded(old_members, new_members, root_members, **new_kw):
+    """root lists `old`, which was upgraded to `new` (not yet re-pointed: new is no child yet)."""
+    return snapshot(
+        space("root", children=["old"], members=root_members),
+        child("old", tombstone="new", members=old_members),
+        child("new", predecessor="old", creator="owner", members=new_members, **new_kw),
+        placed_bans=[PlacedBan(rid("old"), uid("u"), "space_ban")],
+    )
+
+
+def test_a_space_ban_is_carried_into_the_replacement_room():
+    from spacesync.model import MemberState, Membership
+
+    mine = MemberState(Membership.BAN, sender=BOT, reason="banned in Space !root:hs.test")
+    snap = _upgraded({"u": mine}, {"u": JOIN}, {"u": member(BAN, sender="owner")})
+    p = plan(snap, policy("root"))
+    bans = actions_of(p, ActionKind.BAN)
+    assert [(a.room_id, a.user_id, a.cause) for a in bans] == [(rid("new"), uid("u"), "space_ban")]
+    assert "carried over from" in bans[0].reason and bans[0].space_id == rid("root")
+    after = apply_plan(snap, p)
+    assert PlacedBan(rid("new"), uid("u"), "space_ban") in after.placed_bans
+    assert not actions_of(plan(after, policy("root")), ActionKind.BAN)
+
+
+def test_the_homeservers_copy_of_the_bots_ban_is_banned_over_a_moderators_ban_is_not():
+    from spacesync.model import MemberState, Membership
+
+    reason = "banned in Space !root:hs.test"
+    mine = MemberState(Membership.BAN, sender=BOT, reason=reason)
+    copy = MemberState(Membership.BAN, sender=uid("owner"), reason=reason)
+    snap = _upgraded({"u": mine}, {"u": copy}, {"u": member(BAN, sender="owner")})
+    assert [(a.room_id, a.user_id) for a in actions_of(plan(snap, policy("root")), ActionKind.BAN)] == [
+        (rid("new"), uid("u"))]
+    # A ban with another reason, or by someone other than the replacement's creator, is a moderator's own.
+    for theirs in (MemberState(Membership.BAN, sender=uid("owner"), reason="spam"),
+                   MemberState(Membership.BAN, sender=uid("mod"), reason=reason)):
+        other = _upgraded({"u": mine}, {"u": theirs}, {"u": member(BAN, sender="owner")})
+        assert not actions_of(plan(other, policy("root")), ActionKind.BAN)
+
+
+def test_a_ban_the_space_lifted_is_not_carried():
+    from spacesync.model import MemberState, Membership
+
+    mine = MemberState(Membership.BAN, sender=BOT)
+    snap = _upgraded({"u": mine}, {"u": LEAVE}, {"u": member(LEAVE, sender="owner")})
+    assert not actions_of(plan(snap, policy("root")), ActionKind.BAN)
+
+
+def test_an_on_leave_ban_is_carried_while_the_user_stays_out():
+    from spacesync.model import MemberState, Membership
+
+    mine = MemberState(Membership.BAN, sender=BOT)
+    snap = attrs.evolve(
+        _upgraded({"u": mine}, {}, {"u": member(LEAVE)}),
+        placed_bans=frozenset({PlacedBan(rid("old"), uid("u"), "on_leave")}),
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN)))
+    assert [(a.room_id, a.cause) for a in actions_of(p, ActionKind.BAN)] == [(rid("new"), "on_leave")]
+    back = attrs.evolve(snap, rooms={**snap.rooms, rid("root"): space("root", children=["old"], members={"u": JOIN})})
+    assert not actions_of(plan(back, policy(SpacePolicy(rid("root"), on_leave=OnLeave.BAN))), ActionKind.BAN)
+
+
+# Nobody left behind silently
+
+
+def test_evictions_that_cannot_happen_are_left_behind_one_per_room_and_user():
+    from spacesync.model import LeftBehind
+
+    snap = snapshot(
+        space("root", children=["ok", "weak", "guarded"], members={"u": BAN, "v": LEAVE}),
+        child("ok", members={"u": JOIN, "v": JOIN}),
+        child("weak", members={"u": JOIN, "v": JOIN}, bot_level=40),
+        child("guarded", members={"u": JOIN}, levels={"u": 100}),
+    )
+    p = plan(snap, policy("root"))
+    assert sorted(kinds(p)) == [("ban", rid("ok"), uid("u")), ("kick", rid("ok"), uid("v"))]
+    left = {(lb.room_id, lb.user_id): lb for lb in p.left_behind}
+    assert len(left) == len(p.left_behind) == 3  # u in weak: its ban and its kick, told once
+    assert left[(rid("weak"), uid("u"))] == LeftBehind(
+        rid("weak"), uid("u"), ActionKind.BAN, "the bot lacks the power to ban there (needs 50)")
+    assert left[(rid("weak"), uid("v"))].why == "the bot lacks the power to kick there (needs 50)"
+    assert left[(rid("guarded"), uid("u"))].why == "at or above the bot's power level"
+    assert LeftBehind.from_json(left[(rid("weak"), uid("v"))].to_json()) == left[(rid("weak"), uid("v"))]
+
+
+def test_the_batch_notice_names_the_rooms_where_an_eviction_could_not_happen():
+    from spacesync.commands.notices import batch_summary
+    from spacesync.model import Action, LeftBehind
+    from spacesync.store import Status
+    from spacesync.store.journal import Entry
+
+    kick = Action(ActionKind.KICK, rid("ok"), uid("u"), reason="left Space")
+    entries = [Entry(1, "abc123", kick, Status.DONE, 1, None, 0)]
+    left = [LeftBehind(rid("weak"), uid("u"), ActionKind.KICK, 'the bot lacks the power to kick there (needs "50")')]
+    names = {rid("ok"): "OK room", rid("weak"): "<b>weak</b>"}
+    reply = batch_summary("abc123", "sync", entries, names.__getitem__, left)
+    assert f"kicked {uid('u')} in 1 room: OK room" in reply.text
+    assert f'not kicked: {uid("u")} in <b>weak</b>: the bot lacks the power to kick there (needs "50")' in reply.text
+    assert "1 left in place" in reply.text.splitlines()[0]
+    assert "&lt;b&gt;weak&lt;/b&gt;" in reply.html and "<b>weak" not in reply.html
+    assert "(needs &quot;50&quot;)" in reply.html

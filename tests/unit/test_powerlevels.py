@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spacesync.core.planner import plan
-from spacesync.core.powerlevels import apply_user_changes
+from spacesync.core.powerlevels import apply_user_changes, record_before
 from spacesync.model import ActionKind, OwnedLevel, Policy, PowerLevels, SpacePolicy
 
 from .helpers import BOT, JOIN, actions_of, apply_plan, codes, pl_content, rid, room, snapshot, space, uid
@@ -270,3 +270,63 @@ def test_a_sub_space_listing_the_root_does_not_grant_levels_in_it():
     )
     p = plan(snap, policy("root"))
     assert {r: a.changes for r, a in pl_actions(p).items()} == {rid("sub"): {uid("alice"): (None, 50)}}
+
+
+def test_a_user_muted_in_the_room_is_not_raised_and_is_reported():
+    pl = pl_content({"muted": -10, "demoted": 5}, users_default=10)
+    snap = snapshot(space("root", children=["x", "y"], levels={"muted": 50, "demoted": 50, "bob": 50}),
+                    child("x", pl=pl), child("y"))
+    p = plan(snap, policy("root"))
+    assert pl_actions(p)[rid("x")].changes == {uid("bob"): (None, 50)}
+    assert pl_actions(p)[rid("y")].changes == {uid("muted"): (None, 50), uid("demoted"): (None, 50), uid("bob"): (None, 50)}
+    held = [f for f in p.findings if f.code == "restricted_locally"]
+    assert sorted(f.message for f in held) == [
+        f"{uid('demoted')} is held at 5 in this room, below its default level 10 (muted or demoted here): "
+        "the Space's level 50 is not applied",
+        f"{uid('muted')} is held at -10 in this room, below its default level 10 (muted or demoted here): "
+        "the Space's level 50 is not applied",
+    ]
+    assert {f.room_id for f in held} == {rid("x")}
+    assert_idempotent(snap, policy("root"), p)
+
+
+def test_a_mute_after_spacesync_raised_the_user_wins_once_the_space_level_changes():
+    # spacesync raised alice to 50; the room muted her since (released); the Space now asks 60.
+    snap = snapshot(space("root", children=["x"], levels={"alice": 60}), child(levels={"alice": -1}),
+                    owned=[OwnedLevel(rid("x"), uid("alice"), 50, None, released=True)])
+    p = plan(snap, policy("root"))
+    assert not pl_actions(p)
+    assert (rid("x"), uid("alice")) in p.stale_levels
+    assert (rid("x"), "restricted_locally") in codes(p)
+
+
+def test_no_power_is_not_reported_for_a_muted_user_alone():
+    weak = pl_content({"muted": -5}, bot_level=40)
+    snap = snapshot(space("root", children=["x"], levels={"muted": 30}), child(pl=weak))
+    assert (rid("x"), "no_power") not in codes(plan(snap, policy("root")))
+
+
+def test_record_before_gives_back_the_record_each_kind_of_write_replaced():
+    """Undo relies on it: for every write diff_room makes, the record before it follows from the write."""
+    x = rid("x")
+    cases = [
+        # raise of an entry spacesync does not own, with and without an entry before
+        (snapshot(space("root", children=["x"], levels={"a": 50}), child()), uid("a")),
+        (snapshot(space("root", children=["x"], levels={"a": 50}), child(levels={"a": 10})), uid("a")),
+        # raise of its own entry
+        (snapshot(space("root", children=["x"], levels={"a": 75}), child(levels={"a": 50}),
+                  owned=[OwnedLevel(x, uid("a"), 50, None)]), uid("a")),
+        (snapshot(space("root", children=["x"], levels={"a": 75}), child(levels={"a": 50}),
+                  owned=[OwnedLevel(x, uid("a"), 50, 10)]), uid("a")),
+        # restore, to no entry and to the entry before
+        (snapshot(space("root", children=["x"]), child(levels={"a": 50}), owned=[OwnedLevel(x, uid("a"), 50, None)]),
+         uid("a")),
+        (snapshot(space("root", children=["x"]), child(levels={"a": 50}), owned=[OwnedLevel(x, uid("a"), 50, 10)]),
+         uid("a")),
+        # a lower level the Space asks for: back to the level before, kept as spacesync's write
+        (snapshot(space("root", children=["x"], levels={"a": 30}), child(levels={"a": 50}),
+                  owned=[OwnedLevel(x, uid("a"), 50, 10)]), uid("a")),
+    ]
+    for snap, user in cases:
+        action = pl_actions(plan(snap, policy("root")))[x]
+        assert record_before(x, user, action.changes[user], action.ownership[user]) == snap.owned_levels.get((x, user))

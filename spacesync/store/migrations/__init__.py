@@ -4,4 +4,9 @@ from mautrix.util.async_db import UpgradeTable
 
 upgrade_table = UpgradeTable(version_table_name="spacesync_version", database_name="spacesync")
 
-from . import v01_initial, v02_released_levels, v03_member_history  # noqa: E402,F401  (each registers itself)
+from . import (  # noqa: E402,F401  (each registers itself)
+    v01_initial,
+    v02_released_levels,
+    v03_member_history,
+    v06_localrules,
+)
