@@ -87,7 +87,7 @@ async def _held_batches(app: App) -> list[str]:
 
 @command("status", family=FAMILY, summary="what the bot manages and what it is doing",
          help="Shows the managed Spaces; how many rooms are managed, listed but not opted in, or unreachable "
-              "(as of the last reconcile); pending and held actions with the held batch ids; when the last "
+              "(as of the last reconcile); pending, held and parked actions with their batch ids; when the last "
               "reconcile ran and how long it took; the time spent waiting on homeserver rate limits; and "
               "whether the bot is paused or in dry-run mode.")
 async def status(ctx: Context, args: list[str]) -> Reply:
@@ -119,7 +119,17 @@ async def status(ctx: Context, args: list[str]) -> Reply:
         lines.append(line(f"Rooms: {len(plan.managed)} managed, {not_opted} not opted in, {unreachable} unreachable; "
                           f"{plural(len(plan.findings), 'warning')}"))
     lines.append(line(f"Actions: {depth.get('pending', 0)} pending, {depth.get('running', 0)} running, "
-                      f"{depth.get('held', 0)} held"))
+                      f"{depth.get('held', 0)} held, {depth.get('parked', 0)} parked"))
+    if depth.get("parked"):
+        parked = await app.store.journal.parked(limit=200)
+        by_batch = sorted({e.batch for e in parked})
+        shown = ", ".join(by_batch[:5]) + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
+        lines.append(line(f"Parked (refused repeatedly) in batches: {shown} — '!spacesync batch <batch>' shows why, "
+                          "'!spacesync retry <batch>|all' runs them again",
+                          f"Parked (refused repeatedly) in batches: {', '.join(code(b) for b in by_batch[:5])}"
+                          + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
+                          + f" — {code('!spacesync batch <batch>')} shows why, "
+                          f"{code('!spacesync retry <batch>|all')} runs them again"))
     if held:
         shown = ", ".join(held[:5]) + (f", … {len(held) - 5} more" if len(held) > 5 else "")
         lines.append(line(f"Held batches: {shown} — '!spacesync confirm <batch>' or '!spacesync cancel <batch>'",
