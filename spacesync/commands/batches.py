@@ -75,9 +75,9 @@ async def batch(ctx: Context, args: list[str]) -> Reply:
 
 
 @command("confirm", usage="confirm <batch>", family=FAMILY, summary="run a held mass eviction",
-         help="When one trigger would evict more users from a Space than its "
-              "max_evictions_without_confirmation, the evictions are held as a batch and announced here. "
-              "Review them with 'plan', then confirm the batch to run it.")
+         help="When more users would be evicted from a Space within its guard_window (default 10 minutes) "
+              "than its max_evictions_without_confirmation, however they leave, the new evictions are held as "
+              "one batch and announced here once. Review them with 'batch', then confirm the batch to run it.")
 async def confirm(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch = _batch_id(args[0])

@@ -108,20 +108,27 @@ class Executor:
         self._stopping = True
 
     async def run_forever(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.dispatch()
-                due = await self.store.journal.next_due()
-            except Exception as e:  # the journal keeps every entry: look again shortly
-                log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
-                await asyncio.sleep(5)
-                continue
-            timeout = None if due is None else max(0.05, (due - now_ms()) / 1000)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.dispatch()
+                    due = await self.store.journal.next_due()
+                except Exception as e:  # the journal keeps every entry: look again shortly
+                    log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
+                    await asyncio.sleep(5)
+                    continue
+                timeout = None if due is None else max(0.05, (due - now_ms()) / 1000)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            # Stopping: entries still in flight stay journaled (running) and are re-checked at the next start.
+            tasks = list(self._inflight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -160,6 +167,8 @@ class Executor:
     async def _run(self, entry: Entry) -> None:
         try:
             await self.run_entry(entry)
+            if not self._stopping:
+                await self._report(entry.batch)
         except Exception as e:  # the entry stays journaled (running): re-checked at the next start
             log.error("entry errored", entry=entry.id, error=f"{type(e).__name__}: {e}", exc_info=True)
         finally:
@@ -167,7 +176,6 @@ class Executor:
             if not self._inflight:
                 self._idle.set()
             self._wake.set()
-        await self._report(entry.batch)
 
     async def _report(self, batch: str) -> None:
         if self.on_batch_done is None or batch in self._reported or await self._batch_open(batch):

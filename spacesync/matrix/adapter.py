@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 from urllib.parse import quote
@@ -34,7 +35,7 @@ def _limit_class(method: Method, path: Any) -> str:
     text = str(path)
     if "/hierarchy" in text:
         return "hierarchy"
-    if "/join" in text:
+    if method == Method.POST and re.search(r"/join(/|$)", text):
         return "join"
     return "read" if method == Method.GET else "write"
 
