@@ -47,8 +47,9 @@ async def _held_batch(app: App, batch: str, verb: str) -> Batch:
 
 
 @command("batch", usage="batch <batch>", family=FAMILY, summary="what one batch holds or did",
-         help="Shows a batch: why it was made, its state, and each action with its status — the way to review "
-              "a held mass eviction before 'confirm' or 'cancel', or a finished batch before 'undo'.")
+         help="Shows a batch: why it was made, its state, and each action with its status (a parked action "
+              "with the refusal that parked it) — the way to review a held mass eviction before 'confirm' or "
+              "'cancel', a finished batch before 'undo', or parked actions before 'retry'.")
 async def batch(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch_id = _batch_id(args[0])
