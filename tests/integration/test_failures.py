@@ -147,6 +147,35 @@ async def test_a_journaled_kick_of_a_user_back_in_the_space_is_not_run(world, ma
     assert [e.status for e in entries] == [Status.CANCELLED]
 
 
+async def test_a_kick_waiting_in_backoff_is_dropped_when_the_user_came_back(world, make_user, start_bot,
+                                                                           fault_proxy):
+    space = await world.space("S")
+    room = await world.room(space, "R")
+    user = await make_user("hesitant")
+    for r in (space, room):
+        await user.client.join(r)
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
+    bot.app.executor.backoff_s = 4.0
+    rule = fault_proxy.forbid(kick_path(room), method="POST", times=1)
+
+    await user.client.leave(space)
+    await wait_for(lambda: rule.hits == 1, timeout=30)
+    await user.client.join(space)  # back while the refused kick waits out its backoff
+
+    async def settled() -> list:
+        entries = await bot.app.store.journal.batch_entries(await _kick_batch(bot, room))
+        return [e for e in entries if e.status in (Status.CANCELLED, Status.DONE)]
+    (entry,) = await wait_for(settled, timeout=30)
+    assert entry.status is Status.CANCELLED
+    assert await membership(world, room, user.user_id) == "join"
+    assert fault_proxy.count(kick_path(room), method="POST") == 1, "the kick was sent again"
+
+
+async def _kick_batch(bot, room: str) -> str:
+    rows = await bot.app.store.db.fetch("SELECT batch FROM journal WHERE kind='kick' AND room_id=$1", room)
+    return rows[0]["batch"] if rows else ""
+
+
 async def test_a_slow_exodus_is_held_after_the_limit_in_one_batch(world, make_user, start_bot):
     space = await world.space("S")
     room = await world.room(space, "R")
