@@ -30,6 +30,9 @@ _EXPECTED_MEMBERSHIP = {
 }
 
 
+RECHECK_RETRY_S = 5.0
+
+
 class Transient(Exception):
     """Worth another attempt later (5xx, timeout, dropped connection, a rate limit beyond the wait budget)."""
 
@@ -148,16 +151,22 @@ class Executor:
         entries = [e for e in await self.store.journal.runnable() if e.id not in self._inflight]
         stale = [e for e in entries if self._needs_recheck(e)]
         if stale:
-            if not self.ready.is_set():
-                entries = [e for e in entries if e not in stale]  # the state cache is not filled yet
-            else:
-                wanted = await self.recheck([e.action for e in stale])  # type: ignore[misc]
-                for entry in stale:
-                    if entry.action.key in wanted:
-                        self._rechecked.add((entry.id, entry.not_before))
-                    else:
-                        await self._drop(entry)
-                entries = [e for e in entries if e not in stale or e.action.key in wanted]
+            skip = {e.id for e in stale}
+            if self.ready.is_set():  # else the state cache is not filled yet: they wait
+                try:
+                    wanted = await self.recheck([e.action for e in stale])  # type: ignore[misc]
+                except Exception as error:  # no fresh plan now (homeserver away): re-check them shortly
+                    log.warning("could not re-check journaled actions: trying again shortly", entries=len(stale),
+                                error=f"{type(error).__name__}: {error}")
+                    asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self._wake.set)
+                else:
+                    for entry in stale:
+                        if entry.action.key in wanted:
+                            self._rechecked.add((entry.id, entry.not_before))
+                            skip.discard(entry.id)
+                        else:
+                            await self._drop(entry)
+            entries = [e for e in entries if e.id not in skip]
         for entry in entries[:free]:
             if self._stopping:
                 break
@@ -169,8 +178,9 @@ class Executor:
             await self.run_entry(entry)
             if not self._stopping:
                 await self._report(entry.batch)
-        except Exception as e:  # the entry stays journaled (running): re-checked at the next start
+        except Exception as e:  # the entry stays journaled (running): tried again after a pause, never in a loop
             log.error("entry errored", entry=entry.id, error=f"{type(e).__name__}: {e}", exc_info=True)
+            await asyncio.sleep(RECHECK_RETRY_S)
         finally:
             self._inflight.pop(entry.id, None)
             if not self._inflight:
