@@ -42,9 +42,10 @@ def _level(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def action_line(app: App, action: Action, view_: View | None = None, queued: bool = False) -> Line:
+def action_line(app: App, action: Action, view_: View | None = None, queued: bool = False,
+                parked: bool = False) -> Line:
     room_t, room_h = label(app, action.room_id, view_.snapshot if view_ else None)
-    tail = " (already queued)" if queued else ""
+    tail = " (already queued)" if queued else " (parked: refused repeatedly)" if parked else ""
     if action.kind is ActionKind.SET_POWER_LEVELS:
         changes = ", ".join(f"{u} {_level(b)}→{_level(a)}" for u, (b, a) in sorted(action.changes.items()))
         return line(f"power levels in {room_t}: {changes}{tail}",
@@ -213,13 +214,15 @@ async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
     space = await space_filter(app, args, v.graph, v.snapshot)
     p = filter_plan(plan, scope(v.graph, space), space)
     open_keys = await app.store.journal.open_keys()
+    parked = await app.store.journal.parked_fingerprints()
     held = await app.store.journal.by_status(Status.HELD)
     for_t, for_h = _for(app, space, v)
     head = (f"{plural(len(p.managed), 'managed room')}, {plural(len(p.actions), 'action')}, "
             f"{plural(len(p.findings), 'warning')}")
     parts: list[Reply | str] = [Reply(f"Plan{for_t}: {head}", f"<p>Plan{for_h}: {esc(head)}</p>")]
     if p.actions:
-        parts.append(listing("Actions:", [action_line(app, a, v, a.key in open_keys) for a in p.actions],
+        parts.append(listing("Actions:", [action_line(app, a, v, a.key in open_keys, a.key in parked)
+                                          for a in p.actions],
                              hint="narrow with '!spacesync plan <space>'"))
     if p.findings:
         parts.append(listing("Warnings:", [finding_line(app, f, v) for f in p.findings]))

@@ -61,6 +61,7 @@ async def test_a_refused_kick_parks_once_and_retry_runs_it(world, make_user, sta
     status = await ask(world, bot, world.owner, "!spacesync status")
     assert "1 parked" in status and parked[0].batch in status
     assert "parked" in await ask(world, bot, world.owner, f"!spacesync batch {parked[0].batch}")
+    assert "(parked: refused repeatedly)" in await ask(world, bot, world.owner, "!spacesync plan")
 
     rule.remove()
     reply = await ask(world, bot, world.owner, "!spacesync retry all")
