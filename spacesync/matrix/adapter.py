@@ -212,7 +212,8 @@ class MatrixAdapter:
     async def join(self, room: str, via: list[str] | None = None) -> RoomID:
         query = {"server_name": list(via)} if via else None
         data = await self.request(Method.POST, Path.v3.join[room], content={}, query=query)
-        return RoomID(data["room_id"])
+        joined = data.get("room_id") if isinstance(data, dict) else None
+        return RoomID(joined if isinstance(joined, str) else room)
 
     async def leave(self, room_id: RoomID) -> None:
         await self.request(Method.POST, Path.v3.rooms[room_id].leave, content={})
