@@ -79,6 +79,8 @@ def _mask_url(url: str) -> str:
 @attrs.frozen
 class HomeserverConfig:
     url: str
+    request_timeout: float = 30.0
+    """Every request but the /sync long-poll gives up after this long (and is retried where it matters)."""
 
 
 @attrs.frozen
@@ -137,6 +139,7 @@ class SpaceConfig:
     restrict_invite_rooms: bool = False
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
+    guard_window: float = 600.0
 
     def to_policy(
         self,
@@ -169,6 +172,7 @@ class SpaceConfig:
             restrict_invite_rooms=self.restrict_invite_rooms,
             invite_members=self.invite_members,
             max_evictions_without_confirmation=self.max_evictions_without_confirmation,
+            guard_window_s=self.guard_window,
         )
 
 
@@ -176,6 +180,7 @@ class SpaceConfig:
 class ExecutorConfig:
     concurrency: int = 8
     max_attempts: int = 8
+    max_failures: int = 3
 
 
 @attrs.frozen
@@ -207,6 +212,7 @@ class Config:
     dry_run: bool = False
     reconcile_interval: float = 3600.0
     max_evictions_without_confirmation: int = 25
+    guard_window: float = 600.0
     executor: ExecutorConfig = ExecutorConfig()
     walk: WalkConfig = WalkConfig()
     web: WebConfig | None = WebConfig("127.0.0.1", 9090)
@@ -464,6 +470,7 @@ def _section(keys: Mapping[str, _Key], build: Callable[..., Any] | None = None) 
 _optional_string = _Key(_nullable(_string()), None)
 _optional_secret = _Key(_nullable(_string(secret=True)), None)
 _max_evictions = _integer(0)
+_guard_window = _duration(minimum=1)
 
 _SPACE = _section(
     {
@@ -482,6 +489,7 @@ _SPACE = _section(
         "restrict_invite_rooms": _Key(_boolean, False),
         "invite_members": _Key(_boolean, False),
         "max_evictions_without_confirmation": _Key(_nullable(_max_evictions), None),
+        "guard_window": _Key(_nullable(_guard_window), None),
     }
 )
 
@@ -489,7 +497,10 @@ _TOP = _section(
     {
         "homeserver": _Key(
             _section(
-                {"url": _Key(_http_url, hint='set it to your homeserver\'s client URL, e.g. "https://matrix.example.org"')},
+                {
+                    "url": _Key(_http_url, hint='set it to your homeserver\'s client URL, e.g. "https://matrix.example.org"'),
+                    "request_timeout": _Key(_duration(minimum=1), "30s"),
+                },
                 HomeserverConfig,
             ),
             {},
@@ -523,8 +534,10 @@ _TOP = _section(
         "dry_run": _Key(_boolean, False),
         "reconcile_interval": _Key(_duration(minimum=10), "1h"),
         "max_evictions_without_confirmation": _Key(_max_evictions, 25),
+        "guard_window": _Key(_guard_window, "10m"),
         "executor": _Key(
-            _section({"concurrency": _Key(_integer(1, 64), 8), "max_attempts": _Key(_integer(1, 100), 8)}, ExecutorConfig),
+            _section({"concurrency": _Key(_integer(1, 64), 8), "max_attempts": _Key(_integer(1, 100), 8),
+                      "max_failures": _Key(_integer(1, 100), 3)}, ExecutorConfig),
             {},
         ),
         "walk": _Key(
@@ -589,11 +602,13 @@ def _credentials(bot: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | 
     return (secret, None) if key.startswith("access_token") else (None, secret)
 
 
-def _space(values: Mapping[str, Any], max_evictions: int) -> SpaceConfig:
+def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 600.0) -> SpaceConfig:
     fields = dict(values)
     fields["join_rules_enforce"] = fields.pop("join_rules")
     if fields["max_evictions_without_confirmation"] is None:
         fields["max_evictions_without_confirmation"] = max_evictions
+    if fields["guard_window"] is None:
+        fields["guard_window"] = guard_window
     return SpaceConfig(**fields)
 
 
@@ -607,7 +622,8 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     access_token, password = _credentials(bot, env)
     top["bot"] = BotConfig(bot["user_id"], access_token, password, bot["device_id"])
     top["web"] = top["web"]["listen"]
-    top["spaces"] = tuple(_space(s, top["max_evictions_without_confirmation"]) for s in top["spaces"])
+    top["spaces"] = tuple(_space(s, top["max_evictions_without_confirmation"], top["guard_window"])
+                          for s in top["spaces"])
     seen: set[str] = set()
     for i, space in enumerate(top["spaces"]):
         if str(space.room) in seen:

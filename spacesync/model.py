@@ -206,6 +206,8 @@ class SpacePolicy:
     member of the Space): a separate choice, never implied by enforcing."""
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
+    guard_window_s: float = 600.0
+    """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
         return min(self.on_leave, other, key=_ON_LEAVE_SEVERITY.__getitem__)

@@ -48,8 +48,9 @@ async def _held_batch(app: App, batch: str, verb: str) -> Batch:
 
 
 @command("batch", usage="batch <batch>", family=FAMILY, summary="what one batch holds or did",
-         help="Shows a batch: why it was made, its state, and each action with its status — the way to review "
-              "a held mass eviction before 'confirm' or 'cancel', or a finished batch before 'undo'.")
+         help="Shows a batch: why it was made, its state, and each action with its status (a parked action "
+              "with the refusal that parked it) — the way to review a held mass eviction before 'confirm' or "
+              "'cancel', a finished batch before 'undo', or parked actions before 'retry'.")
 async def batch(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch_id = _batch_id(args[0])
@@ -67,14 +68,18 @@ async def batch(ctx: Context, args: list[str]) -> Reply:
                           f"{action.kind.value} {code(target)} in {room_h}: <b>{entry.status.value}</b>"
                           f"{esc(error)} — {esc(action.reason)}"))
     next_step = {"held": f" Decide with '!spacesync confirm {batch_id}' or '!spacesync cancel {batch_id}'."}
-    title = f"Batch {batch_id} ({info.trigger}, {info.status}): {counts}.{next_step.get(info.status, '')}"
+    parked = info.counts.get(Status.PARKED.value, 0)
+    retry_hint = (f" {plural(parked, 'action')} parked after repeated refusals: fix the cause, then "
+                  f"'!spacesync retry {batch_id}'.") if parked else ""
+    title = (f"Batch {batch_id} ({info.trigger}, {info.status}): {counts}.{next_step.get(info.status, '')}"
+             f"{retry_hint}")
     return listing(title, lines, hint="!spacesync audit shows the outcomes")
 
 
 @command("confirm", usage="confirm <batch>", family=FAMILY, summary="run a held mass eviction",
-         help="When one trigger would evict more users from a Space than its "
-              "max_evictions_without_confirmation, the evictions are held as a batch and announced here. "
-              "Review them with 'plan', then confirm the batch to run it.")
+         help="When more users would be evicted from a Space within its guard_window (default 10 minutes) "
+              "than its max_evictions_without_confirmation, however they leave, the new evictions are held as "
+              "one batch and announced here once. Review them with 'batch', then confirm the batch to run it.")
 async def confirm(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch = _batch_id(args[0])
@@ -214,3 +219,30 @@ async def _restore_levels(ctx: Context, action: Action, rooms: dict[RoomID, Room
             continue
         changes[user] = (after, before)
     return changes
+
+
+@command("retry", usage="retry <batch>|all", family=FAMILY, summary="run parked actions again",
+         help="An action the homeserver keeps refusing (403, 400, 404: the bot lacks power, a server module "
+              "refuses) is tried again with backoff up to executor.max_failures times, then parked and "
+              "announced once. A parked action is planned again by itself only when its room's state changes "
+              "(power levels, join rules, the target's membership). Once you fixed the cause, retry puts the "
+              "parked actions of one batch (or all of them) back in the queue; each is re-checked against a "
+              "fresh plan before it runs.")
+async def retry(ctx: Context, args: list[str]) -> Reply:
+    expect(args, 1)
+    app = ctx.app
+    if args[0].strip().lower() == "all":
+        batch_id = None
+    else:
+        batch_id = _batch_id(args[0])
+        await _known_batch(app, batch_id)
+    parked = await app.store.journal.parked(batch_id)
+    if not parked:
+        where = f"in batch {batch_id}" if batch_id else "anywhere"
+        raise CommandError(f"No parked action {where}: nothing to retry ('!spacesync status' shows parked actions)")
+    count = await app.reconciler.retry(batch_id)
+    batches = sorted({e.batch for e in parked})
+    where_t = f"batch {batch_id}" if batch_id else plural(len(batches), "batch", "batches")
+    where_h = f"batch {code(batch_id)}" if batch_id else esc(where_t)
+    return Reply(f"Retrying {plural(count, 'parked action')} of {where_t}: queued again.",
+                 f"Retrying {plural(count, 'parked action')} of {where_h}: queued again.")

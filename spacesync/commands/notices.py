@@ -48,12 +48,15 @@ def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: Room
     left in place (and why), and how to undo it."""
     done = [e.action for e in entries if e.status is Status.DONE]
     failed = [e for e in entries if e.status is Status.FAILED]
+    parked = [e for e in entries if e.status is Status.PARKED]
     why = _TRIGGERS.get(trigger, trigger)
     title = f"Batch {batch} finished ({why}): {plural(len(done), 'action')} done"
     if failed:
         title += f", {len(failed)} failed"
     if left_behind:
         title += f", {len(left_behind)} left in place"
+    if parked:
+        title += f", {len(parked)} parked (!spacesync retry {batch})"
     lines = _grouped(done, name)
     for entry in failed[:NAMES_SHOWN]:
         what = f"{entry.action.kind.value} {entry.action.user_id or ''}".strip()
@@ -74,16 +77,45 @@ def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: Room
     return reply
 
 
-def held_notice(batch: str, space: str, held: Sequence[Action], limit: int, name: RoomName) -> Reply:
+def _window(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return plural(int(seconds // 3600), "hour")
+    if seconds >= 60 and seconds % 60 == 0:
+        return plural(int(seconds // 60), "minute")
+    return f"{seconds:g} s"
+
+
+def held_notice(batch: str, space: str, held: Sequence[Action], limit: int, name: RoomName, *,
+                window_s: float | None = None, recent: int = 0) -> Reply:
     """A mass action waiting for a moderator: who, where, and the two commands that decide it."""
     users = sorted({a.user_id for a in held if a.user_id})
     shown = ", ".join(users[:NAMES_SHOWN]) + (f" and {len(users) - NAMES_SHOWN} more" if len(users) > NAMES_SHOWN else "")
     rooms = sorted({a.room_id for a in held})
+    over = f"over the limit of {limit}"
+    if window_s is not None:
+        over += f" users within {_window(window_s)}"
+        if recent:
+            over += f" ({recent} already evicted)"
     text = (f"⚠ Held batch {batch}: {len(held)} evictions of {plural(len(users), 'user')} ({shown}) "
-            f"from {plural(len(rooms), 'room')} of Space {space}, over the limit of {limit}.\n"
+            f"from {plural(len(rooms), 'room')} of Space {space}, {over}.\n"
             f"Review with !spacesync plan, then !spacesync confirm {batch} or !spacesync cancel {batch}.")
     html = (f"<p>⚠ Held batch {code(batch)}: {len(held)} evictions of {plural(len(users), 'user')} "
-            f"({esc(shown)}) from {plural(len(rooms), 'room')} of Space {esc(space)}, over the limit of {limit}.</p>"
+            f"({esc(shown)}) from {plural(len(rooms), 'room')} of Space {esc(space)}, {esc(over)}.</p>"
             f"<p>Review with {code('!spacesync plan')}, then {code(f'!spacesync confirm {batch}')} or "
             f"{code(f'!spacesync cancel {batch}')}.</p>")
+    return Reply(text, html)
+
+
+def parked_notice(entry: Entry, error: str, name: RoomName) -> Reply:
+    """An action refused too often: parked until its room's state changes or a moderator retries it."""
+    action = entry.action
+    what = f"{action.kind.value} {action.user_id or action.state_key or ''}".strip()
+    where = name(action.room_id)
+    text = (f"⚠ Parked: {what} in {where} was refused {plural(entry.failures + 1, 'time')} "
+            f"({one_line(error, 160)}). It is not tried again until the room's state changes; fix the cause "
+            f"(the bot's power, the room's rules), then !spacesync retry {entry.batch}.")
+    html = (f"<p>⚠ Parked: <b>{esc(action.kind.value)}</b> {code(action.user_id or action.state_key or '')} in "
+            f"{esc(where)} was refused {plural(entry.failures + 1, 'time')} ({esc(one_line(error, 160))}). "
+            f"It is not tried again until the room's state changes; fix the cause (the bot's power, the room's "
+            f"rules), then {code(f'!spacesync retry {entry.batch}')}.</p>")
     return Reply(text, html)

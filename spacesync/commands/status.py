@@ -44,9 +44,10 @@ def _level(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def action_line(app: App, action: Action, view_: View | None = None, queued: bool = False) -> Line:
+def action_line(app: App, action: Action, view_: View | None = None, queued: bool = False,
+                parked: bool = False) -> Line:
     room_t, room_h = label(app, action.room_id, view_.snapshot if view_ else None)
-    tail = " (already queued)" if queued else ""
+    tail = " (already queued)" if queued else " (parked: refused repeatedly)" if parked else ""
     if action.kind is ActionKind.SET_POWER_LEVELS:
         changes = ", ".join(f"{u} {_level(b)}→{_level(a)}" for u, (b, a) in sorted(action.changes.items()))
         return line(f"power levels in {room_t}: {changes}{tail}",
@@ -89,7 +90,7 @@ async def _held_batches(app: App) -> list[str]:
 
 @command("status", family=FAMILY, summary="what the bot manages and what it is doing",
          help="Shows the managed Spaces; how many rooms are managed, listed but not opted in, or unreachable "
-              "(as of the last reconcile); pending and held actions with the held batch ids; when the last "
+              "(as of the last reconcile); pending, held and parked actions with their batch ids; when the last "
               "reconcile ran and how long it took; the time spent waiting on homeserver rate limits; and "
               "whether the bot is paused or in dry-run mode.")
 async def status(ctx: Context, args: list[str]) -> Reply:
@@ -121,7 +122,17 @@ async def status(ctx: Context, args: list[str]) -> Reply:
         lines.append(line(f"Rooms: {len(plan.managed)} managed, {not_opted} not opted in, {unreachable} unreachable; "
                           f"{plural(len(plan.findings), 'warning')}"))
     lines.append(line(f"Actions: {depth.get('pending', 0)} pending, {depth.get('running', 0)} running, "
-                      f"{depth.get('held', 0)} held"))
+                      f"{depth.get('held', 0)} held, {depth.get('parked', 0)} parked"))
+    if depth.get("parked"):
+        parked = await app.store.journal.parked(limit=200)
+        by_batch = sorted({e.batch for e in parked})
+        shown = ", ".join(by_batch[:5]) + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
+        lines.append(line(f"Parked (refused repeatedly) in batches: {shown} — '!spacesync batch <batch>' shows why, "
+                          "'!spacesync retry <batch>|all' runs them again",
+                          f"Parked (refused repeatedly) in batches: {', '.join(code(b) for b in by_batch[:5])}"
+                          + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
+                          + f" — {code('!spacesync batch <batch>')} shows why, "
+                          f"{code('!spacesync retry <batch>|all')} runs them again"))
     if held:
         shown = ", ".join(held[:5]) + (f", … {len(held) - 5} more" if len(held) > 5 else "")
         lines.append(line(f"Held batches: {shown} — '!spacesync confirm <batch>' or '!spacesync cancel <batch>'",
@@ -205,13 +216,15 @@ async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
     space = await space_filter(app, args, v.graph, v.snapshot)
     p = filter_plan(plan, scope(v.graph, space), space)
     open_keys = await app.store.journal.open_keys()
+    parked = await app.store.journal.parked_fingerprints()
     held = await app.store.journal.by_status(Status.HELD)
     for_t, for_h = _for(app, space, v)
     head = (f"{plural(len(p.managed), 'managed room')}, {plural(len(p.actions), 'action')}, "
             f"{plural(len(p.findings), 'warning')}")
     parts: list[Reply | str] = [Reply(f"Plan{for_t}: {head}", f"<p>Plan{for_h}: {esc(head)}</p>")]
     if p.actions:
-        parts.append(listing("Actions:", [action_line(app, a, v, a.key in open_keys) for a in p.actions],
+        parts.append(listing("Actions:", [action_line(app, a, v, a.key in open_keys, a.key in parked)
+                                          for a in p.actions],
                              hint="narrow with '!spacesync plan <space>'"))
     if p.findings:
         parts.append(listing("Warnings:", [finding_line(app, f, v) for f in p.findings]))

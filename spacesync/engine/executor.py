@@ -1,8 +1,10 @@
-"""Runs journal entries against the homeserver: bounded concurrency, 429 pacing, retries, exactly once."""
+"""Runs journal entries against the homeserver: bounded concurrency, backoff, parking, re-checks, exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import time
 from typing import Awaitable, Callable
@@ -13,11 +15,11 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
-from ..matrix import MatrixAdapter, StateCache, retry_after_ms
-from ..metrics import ACTIONS, RATELIMIT_WAIT
-from ..model import Action, ActionKind, PlacedBan
+from ..matrix import MatrixAdapter, StateCache
+from ..metrics import ACTIONS
+from ..model import Action, ActionKind, PlacedBan, RoomState
 from ..store import Status, Store
-from ..store.journal import Entry
+from ..store.journal import Entry, now_ms
 
 log = structlog.get_logger("spacesync.executor")
 
@@ -29,28 +31,78 @@ _EXPECTED_MEMBERSHIP = {
 }
 
 
+RECHECK_RETRY_S = 5.0
+
+
 class Transient(Exception):
-    """Worth another attempt later (5xx, timeout, dropped connection)."""
+    """Worth another attempt later (5xx, timeout, dropped connection, a rate limit beyond the wait budget)."""
+
+
+Recheck = Callable[[list[Action]], Awaitable[set[str]]]
+"""Keys of the given actions a fresh plan (from the state cache) still wants."""
+Parked = Callable[[Entry, str], Awaitable[None]]
+
+
+def fingerprint(action: Action, room: RoomState | None) -> str:
+    """The room state an action's success depends on: its power levels, join rules, version, upgrade and the
+    target's membership event. A parked action is planned again only once this changes."""
+    if room is None:
+        return "unknown"
+    member = room.members.get(action.user_id) if action.user_id else None
+    parts = {
+        "power_levels": dict(room.power_levels.raw),
+        "join_rules": dict(room.join_rules_content),
+        "version": room.room_version,
+        "tombstone": room.tombstone,
+        "member": [member.membership.value, member.event_id] if member is not None else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _describe(e: MatrixRequestError) -> str:
+    return f"{e.http_status} {getattr(e, 'errcode', '') or ''}: {getattr(e, 'message', '') or e}"
+
+
+def refusal_reason(error: str) -> str:
+    """The code part of an error ('403 M_FORBIDDEN'): one notice per action and reason."""
+    return error.split(":", 1)[0].strip()
 
 
 class Executor:
-    """Drains runnable journal entries; one 429 pauses every request until the homeserver's retry_after."""
+    """Runs runnable journal entries, at most `concurrency` at once, each independently: a slow or
+    backing-off entry never holds up the others. Rate limits are waited out by the Matrix adapter."""
 
     def __init__(self, store: Store, matrix: MatrixAdapter, cache: StateCache, *, concurrency: int = 8,
-                 max_attempts: int = 8, on_batch_done: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 max_attempts: int = 8, max_failures: int = 3, backoff_s: float = 2.0,
+                 on_batch_done: Callable[[str], Awaitable[None]] | None = None,
+                 on_parked: Parked | None = None, recheck: Recheck | None = None) -> None:
         self.store = store
         self.matrix = matrix
         self.cache = cache
         self.concurrency = concurrency
         self.max_attempts = max_attempts
+        self.max_failures = max_failures
+        self.backoff_s = backoff_s
         self.on_batch_done = on_batch_done
+        self.on_parked = on_parked
+        self.recheck = recheck
+        """Asks for a fresh plan: entries from before this instance led, or that waited in backoff, run only
+        if it still wants them."""
+        self.ready = asyncio.Event()
+        """Set once the first full reconcile filled the state cache: re-checks wait for it."""
+        self.leader_since_ms = now_ms()
         self._wake = asyncio.Event()
-        self._not_before = 0.0
-        self.ratelimit_wait_s = 0.0
-        self._active = 0
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._rechecked: set[tuple[int, int]] = set()
+        """(entry, its not_before) re-checked by this instance: checked again after its next backoff."""
+        self._reported: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+
+    @property
+    def ratelimit_wait_s(self) -> float:
+        return self.matrix.ratelimit_wait_s
 
     def wake(self) -> None:
         self._wake.set()
@@ -60,91 +112,168 @@ class Executor:
         self._stopping = True
 
     async def run_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.drain()
-            except Exception as e:  # the journal keeps every entry: retry the drain shortly
-                log.error("executor drain failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
-                await asyncio.sleep(5)
-                self._wake.set()
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.dispatch()
+                    due = await self.store.journal.next_due()
+                except Exception as e:  # the journal keeps every entry: look again shortly
+                    log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
+                    await asyncio.sleep(5)
+                    continue
+                timeout = None if due is None else max(0.05, (due - now_ms()) / 1000)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            # Stopping: entries still in flight stay journaled (running) and are re-checked at the next start.
+            tasks = list(self._inflight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    async def drain(self) -> None:
-        """Run every runnable entry; entries added meanwhile are picked up in the next round."""
-        self._idle.clear()
-        try:
-            while not self._stopping:
-                entries = await self.store.journal.runnable()
-                if not entries:
-                    return
-                batches = {e.batch for e in entries}
-                queue: asyncio.Queue[Entry] = asyncio.Queue()
-                for entry in entries:
-                    queue.put_nowait(entry)
-                workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(self.concurrency, len(entries)))]
+    def _needs_recheck(self, entry: Entry) -> bool:
+        if self.recheck is None or entry.action.cause == "undo" or (entry.id, entry.not_before) in self._rechecked:
+            return False
+        return entry.created_at < self.leader_since_ms or entry.not_before > 0
+
+    async def dispatch(self) -> None:
+        """Start runnable entries up to the concurrency limit; each wakes the loop when it ends."""
+        if self._stopping:
+            return
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return
+        entries = [e for e in await self.store.journal.runnable() if e.id not in self._inflight]
+        stale = [e for e in entries if self._needs_recheck(e)]
+        if stale:
+            skip = {e.id for e in stale}
+            if self.ready.is_set():  # else the state cache is not filled yet: they wait
                 try:
-                    await asyncio.gather(*workers)
-                finally:
-                    for w in workers:
-                        w.cancel()
-                for batch in sorted(batches):
-                    if self.on_batch_done is not None and not await self._batch_open(batch):
-                        await self.on_batch_done(batch)
+                    wanted = await self.recheck([e.action for e in stale])  # type: ignore[misc]
+                except Exception as error:  # no fresh plan now (homeserver away): re-check them shortly
+                    log.warning("could not re-check journaled actions: trying again shortly", entries=len(stale),
+                                error=f"{type(error).__name__}: {error}")
+                    asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self._wake.set)
+                else:
+                    for entry in stale:
+                        if entry.action.key in wanted:
+                            self._rechecked.add((entry.id, entry.not_before))
+                            skip.discard(entry.id)
+                        else:
+                            await self._drop(entry)
+            entries = [e for e in entries if e.id not in skip]
+        for entry in entries[:free]:
+            if self._stopping:
+                break
+            self._idle.clear()
+            self._inflight[entry.id] = asyncio.create_task(self._run(entry), name=f"entry-{entry.id}")
+
+    async def _run(self, entry: Entry) -> None:
+        try:
+            await self.run_entry(entry)
+            if not self._stopping:
+                await self._report(entry.batch)
+        except Exception as e:  # the entry stays journaled (running): tried again after a pause, never in a loop
+            log.error("entry errored", entry=entry.id, error=f"{type(e).__name__}: {e}", exc_info=True)
+            await asyncio.sleep(RECHECK_RETRY_S)
         finally:
-            self._idle.set()
+            self._inflight.pop(entry.id, None)
+            if not self._inflight:
+                self._idle.set()
+            self._wake.set()
+
+    async def _report(self, batch: str) -> None:
+        if self.on_batch_done is None or batch in self._reported or await self._batch_open(batch):
+            return
+        self._reported.add(batch)
+        try:
+            await self.on_batch_done(batch)
+        except Exception as e:
+            log.warning("batch report failed", batch=batch, error=f"{type(e).__name__}: {e}")
 
     async def _batch_open(self, batch: str) -> bool:
         info = await self.store.journal.batch(batch)
         return info is not None and any(info.counts.get(s.value) for s in (Status.PENDING, Status.RUNNING))
 
-    async def _worker(self, queue: asyncio.Queue[Entry]) -> None:
-        while not queue.empty() and not self._stopping:
-            entry = queue.get_nowait()
-            await self.run_entry(entry)
+    async def _drop(self, entry: Entry) -> None:
+        """An entry a fresh plan no longer wants: its effect is there already, or it is no longer needed."""
+        action = entry.action
+        expected = _EXPECTED_MEMBERSHIP.get(action.kind)
+        room = self.cache.get(action.room_id)
+        now = room.members.get(action.user_id) if room is not None and action.user_id else None
+        if expected is not None and now is not None and now.membership.value in expected:
+            await self._finish(entry, "already_done", None)
+            return
+        await self.store.journal.set_status(entry.id, Status.CANCELLED, "no longer needed")
+        await self.store.audit(action, "no longer needed", journal_id=entry.id, batch=entry.batch)
+        ACTIONS.labels(kind=action.kind.value, outcome="cancelled").inc()
+        log.info("action no longer needed: cancelled", action=action.kind.value, room=action.room_id,
+                 user=action.user_id or action.state_key, batch=entry.batch)
+        await self._report(entry.batch)
 
     async def run_entry(self, entry: Entry) -> None:
+        """One attempt. A failure backs off (`not_before`) instead of holding this worker; refusals (4xx)
+        park the entry after `max_failures`, other failures fail it after `max_attempts`."""
         action = entry.action
-        recovered = entry.status is Status.RUNNING
-        await self.store.journal.set_status(entry.id, Status.RUNNING, attempt=True)
-        attempt = entry.attempts
-        while True:
-            attempt += 1
-            try:
-                if recovered and await self._already_done(action):
-                    outcome = "already_done"
-                else:
-                    outcome = await self._perform(action)
-            except Transient as e:
-                if attempt >= self.max_attempts:
-                    await self._finish(entry, "failed", str(e))
-                    return
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
-                recovered = True
-                continue
-            except MatrixRequestError as e:
-                if await self._already_done(action):
-                    outcome = "already_done"
-                else:
-                    await self._finish(entry, "failed", f"{e.http_status} {getattr(e, 'errcode', '')}: "
-                                                        f"{getattr(e, 'message', '') or e}")
-                    return
-            except Exception as e:  # a malformed answer: fail this entry, never wedge the journal
-                if attempt >= self.max_attempts:
-                    await self._finish(entry, "failed", f"{type(e).__name__}: {e}")
-                    return
-                log.warning("action errored: retrying", action=action.kind.value, room=action.room_id,
-                            error=f"{type(e).__name__}: {e}")
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
-                recovered = True
-                continue
-            if outcome == "already_done" and action.kind is ActionKind.BAN and self._banned_by_other(action):
-                outcome = "banned_by_someone_else"
-            await self._finish(entry, outcome, None)
+        recovered = entry.status is Status.RUNNING or entry.attempts > 0
+        await self.store.journal.set_status(entry.id, Status.RUNNING, entry.error, attempt=True)
+        attempt = entry.attempts + 1
+        try:
+            if recovered and await self._already_done(action):
+                outcome = "already_done"
+            else:
+                outcome = await self._perform(action)
+        except MatrixRequestError as e:
+            if await self._already_done(action):
+                outcome = "already_done"
+            elif 400 <= e.http_status < 500:
+                await self._refused(entry, _describe(e))
+                return
+            else:
+                await self._finish(entry, "failed", _describe(e))
+                return
+        except Exception as e:  # transient, or a malformed answer: try again later, never wedge the journal
+            error = str(e) if isinstance(e, Transient) else f"{type(e).__name__}: {e}"
+            if attempt >= self.max_attempts:
+                await self._finish(entry, "failed", error)
+                return
+            wait = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("action failed: retrying later", action=action.kind.value, room=action.room_id,
+                        user=action.user_id, error=error, attempt=attempt, wait_s=round(wait, 2))
+            await self._back_off(entry, error, wait, refused=False)
             return
+        if outcome == "already_done" and action.kind is ActionKind.BAN and self._banned_by_other(action):
+            outcome = "banned_by_someone_else"
+        await self._finish(entry, outcome, None)
+
+    async def _back_off(self, entry: Entry, error: str, wait: float, *, refused: bool) -> None:
+        await self.store.journal.back_off(entry.id, error, now_ms() + int(wait * 1000), refused=refused)
+
+    async def _refused(self, entry: Entry, error: str) -> None:
+        """The homeserver refused (403, 400, 404, a module's veto): back off, then park."""
+        action = entry.action
+        failures = entry.failures + 1
+        if failures < self.max_failures:
+            wait = self.backoff_s * 2 ** (failures - 1)
+            log.warning("action refused: retrying later", action=action.kind.value, room=action.room_id,
+                        user=action.user_id or action.state_key, error=error, failures=failures,
+                        wait_s=round(wait, 2))
+            await self._back_off(entry, error, wait, refused=True)
+            return
+        await self.store.journal.park(entry.id, error, fingerprint(action, self.cache.get(action.room_id)))
+        await self.store.audit(action, "parked", journal_id=entry.id, batch=entry.batch, detail={"error": error})
+        ACTIONS.labels(kind=action.kind.value, outcome="parked").inc()
+        log.warning("action parked", action=action.kind.value, room=action.room_id,
+                    user=action.user_id or action.state_key, error=error, failures=failures, batch=entry.batch,
+                    hint=f"!spacesync retry {entry.batch} once the cause is fixed")
+        if self.on_parked is not None:
+            await self.on_parked(entry, error)
 
     async def _finish(self, entry: Entry, outcome: str, error: str | None) -> None:
         action = entry.action
@@ -179,31 +308,17 @@ class Executor:
                 "content": content, "origin_server_ts": int(time.time() * 1000),
             }])
 
-    async def _gate(self) -> None:
-        """Wait out a rate limit announced to any request."""
-        wait = self._not_before - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-
     async def _call(self, fn: Callable[[], Awaitable[object]]) -> object:
-        """One request with the 429 gate: honours retry_after_ms, then tries again; other errors pass."""
-        while True:
-            await self._gate()
-            try:
-                return await fn()
-            except MatrixRequestError as e:
-                if e.http_status == 429:
-                    wait = (retry_after_ms(e) or 1000) / 1000
-                    self._not_before = max(self._not_before, time.monotonic() + wait)
-                    self.ratelimit_wait_s += wait
-                    RATELIMIT_WAIT.inc(wait)
-                    log.debug("rate limited", wait_s=wait)
-                    continue
-                if e.http_status >= 500:
-                    raise Transient(f"{e.http_status} from the homeserver") from e
-                raise
-            except (ClientError, MatrixConnectionError, asyncio.TimeoutError, OSError) as e:
-                raise Transient(f"{type(e).__name__}: {e}") from e
+        """One request: 5xx, a rate limit beyond the adapter's wait budget and dropped connections are
+        transient; other refusals pass to the caller."""
+        try:
+            return await fn()
+        except MatrixRequestError as e:
+            if e.http_status >= 500 or e.http_status == 429:
+                raise Transient(f"{e.http_status} from the homeserver") from e
+            raise
+        except (ClientError, MatrixConnectionError, asyncio.TimeoutError, OSError) as e:
+            raise Transient(f"{type(e).__name__ or 'timeout'}: {e}") from e
 
     async def _perform(self, action: Action) -> str:
         m = self.matrix

@@ -1,9 +1,11 @@
-"""The mass-action guard: one trigger evicting too many users from a Space waits for a moderator."""
+"""The mass-action guard: too many users evicted from a Space within a window wait for a moderator.
+
+It counts over time, not per pass: a slow exodus (one leaver per /sync) is held like a sudden one."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from typing import AbstractSet, Iterable, Mapping
 
 import attrs
 
@@ -17,14 +19,21 @@ class Guarded:
     """Held evictions per root Space."""
 
 
-def guard(actions: Iterable[Action], limit_for: Mapping[RoomID | None, int], default_limit: int) -> Guarded:
-    """Hold every eviction of a Space whose distinct evicted users exceed its limit; release the rest."""
+def guard(actions: Iterable[Action], limit_for: Mapping[RoomID | None, int], default_limit: int,
+          evicted_recently: Mapping[RoomID | None, AbstractSet[str]] | None = None) -> Guarded:
+    """Hold every new eviction of a Space once the distinct users it evicts, together with the users already
+    evicted from it within the window (`evicted_recently`), exceed its limit; release the rest.
+
+    A user already evicted within the window does not count twice (another room of theirs is released
+    while the Space stays within its limit)."""
+    recent = evicted_recently or {}
     evicted: dict[RoomID | None, set[str]] = defaultdict(set)
     actions = list(actions)
     for action in actions:
         if action.kind in EVICTIONS and action.user_id:
             evicted[action.space_id].add(action.user_id)
-    over = {s for s, users in evicted.items() if len(users) > limit_for.get(s, default_limit)}
+    over = {s for s, users in evicted.items()
+            if len(users | set(recent.get(s, ()))) > limit_for.get(s, default_limit)}
     release = tuple(a for a in actions if not (a.kind in EVICTIONS and a.space_id in over))
     hold = {s: tuple(a for a in actions if a.kind in EVICTIONS and a.space_id == s) for s in over}
     return Guarded(release, hold)

@@ -20,7 +20,7 @@ from ..model import EVICTIONS, Action, ActionKind, LeftBehind, Membership, Plan,
 from ..refs import RoomRef
 from ..store import Status, Store
 from ..store.journal import now_ms
-from .executor import Executor
+from .executor import Executor, fingerprint
 from .guard import guard
 from .observer import Observer
 
@@ -103,7 +103,7 @@ class Reconciler:
             if room_id not in seen:
                 seen.add(room_id)
                 default = SpaceConfig(room=RoomRef(room_id=room_id), max_evictions_without_confirmation=(
-                    self.config.max_evictions_without_confirmation))
+                    self.config.max_evictions_without_confirmation), guard_window=self.config.guard_window)
                 spaces.append(default.to_policy(room_id, extra_rooms_resolved=frozenset(extra.get(room_id, set()))))
         return Policy(
             bot=self.matrix.user_id,
@@ -176,7 +176,9 @@ class Reconciler:
             return []
         open_keys = await self.store.journal.open_keys()
         recent = await self.store.journal.done_keys_since(observed_ms) if observed_ms is not None else set()
+        parked = await self.store.journal.parked_fingerprints()
         fresh = []
+        superseded = []
         for action in plan.actions:
             if action.key in open_keys:
                 continue
@@ -184,12 +186,22 @@ class Reconciler:
                 # Done after the state behind this plan was read: look again once that state is fresh.
                 self.recheck_soon = True
                 continue
+            if action.key in parked:
+                if fingerprint(action, self.observer.cache.get(action.room_id)) == parked[action.key]:
+                    continue  # refused against this very state: it would be refused again
+                superseded.append(action.key)
             fresh.append(action)
         if not fresh:
             return []
+        await self.store.journal.close_parked(superseded)
         policy = self.last_policy or await self.policy()
         limits = {s.room_id: s.max_evictions_without_confirmation for s in policy.spaces}
-        guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation)
+        windows = {s.room_id: s.guard_window_s for s in policy.spaces}
+        recently: dict[RoomID | None, set[str]] = {}
+        for space_id in {a.space_id for a in fresh if a.kind in EVICTIONS and a.space_id}:
+            window = windows.get(space_id, self.config.guard_window)
+            recently[space_id] = await self.store.journal.evicted_users_since(space_id, now_ms() - int(window * 1000))
+        guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation, recently)
         self.last_queued = len(guarded.release)
         self.last_held = sum(len(held) for held in guarded.hold.values())
         batches = []
@@ -200,17 +212,28 @@ class Reconciler:
             batches.append(batch)
             self.executor.wake()
         for space_id, held in guarded.hold.items():
+            users = len({a.user_id for a in held})
+            hint = "!spacesync confirm {0} to run it, !spacesync cancel {0} to drop it"
+            joined = await self.store.journal.open_held_batch(space_id)
+            if joined is not None:
+                # One open held batch per Space: later evictions join it, with no new notice.
+                await self.store.journal.add_to_batch(joined, held, Status.HELD)
+                batches.append(joined)
+                log.warning("mass action held: joined the open held batch", batch=joined, space=space_id,
+                            users=users, actions=len(held), hint=hint.format(joined))
+                continue
             batch = new_batch_id()
             await self.store.journal.add_batch(batch, trigger, space_id, held, Status.HELD)
             await self.store.journal.set_left_behind(batch, left_behind_for(plan, held))
             batches.append(batch)
-            users = len({a.user_id for a in held})
             log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),
-                        hint=f"!spacesync confirm {batch} to run it, !spacesync cancel {batch} to drop it")
+                        hint=hint.format(batch))
             if self.notify:
                 limit = limits.get(space_id, self.config.max_evictions_without_confirmation)
+                window = windows.get(space_id, self.config.guard_window) if space_id else self.config.guard_window
                 notice = held_notice(batch, self._room_name(space_id) if space_id else "?", held, limit,
-                                     self._room_name)
+                                     self._room_name, window_s=window,
+                                     recent=len(recently.get(space_id, ())))
                 await self.notify(notice.text, notice.html)
         HELD_ACTIONS.set(sum(1 for _ in await self.store.journal.by_status(Status.HELD)))
         return batches
@@ -246,6 +269,25 @@ class Reconciler:
         self.executor.wake()
         HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
         return count
+
+    async def still_wanted(self, actions: list[Action]) -> set[str]:
+        """Keys of these journaled actions that a fresh plan from the state cache still makes: the executor
+        asks before running an entry written before this instance led, or one that waited in backoff."""
+        async with self._lock:
+            plan = await self.plan(refresh=False)
+        wanted = {a.key for a in plan.actions}
+        return {a.key for a in actions if a.key in wanted}
+
+    async def retry(self, batch: str | None) -> int:
+        """Un-park the parked actions of one batch (or all): they run again, with a fresh count of failures,
+        and may be announced again if they are refused again."""
+        entries = await self.store.journal.unpark(batch)
+        await self.store.journal.forget_notices(f"{e.action.key}|" for e in entries)
+        for entry in entries:
+            await self.store.audit(entry.action, "retry requested", journal_id=entry.id, batch=entry.batch)
+        if entries:
+            self.executor.wake()
+        return len(entries)
 
     async def cancel(self, batch: str) -> int:
         count = await self.store.journal.set_batch_status(batch, "cancelled", Status.HELD, Status.CANCELLED)

@@ -13,7 +13,7 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError, MUnknownTo
 
 from .. import __version__
 from ..commands import CommandHandler as AdminCommands
-from ..commands.notices import batch_summary
+from ..commands.notices import batch_summary, parked_notice
 from ..config import Config
 from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
@@ -21,7 +21,8 @@ from ..matrix.state import parse_room_state
 from ..metrics import IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
 from ..model import RoomID, UserID
 from ..store import Store
-from .executor import Executor
+from ..store.journal import Entry, now_ms
+from .executor import Executor, refusal_reason
 from .observer import Observer
 from .reconciler import CLOCK_MARGIN_MS, Reconciler
 
@@ -44,6 +45,7 @@ TRIGGER_TYPES = frozenset({
 OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})
 """The bot's own changes of these kinds come back through /sync already applied to the cache."""
 STANDBY_POLL_S = 2.0
+NOTICE_ATTEMPTS = 4
 LEADERSHIP_CHECK_S = 1.0
 
 
@@ -73,13 +75,16 @@ class App:
         self.matrix = MatrixAdapter(
             config.homeserver.url, config.bot.user_id, access_token=config.bot.access_token,
             password=config.bot.password, device_id=config.bot.device_id,
+            request_timeout=config.homeserver.request_timeout,
         )
         self.cache = StateCache()
         self.observer = Observer(self.matrix, self.cache, self.store, max_seconds=config.walk.max_seconds,
                                  concurrency=config.executor.concurrency)
         self.executor = Executor(self.store, self.matrix, self.cache, concurrency=config.executor.concurrency,
-                                 max_attempts=config.executor.max_attempts, on_batch_done=self._batch_done)
+                                 max_attempts=config.executor.max_attempts, max_failures=config.executor.max_failures,
+                                 on_batch_done=self._batch_done, on_parked=self._parked)
         self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.notify)
+        self.executor.recheck = self.reconciler.still_wanted
         self.admin_room: RoomID | None = None
         self.command_handler: CommandHandler | None = None
         self._pending_invites: dict[RoomID, UserID] = {}
@@ -105,6 +110,7 @@ class App:
         try:
             if not await self._become_leader():
                 return
+            self.executor.leader_since_ms = now_ms()  # entries older than this are re-planned before they run
             saved = await self.store.get(f"access_token:{self.config.bot.user_id}")
             try:
                 token = await self.matrix.connect(saved_token=saved)
@@ -218,6 +224,9 @@ class App:
             self._trigger.clear()
             try:
                 plan, _ = await self.reconciler.reconcile("reconcile" if full else "sync", refresh=full)
+                if full and not self.executor.ready.is_set():
+                    self.executor.ready.set()  # the state cache is filled: journaled entries can be re-checked
+                    self.executor.wake()
                 if full and self._pending_invites:
                     await self._accept_invites()
                 if self.reconciler.recheck_soon:
@@ -392,13 +401,31 @@ class App:
         return user_level(room, user_id) >= self.config.admin.min_power_level
 
     async def notify(self, text: str, html: str | None = None) -> None:
-        """One notice in the admin room; never lets a failure to announce stop the work."""
+        """One notice in the admin room; never lets a failure to announce stop the work.
+
+        Rate limits are waited out by the adapter; a timeout or a 5xx is tried again a few times with the
+        same transaction id, so the notice is posted once."""
         if self.admin_room is None:
             return
-        try:
-            await self.matrix.send_notice(self.admin_room, text, html)
-        except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError) as e:
-            log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
+        txn = self.matrix.api.get_txn_id()
+        for attempt in range(1, NOTICE_ATTEMPTS + 1):
+            try:
+                await self.matrix.send_notice(self.admin_room, text, html, txn=txn)
+                return
+            except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
+                transient = not isinstance(e, MatrixRequestError) or e.http_status >= 500 or e.http_status == 429
+                if not transient or attempt == NOTICE_ATTEMPTS:
+                    log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
+                    return
+                await asyncio.sleep(attempt)
+
+    async def _parked(self, entry: Entry, error: str) -> None:
+        """One notice per action and reason when an action is parked."""
+        action = entry.action
+        if not await self.store.journal.first_notice(f"{action.key}|{refusal_reason(error)}"):
+            return
+        notice = parked_notice(entry, error, self.room_name)
+        await self.notify(notice.text, notice.html)
 
     def room_name(self, room_id: RoomID) -> str:
         room = self.cache.get(room_id)

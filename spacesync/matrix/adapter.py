@@ -1,9 +1,13 @@
-"""The only code that talks to the homeserver: login, /sync, state reads, the hierarchy and actions."""
+"""The only code that talks to the homeserver: login, /sync, state reads, the hierarchy and actions.
+
+Every request has a timeout, and every 429 is waited out here (bounded by a total wait budget), so
+every caller gets the same rate-limit handling: the executor, the observer, /sync, joins, notices."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 from urllib.parse import quote
@@ -14,12 +18,26 @@ from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MUnknownToken
 from mautrix.types import RoomAlias, RoomID, UserID
 
-from .http import SpacesyncHTTPAPI
+from ..metrics import RATELIMIT_WAIT
+from .http import SpacesyncHTTPAPI, retry_after_ms
 
 log = logging.getLogger("spacesync.matrix")
 
 HIERARCHY_MIN_INTERVAL = 0.21
 """Synapse answers at most 5 hierarchy requests per second, whatever its configured limits."""
+DEFAULT_TIMEOUT = 30.0
+RATELIMIT_BUDGET = 600.0
+"""The longest one request waits out 429 answers in total before its caller sees the 429."""
+
+
+def _limit_class(method: Method, path: Any) -> str:
+    """Which of the homeserver's rate limits a request counts against: a 429 pauses that class only."""
+    text = str(path)
+    if "/hierarchy" in text:
+        return "hierarchy"
+    if method == Method.POST and re.search(r"/join(/|$)", text):
+        return "join"
+    return "read" if method == Method.GET else "write"
 
 
 class ConnectError(Exception):
@@ -30,8 +48,15 @@ class MatrixAdapter:
     """A thin layer over mautrix's ClientAPI returning raw JSON where spacesync reads state itself."""
 
     def __init__(self, base_url: str, user_id: UserID, *, access_token: str | None = None,
-                 password: str | None = None, device_id: str | None = None) -> None:
+                 password: str | None = None, device_id: str | None = None,
+                 request_timeout: float = DEFAULT_TIMEOUT, ratelimit_budget: float = RATELIMIT_BUDGET) -> None:
         self.base_url = base_url.rstrip("/")
+        self.request_timeout = request_timeout
+        self.ratelimit_budget = ratelimit_budget
+        self._paused_until: dict[str, float] = {}
+        """Per rate-limit class: no request of that class starts before this (monotonic) time."""
+        self.ratelimit_wait_s = 0.0
+        """Seconds the homeserver's 429 answers held requests back (wall time, overlapping waits once)."""
         self.user_id = user_id
         self._token = access_token
         self._password = password
@@ -61,9 +86,9 @@ class MatrixAdapter:
                         raise ConnectError("bot.access_token: the homeserver does not accept this token; "
                                            "create a new one (log in as the bot) and update the config")
             if self._password:
-                resp = await self.client.login(identifier=self.user_id, password=self._password,
-                                               device_id=self._device_id or None,
-                                               device_name="spacesync")
+                resp = await asyncio.wait_for(self.client.login(
+                    identifier=self.user_id, password=self._password, device_id=self._device_id or None,
+                    device_name="spacesync"), self.request_timeout)
                 self.client.device_id = resp.device_id
                 return await self._whoami()
             raise ConnectError("bot: no credential; set bot.access_token or bot.password")
@@ -78,9 +103,9 @@ class MatrixAdapter:
 
     async def _whoami(self) -> str:
         assert self.client is not None
-        who = await self.client.whoami()
-        if who.user_id != self.user_id:
-            raise ConnectError(f"bot.user_id: the token belongs to {who.user_id}, not {self.user_id}")
+        who = await self.request(Method.GET, Path.v3.account.whoami)
+        if who.get("user_id") != self.user_id:
+            raise ConnectError(f"bot.user_id: the token belongs to {who.get('user_id')}, not {self.user_id}")
         return self.api.token
 
     async def close(self) -> None:
@@ -90,10 +115,39 @@ class MatrixAdapter:
 
     async def request(self, method: Method, path: Any, content: Any = None,
                       query: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
-        coro = self.api.request(method, path, content=content, query_params=query or {}, retry_count=0)
-        if timeout is None:
-            return await coro
-        return await asyncio.wait_for(coro, timeout)
+        """One request, bounded by `timeout` (default: the configured request timeout), with 429 answers
+        waited out: the wait pauses every request of the same rate-limit class, then this one is sent
+        again, until the total wait would pass the budget (then the 429 is raised)."""
+        kind = _limit_class(method, path)
+        waited = 0.0
+        while True:
+            pause = self._paused_until.get(kind, 0.0) - time.monotonic()
+            if pause > 0:
+                waited += pause
+                await asyncio.sleep(pause)
+            try:
+                return await asyncio.wait_for(
+                    self.api.request(method, path, content=content, query_params=query or {}, retry_count=0),
+                    timeout or self.request_timeout)
+            except MatrixRequestError as e:
+                if e.http_status != 429:
+                    raise
+                wait = (retry_after_ms(e) or 1000) / 1000
+                if waited + wait > self.ratelimit_budget:
+                    log.warning("rate limited beyond the wait budget: giving up on this request (path=%s)", path)
+                    raise
+                self._pause(kind, wait)
+
+    def _pause(self, kind: str, wait: float) -> None:
+        """Hold requests of one class for `wait` seconds; count only time not already paused."""
+        now = time.monotonic()
+        current = max(self._paused_until.get(kind, 0.0), now)
+        until = now + wait
+        if until > current:
+            self._paused_until[kind] = until
+            self.ratelimit_wait_s += until - current
+            RATELIMIT_WAIT.inc(until - current)
+        log.debug("rate limited: pausing %s requests for %.2f s", kind, wait)
 
     # region reading
     async def sync(self, since: str | None, timeout_ms: int, filter_json: str | None) -> dict[str, Any]:
@@ -157,15 +211,16 @@ class MatrixAdapter:
         return list(rooms.values())
 
     async def resolve_alias(self, alias: str) -> RoomID:
-        assert self.client is not None
-        info = await self.client.resolve_room_alias(RoomAlias(alias))
-        return info.room_id
+        data = await self.request(Method.GET, Path.v3.directory.room[RoomAlias(alias)])
+        return RoomID(data["room_id"])
     # endregion
 
     # region acting
     async def join(self, room: str, via: list[str] | None = None) -> RoomID:
-        assert self.client is not None
-        return await self.client.join_room(room, servers=via or None, max_retries=0)
+        query = {"server_name": list(via)} if via else None
+        data = await self.request(Method.POST, Path.v3.join[room], content={}, query=query)
+        joined = data.get("room_id") if isinstance(data, dict) else None
+        return RoomID(joined if isinstance(joined, str) else room)
 
     async def leave(self, room_id: RoomID) -> None:
         await self.request(Method.POST, Path.v3.rooms[room_id].leave, content={})
@@ -187,13 +242,14 @@ class MatrixAdapter:
         return data.get("event_id", "")
 
     async def send_notice(self, room_id: RoomID, body: str, html: str | None = None,
-                          reply_to: str | None = None) -> str:
+                          reply_to: str | None = None, txn: str | None = None) -> str:
+        """A notice; sending again with the same `txn` cannot post it twice."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
         if html:
             content.update(format="org.matrix.custom.html", formatted_body=html)
         if reply_to:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-        txn = self.api.get_txn_id()
+        txn = txn or self.api.get_txn_id()
         data = await self.request(Method.PUT, Path.v3.rooms[room_id].send["m.room.message"][txn], content=content)
         return data.get("event_id", "")
     # endregion

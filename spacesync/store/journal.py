@@ -20,6 +20,9 @@ class Status(str, Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PARKED = "parked"
+    """Failed with a refusal (4xx) too often: not tried again until its room's state changes or
+    a moderator retries it."""
 
 
 OPEN = (Status.PENDING, Status.HELD, Status.RUNNING)
@@ -75,12 +78,19 @@ class Entry:
     attempts: int
     error: str | None
     created_at: int
+    not_before: int = 0
+    """Backing off after a failure: not started before this time (ms)."""
+    failures: int = 0
+    """Refusals (4xx) so far; at executor.max_failures the entry is parked."""
+    fingerprint: str | None = None
+    """For a parked entry: the room state it failed against."""
 
     @classmethod
     def from_row(cls, row: Any) -> Entry:
         return cls(
             id=row["id"], batch=row["batch"], action=decode_action(row["body"]), status=Status(row["status"]),
             attempts=row["attempts"], error=row["error"], created_at=row["created_at"],
+            not_before=row["not_before"] or 0, failures=row["failures"] or 0, fingerprint=row["fingerprint"],
         )
 
 
@@ -94,7 +104,8 @@ class Batch:
     counts: dict[str, int] = attrs.field(factory=dict)
 
 
-_COLUMNS = "id, batch, body, status, attempts, error, created_at"
+_COLUMNS = "id, batch, body, status, attempts, error, created_at, not_before, failures, fingerprint"
+EVICTION_KINDS = ("kick", "ban")
 
 
 class Journal:
@@ -139,12 +150,127 @@ class Journal:
         )
         return {f"{r['kind']}|{r['room_id']}|{r['target']}" for r in rows}
 
-    async def runnable(self, limit: int = 500) -> list[Entry]:
+    async def runnable(self, limit: int = 500, now: int | None = None) -> list[Entry]:
+        """Entries to run now: pending or interrupted, and not backing off."""
         rows = await self.db.fetch(
-            f"SELECT {_COLUMNS} FROM journal WHERE status IN ($1, $2) ORDER BY id LIMIT $3",
-            Status.PENDING.value, Status.RUNNING.value, limit,
+            f"SELECT {_COLUMNS} FROM journal WHERE status IN ($1, $2) AND not_before <= $3 ORDER BY id LIMIT $4",
+            Status.PENDING.value, Status.RUNNING.value, now_ms() if now is None else now, limit,
         )
         return [Entry.from_row(r) for r in rows]
+
+    async def next_due(self) -> int | None:
+        """The earliest time (ms) a backing-off entry may run, if any is waiting."""
+        value = await self.db.fetchval(
+            "SELECT MIN(not_before) FROM journal WHERE status = $1 AND not_before > $2",
+            Status.PENDING.value, now_ms(),
+        )
+        return int(value) if value is not None else None
+
+    async def back_off(self, entry_id: int, error: str, not_before: int, *, refused: bool) -> None:
+        """Back to pending, not before `not_before`; a refusal (4xx) counts toward parking."""
+        await self.db.execute(
+            "UPDATE journal SET status=$1, error=$2, not_before=$3, failures=failures + $4, updated_at=$5"
+            " WHERE id=$6",
+            Status.PENDING.value, error, not_before, 1 if refused else 0, now_ms(), entry_id,
+        )
+
+    async def park(self, entry_id: int, error: str, fingerprint: str) -> None:
+        await self.db.execute(
+            "UPDATE journal SET status=$1, error=$2, fingerprint=$3, failures=failures + 1, updated_at=$4"
+            " WHERE id=$5",
+            Status.PARKED.value, error, fingerprint, now_ms(), entry_id,
+        )
+
+    async def parked(self, batch_id: str | None = None, limit: int = 1000) -> list[Entry]:
+        if batch_id is None:
+            rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM journal WHERE status=$1 ORDER BY id LIMIT $2",
+                                       Status.PARKED.value, limit)
+        else:
+            rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM journal WHERE status=$1 AND batch=$2 ORDER BY id",
+                                       Status.PARKED.value, batch_id)
+        return [Entry.from_row(r) for r in rows]
+
+    async def parked_fingerprints(self) -> dict[str, str]:
+        """Key -> fingerprint of every parked action: the plan lets one through only once its state changed."""
+        rows = await self.db.fetch(
+            "SELECT kind, room_id, target, fingerprint FROM journal WHERE status=$1 ORDER BY id",
+            Status.PARKED.value,
+        )
+        return {f"{r['kind']}|{r['room_id']}|{r['target']}": r["fingerprint"] or "" for r in rows}
+
+    async def close_parked(self, keys: Iterable[str]) -> None:
+        """Parked entries superseded by a new attempt (their room's state changed): they end as failed."""
+        rows = []
+        for key in keys:
+            kind, room_id, target = key.split("|", 2)
+            rows.append((Status.FAILED.value, now_ms(), kind, room_id, target, Status.PARKED.value))
+        if rows:
+            await self.db.executemany(
+                "UPDATE journal SET status=$1, updated_at=$2 WHERE kind=$3 AND room_id=$4 AND target=$5"
+                " AND status=$6", rows,
+            )
+
+    async def unpark(self, batch_id: str | None = None) -> list[Entry]:
+        """Parked entries (of one batch, or all) back to pending with a fresh count of failures. They count
+        as having waited (`not_before` set): the executor re-plans them before they run."""
+        entries = await self.parked(batch_id)
+        if entries:
+            await self.db.executemany(
+                "UPDATE journal SET status=$1, failures=0, not_before=$2, fingerprint=NULL, updated_at=$2"
+                " WHERE id=$3 AND status=$4",
+                [(Status.PENDING.value, now_ms(), e.id, Status.PARKED.value) for e in entries],
+            )
+        return entries
+
+    async def first_notice(self, key: str) -> bool:
+        """Record a notice about `key`; False when one was already sent (one notice per action and reason)."""
+        result = await self.db.fetchval(
+            "INSERT INTO notice_sent (key, ts) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING key",
+            key, now_ms(),
+        )
+        return result is not None
+
+    async def forget_notices(self, prefixes: Iterable[str]) -> None:
+        """Allow notices about these actions again (a moderator asked to retry them)."""
+        for prefix in prefixes:
+            await self.db.execute("DELETE FROM notice_sent WHERE key LIKE $1", prefix + "%")
+
+    async def evicted_users_since(self, space_id: str, since_ms: int) -> set[str]:
+        """Users with an eviction from the Space journaled since `since_ms` that is queued, running or done.
+        Held ones are not evicted (yet); ones a moderator confirmed from a held batch were counted there."""
+        rows = await self.db.fetch(
+            "SELECT DISTINCT j.target FROM journal j JOIN batch b ON b.id = j.batch"
+            " WHERE j.space_id=$1 AND j.kind IN ($2, $3) AND j.status IN ($4, $5, $6) AND j.created_at >= $7"
+            " AND b.status <> $8",
+            space_id, *EVICTION_KINDS, Status.PENDING.value, Status.RUNNING.value, Status.DONE.value, since_ms,
+            "released",
+        )
+        return {r["target"] for r in rows}
+
+    async def open_held_batch(self, space_id: str | None) -> str | None:
+        """The Space's newest held batch that still holds something: new held evictions join it."""
+        where, args = ("b.space_id IS NULL", ()) if space_id is None else ("b.space_id = $2", (space_id,))
+        row = await self.db.fetchrow(
+            f"SELECT b.id FROM batch b WHERE b.status='held' AND {where}"
+            " AND EXISTS (SELECT 1 FROM journal j WHERE j.batch=b.id AND j.status=$1)"
+            " ORDER BY b.created_at DESC LIMIT 1",
+            Status.HELD.value, *args,
+        )
+        return row["id"] if row is not None else None
+
+    async def add_to_batch(self, batch_id: str, actions: Iterable[Action], status: Status) -> int:
+        rows = [
+            (batch_id, a.kind.value, a.room_id, a.user_id or a.state_key or "", a.space_id, a.cause, a.reason,
+             encode_action(a), status.value, now_ms(), now_ms())
+            for a in actions
+        ]
+        if rows:
+            await self.db.executemany(
+                "INSERT INTO journal (batch, kind, room_id, target, space_id, cause, reason, body, status,"
+                " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                rows,
+            )
+        return len(rows)
 
     async def by_status(self, *statuses: Status, limit: int = 1000) -> list[Entry]:
         marks = ", ".join(f"${i + 1}" for i in range(len(statuses)))
@@ -226,7 +352,7 @@ class Journal:
 
     async def depth(self) -> dict[str, int]:
         rows = await self.db.fetch(
-            "SELECT status, COUNT(*) AS n FROM journal WHERE status IN ($1, $2, $3) GROUP BY status",
-            *[s.value for s in OPEN],
+            "SELECT status, COUNT(*) AS n FROM journal WHERE status IN ($1, $2, $3, $4) GROUP BY status",
+            *[s.value for s in OPEN], Status.PARKED.value,
         )
         return {r["status"]: int(r["n"]) for r in rows}

@@ -18,7 +18,7 @@ from spacesync.config import (
     parse_config,
     parse_duration,
 )
-from spacesync.model import OnLeave, SpacePolicy
+from spacesync.model import OnLeave, RoomID, SpacePolicy
 from spacesync.refs import RoomRef
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
@@ -65,7 +65,7 @@ def test_example_loads_with_every_key() -> None:
     text = EXAMPLE.read_text()
     for key in ("device_id", "password_file", "power_level_map", "max_power_level", "creator_level",
                 "invite_members", "concurrency", "max_attempts", "max_depth", "max_rooms", "max_seconds",
-                "listen", "format", "dry_run"):
+                "listen", "format", "dry_run", "guard_window", "max_failures", "request_timeout"):
         assert f"{key}:" in text
 
 
@@ -75,7 +75,17 @@ def test_defaults() -> None:
     assert cfg.database.sqlite_path == Path("spacesync.db")
     assert cfg.admin.min_power_level == 50 and cfg.admin.users == frozenset()
     assert cfg.dry_run is False and cfg.max_evictions_without_confirmation == 25
-    assert (cfg.executor.concurrency, cfg.executor.max_attempts) == (8, 8)
+    assert (cfg.executor.concurrency, cfg.executor.max_attempts, cfg.executor.max_failures) == (8, 8, 3)
+    assert cfg.guard_window == 600.0 and cfg.spaces[0].guard_window == 600.0
+    assert cfg.homeserver.request_timeout == 30.0
+
+
+def test_guard_window_top_level_and_per_space() -> None:
+    cfg = config(guard_window="1h", spaces=[{"room": "!a:example.org"},
+                                            {"room": "!b:example.org", "guard_window": "90s"}])
+    assert cfg.guard_window == 3600.0
+    assert [s.guard_window for s in cfg.spaces] == [3600.0, 90.0]
+    assert cfg.spaces[1].to_policy(RoomID("!b:example.org")).guard_window_s == 90.0
     assert (cfg.walk.max_depth, cfg.walk.max_rooms, cfg.walk.max_seconds) == (10, 2000, 120)
     assert (cfg.logging.level, cfg.logging.format) == ("INFO", "auto")
     space = cfg.spaces[0]
@@ -163,6 +173,12 @@ def test_space_fields_and_policy() -> None:
         ({"spaces": [{"room": "!s:example.org", "grace_period": "5 minutes"}]}, "spaces[0].grace_period: '5 minutes' is not a duration;"),
         ({"spaces": [{"room": "!s:example.org", "grace_period": -1}]}, "spaces[0].grace_period: -1 is not a duration"),
         ({"reconcile_interval": "5s"}, "reconcile_interval: '5s' is below the minimum of 10s"),
+        ({"guard_window": "soon"}, "guard_window: 'soon' is not a duration;"),
+        ({"guard_window": 0}, "guard_window: 0 is below the minimum of 1s"),
+        ({"spaces": [{"room": "!s:example.org", "guard_window": "-5m"}]}, "spaces[0].guard_window: '-5m' is not a duration"),
+        ({"executor": {"max_failures": 0}}, "executor.max_failures: 0 is out of range; use a number between 1 and 100"),
+        ({"homeserver": {"url": "https://example.org", "request_timeout": "0.5s"}},
+         "homeserver.request_timeout: '0.5s' is below the minimum of 1s"),
         ({"web": {"listen": 9090}}, 'web.listen: expected "host:port", got 9090'),
         ({"web": {"listen": "localhost"}}, 'web.listen: expected "host:port", got \'localhost\''),
         ({"web": {"listen": "[::1]:99999"}}, 'web.listen: expected "host:port"'),

@@ -8,5 +8,6 @@ from . import (  # noqa: E402,F401  (each registers itself)
     v01_initial,
     v02_released_levels,
     v03_member_history,
+    v04_parked,
     v06_localrules,
 )
