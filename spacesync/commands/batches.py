@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..model import Action, ActionKind, Membership, RoomID, RoomState, UserID
 from ..store import Status
-from ..store.journal import Batch
+from ..store.journal import MIN_BATCH_PREFIX, Batch
 from .format import Reply, code, compose, esc, line, listing, plural
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
@@ -19,11 +19,18 @@ if TYPE_CHECKING:
 FAMILY = "batches"
 
 
-def _batch_id(text: str) -> str:
+async def _batch_id(app: App, text: str) -> str:
+    """The batch a moderator named: its full id, or a unique prefix of at least MIN_BATCH_PREFIX characters."""
     try:
-        return batch_arg(text)
+        typed = batch_arg(text)
     except ValueError as e:
         raise CommandError(str(e)) from None
+    found = await app.store.journal.batch_ids_like(typed)
+    if len(found) > 1:
+        more = "…" if len(found) >= 6 else ""
+        raise CommandError(f"'{typed}' is the start of several batches ({', '.join(found[:5])}{more}): "
+                           "type more of the id")
+    return found[0] if found else typed
 
 
 async def _held_ids(app: App) -> list[str]:
@@ -51,7 +58,7 @@ async def _held_batch(app: App, batch: str, verb: str) -> Batch:
               "a held mass eviction before 'confirm' or 'cancel', or a finished batch before 'undo'.")
 async def batch(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch_id = _batch_id(args[0])
+    batch_id = await _batch_id(ctx.app, args[0])
     app = ctx.app
     info = await _known_batch(app, batch_id)
     entries = await app.store.journal.batch_entries(batch_id)
@@ -76,7 +83,7 @@ async def batch(ctx: Context, args: list[str]) -> Reply:
               "Review them with 'plan', then confirm the batch to run it.")
 async def confirm(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch = _batch_id(args[0])
+    batch = await _batch_id(ctx.app, args[0])
     app = ctx.app
     info = await _held_batch(app, batch, "confirm")
     count = await app.reconciler.release(batch)
@@ -93,7 +100,7 @@ async def confirm(ctx: Context, args: list[str]) -> Reply:
               "them with 'exempt add', or 'pause' the bot while you sort it out.")
 async def cancel(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch = _batch_id(args[0])
+    batch = await _batch_id(ctx.app, args[0])
     app = ctx.app
     await _held_batch(app, batch, "cancel")
     count = await app.reconciler.cancel(batch)
@@ -116,7 +123,7 @@ def _effective(room: RoomState, value: int | None) -> int:
               "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again.")
 async def undo(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch = _batch_id(args[0])
+    batch = await _batch_id(ctx.app, args[0])
     app = ctx.app
     info = await _known_batch(app, batch)
     entries = await app.store.journal.batch_entries(batch)

@@ -15,7 +15,7 @@ from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..metrics import ACTIONS, RATELIMIT_WAIT
 from ..model import Action, ActionKind, PlacedBan
-from ..store import Status, Store
+from ..store import Status, Store, unreachable
 from ..store.journal import Entry
 
 log = structlog.get_logger("spacesync.executor")
@@ -36,13 +36,16 @@ class Executor:
     """Drains runnable journal entries; one 429 pauses every request until the homeserver's retry_after."""
 
     def __init__(self, store: Store, matrix: MatrixAdapter, cache: StateCache, *, concurrency: int = 8,
-                 max_attempts: int = 8, on_batch_done: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 max_attempts: int = 8, on_batch_done: Callable[[str], Awaitable[None]] | None = None,
+                 may_act: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.store = store
         self.matrix = matrix
         self.cache = cache
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.on_batch_done = on_batch_done
+        self.may_act = may_act
+        """Asked before each entry starts: an instance that cannot confirm it leads must send nothing."""
         self._wake = asyncio.Event()
         self._not_before = 0.0
         self.ratelimit_wait_s = 0.0
@@ -50,6 +53,7 @@ class Executor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._db_down = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -58,14 +62,26 @@ class Executor:
         """Start no further entry: those in flight finish, the rest stay journaled for the next start."""
         self._stopping = True
 
+    def resume(self) -> None:
+        """Start entries again (after leadership came back)."""
+        self._stopping = False
+        self._wake.set()
+
     async def run_forever(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self.drain()
+                self._db_down = False
             except Exception as e:  # the journal keeps every entry: retry the drain shortly
-                log.error("executor drain failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
+                if unreachable(e):
+                    if not self._db_down:
+                        log.warning("executor waiting: database unreachable, retrying",
+                                    error=f"{type(e).__name__}: {e}")
+                    self._db_down = True
+                else:
+                    log.error("executor drain failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
                 await asyncio.sleep(5)
                 self._wake.set()
 
@@ -108,10 +124,16 @@ class Executor:
     async def run_entry(self, entry: Entry) -> None:
         action = entry.action
         recovered = entry.status is Status.RUNNING
+        if self.may_act is not None and not await self.may_act():
+            self.stop()  # the entry stays journaled for whichever instance leads
+            return
         await self.store.journal.set_status(entry.id, Status.RUNNING, attempt=True)
         attempt = entry.attempts
         while True:
             attempt += 1
+            if attempt > entry.attempts + 1 and self.may_act is not None and not await self.may_act():
+                self.stop()  # left running: the next leader checks the homeserver before sending again
+                return
             try:
                 if recovered and await self._already_done(action):
                     outcome = "already_done"

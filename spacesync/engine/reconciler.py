@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Awaitable, Callable
 
@@ -37,10 +36,6 @@ NOT_REPEATABLE = frozenset({
 executor re-reads the current levels and applies only the changes still missing."""
 CLOCK_MARGIN_MS = 2000
 """Slack for clocks of instances sharing a database (standby) when comparing journal times."""
-
-
-def new_batch_id() -> str:
-    return secrets.token_hex(3)
 
 
 class Reconciler:
@@ -188,13 +183,11 @@ class Reconciler:
         self.last_held = sum(len(held) for held in guarded.hold.values())
         batches = []
         if guarded.release:
-            batch = new_batch_id()
-            await self.store.journal.add_batch(batch, trigger, None, guarded.release, Status.PENDING)
+            batch = await self.store.journal.add_new_batch(trigger, None, guarded.release, Status.PENDING)
             batches.append(batch)
             self.executor.wake()
         for space_id, held in guarded.hold.items():
-            batch = new_batch_id()
-            await self.store.journal.add_batch(batch, trigger, space_id, held, Status.HELD)
+            batch = await self.store.journal.add_new_batch(trigger, space_id, held, Status.HELD)
             batches.append(batch)
             users = len({a.user_id for a in held})
             log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),
@@ -247,7 +240,6 @@ class Reconciler:
         """Journal actions chosen by a moderator (undo), outside the guard."""
         if not actions:
             return None
-        batch = new_batch_id()
-        await self.store.journal.add_batch(batch, trigger, None, actions, Status.PENDING)
+        batch = await self.store.journal.add_new_batch(trigger, None, actions, Status.PENDING)
         self.executor.wake()
         return batch

@@ -180,13 +180,14 @@ class MatrixAdapter:
         return data.get("event_id", "")
 
     async def send_notice(self, room_id: RoomID, body: str, html: str | None = None,
-                          reply_to: str | None = None) -> str:
+                          reply_to: str | None = None, txn_id: str | None = None) -> str:
+        """Post a notice; a fixed `txn_id` makes sending it again a no-op on the homeserver."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
         if html:
             content.update(format="org.matrix.custom.html", formatted_body=html)
         if reply_to:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-        txn = self.api.get_txn_id()
+        txn = txn_id or self.api.get_txn_id()
         data = await self.request(Method.PUT, Path.v3.rooms[room_id].send["m.room.message"][txn], content=content)
         return data.get("event_id", "")
     # endregion
