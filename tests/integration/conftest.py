@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 import pytest
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
 from spacesync.testbed import Synapse, TestUser, wait_for
+from spacesync.testing import FaultProxy, TcpProxy
+
+from ..conftest import PG_ADMIN_URL, unavailable
 
 
 class World:
@@ -115,15 +119,21 @@ async def world(synapse: Synapse, make_user: Callable[..., Awaitable[TestUser]])
 
 @pytest.fixture
 async def start_bot(synapse: Synapse, world: World, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Bot]]]:
-    """`await start_bot(spaces=[{"room": id}], **config)` runs the bot until the test ends."""
+    """`await start_bot(spaces=[{"room": id}], **config)` runs the bot until the test ends.
+
+    `homeserver_url=` points the bot elsewhere than `synapse`, e.g. at the `fault_proxy` in front of it.
+    """
     bots: list[Bot] = []
     admin: list[str] = []
 
-    async def start(spaces: list[dict[str, Any]], *, db_url: str | None = None, **extra: Any) -> Bot:
+    async def start(spaces: list[dict[str, Any]], *, db_url: str | None = None, homeserver_url: str | None = None,
+                    **extra: Any) -> Bot:
         if not admin:
             admin.append(extra.pop("admin_room", None) or await world.admin_room())
-        config = parse_config(bot_config(synapse, world.bot, admin[0], db_url or f"sqlite:{tmp_path}/bot.db",
-                                         spaces, **extra))
+        raw = bot_config(synapse, world.bot, admin[0], db_url or f"sqlite:{tmp_path}/bot.db", spaces, **extra)
+        if homeserver_url is not None:
+            raw["homeserver"]["url"] = homeserver_url
+        config = parse_config(raw)
         app = App(config)
         task = asyncio.create_task(app.run())
         bot = Bot(app, task)
@@ -134,3 +144,24 @@ async def start_bot(synapse: Synapse, world: World, tmp_path: Path) -> AsyncIter
     yield start
     for bot in bots:
         await bot.stop()
+
+
+@pytest.fixture
+async def fault_proxy(synapse: Synapse) -> AsyncIterator[FaultProxy]:
+    """An HTTP proxy in front of `synapse` that injects faults on request (see spacesync.testing)."""
+    async with FaultProxy(synapse.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def pg_proxy() -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test PostgreSQL; `pg_proxy.dsn(url)` points a database URL at it."""
+    upstream = urlsplit(PG_ADMIN_URL)
+    host, port = upstream.hostname or "127.0.0.1", upstream.port or 5432
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    except (OSError, TimeoutError) as exc:
+        unavailable(f"PostgreSQL at {host}:{port} is unreachable: {exc!r}")
+    writer.close()
+    async with TcpProxy(host, port) as proxy:
+        yield proxy
