@@ -115,6 +115,12 @@ class App:
                 if not await self._lead():
                     return
                 await self._stand_down()
+                # A healthy standby goes first: it polls every STANDBY_POLL_S, this instance waits longer.
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), 2 * STANDBY_POLL_S + 0.5)
+                    return
+                except asyncio.TimeoutError:
+                    pass
         finally:
             await self.shutdown()
 
