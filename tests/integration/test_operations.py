@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
-from spacesync.store import LEADER_LOCK_KEY
+from spacesync.store import LEADER_LOCK_KEY, Store
 from spacesync.testbed import Synapse, TestUser, free_port, wait_for
 from spacesync.web import start_web
 
@@ -617,4 +617,73 @@ async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, syn
     await check_journal(config["database"]["url"], rooms)
     again.signal(signal.SIGTERM)
     assert await again.wait_exit(15) == 0, again.log()
+# endregion
+
+
+# region commands across a crash
+def _replies(events: list[dict[str, Any]], bot_id: str, event_id: str) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("sender") == bot_id and (e.get("content") or {}).get("msgtype") == "m.notice"
+            and ((e["content"].get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id") == event_id]
+
+
+@pytest.mark.slow
+async def test_commands_received_before_kill_9_are_answered_once_after_restart(world, synapse, fault_proxy, tmp_path,
+                                                                              processes):
+    """Two commands: the first is running (its reply reached the homeserver, the answer to the bot is held
+    back), the second is queued behind it. kill -9, restart: the second is run and answered, the first is
+    not run again and keeps its single reply."""
+    space = await world.space("cmd")
+    admin = await world.admin_room()
+    db_url = f"sqlite:{tmp_path}/bot.db"
+    config = config_dict(synapse, world.bot, admin, db_url, space, port=free_port())
+    config["admin"]["users"] = [world.owner.user_id]
+    held = fault_proxy.delay_response(r"/send/m\.room\.message/spacesync-reply-", 120, method="PUT", times=1)
+    first = processes(tmp_path, "first", {**config, "homeserver": {"url": fault_proxy.url}}).start()
+    await wait_ready(first.port, 200, timeout=60)
+    await asyncio.sleep(1)  # commands are read from the second /sync answer on
+
+    running = await world.owner.client.send_text(admin, "!ss status")
+    await wait_for(lambda: held.hits == 1, timeout=30, message="the first reply never left the bot")
+    waiting = await world.owner.client.send_text(admin, "!ss exempt add @someone:localhost")
+
+    def queued() -> bool:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:"):])) as db:
+            return db.execute("SELECT 1 FROM command_queue WHERE event_id=?", (waiting,)).fetchone() is not None
+    await wait_for(queued, timeout=30, message="the second command never reached the database")
+    first.signal(signal.SIGKILL)
+    assert await first.wait_exit(10) == -signal.SIGKILL
+    events = await world.owner.client.messages(admin, limit=50)
+    assert len(_replies(events, world.bot.user_id, running)) == 1  # sent before the kill, answer held back
+    assert not _replies(events, world.bot.user_id, waiting)
+
+    again = processes(tmp_path, "again", config).start()
+    await wait_ready(again.port, 200, timeout=60)
+
+    async def answered() -> list[dict[str, Any]] | None:
+        found = _replies(await world.owner.client.messages(admin, limit=50), world.bot.user_id, waiting)
+        return found or None
+    try:
+        reply = (await wait_for(answered, timeout=30))[0]
+    except TimeoutError:
+        raise AssertionError(f"the queued command was not answered after the restart:\n{again.log()}") from None
+    assert "exempt" in reply["content"]["body"].lower(), reply
+    await asyncio.sleep(3)  # time for a wrong second answer to show
+    events = await world.owner.client.messages(admin, limit=50)
+    assert len(_replies(events, world.bot.user_id, waiting)) == 1
+    replies = _replies(events, world.bot.user_id, running)
+    assert len(replies) == 1, replies
+    assert "State:" in replies[0]["content"]["body"]  # the original answer, not a second one
+    assert "command cut short" in again.log(200)
+    again.signal(signal.SIGTERM)
+    assert await again.wait_exit(15) == 0, again.log()
+
+    store = Store(db_url)
+    await store.start()
+    try:
+        assert await store.pending_commands() == []
+        assert await store.exempt_users() == {"@someone:localhost"}
+    finally:
+        await store.stop()
 # endregion
