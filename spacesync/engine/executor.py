@@ -172,9 +172,11 @@ class Executor:
         status = Status.FAILED if outcome == "failed" else Status.DONE
         if outcome in ("done", "already_done"):
             await self._record(action, mirror=outcome == "done")
-        await self.store.journal.set_status(entry.id, status, error)
+        # The audit first: a crash between the two leaves the entry running, and the next run records it
+        # (as already done) instead of finishing it with no audit record.
         await self.store.audit(action, outcome, journal_id=entry.id, batch=entry.batch,
                                detail={"error": error} if error else None)
+        await self.store.journal.set_status(entry.id, status, error)
         ACTIONS.labels(kind=action.kind.value, outcome=outcome).inc()
         context = {"error": error} if error else {}
         if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:

@@ -95,6 +95,7 @@ class App:
         self._stopping = asyncio.Event()
         self._trigger = asyncio.Event()
         self._full = asyncio.Event()
+        self._stood_down = False
         self._lost = asyncio.Event()
         """Set once the leadership lock can no longer be confirmed: the instance stands down."""
         self._tasks: list[asyncio.Task[Any]] = []
@@ -177,6 +178,7 @@ class App:
         """Stop acting at once: no new journal entries, no new actions (those in flight finish), no
         reconciles, no commands; give the lock up and go back to standing by."""
         self.leader = False
+        self._stood_down = True
         IS_LEADER.set(0)
         self.executor.stop()
         log.warning("lost the leadership lock: standing by, no longer acting",
@@ -214,6 +216,8 @@ class App:
     async def _become_leader(self) -> bool:
         """Only one instance acts; on PostgreSQL a second one stands by and takes over, on SQLite it refuses."""
         if await self.store.try_leadership():
+            if self._stood_down:
+                log.info("taking over: the leadership lock is free again")
             self.leader = True
             IS_LEADER.set(1)
             return True
