@@ -8,6 +8,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import structlog
 from aiohttp import ClientError, ClientSession, ClientTimeout
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
@@ -16,7 +17,7 @@ from mautrix.types import RoomAlias, RoomID, UserID
 
 from .http import SpacesyncHTTPAPI
 
-log = logging.getLogger("spacesync.matrix")
+log = structlog.get_logger("spacesync.matrix")
 
 HIERARCHY_MIN_INTERVAL = 0.21
 """Synapse answers at most 5 hierarchy requests per second, whatever its configured limits."""
