@@ -213,9 +213,14 @@ class App:
         await self.store.stop()
         IS_LEADER.set(0)
 
+    async def _try_leadership(self) -> bool:
+        taken = await self.store.try_leadership()
+        DATABASE_UP.set(0 if self.store.lock_error is not None else 1)  # the store logs the outage once
+        return taken
+
     async def _become_leader(self) -> bool:
         """Only one instance acts; on PostgreSQL a second one stands by and takes over, on SQLite it refuses."""
-        if await self.store.try_leadership():
+        if await self._try_leadership():
             if self._stood_down:
                 log.info("taking over: the leadership lock is free again")
             self.leader = True
@@ -232,7 +237,7 @@ class App:
                 return False
             except asyncio.TimeoutError:
                 pass
-            if await self.store.try_leadership():
+            if await self._try_leadership():
                 log.info("taking over: no other instance holds the lock")
                 self.leader = True
                 IS_LEADER.set(1)

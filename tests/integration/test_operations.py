@@ -473,9 +473,12 @@ async def test_lock_lost_alone_stands_by_then_leads_again(world, synapse, make_u
     pg_proxy.cut()
     body = await wait_ready(bot.port, 503, timeout=15, reason="standing by")
     assert "database unreachable" in body["reasons"], body
-    _, _, metrics = await http_get(f"http://127.0.0.1:{bot.port}/metrics")
-    assert "spacesync_leader 0.0" in metrics
-    await asyncio.sleep(3)
+
+    async def metrics_say_down() -> bool:
+        _, _, metrics = await http_get(f"http://127.0.0.1:{bot.port}/metrics")
+        return "spacesync_leader 0.0" in metrics and "spacesync_database_up 0.0" in metrics
+    await wait_for(metrics_say_down, timeout=15, message="the metrics never showed the outage")
+    await asyncio.sleep(2)
     assert await bot.wait_exit(0) is None, f"the bot exited:\n{bot.log()}"
     pg_proxy.accept()
 
