@@ -32,6 +32,10 @@ class Transient(Exception):
     """Worth another attempt later (5xx, timeout, dropped connection)."""
 
 
+class LostLeadership(Exception):
+    """This instance can no longer confirm that it leads: it sends nothing more."""
+
+
 class Executor:
     """Drains runnable journal entries; one 429 pauses every request until the homeserver's retry_after."""
 
@@ -139,6 +143,9 @@ class Executor:
                     outcome = "already_done"
                 else:
                     outcome = await self._perform(action)
+            except LostLeadership:
+                self.stop()  # left running: the next leader checks the homeserver before sending again
+                return
             except Transient as e:
                 if attempt >= self.max_attempts:
                     await self._finish(entry, "failed", str(e))
@@ -209,8 +216,12 @@ class Executor:
 
     async def _call(self, fn: Callable[[], Awaitable[object]]) -> object:
         """One request with the 429 gate: honours retry_after_ms, then tries again; other errors pass."""
+        again = False
         while True:
             await self._gate()
+            if again and self.may_act is not None and not await self.may_act():
+                raise LostLeadership()
+            again = True
             try:
                 return await fn()
             except MatrixRequestError as e:

@@ -623,6 +623,46 @@ async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, syn
 # endregion
 
 
+async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synapse, make_user, pg_url, fault_proxy):
+    """A kick waits out a 429 while the lock's connection is terminated: the instance must not send it
+    again once the wait ends, since it no longer holds the lock; it sends it only after taking the lock
+    back (checking first that the user is not already out)."""
+    space = await world.space("fence")
+    room = await world.room(space, "fence-room")
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, [room])
+    port = free_port()
+    config = config_dict(synapse, world.bot, admin, pg_url, space, port=port)
+    config["homeserver"]["url"] = fault_proxy.url
+    async with serving(config) as app:
+        await wait_ready(port, 200, timeout=30)
+        limited = fault_proxy.rate_limit(r"/kick$", retry_after_ms=3000, method="POST", times=1)
+        await user.client.leave(space)
+        await wait_for(lambda: limited.hits == 1, timeout=30, message="the kick never reached the homeserver")
+
+        conn = await asyncpg.connect(pg_url)
+        try:
+            holders = await conn.fetch(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY)
+            assert len(holders) == 1, holders
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
+        finally:
+            await conn.close()
+        await wait_for(lambda: not app.leader, timeout=10, message="the lost lock went unnoticed")
+        deadline = time.monotonic() + 30
+        while not app.leader:
+            assert fault_proxy.count(r"/kick$", method="POST") == 1, "a kick was sent without the lock"
+            assert time.monotonic() < deadline, "the instance never took the lock back"
+            await asyncio.sleep(0.05)
+
+        async def kicked() -> bool:
+            return user.user_id not in await world.owner.client.joined_members(room)
+        await wait_for(kicked, timeout=30)
+        assert await kicks_by_room(world.owner.client, [room], world.bot.user_id, user.user_id) == {room: 1}
+        assert fault_proxy.count(r"/kick$", method="POST") == 2
+
+
 # region commands across a crash
 def _replies(events: list[dict[str, Any]], bot_id: str, event_id: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("sender") == bot_id and (e.get("content") or {}).get("msgtype") == "m.notice"
