@@ -18,7 +18,17 @@ its fault, every other request is forwarded. The faults:
 - `Drop`: close the connection without any answer (the client sees a disconnect).
 - `Rewrite`: forward, then pass the JSON answer through a function (malformed or surprising answers).
 
-Every request is logged (method, path, rule applied, status) for assertions.
+Every request is logged (method, path, rule applied, status) for assertions::
+
+    async with FaultProxy(synapse.url) as proxy:          # or the `fault_proxy` fixture
+        rule = proxy.rate_limit(r"/rooms/[^/]+/kick$", retry_after_ms=1500, times=3)
+        proxy.delay_response(rf"/rooms/{re.escape(room_id)}/state$", 2.0, method="GET")
+        ...                                                # point the client at proxy.url
+        assert proxy.count(r"/kick$", method="POST") == 4
+        rule.remove()
+
+aiohttp clients (mautrix among them) resend an idempotent request once after a disconnect: to make
+them see a `Drop`, drop at least two.
 
 `TcpProxy` is a plain TCP relay in front of a database: `cut()` breaks every live connection, and
 `refuse()` makes new connections fail at once until `accept()`.
@@ -43,7 +53,6 @@ import aiohttp
 import attrs
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 __all__ = [
@@ -63,14 +72,20 @@ log = structlog.get_logger("spacesync.testing")
 
 LOOPBACK: Final = "127.0.0.1"
 _CHUNK: Final = 64 * 1024
-# Per connection, not end-to-end: never forwarded as they are (RFC 9110 section 7.6.1), plus the
-# framing headers that aiohttp recomputes for the body it sends.
+# Per connection, not end-to-end, so never passed on (RFC 9110 section 7.6.1); plus Host (the
+# upstream's own), Content-Length (recomputed) and Content-Encoding (aiohttp decompresses answers).
 _HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
 })
 
 JSONValue = Any
+Headers = list[tuple[str, str]]
+
+
+def _end_to_end(headers: Mapping[str, str]) -> Headers:
+    """The headers to pass on, repeated ones kept."""
+    return [(key, value) for key, value in headers.items() if key.lower() not in _HOP_BY_HOP]
 
 
 # Faults
@@ -141,10 +156,10 @@ class Rule:
     path: re.Pattern[str]
     method: str | None = None
     times: int | None = None
-    hits: int = 0
-    """How many requests this rule has been applied to."""
     _proxy: FaultProxy | None = attrs.field(default=None, repr=False)
-    _removed: asyncio.Event = attrs.field(factory=asyncio.Event, repr=False)
+    hits: int = attrs.field(default=0, init=False)
+    """How many requests this rule has been applied to."""
+    _removed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False, repr=False)
 
     @property
     def exhausted(self) -> bool:
@@ -202,6 +217,11 @@ class FaultProxy:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled now: held, waiting for the upstream or being answered."""
+        return len(self._handlers)
 
     async def start(self) -> None:
         # No timeout towards the upstream: /sync long-polls take as long as the client asked for.
@@ -361,26 +381,33 @@ class FaultProxy:
             case DelayResponse(seconds=seconds):
                 await asyncio.sleep(seconds)
             case Rewrite(fn=fn):
-                result = fn(json.loads(body))
+                try:
+                    document = json.loads(body)
+                except ValueError:
+                    error = (f"fault proxy: cannot rewrite the answer to {request.method} {request.path}: "
+                             f"the upstream's HTTP {status} body is not JSON; narrow the rule's path or method")
+                    log.warning("fault proxy rewrite skipped", method=request.method, path=request.path)
+                    return web.json_response({"errcode": "M_UNKNOWN", "error": error}, status=502)
+                result = fn(document)
                 body = result if isinstance(result, bytes) else json.dumps(result).encode()
         return web.Response(status=status, headers=headers, body=body)
 
-    async def _forward(self, request: web.Request) -> tuple[int, CIMultiDict[str], bytes]:
+    async def _forward(self, request: web.Request) -> tuple[int, Headers, bytes]:
         """Send the request on to the upstream: same method, path, query, headers (Host aside) and body."""
         assert self._session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
+        headers = _end_to_end(request.headers)
         body = await request.read()
         url = URL(self.upstream + request.raw_path, encoded=True)
         try:
             async with self._session.request(request.method, url, headers=headers, data=body or None,
                                              allow_redirects=False) as upstream:
                 answer = await upstream.read()
-                reply = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP)
+                reply = _end_to_end(upstream.headers)
                 return upstream.status, reply, answer
         except aiohttp.ClientError as exc:
             log.warning("fault proxy upstream unreachable", upstream=self.upstream, error=repr(exc))
             error = {"errcode": "M_UNKNOWN", "error": f"fault proxy: upstream {self.upstream} unreachable: {exc}"}
-            return 502, CIMultiDict({"Content-Type": "application/json"}), json.dumps(error).encode()
+            return 502, [("Content-Type", "application/json")], json.dumps(error).encode()
 
 
 # TCP proxy
