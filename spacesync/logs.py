@@ -46,3 +46,5 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", stream=None) -> None:
     root.setLevel(level.upper())
     for noisy in ("spacesync.http", "aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+    # asyncpg's pool logs a traceback every retry while the database is away; spacesync says it once.
+    logging.getLogger("asyncpg.pool").setLevel(max(logging.ERROR, root.level))

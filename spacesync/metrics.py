@@ -53,3 +53,8 @@ MANAGED_USERS = Gauge(
 IS_LEADER = Gauge(
     "spacesync_leader", "1 when this instance is the acting one, 0 while it stands by.", registry=REGISTRY,
 )
+DATABASE_UP = Gauge(
+    "spacesync_database_up", "0 while the database is out of reach (calls are retried with backoff), else 1.",
+    registry=REGISTRY,
+)
+DATABASE_UP.set(1)

@@ -21,7 +21,7 @@ def make_app(app: App) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
         problems = []
         if not app.leader:
-            problems.append("standing by: another instance is active")
+            problems.append(app.standby_reason)
         elif not app.logged_in:
             problems.append("not logged in yet")
         elif not app.homeserver_up:

@@ -2,18 +2,22 @@
 
 `CommandHandler(app).handle(room_id, event)` takes every message event of the admin room. It obeys only
 admins (decided on the event's `sender`, never a display name), ignores edits, notices and the bot's own
-messages, and handles each event id once, even across restarts.
+messages, and handles each event id once, even across restarts. Each command gets at most one reply: the
+reply's transaction id comes from the command's event id, so a reply sent again after a crash is one the
+homeserver already has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import TYPE_CHECKING, Any, Mapping
 
 import structlog
 
 from ..model import RoomID, UserID
 from ..refs import RefError
+from ..store import unreachable
 from . import batches, settings, status  # noqa: F401  (registers the commands)
 from .format import Reply, code, esc, one_line
 from .parser import ParseError, command_text, is_edit, parse_command
@@ -27,6 +31,13 @@ __all__ = ["CommandHandler", "REFUSAL", "REGISTRY", "Registry", "Reply"]
 log = structlog.get_logger("spacesync.commands")
 
 REFUSAL = "Sorry, only spacesync admins can use commands here."
+INTERRUPTED = ("⚠ This command was cut short (spacesync stopped, or another instance took over) and is not run "
+               f"again: check with '{PREFIX} status' and send it again if it is still needed.")
+
+
+def reply_txn_id(event_id: str) -> str:
+    """The same for every reply to one command: the homeserver keeps one event per transaction id."""
+    return "spacesync-reply-" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
 
 
 class CommandHandler:
@@ -41,12 +52,15 @@ class CommandHandler:
         await settings.restore_paused(self.app)
 
     async def handle(self, room_id: RoomID, event: Mapping[str, Any]) -> None:
-        """Handle one event; never raises (a failing command is logged and answered with one line)."""
+        """Handle one event. A failing command is logged and answered with one line; only a database out of
+        reach before the command started is raised, so that the caller retries it later."""
         try:
             await self._handle(room_id, event)
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            if unreachable(e):
+                raise
             log.warning("command handling failed", error=f"{type(e).__name__}: {e}", exc_info=True)
 
     async def _handle(self, room_id: RoomID, event: Mapping[str, Any]) -> None:
@@ -66,6 +80,11 @@ class CommandHandler:
         if text is None:
             return
         if not await app.store.mark_handled(event_id):
+            if await app.store.command_waiting(event_id):
+                # Started before a crash or a takeover, its reply maybe not sent: answer it, never rerun it.
+                log.warning("command cut short: not run again", event_id=event_id, sender=sender)
+                await self._reply(room_id, event_id, Reply.plain(INTERRUPTED))
+                return
             log.info("command already handled", event_id=event_id)
             return
         user = UserID(sender)
@@ -109,6 +128,7 @@ class CommandHandler:
     async def _reply(self, room_id: RoomID, event_id: str, reply: Reply) -> None:
         reply = reply.clipped()
         try:
-            await self.app.matrix.send_notice(room_id, reply.text, reply.html, reply_to=event_id)
+            await self.app.matrix.send_notice(room_id, reply.text, reply.html, reply_to=event_id,
+                                              txn=reply_txn_id(event_id))
         except Exception as e:  # a failed answer must never stop the bot
             log.warning("could not answer a command", event_id=event_id, error=f"{type(e).__name__}: {e}")

@@ -20,11 +20,18 @@ if TYPE_CHECKING:
 FAMILY = "batches"
 
 
-def _batch_id(text: str) -> str:
+async def _batch_id(app: App, text: str) -> str:
+    """The batch a moderator named: its full id, or a unique prefix of at least MIN_BATCH_PREFIX characters."""
     try:
-        return batch_arg(text)
+        typed = batch_arg(text)
     except ValueError as e:
         raise CommandError(str(e)) from None
+    found = await app.store.journal.batch_ids_like(typed)
+    if len(found) > 1:
+        more = "…" if len(found) >= 6 else ""
+        raise CommandError(f"'{typed}' is the start of several batches ({', '.join(found[:5])}{more}): "
+                           "type more of the id")
+    return found[0] if found else typed
 
 
 async def _held_ids(app: App) -> list[str]:
@@ -53,7 +60,7 @@ async def _held_batch(app: App, batch: str, verb: str) -> Batch:
               "'cancel', a finished batch before 'undo', or parked actions before 'retry'.")
 async def batch(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch_id = _batch_id(args[0])
+    batch_id = await _batch_id(ctx.app, args[0])
     app = ctx.app
     info = await _known_batch(app, batch_id)
     entries = await app.store.journal.batch_entries(batch_id)
@@ -82,7 +89,7 @@ async def batch(ctx: Context, args: list[str]) -> Reply:
               "one batch and announced here once. Review them with 'batch', then confirm the batch to run it.")
 async def confirm(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch = _batch_id(args[0])
+    batch = await _batch_id(ctx.app, args[0])
     app = ctx.app
     info = await _held_batch(app, batch, "confirm")
     count = await app.reconciler.release(batch)
@@ -99,7 +106,7 @@ async def confirm(ctx: Context, args: list[str]) -> Reply:
               "them with 'exempt add', or 'pause' the bot while you sort it out.")
 async def cancel(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch = _batch_id(args[0])
+    batch = await _batch_id(ctx.app, args[0])
     app = ctx.app
     await _held_batch(app, batch, "cancel")
     count = await app.reconciler.cancel(batch)
@@ -123,7 +130,7 @@ def _effective(room: RoomState, value: int | None) -> int:
               "bot's records of the levels it wrote go back to what they were before the batch.")
 async def undo(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
-    batch = _batch_id(args[0])
+    batch = await _batch_id(ctx.app, args[0])
     app = ctx.app
     info = await _known_batch(app, batch)
     entries = await app.store.journal.batch_entries(batch)

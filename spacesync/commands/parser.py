@@ -222,10 +222,10 @@ def count_arg(text: str, *, low: int = 1, high: int = 500) -> int:
 
 
 def batch_arg(text: str) -> str:
-    """A batch id as the notices show it (six hex digits)."""
+    """A batch id as the notices show it (eight hex digits), or the start of one."""
     cleaned = text.strip().strip("`'\"")
     if not _BATCH_RE.fullmatch(cleaned):
-        raise ValueError(f"{_show(text)} is not a batch id: use the id from the bot's notice, e.g. 3fa9c1")
+        raise ValueError(f"{_show(text)} is not a batch id: use the id from the bot's notice, e.g. 3fa9c1d0")
     return cleaned.lower()
 
 

@@ -15,10 +15,10 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
-from ..matrix import MatrixAdapter, StateCache
+from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..metrics import ACTIONS
 from ..model import Action, ActionKind, PlacedBan, RoomState
-from ..store import Status, Store
+from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
 
 log = structlog.get_logger("spacesync.executor")
@@ -75,7 +75,8 @@ class Executor:
     def __init__(self, store: Store, matrix: MatrixAdapter, cache: StateCache, *, concurrency: int = 8,
                  max_attempts: int = 8, max_failures: int = 3, backoff_s: float = 2.0,
                  on_batch_done: Callable[[str], Awaitable[None]] | None = None,
-                 on_parked: Parked | None = None, recheck: Recheck | None = None) -> None:
+                 on_parked: Parked | None = None, recheck: Recheck | None = None,
+                 may_act: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.store = store
         self.matrix = matrix
         self.cache = cache
@@ -91,6 +92,8 @@ class Executor:
         self.ready = asyncio.Event()
         """Set once the first full reconcile filled the state cache: re-checks wait for it."""
         self.leader_since_ms = now_ms()
+        self.may_act = may_act
+        """Asked before each entry starts: an instance that cannot confirm it leads must send nothing."""
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._rechecked: set[tuple[int, int]] = set()
@@ -99,6 +102,7 @@ class Executor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._db_down = False
 
     @property
     def ratelimit_wait_s(self) -> float:
@@ -111,6 +115,11 @@ class Executor:
         """Start no further entry: those in flight finish, the rest stay journaled for the next start."""
         self._stopping = True
 
+    def resume(self) -> None:
+        """Start entries again (after leadership came back)."""
+        self._stopping = False
+        self._wake.set()
+
     async def run_forever(self) -> None:
         try:
             while True:
@@ -118,8 +127,16 @@ class Executor:
                 try:
                     await self.dispatch()
                     due = await self.store.journal.next_due()
+                    self._db_down = False
                 except Exception as e:  # the journal keeps every entry: look again shortly
-                    log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
+                    if unreachable(e):
+                        if not self._db_down:
+                            log.warning("executor waiting: database unreachable, retrying",
+                                        error=f"{type(e).__name__}: {e}")
+                        self._db_down = True
+                    else:
+                        log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}",
+                                  exc_info=True)
                     await asyncio.sleep(5)
                     continue
                 timeout = None if due is None else max(0.05, (due - now_ms()) / 1000)
@@ -222,6 +239,9 @@ class Executor:
         park the entry after `max_failures`, other failures fail it after `max_attempts`."""
         action = entry.action
         recovered = entry.status is Status.RUNNING or entry.attempts > 0
+        if self.may_act is not None and not await self.may_act():
+            self.stop()  # the entry stays journaled for whichever instance leads
+            return
         await self.store.journal.set_status(entry.id, Status.RUNNING, entry.error, attempt=True)
         attempt = entry.attempts + 1
         try:
@@ -229,6 +249,9 @@ class Executor:
                 outcome = "already_done"
             else:
                 outcome = await self._perform(action)
+        except LostLeadership:
+            self.stop()  # left running: the next leader checks the homeserver before sending again
+            return
         except MatrixRequestError as e:
             if await self._already_done(action):
                 outcome = "already_done"
@@ -280,9 +303,11 @@ class Executor:
         status = Status.FAILED if outcome == "failed" else Status.DONE
         if outcome in ("done", "already_done"):
             await self._record(action, mirror=outcome == "done")
-        await self.store.journal.set_status(entry.id, status, error)
+        # The audit first: a crash between the two leaves the entry running, and the next run records it
+        # (as already done) instead of finishing it with no audit record.
         await self.store.audit(action, outcome, journal_id=entry.id, batch=entry.batch,
                                detail={"error": error} if error else None)
+        await self.store.journal.set_status(entry.id, status, error)
         ACTIONS.labels(kind=action.kind.value, outcome=outcome).inc()
         context = {"error": error} if error else {}
         if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:

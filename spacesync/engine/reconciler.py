@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Awaitable, Callable
 
@@ -37,10 +36,6 @@ NOT_REPEATABLE = frozenset({
 executor re-reads the current levels and applies only the changes still missing."""
 CLOCK_MARGIN_MS = 2000
 """Slack for clocks of instances sharing a database (standby) when comparing journal times."""
-
-
-def new_batch_id() -> str:
-    return secrets.token_hex(3)
 
 
 def left_behind_for(plan: Plan, actions: list[Action]) -> list[LeftBehind]:
@@ -206,8 +201,7 @@ class Reconciler:
         self.last_held = sum(len(held) for held in guarded.hold.values())
         batches = []
         if guarded.release:
-            batch = new_batch_id()
-            await self.store.journal.add_batch(batch, trigger, None, guarded.release, Status.PENDING)
+            batch = await self.store.journal.add_new_batch(trigger, None, guarded.release, Status.PENDING)
             await self.store.journal.set_left_behind(batch, left_behind_for(plan, guarded.release))
             batches.append(batch)
             self.executor.wake()
@@ -222,8 +216,7 @@ class Reconciler:
                 log.warning("mass action held: joined the open held batch", batch=joined, space=space_id,
                             users=users, actions=len(held), hint=hint.format(joined))
                 continue
-            batch = new_batch_id()
-            await self.store.journal.add_batch(batch, trigger, space_id, held, Status.HELD)
+            batch = await self.store.journal.add_new_batch(trigger, space_id, held, Status.HELD)
             await self.store.journal.set_left_behind(batch, left_behind_for(plan, held))
             batches.append(batch)
             log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),
@@ -298,7 +291,6 @@ class Reconciler:
         """Journal actions chosen by a moderator (undo), outside the guard."""
         if not actions:
             return None
-        batch = new_batch_id()
-        await self.store.journal.add_batch(batch, trigger, None, actions, Status.PENDING)
+        batch = await self.store.journal.add_new_batch(trigger, None, actions, Status.PENDING)
         self.executor.wake()
         return batch

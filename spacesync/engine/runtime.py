@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable
+from functools import partial
+from typing import Any, Awaitable, Callable, TypeVar
 
 import structlog
 from aiohttp import ClientError
@@ -18,15 +19,16 @@ from ..config import Config
 from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
 from ..matrix.state import parse_room_state
-from ..metrics import IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
+from ..metrics import DATABASE_UP, IS_LEADER, JOURNAL_DEPTH, LAST_SYNC, SYNC_LAG
 from ..model import RoomID, UserID
-from ..store import Store
+from ..store import Store, unreachable
 from ..store.journal import Entry, now_ms
 from .executor import Executor, refusal_reason
 from .observer import Observer
 from .reconciler import CLOCK_MARGIN_MS, Reconciler
 
 log = structlog.get_logger("spacesync")
+T = TypeVar("T")
 
 SYNC_FILTER = json.dumps({
     "presence": {"types": []},
@@ -82,14 +84,18 @@ class App:
                                  concurrency=config.executor.concurrency)
         self.executor = Executor(self.store, self.matrix, self.cache, concurrency=config.executor.concurrency,
                                  max_attempts=config.executor.max_attempts, max_failures=config.executor.max_failures,
-                                 on_batch_done=self._batch_done, on_parked=self._parked)
+                                 on_batch_done=self._batch_done, on_parked=self._parked,
+                                 may_act=self.confirm_leadership)
+        self.matrix.may_send = self.confirm_leadership
         self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.notify)
         self.executor.recheck = self.reconciler.still_wanted
         self.admin_room: RoomID | None = None
         self.command_handler: CommandHandler | None = None
+        self._admin_commands: AdminCommands | None = None
         self._pending_invites: dict[RoomID, UserID] = {}
-        self._commands: asyncio.Queue[tuple[RoomID, dict[str, Any]]] = asyncio.Queue()
+        self._commands_waiting = asyncio.Event()
         self.leader = False
+        self.database_up = True
         self.logged_in = False
         self.synced = False
         self.homeserver_up = False
@@ -97,6 +103,9 @@ class App:
         self._stopping = asyncio.Event()
         self._trigger = asyncio.Event()
         self._full = asyncio.Event()
+        self._stood_down = False
+        self._lost = asyncio.Event()
+        """Set once the leadership lock can no longer be confirmed: the instance stands down."""
         self._tasks: list[asyncio.Task[Any]] = []
         self._started_at = time.time()
 
@@ -105,19 +114,42 @@ class App:
         await self.store.start()
 
     async def run(self) -> None:
-        """Run until stop(): wait to lead, connect, reconcile, and follow /sync."""
+        """Run until stop(): wait to lead, connect, reconcile, and follow /sync. An instance that loses the
+        leadership lock stands by and leads again once it takes the lock back."""
         await self.start_store()
         try:
-            if not await self._become_leader():
-                return
-            self.executor.leader_since_ms = now_ms()  # entries older than this are re-planned before they run
-            saved = await self.store.get(f"access_token:{self.config.bot.user_id}")
+            while not self._stopping.is_set():
+                if not await self._become_leader():
+                    return
+                if not await self._lead():
+                    return
+                await self._stand_down()
+                # A healthy standby goes first: it polls every STANDBY_POLL_S, this instance waits longer.
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), 2 * STANDBY_POLL_S + 0.5)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self.shutdown()
+
+    async def _lead(self) -> bool:
+        """Act until stop() (False) or until the lock can no longer be confirmed (True)."""
+        self._lost.clear()
+        # Journal entries older than this, left by a crash or by the previous leader, are re-planned against
+        # a state cache filled by this leader's first full reconcile before they run.
+        self.executor.leader_since_ms = now_ms()
+        self.executor.ready.clear()
+        if not self.logged_in:
+            saved = await self._db("read the access token",
+                                   lambda: self.store.get(f"access_token:{self.config.bot.user_id}"))
             try:
                 token = await self.matrix.connect(saved_token=saved)
             except ConnectError as e:
                 raise FatalError(str(e)) from e
             if self.config.bot.password and token != saved:
-                await self.store.put(f"access_token:{self.config.bot.user_id}", token)
+                await self._db("save the access token",
+                               lambda: self.store.put(f"access_token:{self.config.bot.user_id}", token))
             self.logged_in = self.homeserver_up = True
             self.observer.auto_join = True
             log.info("logged in", user=self.matrix.user_id, homeserver=self.config.homeserver.url,
@@ -126,34 +158,51 @@ class App:
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
                 log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
-            self._pending_invites = {RoomID(r): UserID(u) for r, u in
-                                     json.loads(await self.store.get("pending_invites") or "{}").items()}
-            if self.command_handler is None:
-                commands = AdminCommands(self)
-                await commands.restore()
-                self.command_handler = commands.handle
-            self._tasks = [
-                asyncio.create_task(self.executor.run_forever(), name="executor"),
-                asyncio.create_task(self._sync_loop(), name="sync"),
-                asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-                asyncio.create_task(self._command_loop(), name="commands"),
-                asyncio.create_task(self._keep_leadership(), name="leadership"),
-            ]
-            self.executor.wake()
-            self._full.set()
-            stop = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stop and task.exception():
-                    raise task.exception()  # type: ignore[misc]
+        invites = await self._db("read pending invites", lambda: self.store.get("pending_invites"))
+        self._pending_invites = {RoomID(r): UserID(u) for r, u in json.loads(invites or "{}").items()}
+        if self.command_handler is None:
+            self._admin_commands = AdminCommands(self)
+            self.command_handler = self._admin_commands.handle
+        if self._admin_commands is not None:
+            await self._db("restore settings", self._admin_commands.restore)
+        self.executor.resume()
+        self._tasks = [
+            asyncio.create_task(self.executor.run_forever(), name="executor"),
+            asyncio.create_task(self._sync_loop(), name="sync"),
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self._command_loop(), name="commands"),
+            asyncio.create_task(self._keep_leadership(), name="leadership"),
+        ]
+        self.executor.wake()
+        self._full.set()
+        stop = asyncio.create_task(self._stopping.wait())
+        lost = asyncio.create_task(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait([stop, lost, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self.shutdown()
+            await _cancel([stop, lost])
+        for task in done:
+            if task not in (stop, lost) and task.exception():
+                raise task.exception()  # type: ignore[misc]
+        return not self._stopping.is_set()
 
-    def stop(self) -> None:
-        self._stopping.set()
+    async def _stand_down(self) -> None:
+        """Stop acting at once: no new journal entries, no new actions (those in flight finish), no
+        reconciles, no commands; give the lock up and go back to standing by."""
+        self.leader = False
+        self._stood_down = True
+        IS_LEADER.set(0)
+        self.executor.stop()
+        log.warning("lost the leadership lock: standing by, no longer acting",
+                    database=self.config.database.safe_url)
+        await self._stop_tasks()
+        await self.store.release_leadership()
+        self.synced = False
+        self._trigger.clear()
+        self._full.clear()
 
-    async def shutdown(self) -> None:
-        """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+    async def _stop_tasks(self) -> None:
+        """Cancel the loops, letting in-flight actions finish (bounded). Unfinished entries stay journaled."""
         self.executor.stop()
         await _cancel([t for t in self._tasks if t.get_name() != "executor"])
         executor = next((t for t in self._tasks if t.get_name() == "executor"), None)
@@ -165,43 +214,99 @@ class App:
             await _cancel([executor])
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+        await self._stop_tasks()
         await self.matrix.close()
         await self.store.stop()
         IS_LEADER.set(0)
 
+    async def _try_leadership(self) -> bool:
+        taken = await self.store.try_leadership()
+        DATABASE_UP.set(0 if self.store.lock_error is not None else 1)  # the store logs the outage once
+        return taken
+
     async def _become_leader(self) -> bool:
         """Only one instance acts; on PostgreSQL a second one stands by and takes over, on SQLite it refuses."""
-        if await self.store.try_leadership():
+        if await self._try_leadership():
+            if self._stood_down:
+                log.info("taking over: the leadership lock is free again")
             self.leader = True
             IS_LEADER.set(1)
             return True
         if not self.store.is_postgres:
             raise FatalError(f"database.url: {self.config.database.safe_url} is in use by another spacesync "
                              "instance; stop it first (standby needs PostgreSQL)")
-        log.info("standing by: another instance is active")
+        log.info("standing by: another instance is active" if self.store.lock_error is None
+                 else "standing by: the database is unreachable")
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._stopping.wait(), STANDBY_POLL_S)
                 return False
             except asyncio.TimeoutError:
                 pass
-            if await self.store.try_leadership():
-                log.info("taking over: the active instance is gone")
+            if await self._try_leadership():
+                log.info("taking over: no other instance holds the lock")
                 self.leader = True
                 IS_LEADER.set(1)
                 return True
         return False
 
+    @property
+    def standby_reason(self) -> str:
+        if self.store.lock_error is not None:
+            return "standing by: the database is unreachable, cannot take the leadership lock"
+        return "standing by: another instance is active"
+
+    async def confirm_leadership(self) -> bool:
+        """Whether this instance still holds the lock, asked before every action. Unconfirmed counts as lost:
+        PostgreSQL frees an advisory lock with its connection, and a standby may hold it by now."""
+        if not self._lost.is_set() and await self.store.holds_leadership():
+            return True
+        if not self._lost.is_set():
+            self.leader = False
+            IS_LEADER.set(0)
+            self._lost.set()
+        return False
+
     async def _keep_leadership(self) -> None:
-        """Stop acting once the lock is gone: PostgreSQL frees it with its connection, and a standby takes it."""
-        while True:
+        """Notice a lost lock within LEADERSHIP_CHECK_S even when nothing is being done."""
+        while await self.confirm_leadership():
             await asyncio.sleep(LEADERSHIP_CHECK_S)
-            if not await self.store.holds_leadership():
-                self.leader = False
-                IS_LEADER.set(0)
-                raise FatalError(f"database.url: lost the leadership lock on {self.config.database.safe_url} (its "
-                                 "connection dropped) and stopped, so that only one instance acts; start it again "
-                                 "to stand by")
+
+    async def _db(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A database call retried with backoff while the database is out of reach, so that an outage
+        pauses a loop instead of ending it; one warning per outage, one line when it is back."""
+        failures = 0
+        while True:
+            try:
+                result = await call()
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                failures += 1
+                self._database_down(what, e)
+                await asyncio.sleep(min(10.0, 0.5 * 2 ** min(failures - 1, 5)))
+                continue
+            self._database_up()
+            return result
+
+    def _database_down(self, what: str, error: BaseException) -> None:
+        if self.database_up:
+            log.warning("database unreachable: retrying with backoff", during=what,
+                        error=f"{type(error).__name__}: {error}")
+        self.database_up = False
+        DATABASE_UP.set(0)
+
+    def _database_up(self) -> None:
+        if not self.database_up:
+            log.info("database reachable again")
+        self.database_up = True
+        DATABASE_UP.set(1)
     # endregion
 
     # region reconciling
@@ -236,6 +341,10 @@ class App:
                 next_full = time.monotonic() + 10
                 continue
             except Exception as e:
+                if unreachable(e):
+                    self._database_down("reconcile", e)
+                    next_full = time.monotonic() + 5
+                    continue
                 log.error("reconcile failed unexpectedly: retrying soon", error=f"{type(e).__name__}: {e}",
                           exc_info=True)
                 next_full = time.monotonic() + 30
@@ -247,14 +356,20 @@ class App:
             await self._update_depth()
 
     async def _update_depth(self) -> None:
-        depth = await self.store.journal.depth()
+        try:
+            depth = await self.store.journal.depth()
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            self._database_down("journal depth", e)
+            return
         for status in ("pending", "running", "held"):
             JOURNAL_DEPTH.labels(status=status).set(depth.get(status, 0))
     # endregion
 
     # region /sync
     async def _sync_loop(self) -> None:
-        since = await self.store.get("next_batch")
+        since = await self._db("read the sync position", lambda: self.store.get("next_batch"))
         failures = 0
         while True:
             try:
@@ -285,12 +400,14 @@ class App:
             except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
                 log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
                 self.request_reconcile(full=True)
+            # Commands are in the database before the position moves past them: a crash loses none.
+            commands = [] if first else self.admin_commands_in(data)
+            for room_id, event in commands:
+                if await self._db("queue a command", partial(self.store.queue_command, room_id, event)):
+                    self._commands_waiting.set()
             since = data.get("next_batch") or since
             if since:
-                try:
-                    await self.store.put("next_batch", since)
-                except Exception as e:  # only costs a replay of events after a restart: reconcile covers it
-                    log.warning("could not save the sync position", error=f"{type(e).__name__}: {e}")
+                await self._db("save the sync position", partial(self.store.put, "next_batch", since))
             self.synced = True
             self.last_sync_at = time.time()
             LAST_SYNC.set(self.last_sync_at)
@@ -318,10 +435,6 @@ class App:
                 trigger = True
                 if any(e.get("type") in ("m.space.child", "m.room.tombstone") for e in relevant):
                     full = True
-            if room_id == self.admin_room and not first:
-                for event in events:
-                    if event.get("type") == "m.room.message" and event.get("sender") != self.matrix.user_id:
-                        self._commands.put_nowait((room_id, event))
         for room_id in (rooms.get("leave") or {}):
             self.cache.forget(RoomID(room_id))
             self.observer.joined.discard(RoomID(room_id))
@@ -329,6 +442,18 @@ class App:
             self.request_reconcile(full=True)
         elif trigger:
             self.request_reconcile(full=False)
+
+    def admin_commands_in(self, data: dict[str, Any]) -> list[tuple[RoomID, dict[str, Any]]]:
+        """Messages from others in the admin room, in timeline order: candidate commands."""
+        if self.admin_room is None:
+            return []
+        room = ((data.get("rooms") or {}).get("join") or {}).get(self.admin_room)
+        if not isinstance(room, dict):
+            return []
+        events = (room.get("timeline") or {}).get("events") or []
+        return [(self.admin_room, e) for e in events
+                if isinstance(e, dict) and e.get("type") == "m.room.message" and isinstance(e.get("event_id"), str)
+                and e.get("sender") != self.matrix.user_id]
 
     async def _on_invite(self, room_id: RoomID, room: dict[str, Any]) -> None:
         """Invites from admins only, and only to the admin room or to rooms listed under a managed Space.
@@ -375,11 +500,17 @@ class App:
 
     # region admin room
     async def _command_loop(self) -> None:
-        """Admin-room commands, one at a time, off the /sync loop (a long `sync` must not stall triggers)."""
+        """Admin-room commands, one at a time and in order, off the /sync loop (a long `sync` must not stall
+        triggers). They come from the database: those left by a crash or by the previous leader run first."""
         while True:
-            room_id, event = await self._commands.get()
-            if self.command_handler is not None:
-                await self.command_handler(room_id, event)
+            self._commands_waiting.clear()
+            pending = await self._db("read queued commands", self.store.pending_commands)
+            for command in pending:
+                if self.command_handler is not None:
+                    await self._db("handle a command", partial(self.command_handler, command.room_id, command.event))
+                await self._db("finish a command", partial(self.store.command_done, command.event_id))
+            if not pending:
+                await self._commands_waiting.wait()
 
     async def is_admin(self, user_id: UserID) -> bool:
         """Listed in admin.users, or at least admin.min_power_level in the admin room's current state.

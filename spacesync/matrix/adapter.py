@@ -9,9 +9,10 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
+import structlog
 from aiohttp import ClientError, ClientSession, ClientTimeout
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
@@ -21,7 +22,7 @@ from mautrix.types import RoomAlias, RoomID, UserID
 from ..metrics import RATELIMIT_WAIT
 from .http import SpacesyncHTTPAPI, retry_after_ms
 
-log = logging.getLogger("spacesync.matrix")
+log = structlog.get_logger("spacesync.matrix")
 
 HIERARCHY_MIN_INTERVAL = 0.21
 """Synapse answers at most 5 hierarchy requests per second, whatever its configured limits."""
@@ -44,6 +45,10 @@ class ConnectError(Exception):
     """Login or the first request failed: one line for the operator."""
 
 
+class LostLeadership(Exception):
+    """This instance can no longer confirm that it leads: it sends nothing more."""
+
+
 class MatrixAdapter:
     """A thin layer over mautrix's ClientAPI returning raw JSON where spacesync reads state itself."""
 
@@ -54,6 +59,9 @@ class MatrixAdapter:
         self.request_timeout = request_timeout
         self.ratelimit_budget = ratelimit_budget
         self._paused_until: dict[str, float] = {}
+        self.may_send: Callable[[], Awaitable[bool]] | None = None
+        """Asked before a write is sent again after a rate-limit wait: an instance that lost its
+        leadership lock meanwhile must not send it (LostLeadership is raised instead)."""
         """Per rate-limit class: no request of that class starts before this (monotonic) time."""
         self.ratelimit_wait_s = 0.0
         """Seconds the homeserver's 429 answers held requests back (wall time, overlapping waits once)."""
@@ -120,11 +128,15 @@ class MatrixAdapter:
         again, until the total wait would pass the budget (then the 429 is raised)."""
         kind = _limit_class(method, path)
         waited = 0.0
+        again = False
         while True:
             pause = self._paused_until.get(kind, 0.0) - time.monotonic()
             if pause > 0:
                 waited += pause
                 await asyncio.sleep(pause)
+            if again and kind != "read" and self.may_send is not None and not await self.may_send():
+                raise LostLeadership()
+            again = True
             try:
                 return await asyncio.wait_for(
                     self.api.request(method, path, content=content, query_params=query or {}, retry_count=0),
@@ -134,7 +146,7 @@ class MatrixAdapter:
                     raise
                 wait = (retry_after_ms(e) or 1000) / 1000
                 if waited + wait > self.ratelimit_budget:
-                    log.warning("rate limited beyond the wait budget: giving up on this request (path=%s)", path)
+                    log.warning("rate limited beyond the wait budget: giving up on this request", path=str(path))
                     raise
                 self._pause(kind, wait)
 
@@ -147,7 +159,7 @@ class MatrixAdapter:
             self._paused_until[kind] = until
             self.ratelimit_wait_s += until - current
             RATELIMIT_WAIT.inc(until - current)
-        log.debug("rate limited: pausing %s requests for %.2f s", kind, wait)
+        log.debug("rate limited: pausing requests", kind=kind, wait_s=round(wait, 2))
 
     # region reading
     async def sync(self, since: str | None, timeout_ms: int, filter_json: str | None) -> dict[str, Any]:

@@ -7,9 +7,11 @@ import fcntl
 import json
 import logging
 import os
-from typing import Any
+import sqlite3
+from typing import Any, Mapping
 
 import attrs
+import structlog
 from mautrix.util.async_db import Database, Scheme
 from mautrix.util.logging import TraceLogger
 
@@ -17,10 +19,24 @@ from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
 from .journal import Journal, Status, now_ms
 from .migrations import upgrade_table
 
-__all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord", "SeenMembership"]
+__all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord", "QueuedCommand", "SeenMembership",
+           "unreachable"]
 
-log = logging.getLogger("spacesync.store")
+log = structlog.get_logger("spacesync.store")
 LEADER_LOCK_KEY = 0x5350_4353  # "SPCS": the PostgreSQL advisory lock that elects the acting instance
+LOCK_QUERY_TIMEOUT_S = 5.0
+"""A lock check that takes longer is treated as a lost lock: never act on an unconfirmed leadership."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an error means the database is out of reach for now (a restart, a cut, refused connections):
+    worth waiting and retrying, unlike a bug in a query."""
+    if isinstance(error, (OSError, asyncio.TimeoutError, sqlite3.OperationalError)):
+        return True
+    import asyncpg
+
+    return isinstance(error, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                              asyncpg.exceptions.OperatorInterventionError))
 
 
 def _db_logger() -> logging.Logger:
@@ -50,6 +66,16 @@ class StoreError(Exception):
 
 
 @attrs.frozen
+class QueuedCommand:
+    """An admin-room message received from /sync, kept until its reply is sent (survives a crash)."""
+    seq: int
+    event_id: str
+    room_id: RoomID
+    sender: UserID
+    event: dict[str, Any]
+
+
+@attrs.frozen
 class AuditRecord:
     id: int
     ts: int
@@ -75,6 +101,10 @@ class Store:
         self.journal = Journal(self.db)
         self._lock_fd: int | None = None
         self._lock_conn: Any = None
+        self._lock_use = asyncio.Lock()
+        """One asyncpg connection runs one query at a time: the lock checks take turns."""
+        self.lock_error: str | None = None
+        """Why the last attempt to take the lock failed for want of a database, or None."""
 
     @property
     def is_postgres(self) -> bool:
@@ -96,7 +126,7 @@ class Store:
 
     async def ping(self) -> bool:
         try:
-            return await self.db.fetchval("SELECT 1") == 1
+            return await asyncio.wait_for(self.db.fetchval("SELECT 1"), LOCK_QUERY_TIMEOUT_S) == 1
         except Exception:
             return False
 
@@ -106,14 +136,23 @@ class Store:
         if self.is_postgres:
             import asyncpg
 
-            try:
-                if self._lock_conn is None or self._lock_conn.is_closed():
-                    self._lock_conn = await asyncpg.connect(self.url)
-                return bool(await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("database unreachable while standing by: retrying", error=f"{type(e).__name__}: {e}")
-                self._lock_conn = None
-                return False
+            async with self._lock_use:
+                try:
+                    if self._lock_conn is None or self._lock_conn.is_closed():
+                        self._lock_conn = await asyncpg.connect(self.url, timeout=LOCK_QUERY_TIMEOUT_S)
+                    got = bool(await asyncio.wait_for(self._lock_conn.fetchval(
+                        "SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY), LOCK_QUERY_TIMEOUT_S))
+                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    if self.lock_error is None:
+                        log.warning("database unreachable while standing by: retrying",
+                                    error=f"{type(e).__name__}: {e}")
+                    self.lock_error = f"{type(e).__name__}: {e}"
+                    await self._drop_lock_conn()
+                    return False
+            if self.lock_error is not None:
+                log.info("database reachable again", lock_taken=got)
+            self.lock_error = None
+            return got
         path = self.db.url.path + ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -129,27 +168,34 @@ class Store:
         drops (a server restart, a network cut, pg_terminate_backend): then a standby may hold it."""
         if not self.is_postgres:
             return self._lock_fd is not None
-        conn = self._lock_conn
-        if conn is None or conn.is_closed():
-            return False
-        try:
-            return bool(await asyncio.wait_for(conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND pid = pg_backend_pid() AND classid = 0 AND objid = $1 AND objsubid = 1)",
-                LEADER_LOCK_KEY), 10))
-        except Exception:  # unconfirmed is not held: never risk two acting instances
-            return False
+        async with self._lock_use:
+            conn = self._lock_conn
+            if conn is None or conn.is_closed():
+                return False
+            try:
+                return bool(await asyncio.wait_for(conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND pid = pg_backend_pid() AND classid = 0 AND objid = $1 AND objsubid = 1)",
+                    LEADER_LOCK_KEY), LOCK_QUERY_TIMEOUT_S))
+            except Exception:  # unconfirmed is not held: never risk two acting instances
+                return False
 
     async def release_leadership(self) -> None:
-        if self._lock_conn is not None:
-            try:
-                await self._lock_conn.close()
-            except Exception:
-                self._lock_conn.terminate()
-            self._lock_conn = None
+        """Give the lock up (closing its connection frees it), so that another instance may take it."""
+        async with self._lock_use:
+            await self._drop_lock_conn()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    async def _drop_lock_conn(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(conn.close(), LOCK_QUERY_TIMEOUT_S)
+        except Exception:
+            conn.terminate()
     # endregion
 
     # region key-value state
@@ -315,4 +361,32 @@ class Store:
             event_id, now_ms(),
         )
         return result is not None
+    # endregion
+
+    # region admin-room commands waiting for their reply
+    async def queue_command(self, room_id: RoomID, event: Mapping[str, Any]) -> bool:
+        """Keep a command event until its reply is sent; False when it was queued before (a replayed /sync)."""
+        result = await self.db.fetchval(
+            "INSERT INTO command_queue (event_id, room_id, sender, event, received_at) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            event["event_id"], room_id, str(event.get("sender") or ""), json.dumps(dict(event)), now_ms(),
+        )
+        return result is not None
+
+    async def pending_commands(self, limit: int = 100) -> list[QueuedCommand]:
+        """Commands not answered yet, oldest first."""
+        rows = await self.db.fetch(
+            "SELECT seq, event_id, room_id, sender, event FROM command_queue WHERE done_at IS NULL"
+            " ORDER BY seq LIMIT $1", limit,
+        )
+        return [QueuedCommand(r["seq"], r["event_id"], RoomID(r["room_id"]), UserID(r["sender"]),
+                              json.loads(r["event"])) for r in rows]
+
+    async def command_done(self, event_id: str) -> None:
+        await self.db.execute("UPDATE command_queue SET done_at=$1 WHERE event_id=$2", now_ms(), event_id)
+
+    async def command_waiting(self, event_id: str) -> bool:
+        """Whether a queued command still waits for its reply (true of one cut short by a crash)."""
+        return await self.db.fetchval(
+            "SELECT event_id FROM command_queue WHERE event_id=$1 AND done_at IS NULL", event_id) is not None
     # endregion

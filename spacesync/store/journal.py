@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 from mautrix.util.async_db import Database
@@ -30,6 +31,20 @@ OPEN = (Status.PENDING, Status.HELD, Status.RUNNING)
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+BATCH_ID_CHARS = 8
+"""Hex digits of a batch id: short enough to type, and a moderator may type a unique prefix instead.
+Uniqueness does not rest on chance: an id already taken is drawn again (`Journal.add_new_batch`)."""
+MIN_BATCH_PREFIX = 4
+
+
+def new_batch_id() -> str:
+    return secrets.token_hex(BATCH_ID_CHARS // 2)
+
+
+class BatchIdExhausted(Exception):
+    """No free batch id after many draws: the id source is broken (never happens with random ids)."""
 
 
 def encode_action(action: Action) -> str:
@@ -113,9 +128,24 @@ class Journal:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.new_id: Callable[[], str] = new_batch_id
+
+    async def add_new_batch(self, trigger: str, space_id: str | None, actions: Iterable[Action],
+                            status: Status) -> str:
+        """Journal actions as a batch under a fresh id, unique among all batches ever made: the id is
+        claimed in the same transaction as the entries, and drawn again if taken."""
+        actions = list(actions)
+        if not actions:
+            raise ValueError("a batch needs at least one action")
+        for _ in range(100):
+            batch_id = self.new_id()
+            if await self.add_batch(batch_id, trigger, space_id, actions, status, claim=True):
+                return batch_id
+        raise BatchIdExhausted("no free batch id after 100 draws")
 
     async def add_batch(self, batch_id: str, trigger: str, space_id: str | None, actions: Iterable[Action],
-                        status: Status) -> int:
+                        status: Status, *, claim: bool = False) -> int:
+        """Journal actions as a batch; with `claim`, an id already taken writes nothing and returns 0."""
         rows = [
             (batch_id, a.kind.value, a.room_id, a.user_id or a.state_key or "", a.space_id, a.cause, a.reason,
              encode_action(a), status.value, now_ms(), now_ms())
@@ -124,10 +154,13 @@ class Journal:
         if not rows:
             return 0
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO batch (id, trigger, space_id, status, created_at) VALUES ($1, $2, $3, $4, $5)",
-                batch_id, trigger, space_id, "held" if status is Status.HELD else "open", now_ms(),
+            conflict = " ON CONFLICT (id) DO NOTHING RETURNING id" if claim else " RETURNING id"
+            claimed = await conn.fetchval(
+                "INSERT INTO batch (id, trigger, space_id, status, created_at) VALUES ($1, $2, $3, $4, $5)"
+                + conflict, batch_id, trigger, space_id, "held" if status is Status.HELD else "open", now_ms(),
             )
+            if claimed is None:
+                return 0
             await conn.executemany(
                 "INSERT INTO journal (batch, kind, room_id, target, space_id, cause, reason, body, status,"
                 " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -330,6 +363,18 @@ class Journal:
         )
         return Batch(row["id"], row["trigger"], row["space_id"], row["status"], row["created_at"],
                      {r["status"]: int(r["n"]) for r in counts})
+
+    async def batch_ids_like(self, text: str, limit: int = 6) -> list[str]:
+        """The batch `text` names: its exact id, else the ids it is a prefix of (newest first)."""
+        if await self.db.fetchval("SELECT id FROM batch WHERE id=$1", text) is not None:
+            return [text]
+        if len(text) < MIN_BATCH_PREFIX:
+            return []
+        rows = await self.db.fetch(
+            "SELECT id FROM batch WHERE substr(id, 1, $1) = $2 ORDER BY created_at DESC LIMIT $3",
+            len(text), text, limit,
+        )
+        return [r["id"] for r in rows]
 
     async def batches(self, status: str | None = None, limit: int = 20) -> list[Batch]:
         if status:

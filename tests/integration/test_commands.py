@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spacesync.commands import REFUSAL, REGISTRY, CommandHandler
-from spacesync.store import Store
+from spacesync.model import Action, ActionKind
+from spacesync.store import Status, Store
 from spacesync.testbed import TestUser, wait_for
 
 
@@ -305,11 +306,17 @@ async def test_confirm_and_cancel_a_held_mass_eviction(world, start_bot, make_us
 
     # Still not entitled: the next reconcile holds them again; this time confirm.
     synced = await ask(world, bot, world.owner, "!ss sync")
-    match = re.search(r"Held batch ([0-9a-f]{6})", synced)
+    match = re.search(r"Held batch ([0-9a-f]{8})\b", synced)
     assert match, synced
     second = match.group(1)
     assert second != first
-    assert f"Confirmed batch {second}: 2 evictions" in await ask(world, bot, world.owner, f"!ss confirm {second}")
+    # A unique start of the id is enough (the reply names the whole id); a shared start is refused.
+    await bot.app.store.journal.add_batch(second[:5] + "zzz", "test", None,
+                                          [Action(ActionKind.KICK, room, users[0].user_id)], Status.CANCELLED)
+    ambiguous = await ask(world, bot, world.owner, f"!ss confirm {second[:5]}")
+    assert "start of several batches" in ambiguous and second in ambiguous, ambiguous
+    assert f"Confirmed batch {second}: 2 evictions" in await ask(world, bot, world.owner,
+                                                                 f"!ss confirm {second[:6]}")
 
     async def evicted() -> bool:
         members = await joined(world, room)
@@ -360,13 +367,13 @@ async def test_restart_does_not_run_a_command_twice(world, start_bot, make_user,
     await store.put("next_batch", before)
     await store.stop()
     seen: list[tuple[str, bool]] = []
-    mark_handled = Store.mark_handled
+    queue_command = Store.queue_command
 
-    async def spy(self: Store, event_id: str) -> bool:
-        result = await mark_handled(self, event_id)
-        seen.append((event_id, result))
+    async def spy(self: Store, room_id: str, event: dict[str, Any]) -> bool:
+        result = await queue_command(self, room_id, event)
+        seen.append((event["event_id"], result))
         return result
-    monkeypatch.setattr(Store, "mark_handled", spy)
+    monkeypatch.setattr(Store, "queue_command", spy)
 
     bot = await start_bot([{"room": space}])
     await ready(bot)

@@ -105,7 +105,7 @@ async def test_a_hanging_kick_times_out_and_is_retried_while_other_kicks_complet
     user = await make_user("leaver")
     for room in (space, slow, *others):
         await user.client.join(room)
-    bot = await start_bot([{"room": space}], homeserver={"url": fault_proxy.url, "request_timeout": "3s"},
+    await start_bot([{"room": space}], homeserver={"url": fault_proxy.url, "request_timeout": "3s"},
                           executor={"concurrency": 2})
     rule = fault_proxy.hang(kick_path(slow), method="POST", times=1)
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
-from spacesync.store import LEADER_LOCK_KEY
+from spacesync.store import LEADER_LOCK_KEY, Store
 from spacesync.testbed import Synapse, TestUser, free_port, wait_for
 from spacesync.web import start_web
 
@@ -410,11 +410,16 @@ async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(world, 
 
 
 @pytest.mark.slow
-async def test_active_instance_that_loses_its_lock_stops_acting(world, synapse, pg_url, tmp_path, processes):
+async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_again(world, synapse, make_user,
+                                                                                 pg_url, tmp_path, processes):
     """PostgreSQL frees the advisory lock when the lock's connection drops (a restart, a network cut, an
-    operator's pg_terminate_backend): the standby then takes over, so the old leader must stop acting."""
+    operator's pg_terminate_backend): the standby then takes over, so the old leader stops acting; it keeps
+    running as the standby, and leads again once the other instance is gone."""
     space = await world.space("split")
+    room = await world.room(space, "split-room")
     admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, [room])
     base = config_dict(synapse, world.bot, admin, pg_url, space)
     first = processes(tmp_path, "first", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
     await wait_ready(first.port, 200, timeout=60)
@@ -432,12 +437,122 @@ async def test_active_instance_that_loses_its_lock_stops_acting(world, synapse, 
         await conn.close()
 
     await wait_ready(second.port, 200, timeout=15)
-    code = await first.wait_exit(15)
-    assert code is not None and code != 0, f"the old leader still runs (exit {code}):\n{first.log()}"
-    errors = [line for line in first.log(200).splitlines() if line.startswith("spacesync: ")]
-    assert errors and "leadership" in errors[-1], first.log()
-    status, _ = await ready(second.port)
-    assert status == 200
+    await wait_ready(first.port, 503, timeout=15, reason="standing by")
+    assert await first.wait_exit(3) is None, f"the old leader exited:\n{first.log()}"
+    assert "lost the leadership lock" in first.log(200), first.log()
+
+    second.signal(signal.SIGKILL)
+    assert await second.wait_exit(10) == -signal.SIGKILL
+    await wait_ready(first.port, 200, timeout=15)
+    await user.client.leave(space)
+
+    async def kicked() -> bool:
+        return user.user_id not in await world.owner.client.joined_members(room)
+    try:
+        await wait_for(kicked, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"the instance that led again does not act; its log:\n{first.log()}") from None
+    assert first.proc is not None and first.proc.poll() is None
+
+
+@pytest.mark.slow
+async def test_lock_lost_alone_stands_by_then_leads_again(world, synapse, make_user, pg_url, pg_proxy, tmp_path,
+                                                          processes):
+    """With no standby to take over, an instance whose database goes away (connections cut, new ones
+    refused) stands by, says why on /ready, and leads again once the database is back, without exiting."""
+    space = await world.space("alone")
+    room = await world.room(space, "alone-room")
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, [room])
+    config = config_dict(synapse, world.bot, admin, pg_proxy.dsn(pg_url), space, port=free_port())
+    bot = processes(tmp_path, "alone", config).start()
+    await wait_ready(bot.port, 200, timeout=60)
+
+    pg_proxy.refuse()
+    pg_proxy.cut()
+    body = await wait_ready(bot.port, 503, timeout=15, reason="standing by")
+    assert "database unreachable" in body["reasons"], body
+
+    async def metrics_say_down() -> bool:
+        _, _, metrics = await http_get(f"http://127.0.0.1:{bot.port}/metrics")
+        return "spacesync_leader 0.0" in metrics and "spacesync_database_up 0.0" in metrics
+    await wait_for(metrics_say_down, timeout=15, message="the metrics never showed the outage")
+    await asyncio.sleep(2)
+    assert await bot.wait_exit(0) is None, f"the bot exited:\n{bot.log()}"
+    pg_proxy.accept()
+
+    await wait_ready(bot.port, 200, timeout=30)
+    log = bot.log(300)
+    assert "lost the leadership lock" in log and "taking over" in log, log
+    assert "Traceback" not in log, log
+    await user.client.leave(space)
+
+    async def kicked() -> bool:
+        return user.user_id not in await world.owner.client.joined_members(room)
+    try:
+        await wait_for(kicked, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"the bot does not act after the database came back; its log:\n{bot.log()}") from None
+    bot.signal(signal.SIGTERM)
+    assert await bot.wait_exit(15) == 0, bot.log()
+
+
+@pytest.mark.slow
+async def test_database_blip_mid_batch_under_active_and_standby(world, synapse, make_user, pg_url, pg_proxy,
+                                                                tmp_path, processes):
+    """Every database connection cut and new ones refused for ~5 s while a batch runs: both instances keep
+    running, one of them leads afterwards, and the batch completes with each room kicked exactly once."""
+    space = await world.space("blip")
+    rooms = await build_rooms(world, space, 40)
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, rooms)
+    base = config_dict(synapse, world.bot, admin, pg_proxy.dsn(pg_url), space, concurrency=1)
+    first = processes(tmp_path, "first", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(first.port, 200, timeout=60)
+    second = processes(tmp_path, "second", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(second.port, 503, timeout=60, reason="standing by")
+
+    watch = KickWatch(world.owner.client, world.bot.user_id, user.user_id)
+    await watch.start()
+    await user.client.leave(space)
+    await watch.wait(1, timeout=30)
+    pg_proxy.refuse()
+    pg_proxy.cut()
+    left = await still_joined(world.owner.client, rooms, user.user_id)
+    assert left, "every kick ran before the database went away: nothing was cut short"
+    for p in (first, second):
+        await wait_ready(p.port, 503, timeout=15, reason="database unreachable")
+    await asyncio.sleep(5)
+    pg_proxy.accept()
+
+    async def one_leader() -> list[int] | None:
+        codes = [(await ready(p.port))[0] for p in (first, second)]
+        return codes if sorted(codes) == [200, 503] else None
+    try:
+        await wait_for(one_leader, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"no single leader after the blip\nfirst:\n{first.log()}\nsecond:\n{second.log()}") \
+            from None
+
+    async def all_out() -> bool:
+        return not await still_joined(world.owner.client, rooms, user.user_id)
+    try:
+        await wait_for(all_out, timeout=60)
+    except TimeoutError:
+        raise AssertionError(f"the batch did not finish\nfirst:\n{first.log()}\nsecond:\n{second.log()}") from None
+    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
+    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
+    await check_journal(pg_url, rooms)
+    for p in (first, second):
+        assert p.proc is not None and p.proc.poll() is None, f"{p.name} exited:\n{p.log()}"
+        assert "Traceback" not in p.log(1000), p.log(1000)
+    codes = sorted([(await ready(p.port))[0] for p in (first, second)])
+    assert codes == [200, 503], codes
+    for p in (first, second):
+        p.signal(signal.SIGTERM)
+        assert await p.wait_exit(15) == 0, p.log()
 
 
 async def test_sqlite_second_instance_refuses_to_start(world, synapse, start_bot, tmp_path):
@@ -505,4 +620,113 @@ async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, syn
     await check_journal(config["database"]["url"], rooms)
     again.signal(signal.SIGTERM)
     assert await again.wait_exit(15) == 0, again.log()
+# endregion
+
+
+async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synapse, make_user, pg_url, fault_proxy):
+    """A kick waits out a 429 while the lock's connection is terminated: the instance must not send it
+    again once the wait ends, since it no longer holds the lock; it sends it only after taking the lock
+    back (checking first that the user is not already out)."""
+    space = await world.space("fence")
+    room = await world.room(space, "fence-room")
+    admin = await world.admin_room()
+    user = await make_user("leaver")
+    await join_everywhere(user, space, [room])
+    port = free_port()
+    config = config_dict(synapse, world.bot, admin, pg_url, space, port=port)
+    config["homeserver"]["url"] = fault_proxy.url
+    async with serving(config) as app:
+        await wait_ready(port, 200, timeout=30)
+        limited = fault_proxy.rate_limit(r"/kick$", retry_after_ms=3000, method="POST", times=1)
+        await user.client.leave(space)
+        await wait_for(lambda: limited.hits == 1, timeout=30, message="the kick never reached the homeserver")
+
+        conn = await asyncpg.connect(pg_url)
+        try:
+            holders = await conn.fetch(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY)
+            assert len(holders) == 1, holders
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
+        finally:
+            await conn.close()
+        await wait_for(lambda: not app.leader, timeout=10, message="the lost lock went unnoticed")
+        deadline = time.monotonic() + 30
+        while not app.leader:
+            assert fault_proxy.count(r"/kick$", method="POST") == 1, "a kick was sent without the lock"
+            assert time.monotonic() < deadline, "the instance never took the lock back"
+            await asyncio.sleep(0.05)
+
+        async def kicked() -> bool:
+            return user.user_id not in await world.owner.client.joined_members(room)
+        await wait_for(kicked, timeout=30)
+        assert await kicks_by_room(world.owner.client, [room], world.bot.user_id, user.user_id) == {room: 1}
+        assert fault_proxy.count(r"/kick$", method="POST") == 2
+
+
+# region commands across a crash
+def _replies(events: list[dict[str, Any]], bot_id: str, event_id: str) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("sender") == bot_id and (e.get("content") or {}).get("msgtype") == "m.notice"
+            and ((e["content"].get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id") == event_id]
+
+
+@pytest.mark.slow
+async def test_commands_received_before_kill_9_are_answered_once_after_restart(world, synapse, fault_proxy, tmp_path,
+                                                                              processes):
+    """Two commands: the first is running (its reply reached the homeserver, the answer to the bot is held
+    back), the second is queued behind it. kill -9, restart: the second is run and answered, the first is
+    not run again and keeps its single reply."""
+    space = await world.space("cmd")
+    admin = await world.admin_room()
+    db_url = f"sqlite:{tmp_path}/bot.db"
+    config = config_dict(synapse, world.bot, admin, db_url, space, port=free_port())
+    config["admin"]["users"] = [world.owner.user_id]
+    held = fault_proxy.delay_response(r"/send/m\.room\.message/spacesync-reply-", 120, method="PUT", times=1)
+    first = processes(tmp_path, "first", {**config, "homeserver": {"url": fault_proxy.url}}).start()
+    await wait_ready(first.port, 200, timeout=60)
+    await asyncio.sleep(1)  # commands are read from the second /sync answer on
+
+    running = await world.owner.client.send_text(admin, "!ss status")
+    await wait_for(lambda: held.hits == 1, timeout=30, message="the first reply never left the bot")
+    waiting = await world.owner.client.send_text(admin, "!ss exempt add @someone:localhost")
+
+    def queued() -> bool:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:"):])) as db:
+            return db.execute("SELECT 1 FROM command_queue WHERE event_id=?", (waiting,)).fetchone() is not None
+    await wait_for(queued, timeout=30, message="the second command never reached the database")
+    first.signal(signal.SIGKILL)
+    assert await first.wait_exit(10) == -signal.SIGKILL
+    events = await world.owner.client.messages(admin, limit=50)
+    assert len(_replies(events, world.bot.user_id, running)) == 1  # sent before the kill, answer held back
+    assert not _replies(events, world.bot.user_id, waiting)
+
+    again = processes(tmp_path, "again", config).start()
+    await wait_ready(again.port, 200, timeout=60)
+
+    async def answered() -> list[dict[str, Any]] | None:
+        found = _replies(await world.owner.client.messages(admin, limit=50), world.bot.user_id, waiting)
+        return found or None
+    try:
+        reply = (await wait_for(answered, timeout=30))[0]
+    except TimeoutError:
+        raise AssertionError(f"the queued command was not answered after the restart:\n{again.log()}") from None
+    assert "exempt" in reply["content"]["body"].lower(), reply
+    await asyncio.sleep(3)  # time for a wrong second answer to show
+    events = await world.owner.client.messages(admin, limit=50)
+    assert len(_replies(events, world.bot.user_id, waiting)) == 1
+    replies = _replies(events, world.bot.user_id, running)
+    assert len(replies) == 1, replies
+    assert "State:" in replies[0]["content"]["body"]  # the original answer, not a second one
+    assert "command cut short" in again.log(200)
+    again.signal(signal.SIGTERM)
+    assert await again.wait_exit(15) == 0, again.log()
+
+    store = Store(db_url)
+    await store.start()
+    try:
+        assert await store.pending_commands() == []
+        assert await store.exempt_users() == {"@someone:localhost"}
+    finally:
+        await store.stop()
 # endregion

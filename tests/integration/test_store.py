@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from spacesync.model import Action, ActionKind, OwnedLevel, PlacedBan, RoomID, UserID
 from spacesync.store import Status, Store
-from spacesync.store.journal import now_ms
+from spacesync.store.journal import BATCH_ID_CHARS, BatchIdExhausted, now_ms
 from spacesync.store.migrations import upgrade_table
 
 ROOM = RoomID("!room:example.org")
@@ -116,16 +118,67 @@ async def test_only_one_leader(db_url):
         await second.stop()
 
 
-async def test_a_batch_keeps_who_it_left_in_place(db_url):
-    from spacesync.model import LeftBehind
-
+async def test_batch_id_taken_is_drawn_again(db_url):
+    """Batch ids are unique for sure: an id already in use, however unlikely, is replaced in the same
+    transaction that claims it, and the batch lands whole under the new id."""
     store = await open_store(db_url)
     try:
-        kick = Action(ActionKind.KICK, RoomID("!a:hs"), UserID("@u:hs"), reason="left")
-        await store.journal.add_batch("b00001", "sync", None, [kick], Status.PENDING)
-        left = [LeftBehind(RoomID("!b:hs"), UserID("@u:hs"), ActionKind.KICK, "the bot lacks the power to kick there")]
-        await store.journal.set_left_behind("b00001", left)
-        assert await store.journal.left_behind("b00001") == left
-        assert await store.journal.left_behind("b00002") == []
+        kick = Action(ActionKind.KICK, ROOM, USER, reason="left Space")
+        ban = Action(ActionKind.BAN, ROOM, MOD, reason="banned in Space")
+        first = await store.journal.add_new_batch("test", None, [kick], Status.PENDING)
+        assert len(first) == BATCH_ID_CHARS and int(first, 16) >= 0
+        draws = iter([first, first, "0123abcd"])
+        store.journal.new_id = lambda: next(draws)
+        second = await store.journal.add_new_batch("test", ROOM, [ban], Status.HELD)
+        assert second == "0123abcd"
+        assert [e.action for e in await store.journal.batch_entries(first)] == [kick]
+        assert [e.action for e in await store.journal.batch_entries(second)] == [ban]
+        info = await store.journal.batch(second)
+        assert info is not None and info.status == "held" and info.space_id == ROOM
+        assert (await store.journal.batch(first)).status == "open"  # type: ignore[union-attr]
+
+        store.journal.new_id = lambda: first
+        with pytest.raises(BatchIdExhausted):
+            await store.journal.add_new_batch("test", None, [kick], Status.PENDING)
+        assert len(await store.journal.runnable()) == 1  # nothing half-written by the failed draws
     finally:
         await store.stop()
+
+
+async def test_batch_named_by_unique_prefix(db_url):
+    store = await open_store(db_url)
+    try:
+        kick = Action(ActionKind.KICK, ROOM, USER)
+        for batch_id in ("3fa9c1d0", "3fa9e777", "77aa0000"):
+            await store.journal.add_batch(batch_id, "test", None, [kick], Status.PENDING)
+        assert await store.journal.batch_ids_like("77aa0000") == ["77aa0000"]
+        assert await store.journal.batch_ids_like("77aa") == ["77aa0000"]
+        assert sorted(await store.journal.batch_ids_like("3fa9")) == ["3fa9c1d0", "3fa9e777"]
+        assert await store.journal.batch_ids_like("3fa9c") == ["3fa9c1d0"]
+        assert await store.journal.batch_ids_like("77a") == []  # too short to name a batch
+        assert await store.journal.batch_ids_like("ffff") == []
+    finally:
+        await store.stop()
+
+
+async def test_command_queue_survives_a_restart(db_url):
+    store = await open_store(db_url)
+    events = [{"type": "m.room.message", "event_id": f"$cmd{i}", "sender": str(MOD),
+               "content": {"msgtype": "m.text", "body": f"!ss status {i}"}} for i in range(3)]
+    try:
+        for event in events:
+            assert await store.queue_command(ROOM, event) is True
+        assert await store.queue_command(ROOM, events[0]) is False  # a replayed /sync
+        await store.command_done("$cmd1")
+    finally:
+        await store.stop()
+    again = await open_store(db_url)
+    try:
+        pending = await again.pending_commands()
+        assert [(c.event_id, c.room_id, c.sender) for c in pending] == [("$cmd0", ROOM, MOD), ("$cmd2", ROOM, MOD)]
+        assert pending[1].event == events[2]
+        assert await again.command_waiting("$cmd0") is True
+        assert await again.command_waiting("$cmd1") is False
+        assert await again.command_waiting("$unknown") is False
+    finally:
+        await again.stop()

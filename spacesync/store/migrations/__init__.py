@@ -9,5 +9,6 @@ from . import (  # noqa: E402,F401  (each registers itself)
     v02_released_levels,
     v03_member_history,
     v04_parked,
+    v05_command_queue,
     v06_localrules,
 )
