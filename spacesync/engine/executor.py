@@ -197,7 +197,10 @@ class Executor:
             if not self._stopping:
                 await self._report(entry.batch)
         except Exception as e:  # the entry stays journaled (running): tried again after a pause, never in a loop
-            log.error("entry errored", entry=entry.id, error=f"{type(e).__name__}: {e}", exc_info=True)
+            if unreachable(e):  # a database outage: one line, the runtime reports the outage itself
+                log.warning("entry interrupted: database unreachable", entry=entry.id, error=f"{type(e).__name__}: {e}")
+            else:
+                log.error("entry errored", entry=entry.id, error=f"{type(e).__name__}: {e}", exc_info=True)
             await asyncio.sleep(RECHECK_RETRY_S)
         finally:
             self._inflight.pop(entry.id, None)

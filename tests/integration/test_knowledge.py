@@ -18,6 +18,16 @@ def findings(bot, code):
     return [f for f in plan.findings if f.code == code]
 
 
+async def space_room_member(world, make_user):
+    """A Space S, a room R restricted to it, and a user joined to both."""
+    space = await world.space("S")
+    room = await world.room(space, "R")
+    user = await make_user("alice")
+    for r in (space, room):
+        await user.client.join(r)
+    return space, room, user
+
+
 def state_path(room_id: str) -> str:
     return rf"/rooms/{re.escape(room_id)}/state$"
 
@@ -54,11 +64,7 @@ async def test_a_declined_invite_or_rejected_knock_is_no_departure(world, start_
 
 async def test_a_departure_while_the_bot_never_ran_is_still_evicted(world, start_bot, make_user):
     """No record and no /sync history: the leave's previous membership is read through replaces_state."""
-    space = await world.space("S")
-    room = await world.room(space, "R")
-    user = await make_user("alice")
-    for r in (space, room):
-        await user.client.join(r)
+    space, room, user = await space_room_member(world, make_user)
     await user.client.leave(space)
     for i in range(60):  # push the leave out of the timeline the bot's first /sync shows it
         await world.owner.client.send_text(space, f"news {i}")
@@ -105,11 +111,7 @@ async def test_a_parent_space_answering_502_keeps_its_members_in(world, start_bo
 
 
 async def test_a_change_during_the_first_read_of_a_space_is_not_lost(world, start_bot, make_user, fault_proxy):
-    space = await world.space("S")
-    room = await world.room(space, "R")
-    user = await make_user("alice")
-    for r in (space, room):
-        await user.client.join(r)
+    space, room, user = await space_room_member(world, make_user)
     # The bot's first /state read of the Space answers late: what it returns predates the leave below.
     fault_proxy.delay_response(state_path(space), 3.0, method="GET", times=1)
     starting = asyncio.create_task(start_bot([{"room": space}], homeserver_url=fault_proxy.url))
@@ -123,11 +125,7 @@ async def test_a_change_during_the_first_read_of_a_space_is_not_lost(world, star
 
 
 async def test_grace_runs_from_when_spacesync_saw_the_departure(world, start_bot, make_user):
-    space = await world.space("S")
-    room = await world.room(space, "R")
-    user = await make_user("alice")
-    for r in (space, room):
-        await user.client.join(r)
+    space, room, user = await space_room_member(world, make_user)
     await user.client.leave(space)
     await asyncio.sleep(4)  # by the leave's origin_server_ts, a 3 s grace period is long over
     started = time.monotonic()
@@ -139,11 +137,7 @@ async def test_grace_runs_from_when_spacesync_saw_the_departure(world, start_bot
 
 
 async def test_a_malformed_state_event_skips_itself_not_the_room(world, start_bot, make_user, fault_proxy):
-    space = await world.space("S")
-    room = await world.room(space, "R")
-    user = await make_user("alice")
-    for r in (space, room):
-        await user.client.join(r)
+    space, room, user = await space_room_member(world, make_user)
 
     def junk(events):
         return [*events,
