@@ -28,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spacesync.testbed import Synapse, TestUser, wait_for  # noqa: E402
+from spacesync.testbed import Synapse, TestUser, wait_for
 
 ROOM_VERSION = "10"
 SETUP_CONCURRENCY = 16
@@ -75,6 +75,8 @@ def machine_info() -> dict[str, str]:
 def print_machine(info: dict[str, str] | None = None) -> None:
     info = info or machine_info()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+
 # endregion
 
 
@@ -96,6 +98,8 @@ def print_table(headers: list[str], rows: Iterable[Iterable[Any]]) -> None:
 def print_result(name: str, data: dict[str, Any]) -> None:
     """One machine-readable line per run, for collecting figures."""
     print(f"RESULT {name} {json.dumps(data, sort_keys=True)}")
+
+
 # endregion
 
 
@@ -197,13 +201,19 @@ async def build_space(bench: Bench, rooms: int, *, name: str = "bench") -> tuple
     """A public Space with `rooms` children restricted to it; the bot joined to all. Built concurrently."""
     started = time.monotonic()
     owner = bench.owner.client
-    space = await owner.create_space(name=name, room_version=ROOM_VERSION, join_rule="public",
-                                     power_level_content_override=bench.levels())
+    space = await owner.create_space(
+        name=name, room_version=ROOM_VERSION, join_rule="public", power_level_content_override=bench.levels()
+    )
     await bench.bot.client.join(space)
 
     async def child(i: int) -> str:
-        room = await owner.create_room(name=f"{name}-{i}", room_version=ROOM_VERSION, join_rule="restricted",
-                                       allow=[space], power_level_content_override=bench.levels())
+        room = await owner.create_room(
+            name=f"{name}-{i}",
+            room_version=ROOM_VERSION,
+            join_rule="restricted",
+            allow=[space],
+            power_level_content_override=bench.levels(),
+        )
         await owner.add_child(space, room)
         await bench.bot.client.join(room)
         return room
@@ -214,8 +224,9 @@ async def build_space(bench: Bench, rooms: int, *, name: str = "bench") -> tuple
 
 
 async def admin_room(bench: Bench) -> str:
-    room = await bench.owner.client.create_room(name="admin", room_version=ROOM_VERSION, join_rule="invite",
-                                                power_level_content_override=bench.levels())
+    room = await bench.owner.client.create_room(
+        name="admin", room_version=ROOM_VERSION, join_rule="invite", power_level_content_override=bench.levels()
+    )
     await bench.owner.client.invite(room, bench.bot.user_id)
     await bench.bot.client.join(room)
     return room
@@ -228,12 +239,15 @@ async def join_all(users: Iterable[TestUser], space: str, rooms: list[str]) -> N
     await bounded(u.client.join(space) for u in users)
     await bounded(u.client.join(r) for u in users for r in rooms)
     print(f"setup: {len(users)} users joined {len(rooms)} rooms in {time.monotonic() - started:.1f} s")
+
+
 # endregion
 
 
 # region the bot, in-process
-def bot_config(bench: Bench, workdir: Path, admin: str, space: str, *, concurrency: int,
-               **extra: Any) -> dict[str, Any]:
+def bot_config(
+    bench: Bench, workdir: Path, admin: str, space: str, *, concurrency: int, **extra: Any
+) -> dict[str, Any]:
     return {
         "homeserver": {"url": bench.url},
         "bot": {"user_id": bench.bot.user_id, "access_token": bench.bot.access_token},
@@ -279,8 +293,7 @@ async def running_bot(bench: Bench, config: dict[str, Any]) -> AsyncIterator[Any
     async def settled() -> bool:
         if task.done():
             task.result()
-        return (app.synced and app.reconciler.last_reconcile_at is not None
-                and not await app.store.journal.runnable())
+        return app.synced and app.reconciler.last_reconcile_at is not None and not await app.store.journal.runnable()
 
     try:
         await wait_for(settled, timeout=120, interval=0.05, message="the bot did not settle")
@@ -296,16 +309,18 @@ async def running_bot(bench: Bench, config: dict[str, Any]) -> AsyncIterator[Any
 
 
 # region watching the homeserver from outside
-SYNC_FILTER = json.dumps({
-    "presence": {"types": []},
-    "account_data": {"types": []},
-    "room": {
-        "timeline": {"limit": 200, "types": ["m.room.member", "m.room.power_levels"]},
-        "state": {"types": []},
-        "ephemeral": {"types": []},
+SYNC_FILTER = json.dumps(
+    {
+        "presence": {"types": []},
         "account_data": {"types": []},
-    },
-})
+        "room": {
+            "timeline": {"limit": 200, "types": ["m.room.member", "m.room.power_levels"]},
+            "state": {"types": []},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+    }
+)
 
 
 @dataclass
@@ -337,8 +352,14 @@ class SyncWatcher:
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).resolve()), "watch", self.bench.url, self.user.access_token,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, limit=16 * 1024 * 1024,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "watch",
+            self.bench.url,
+            self.user.access_token,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            limit=16 * 1024 * 1024,
         )
         assert self._proc.stdout is not None
         line = await asyncio.wait_for(self._proc.stdout.readline(), 60)
@@ -363,7 +384,6 @@ class SyncWatcher:
             self.seen.append(Seen(data["room_id"], data["event"], data["arrived"], data["arrived_wall"]))
             self._changed.set()
 
-
     def matching(self, predicate: Callable[[Seen], bool]) -> dict[str, Seen]:
         """The first matching event per room."""
         out: dict[str, Seen] = {}
@@ -372,8 +392,9 @@ class SyncWatcher:
                 out[s.room_id] = s
         return out
 
-    async def wait_rooms(self, rooms: Iterable[str], predicate: Callable[[Seen], bool],
-                         timeout: float) -> dict[str, Seen]:
+    async def wait_rooms(
+        self, rooms: Iterable[str], predicate: Callable[[Seen], bool], timeout: float
+    ) -> dict[str, Seen]:
         """Wait until every room in `rooms` showed a matching event; return them."""
         wanted = set(rooms)
         deadline = time.monotonic() + timeout
@@ -397,8 +418,9 @@ async def _watch(url: str, token: str) -> None:
             params = {"timeout": "30000" if since else "0", "filter": SYNC_FILTER}
             if since:
                 params["since"] = since
-            async with session.get(f"{url}/_matrix/client/v3/sync", params=params,
-                                   headers={"Authorization": f"Bearer {token}"}) as resp:
+            async with session.get(
+                f"{url}/_matrix/client/v3/sync", params=params, headers={"Authorization": f"Bearer {token}"}
+            ) as resp:
                 body = await resp.json()
                 arrived, arrived_wall = time.monotonic(), time.time()
                 if resp.status != 200:
@@ -410,27 +432,39 @@ async def _watch(url: str, token: str) -> None:
                 for room_id, room in ((body.get("rooms") or {}).get("join") or {}).items():
                     for event in (room.get("timeline") or {}).get("events") or []:
                         event.pop("unsigned", None)
-                        lines.append(json.dumps({"room_id": room_id, "event": event, "arrived": arrived,
-                                                 "arrived_wall": arrived_wall}))
+                        lines.append(
+                            json.dumps(
+                                {"room_id": room_id, "event": event, "arrived": arrived, "arrived_wall": arrived_wall}
+                            )
+                        )
             since = body["next_batch"]
             if lines:
                 sys.stdout.write("\n".join(lines) + "\n")
                 sys.stdout.flush()
 
+
 def kicked(user_id: str, by: str | None = None) -> Callable[[Seen], bool]:
     def match(s: Seen) -> bool:
         e = s.event
-        return (e.get("type") == "m.room.member" and e.get("state_key") == user_id
-                and (e.get("content") or {}).get("membership") == "leave" and e.get("sender") != user_id
-                and (by is None or e.get("sender") == by))
+        return (
+            e.get("type") == "m.room.member"
+            and e.get("state_key") == user_id
+            and (e.get("content") or {}).get("membership") == "leave"
+            and e.get("sender") != user_id
+            and (by is None or e.get("sender") == by)
+        )
+
     return match
 
 
 def level_shown(user_id: str, level: int) -> Callable[[Seen], bool]:
     def match(s: Seen) -> bool:
         e = s.event
-        return (e.get("type") == "m.room.power_levels"
-                and ((e.get("content") or {}).get("users") or {}).get(user_id) == level)
+        return (
+            e.get("type") == "m.room.power_levels"
+            and ((e.get("content") or {}).get("users") or {}).get(user_id) == level
+        )
+
     return match
 
 
@@ -445,13 +479,14 @@ async def in_flight(items: list[Any], concurrency: int, fn: Callable[[Any], Awai
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
 
 
-async def request(session: aiohttp.ClientSession, token: str, method: str, url: str,
-                  body: Any = None) -> Any:
+async def request(session: aiohttp.ClientSession, token: str, method: str, url: str, body: Any = None) -> Any:
     async with session.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
         data = await resp.json()
         if resp.status != 200:
             raise RuntimeError(f"{method} {url} answered {resp.status}: {data}")
         return data
+
+
 # endregion
 
 
@@ -464,8 +499,16 @@ if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
         asyncio.run(_watch(sys.argv[2], sys.argv[3]))
 
 
-def report_ratio(name: str, title: str, rooms: int, rate: str, floor_label: str, first_key: str,
-                 floors: dict[int, list[dict[str, Any]]], bots: dict[int, list[dict[str, Any]]]) -> float:
+def report_ratio(
+    name: str,
+    title: str,
+    rooms: int,
+    rate: str,
+    floor_label: str,
+    first_key: str,
+    floors: dict[int, list[dict[str, Any]]],
+    bots: dict[int, list[dict[str, Any]]],
+) -> float:
     """Print the floor and spacesync runs as one table, the best-vs-best ratio, and the RESULT line."""
     best_floor = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in floors.items()}
     best_bot = {c: min(rs, key=lambda x: x["seen_s"]) for c, rs in bots.items()}
@@ -476,19 +519,29 @@ def report_ratio(name: str, title: str, rooms: int, rate: str, floor_label: str,
         return "[" + ", ".join(f"{x['seen_s']:.2f}" for x in results) + "]"
 
     def row(label: str, r: dict[str, Any], all_runs: list[dict[str, Any]], extra: str = "") -> list[str]:
-        return [label, fmt_s(r["seen_s"]), f"{rooms / r['seen_s']:.1f}", f"{r['cpu_s']:.2f} s",
-                f"{r['synapse_cpu_s']:.2f} s", runs(all_runs) + extra]
+        return [
+            label,
+            fmt_s(r["seen_s"]),
+            f"{rooms / r['seen_s']:.1f}",
+            f"{r['cpu_s']:.2f} s",
+            f"{r['synapse_cpu_s']:.2f} s",
+            runs(all_runs) + extra,
+        ]
 
     print()
     print(title)
     rows = [row(f"A floor: {floor_label}, {c} in flight", r, floors[c]) for c, r in best_floor.items()]
-    rows += [row(f"B spacesync, executor.concurrency {c}", r, bots[c], f"; first +{r[first_key] * 1000:.0f} ms")
-             for c, r in best_bot.items()]
+    rows += [
+        row(f"B spacesync, executor.concurrency {c}", r, bots[c], f"; first +{r[first_key] * 1000:.0f} ms")
+        for c, r in best_bot.items()
+    ]
     print_table(["run", "time", rate, "client CPU", "Synapse CPU", "runs (s)"], rows)
     ratio = best_b["seen_s"] / best_a["seen_s"]
-    print(f"\nA (best floor, {best_a['concurrency']} in flight) = {fmt_s(best_a['seen_s'])}; "
-          f"B (best spacesync, concurrency {best_b['concurrency']}) = {fmt_s(best_b['seen_s'])}; "
-          f"B/A = {ratio:.2f} (goal <= 1.2)")
+    print(
+        f"\nA (best floor, {best_a['concurrency']} in flight) = {fmt_s(best_a['seen_s'])}; "
+        f"B (best spacesync, concurrency {best_b['concurrency']}) = {fmt_s(best_b['seen_s'])}; "
+        f"B/A = {ratio:.2f} (goal <= 1.2)"
+    )
     print_result(name, {"rooms": rooms, "floor": floors, "spacesync": bots, "ratio": round(ratio, 3)})
     return ratio
 

@@ -19,10 +19,24 @@ import time
 from pathlib import Path
 
 from common import (
+    Bench,
+    SyncWatcher,
+    admin_room,
+    bot_config,
+    build_space,
+    homeserver,
+    in_flight,
+    join_all,
+    kicked,
+    print_machine,
+    process_cpu_s,
+    q,
+    quiesce,
     ratio_args,
     report_ratio,
-    Bench, SyncWatcher, admin_room, bot_config, build_space, homeserver, in_flight, join_all,
-    kicked, quiesce, print_machine, process_cpu_s, q, request, run, running_bot,
+    request,
+    run,
+    running_bot,
 )
 
 
@@ -31,20 +45,31 @@ async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], user_id: s
     token = bench.bot.access_token
 
     async def kick(room: str) -> None:
-        await request(session, token, "POST", f"{bench.url}/_matrix/client/v3/rooms/{q(room)}/kick",
-                      {"user_id": user_id, "reason": "benchmark floor"})
+        await request(
+            session,
+            token,
+            "POST",
+            f"{bench.url}/_matrix/client/v3/rooms/{q(room)}/kick",
+            {"user_id": user_id, "reason": "benchmark floor"},
+        )
 
     hs_cpu, cpu, started = process_cpu_s(bench.synapse.pid), time.process_time(), time.monotonic()
     await in_flight(rooms, concurrency, kick)
     returned = time.monotonic() - started
     seen = await watcher.wait_rooms(rooms, kicked(user_id), timeout=300)
     last = max(s.arrived for s in seen.values()) - started
-    return {"concurrency": concurrency, "returned_s": returned, "seen_s": last, "cpu_s": time.process_time() - cpu,
-            "synapse_cpu_s": process_cpu_s(bench.synapse.pid) - hs_cpu}
+    return {
+        "concurrency": concurrency,
+        "returned_s": returned,
+        "seen_s": last,
+        "cpu_s": time.process_time() - cpu,
+        "synapse_cpu_s": process_cpu_s(bench.synapse.pid) - hs_cpu,
+    }
 
 
-async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str,
-                    user, concurrency: int) -> dict:
+async def spacesync(
+    bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str, user, concurrency: int
+) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
     config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
     async with running_bot(bench, config) as app:
@@ -58,8 +83,14 @@ async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[
         last_ts = max(s.event["origin_server_ts"] for s in seen.values()) / 1000 - left_wall
         first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - left_wall
         await app.executor.wait_idle()
-    return {"concurrency": concurrency, "seen_s": last, "last_kick_ts_s": last_ts, "first_kick_ts_s": first_ts,
-            "cpu_s": cpu, "synapse_cpu_s": hs_cpu}
+    return {
+        "concurrency": concurrency,
+        "seen_s": last,
+        "last_kick_ts_s": last_ts,
+        "first_kick_ts_s": first_ts,
+        "cpu_s": cpu,
+        "synapse_cpu_s": hs_cpu,
+    }
 
 
 async def main() -> int:
@@ -90,7 +121,17 @@ async def main() -> int:
                     bots[c].append(await spacesync(bench, watcher, space, rooms, admin, plan["bot", c, r], c))
         finally:
             await watcher.stop()
-    report_ratio("eviction", f"eviction of one user from {n} rooms: time until the last kick reached an observer's /sync (best of {args.rounds}; all runs in brackets)", n, "kicks/s", "plain kick loop", "first_kick_ts_s", floors, bots)
+    report_ratio(
+        "eviction",
+        f"eviction of one user from {n} rooms: time until the last kick reached an observer's /sync "
+        f"(best of {args.rounds}; all runs in brackets)",
+        n,
+        "kicks/s",
+        "plain kick loop",
+        "first_kick_ts_s",
+        floors,
+        bots,
+    )
     return 0
 
 

@@ -18,10 +18,25 @@ import time
 from pathlib import Path
 
 from common import (
+    Bench,
+    SyncWatcher,
+    admin_room,
+    bot_config,
+    bounded,
+    build_space,
+    homeserver,
+    in_flight,
+    join_all,
+    level_shown,
+    print_machine,
+    process_cpu_s,
+    q,
+    quiesce,
     ratio_args,
     report_ratio,
-    Bench, SyncWatcher, admin_room, bot_config, build_space, bounded, homeserver, in_flight, join_all,
-    level_shown, print_machine, process_cpu_s, q, quiesce, request, run, running_bot,
+    request,
+    run,
+    running_bot,
 )
 
 LEVEL = 50
@@ -48,13 +63,18 @@ async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], user_id: s
     await in_flight(rooms, concurrency, put)
     returned = time.monotonic() - started
     seen = await watcher.wait_rooms(rooms, level_shown(user_id, LEVEL), timeout=300)
-    return {"concurrency": concurrency, "returned_s": returned, "cpu_s": time.process_time() - cpu,
-            "synapse_cpu_s": process_cpu_s(bench.synapse.pid) - hs_cpu,
-            "seen_s": max(s.arrived for s in seen.values()) - started}
+    return {
+        "concurrency": concurrency,
+        "returned_s": returned,
+        "cpu_s": time.process_time() - cpu,
+        "synapse_cpu_s": process_cpu_s(bench.synapse.pid) - hs_cpu,
+        "seen_s": max(s.arrived for s in seen.values()) - started,
+    }
 
 
-async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str,
-                    user_id: str, concurrency: int) -> dict:
+async def spacesync(
+    bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str, user_id: str, concurrency: int
+) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
     config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
     async with running_bot(bench, config) as app:
@@ -82,7 +102,14 @@ async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[
         last_ts = max(s.event["origin_server_ts"] for s in seen.values()) / 1000 - promoted_wall
         first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - promoted_wall
         await app.executor.wait_idle()
-    return {"concurrency": concurrency, "seen_s": last, "last_ts_s": last_ts, "first_ts_s": first_ts, "cpu_s": cpu, "synapse_cpu_s": hs_cpu}
+    return {
+        "concurrency": concurrency,
+        "seen_s": last,
+        "last_ts_s": last_ts,
+        "first_ts_s": first_ts,
+        "cpu_s": cpu,
+        "synapse_cpu_s": hs_cpu,
+    }
 
 
 async def main() -> int:
@@ -111,7 +138,17 @@ async def main() -> int:
                     bots[c].append(await spacesync(bench, watcher, space, rooms, admin, plan["bot", c, r].user_id, c))
         finally:
             await watcher.stop()
-    report_ratio("power_levels", f"one promotion mirrored into {n} rooms: time until the last child's new power levels reached an observer's /sync (best of {args.rounds}; all runs in brackets)", n, "writes/s", "plain PUT loop", "first_ts_s", floors, bots)
+    report_ratio(
+        "power_levels",
+        f"one promotion mirrored into {n} rooms: time until the last child's new power levels reached an "
+        f"observer's /sync (best of {args.rounds}; all runs in brackets)",
+        n,
+        "writes/s",
+        "plain PUT loop",
+        "first_ts_s",
+        floors,
+        bots,
+    )
     return 0
 
 

@@ -23,8 +23,21 @@ import time
 from pathlib import Path
 
 from common import (
-    Bench, admin_room, bot_config, build_space, fmt_s, homeserver, in_flight, join_all, print_machine,
-    print_result, print_table, q, quiesce, request, run,
+    Bench,
+    admin_room,
+    bot_config,
+    build_space,
+    fmt_s,
+    homeserver,
+    in_flight,
+    join_all,
+    print_machine,
+    print_result,
+    print_table,
+    q,
+    quiesce,
+    request,
+    run,
 )
 
 
@@ -59,15 +72,24 @@ async def child(config_path: str) -> int:
             requests = request_count()
             started = time.monotonic()
             plan, batches = await app.reconciler.reconcile("benchmark", refresh=True)
-            runs.append({"run": label, "seconds": time.monotonic() - started,
-                         "requests": int(request_count() - requests), "actions": len(plan.actions),
-                         "managed": len(plan.managed), "batches": len(batches)})
+            runs.append(
+                {
+                    "run": label,
+                    "seconds": time.monotonic() - started,
+                    "requests": int(request_count() - requests),
+                    "actions": len(plan.actions),
+                    "managed": len(plan.managed),
+                    "batches": len(batches),
+                }
+            )
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"runs": runs, "peak_rss_mib": rss / 1024, "rss_before_mib": rss_before / 1024}))
     finally:
         await app.matrix.close()
         await app.store.stop()
     return 0
+
+
 # endregion
 
 
@@ -78,8 +100,12 @@ async def measure_bot(bench: Bench, admin: str, space: str) -> dict:
     path.write_text(json.dumps(config))
     await quiesce(bench)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(Path(__file__).resolve()), "--child", str(path),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        str(path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 600)
     if proc.returncode != 0:
@@ -94,7 +120,9 @@ async def floor(bench: Bench, rooms: list[str]) -> dict:
         await quiesce(bench)
 
         async def get(room: str) -> None:
-            await request(session, bench.bot.access_token, "GET", f"{bench.url}/_matrix/client/v3/rooms/{q(room)}/state")
+            await request(
+                session, bench.bot.access_token, "GET", f"{bench.url}/_matrix/client/v3/rooms/{q(room)}/state"
+            )
 
         started = time.monotonic()
         await in_flight(rooms, concurrency, get)
@@ -108,8 +136,9 @@ async def floor(bench: Bench, rooms: list[str]) -> dict:
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rooms", type=int, default=500)
-    parser.add_argument("--member-rooms", type=int, default=100,
-                        help="rooms of the Space measured with 2 and then 20 members per room")
+    parser.add_argument(
+        "--member-rooms", type=int, default=100, help="rooms of the Space measured with 2 and then 20 members per room"
+    )
     parser.add_argument("--members", type=int, default=20)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,8 +158,7 @@ async def main() -> int:
         await join_all(extra, small, small_rooms)
         rooms = [small] + small_rooms
         bot = await measure_bot(bench, admin, small)
-        results.append({"rooms": len(rooms), "members": args.members, "bot": bot,
-                        "floor": await floor(bench, rooms)})
+        results.append({"rooms": len(rooms), "members": args.members, "bot": bot, "floor": await floor(bench, rooms)})
     print()
     print("one full reconcile with nothing to do (rooms include the Space itself)")
     rows = []
@@ -138,11 +166,33 @@ async def main() -> int:
         cold, *warms = r["bot"]["runs"]
         warm = min(warms, key=lambda x: x["seconds"])
         f = r["floor"]
-        rows.append([r["rooms"], r["members"], warm["requests"], fmt_s(warm["seconds"]), fmt_s(cold["seconds"]),
-                     f"{r['bot']['peak_rss_mib']:.0f} MiB", f"{fmt_s(f['seconds'])} ({f['concurrency']} in flight)",
-                     f"{warm['seconds'] / f['seconds']:.2f}", warm["actions"]])
-    print_table(["rooms", "members/room", "requests", "reconcile (warm)", "reconcile (cold)", "peak RSS",
-                 "floor: GET /state loop", "ratio", "actions"], rows)
+        rows.append(
+            [
+                r["rooms"],
+                r["members"],
+                warm["requests"],
+                fmt_s(warm["seconds"]),
+                fmt_s(cold["seconds"]),
+                f"{r['bot']['peak_rss_mib']:.0f} MiB",
+                f"{fmt_s(f['seconds'])} ({f['concurrency']} in flight)",
+                f"{warm['seconds'] / f['seconds']:.2f}",
+                warm["actions"],
+            ]
+        )
+    print_table(
+        [
+            "rooms",
+            "members/room",
+            "requests",
+            "reconcile (warm)",
+            "reconcile (cold)",
+            "peak RSS",
+            "floor: GET /state loop",
+            "ratio",
+            "actions",
+        ],
+        rows,
+    )
     print_result("reconcile", {"results": results})
     return 0
 

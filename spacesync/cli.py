@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import structlog
 from aiohttp import ClientError
@@ -25,29 +25,43 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spacesync",
         description="Keeps a Matrix Space's child rooms in step with the Space: evictions, bans, "
-                    "power levels and join rules.",
+        "power levels and join rules.",
     )
-    parser.add_argument("-c", "--config", default=None,
-                        help="config file (default: $SPACESYNC_CONFIG or config.yaml)")
+    parser.add_argument("-c", "--config", default=None, help="config file (default: $SPACESYNC_CONFIG or config.yaml)")
     parser.add_argument("--version", action="version", version=f"spacesync {__version__}")
     config_anywhere = argparse.ArgumentParser(add_help=False)
-    config_anywhere.add_argument("-c", "--config", default=argparse.SUPPRESS,
-                                 help="config file (default: $SPACESYNC_CONFIG or config.yaml)")
+    config_anywhere.add_argument(
+        "-c", "--config", default=argparse.SUPPRESS, help="config file (default: $SPACESYNC_CONFIG or config.yaml)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[config_anywhere], help="run the bot in the foreground until SIGTERM or SIGINT",
-                   description="Run the bot in the foreground: follow the managed Spaces and act, until "
-                               "SIGTERM or SIGINT (then exit 0 once in-flight actions are safe).")
-    sub.add_parser("check-config", parents=[config_anywhere],
-                   help="validate the config file: exit 0 if valid, 2 if not",
-                   description="Validate the config file. Exit 0 if it is valid; else exit 2 with one line "
-                               "naming the key and what is expected.")
-    plan = sub.add_parser("plan", parents=[config_anywhere], help="print what the bot would do now, changing nothing",
-                          description="Read the managed Spaces and print what the bot would do now: actions, "
-                                      "held batches and warnings. Changes nothing.")
+    sub.add_parser(
+        "run",
+        parents=[config_anywhere],
+        help="run the bot in the foreground until SIGTERM or SIGINT",
+        description="Run the bot in the foreground: follow the managed Spaces and act, until "
+        "SIGTERM or SIGINT (then exit 0 once in-flight actions are safe).",
+    )
+    sub.add_parser(
+        "check-config",
+        parents=[config_anywhere],
+        help="validate the config file: exit 0 if valid, 2 if not",
+        description="Validate the config file. Exit 0 if it is valid; else exit 2 with one line "
+        "naming the key and what is expected.",
+    )
+    plan = sub.add_parser(
+        "plan",
+        parents=[config_anywhere],
+        help="print what the bot would do now, changing nothing",
+        description="Read the managed Spaces and print what the bot would do now: actions, "
+        "held batches and warnings. Changes nothing.",
+    )
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    demo = sub.add_parser("demo", help="run against a throwaway local Synapse with a sample Space",
-                          description="Start a throwaway local Synapse with a sample Space, run the bot against "
-                                      "it and narrate what happens. Ctrl-C stops and removes everything.")
+    demo = sub.add_parser(
+        "demo",
+        help="run against a throwaway local Synapse with a sample Space",
+        description="Start a throwaway local Synapse with a sample Space, run the bot against "
+        "it and narrate what happens. Ctrl-C stops and removes everything.",
+    )
     demo.add_argument("--workdir", default=".demo", help="where the throwaway homeserver lives (default .demo)")
     demo.add_argument("--scripted", action="store_true", help="run the story once and exit (no waiting)")
     return parser
@@ -75,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spaces = len(config.spaces)
         print(f"{args.config or default_config_path()}: valid ({spaces} Space{'' if spaces == 1 else 's'})")
         if not spaces:
-            print("note: no Spaces configured: the bot manages nothing until one is added "
-                  "(spaces[] here, or !spacesync spaces add in the admin room)")
+            print(
+                "note: no Spaces configured: the bot manages nothing until one is added "
+                "(spaces[] here, or !spacesync spaces add in the admin room)"
+            )
         return 0
     setup_logging(config.logging.level, config.logging.format)
     if args.command == "plan":
@@ -99,8 +115,11 @@ async def _run(config: Config) -> int:
             try:
                 runner = await start_web(app, config.web.host, config.web.port)
             except OSError as e:
-                print(f"spacesync: web.listen: cannot listen on {config.web.host}:{config.web.port} ({e.strerror}); "
-                      "pick a free port or set web.listen to null", file=sys.stderr)
+                print(
+                    f"spacesync: web.listen: cannot listen on {config.web.host}:{config.web.port} ({e.strerror}); "
+                    "pick a free port or set web.listen to null",
+                    file=sys.stderr,
+                )
                 return 1
         await app.run()
     except (FatalError, StoreError) as e:
@@ -128,10 +147,12 @@ async def _plan(config: Config, *, as_json: bool) -> int:
     except (ConnectError, StoreError) as e:
         print(f"spacesync: {e}", file=sys.stderr)
         return 1
-    except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError) as e:
-        print(f"spacesync: homeserver.url: {config.homeserver.url} failed while reading the Spaces "
-              f"({type(e).__name__}: {getattr(e, 'message', None) or e}); check that it is up and try again",
-              file=sys.stderr)
+    except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
+        print(
+            f"spacesync: homeserver.url: {config.homeserver.url} failed while reading the Spaces "
+            f"({type(e).__name__}: {getattr(e, 'message', None) or e}); check that it is up and try again",
+            file=sys.stderr,
+        )
         return 1
     finally:
         await app.matrix.close()

@@ -19,21 +19,21 @@ from .model import OnLeave, RoomID, SpacePolicy, UserID
 from .refs import RefError, RoomRef, parse_room_ref, parse_user_ref, split_server_name
 
 __all__ = [
-    "ConfigError",
-    "Config",
-    "HomeserverConfig",
-    "BotConfig",
-    "DatabaseConfig",
+    "ENV_ACCESS_TOKEN",
+    "ENV_CONFIG",
+    "ENV_DATABASE_URL",
+    "ENV_PASSWORD",
     "AdminConfig",
-    "SpaceConfig",
+    "BotConfig",
+    "Config",
+    "ConfigError",
+    "DatabaseConfig",
     "ExecutorConfig",
+    "HomeserverConfig",
+    "LoggingConfig",
+    "SpaceConfig",
     "WalkConfig",
     "WebConfig",
-    "LoggingConfig",
-    "ENV_CONFIG",
-    "ENV_ACCESS_TOKEN",
-    "ENV_PASSWORD",
-    "ENV_DATABASE_URL",
     "default_config_path",
     "load_config",
     "parse_config",
@@ -372,7 +372,10 @@ def _http_url(value: Any, path: str) -> str:
     except ValueError:
         ok = False
     if not ok or parts.query or parts.fragment:
-        _fail(path, f'{_show(url)} is not an http(s) URL; use your homeserver\'s client URL, e.g. "https://matrix.example.org"')
+        _fail(
+            path,
+            f'{_show(url)} is not an http(s) URL; use your homeserver\'s client URL, e.g. "https://matrix.example.org"',
+        )
     if "/_matrix" in parts.path:
         base = url[: url.index("/_matrix")]
         _fail(path, f'{_show(url)} includes an API path; use the base URL, e.g. "{base}"')
@@ -474,7 +477,9 @@ _guard_window = _duration(minimum=1)
 
 _SPACE = _section(
     {
-        "room": _Key(_ref(parse_room_ref), hint='set it to the Space\'s room id or alias, e.g. "#community:example.org"'),
+        "room": _Key(
+            _ref(parse_room_ref), hint='set it to the Space\'s room id or alias, e.g. "#community:example.org"'
+        ),
         "on_leave": _Key(_choice({m.value: m for m in OnLeave}), "kick"),
         "propagate_bans": _Key(_boolean, True),
         "propagate_unbans": _Key(_boolean, True),
@@ -498,7 +503,9 @@ _TOP = _section(
         "homeserver": _Key(
             _section(
                 {
-                    "url": _Key(_http_url, hint='set it to your homeserver\'s client URL, e.g. "https://matrix.example.org"'),
+                    "url": _Key(
+                        _http_url, hint='set it to your homeserver\'s client URL, e.g. "https://matrix.example.org"'
+                    ),
                     "request_timeout": _Key(_duration(minimum=1), "30s"),
                 },
                 HomeserverConfig,
@@ -508,7 +515,9 @@ _TOP = _section(
         "bot": _Key(
             _section(
                 {
-                    "user_id": _Key(_ref(parse_user_ref), hint='set it to the bot\'s Matrix ID, e.g. "@spacesync:example.org"'),
+                    "user_id": _Key(
+                        _ref(parse_user_ref), hint='set it to the bot\'s Matrix ID, e.g. "@spacesync:example.org"'
+                    ),
                     "access_token": _optional_secret,
                     "access_token_file": _optional_string,
                     "password": _optional_secret,
@@ -522,7 +531,10 @@ _TOP = _section(
         "admin": _Key(
             _section(
                 {
-                    "room": _Key(_ref(parse_room_ref), hint='set it to the room moderators command the bot from, e.g. "!abc:example.org"'),
+                    "room": _Key(
+                        _ref(parse_room_ref),
+                        hint='set it to the room moderators command the bot from, e.g. "!abc:example.org"',
+                    ),
                     "users": _Key(_user_set, []),
                     "min_power_level": _Key(_integer(), 50),
                 },
@@ -536,8 +548,14 @@ _TOP = _section(
         "max_evictions_without_confirmation": _Key(_max_evictions, 25),
         "guard_window": _Key(_guard_window, "10m"),
         "executor": _Key(
-            _section({"concurrency": _Key(_integer(1, 64), 8), "max_attempts": _Key(_integer(1, 100), 8),
-                      "max_failures": _Key(_integer(1, 100), 3)}, ExecutorConfig),
+            _section(
+                {
+                    "concurrency": _Key(_integer(1, 64), 8),
+                    "max_attempts": _Key(_integer(1, 100), 8),
+                    "max_failures": _Key(_integer(1, 100), 3),
+                },
+                ExecutorConfig,
+            ),
             {},
         ),
         "walk": _Key(
@@ -622,8 +640,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     access_token, password = _credentials(bot, env)
     top["bot"] = BotConfig(bot["user_id"], access_token, password, bot["device_id"])
     top["web"] = top["web"]["listen"]
-    top["spaces"] = tuple(_space(s, top["max_evictions_without_confirmation"], top["guard_window"])
-                          for s in top["spaces"])
+    top["spaces"] = tuple(
+        _space(s, top["max_evictions_without_confirmation"], top["guard_window"]) for s in top["spaces"]
+    )
     seen: set[str] = set()
     for i, space in enumerate(top["spaces"]):
         if str(space.room) in seen:

@@ -107,8 +107,9 @@ class Demo:
         self.workdir = workdir
         self.out = out
         # Absolute: Synapse runs with its own directory as the working directory.
-        self.synapse = Synapse(workdir.resolve() / "synapse", server_name=SERVER_NAME,
-                               default_room_version=ROOM_VERSION)
+        self.synapse = Synapse(
+            workdir.resolve() / "synapse", server_name=SERVER_NAME, default_room_version=ROOM_VERSION
+        )
         self.users: dict[str, TestUser] = {}
         self.rooms: dict[str, str] = {}
         self.names: dict[str, str] = {}
@@ -137,6 +138,7 @@ class Demo:
         self.say(f"   {'✓' if ok else '✗'} {text}")
         self.results.append(ok)
         return ok
+
     # endregion
 
     # region work directory
@@ -160,7 +162,7 @@ class Demo:
             self.app.stop()
             try:
                 await asyncio.wait_for(asyncio.shield(self.bot_task), BOT_STOP_TIMEOUT)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self.bot_task.cancel()
                 await asyncio.gather(self.bot_task, return_exceptions=True)
             except Exception:  # the bot failed: already reported, nothing left to stop
@@ -174,6 +176,7 @@ class Demo:
         with contextlib.suppress(Exception):
             await self.synapse.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
     # endregion
 
     # region the story
@@ -207,19 +210,25 @@ class Demo:
         self.say(f"   ✓ {self.synapse.url} (server name {SERVER_NAME}, logs in {self.synapse.workdir})")
         try:
             self.users["moderator"] = await self.synapse.register(
-                "moderator", password=self.moderator_password, admin=True, displayname="Moderator")
+                "moderator", password=self.moderator_password, admin=True, displayname="Moderator"
+            )
             self.users["bot"] = await self.synapse.register("spacesync", displayname="spacesync")
             for name in ("alice", "bob", "carol"):
                 self.users[name] = await self.synapse.register(
-                    name, password=self.user_password, displayname=name.capitalize())
+                    name, password=self.user_password, displayname=name.capitalize()
+                )
             # The documented way to let the bot act at full speed (Synapse's admin API).
             await self.mod.request(
-                "POST", f"/_synapse/admin/v1/users/{quote(self.bot.user_id, safe='')}/override_ratelimit",
-                {"messages_per_second": 0, "burst_count": 0})
+                "POST",
+                f"/_synapse/admin/v1/users/{quote(self.bot.user_id, safe='')}/override_ratelimit",
+                {"messages_per_second": 0, "burst_count": 0},
+            )
         except (MatrixRequestError, OSError) as e:
             raise _Abort(f"cannot register the demo accounts: {e}") from e
-        self.say(f"   ✓ accounts: {self.mod.user_id} (also the server's admin), {self.bot.user_id} (the bot, "
-                 "rate limit lifted with the admin API), alice, bob and carol")
+        self.say(
+            f"   ✓ accounts: {self.mod.user_id} (also the server's admin), {self.bot.user_id} (the bot, "
+            "rate limit lifted with the admin API), alice, bob and carol"
+        )
 
     @property
     def mod(self) -> TestClient:
@@ -247,26 +256,41 @@ class Demo:
             projects = await self._create("Projects", parent=space, space=True, levels={mod: 100, bot: 100})
             await self._create("project-x", parent=projects, levels={mod: 100, bot: 100})
             admin = await self.mod.create_room(
-                name="spacesync admin", room_version=ROOM_VERSION, preset="private_chat",
-                power_level_content_override={"users": {mod: 100, bot: 50}})
+                name="spacesync admin",
+                room_version=ROOM_VERSION,
+                preset="private_chat",
+                power_level_content_override={"users": {mod: 100, bot: 50}},
+            )
             self.rooms["admin"], self.names[admin] = admin, "spacesync admin"
             await self.mod.invite(admin, bot)
             for room_id in self.rooms.values():
                 await self.bot.join(room_id)
         except MatrixRequestError as e:
             raise _Abort(f"cannot build the sample Space: {e}") from e
-        self.say(f"     Demo Community  (Space, #demo:{SERVER_NAME})\n"
-                 "     ├── general      restricted to Demo Community\n"
-                 "     ├── random       restricted to Demo Community"
-                 f" (its moderators made bob {ROOM_LOCAL_LEVEL} here)\n"
-                 "     └── Projects     (Space) restricted to Demo Community\n"
-                 "         └── project-x  restricted to Projects\n"
-                 "   and \"spacesync admin\", where the bot reports. The bot is in every room at power level 100.")
+        self.say(
+            f"     Demo Community  (Space, #demo:{SERVER_NAME})\n"
+            "     ├── general      restricted to Demo Community\n"
+            "     ├── random       restricted to Demo Community"
+            f" (its moderators made bob {ROOM_LOCAL_LEVEL} here)\n"
+            "     └── Projects     (Space) restricted to Demo Community\n"
+            "         └── project-x  restricted to Projects\n"
+            '   and "spacesync admin", where the bot reports. The bot is in every room at power level 100.'
+        )
 
-    async def _create(self, name: str, *, parent: str | None = None, space: bool = False,
-                      join_rule: str = "restricted", levels: dict[str, int]) -> str:
+    async def _create(
+        self,
+        name: str,
+        *,
+        parent: str | None = None,
+        space: bool = False,
+        join_rule: str = "restricted",
+        levels: dict[str, int],
+    ) -> str:
         room_id = await self.mod.create_room(
-            name=name, room_version=ROOM_VERSION, space=space, join_rule=join_rule,
+            name=name,
+            room_version=ROOM_VERSION,
+            space=space,
+            join_rule=join_rule,
             allow=[parent] if parent and join_rule == "restricted" else [],
             power_level_content_override={"users": levels},
         )
@@ -289,8 +313,14 @@ class Demo:
             "bot": {"user_id": bot.user_id, "access_token": bot.access_token},
             "database": {"url": f"sqlite:{(self.workdir / 'spacesync.db').resolve()}"},
             "admin": {"room": self.rooms["admin"], "users": [self.uid("moderator")]},
-            "spaces": [{"room": self.rooms["Demo Community"], "on_leave": "kick", "propagate_bans": True,
-                        "power_levels": "sync"}],
+            "spaces": [
+                {
+                    "room": self.rooms["Demo Community"],
+                    "on_leave": "kick",
+                    "propagate_bans": True,
+                    "power_levels": "sync",
+                }
+            ],
             "web": {"listen": f"127.0.0.1:{self.web_port}"},
             "logging": {"level": "INFO", "format": "console"},
         }
@@ -344,8 +374,10 @@ class Demo:
         else:
             await self._expect(self._memberships(everyone, all_rooms, "join"), timeout=10)
 
-        self.step("alice leaves the Space. Nothing in Matrix takes her out of its rooms;\n"
-                  "spacesync removes her from general, random, Projects and project-x.")
+        self.step(
+            "alice leaves the Space. Nothing in Matrix takes her out of its rooms;\n"
+            "spacesync removes her from general, random, Projects and project-x."
+        )
         await self._act(self.client("alice").leave(self.rooms["Demo Community"]))
         await self._expect(self._memberships(("alice",), CHILDREN, "leave"), timed=True)
 
@@ -353,15 +385,19 @@ class Demo:
         await self._act(self.mod.ban(self.rooms["Demo Community"], self.uid("carol"), reason="demo"))
         await self._expect(self._memberships(("carol",), CHILDREN, "ban"), timed=True)
 
-        self.step(f"The moderator promotes bob to {PROMOTED_LEVEL} in the Space;\n"
-                  f"spacesync raises him to {PROMOTED_LEVEL} in every room.")
+        self.step(
+            f"The moderator promotes bob to {PROMOTED_LEVEL} in the Space;\n"
+            f"spacesync raises him to {PROMOTED_LEVEL} in every room."
+        )
         before = {room: await self._level("bob", room) for room in CHILDREN}
         await self._act(self.mod.set_user_level(self.rooms["Demo Community"], self.uid("bob"), PROMOTED_LEVEL))
         await self._expect(self._levels("bob", {room: PROMOTED_LEVEL for room in CHILDREN}), timed=True)
 
-        self.step("The moderator demotes bob in the Space again; spacesync undoes only what it wrote:\n"
-                  "bob goes back to the default level in general, Projects and project-x,\n"
-                  f"and to {ROOM_LOCAL_LEVEL} in random, the level random's own moderators gave him.")
+        self.step(
+            "The moderator demotes bob in the Space again; spacesync undoes only what it wrote:\n"
+            "bob goes back to the default level in general, Projects and project-x,\n"
+            f"and to {ROOM_LOCAL_LEVEL} in random, the level random's own moderators gave him."
+        )
         await self._act(self._remove_level(self.rooms["Demo Community"], self.uid("bob")))
         await self._expect(self._levels("bob", before), timed=True)
 
@@ -380,11 +416,13 @@ class Demo:
         content = await self.mod.get_power_levels(self.rooms[room])
         users = content.get("users") or {}
         return int(users.get(self.uid(name), content.get("users_default", 0)))
+
     # endregion
 
     # region checks
-    def _memberships(self, names: Iterable[str], rooms: Iterable[str], want: str
-                     ) -> Callable[[], Awaitable[tuple[bool, str]]]:
+    def _memberships(
+        self, names: Iterable[str], rooms: Iterable[str], want: str
+    ) -> Callable[[], Awaitable[tuple[bool, str]]]:
         names, rooms = tuple(names), tuple(rooms)
         verb = {"join": "in", "leave": "out of", "ban": "banned from"}[want]
 
@@ -392,8 +430,11 @@ class Demo:
             wrong: list[str] = []
             for room in rooms:
                 members = await self.mod.members(self.rooms[room])
-                wrong += [f"{n} in {room} ({members.get(self.uid(n), 'never joined')})"
-                          for n in names if members.get(self.uid(n)) != want]
+                wrong += [
+                    f"{n} in {room} ({members.get(self.uid(n), 'never joined')})"
+                    for n in names
+                    if members.get(self.uid(n)) != want
+                ]
             who = _join(names)
             if wrong:
                 return False, f"expected {who} {verb} {_join(rooms)}; still: {', '.join(wrong)}"
@@ -414,8 +455,9 @@ class Demo:
 
         return probe
 
-    async def _expect(self, probe: Callable[[], Awaitable[tuple[bool, str]]], *, timeout: float = STEP_TIMEOUT,
-                      timed: bool = False) -> bool:
+    async def _expect(
+        self, probe: Callable[[], Awaitable[tuple[bool, str]]], *, timeout: float = STEP_TIMEOUT, timed: bool = False
+    ) -> bool:
         """Poll `probe` until it holds (✓) or `timeout` passes (✗); stop early if the bot died."""
         started = time.monotonic()
         while True:
@@ -436,12 +478,16 @@ class Demo:
         if task is None or not task.done():
             return
         error = None if task.cancelled() else task.exception()
-        raise _Abort(f"spacesync stopped unexpectedly: {type(error).__name__}: {error}" if error
-                     else "spacesync stopped unexpectedly")
+        raise _Abort(
+            f"spacesync stopped unexpectedly: {type(error).__name__}: {error}"
+            if error
+            else "spacesync stopped unexpectedly"
+        )
 
     def _list(self, room_ids: Iterable[str]) -> str:
         order = {room_id: i for i, room_id in enumerate(self.rooms.values())}
         return _join(self.names.get(r, r) for r in sorted(room_ids, key=lambda r: order.get(r, len(order))))
+
     # endregion
 
     def print_login(self) -> None:
@@ -454,7 +500,7 @@ class Demo:
             f"  Metrics     http://127.0.0.1:{port}/metrics  (health: /health, readiness: /ready)\n"
             f"  Config      {self.config_path}\n"
             "Try leaving the Space as bob, changing levels in the Space as the moderator, or sending\n"
-            "!spacesync help in the \"spacesync admin\" room.\n"
+            '!spacesync help in the "spacesync admin" room.\n'
             f"Press Ctrl-C to stop: spacesync and Synapse stop and {self.workdir} is removed."
         )
 
@@ -462,8 +508,13 @@ class Demo:
 def _quiet_idle_reconciles(record: logging.LogRecord) -> bool:
     """Keep the demo's console readable: drop "reconciled" lines of passes that found nothing to do."""
     event = record.msg
-    return not (isinstance(event, dict) and event.get("event") == "reconciled"
-                and not event.get("queued") and not event.get("held") and not event.get("findings"))
+    return not (
+        isinstance(event, dict)
+        and event.get("event") == "reconciled"
+        and not event.get("queued")
+        and not event.get("held")
+        and not event.get("findings")
+    )
 
 
 def _join(items: Iterable[str]) -> str:

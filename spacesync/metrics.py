@@ -13,48 +13,70 @@ BUILD = Info("spacesync_build", "The running spacesync version.", registry=REGIS
 BUILD.info({"version": __version__})
 
 ACTIONS = Counter(
-    "spacesync_actions_total", "Actions finished, by kind and outcome (done, already_done, failed).",
-    ["kind", "outcome"], registry=REGISTRY,
+    "spacesync_actions_total",
+    "Actions finished, by kind and outcome (done, already_done, failed).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
 )
 JOURNAL_DEPTH = Gauge(
-    "spacesync_journal_depth", "Actions in the journal not yet finished, by status (pending, running, held).",
-    ["status"], registry=REGISTRY,
+    "spacesync_journal_depth",
+    "Actions in the journal not yet finished, by status (pending, running, held).",
+    ["status"],
+    registry=REGISTRY,
 )
 HELD_ACTIONS = Gauge(
-    "spacesync_held_actions", "Actions held by the mass-action guard, waiting for a moderator.", registry=REGISTRY,
+    "spacesync_held_actions",
+    "Actions held by the mass-action guard, waiting for a moderator.",
+    registry=REGISTRY,
 )
 SYNC_LAG = Gauge(
-    "spacesync_sync_lag_seconds", "Seconds since the last successful /sync answer.", registry=REGISTRY,
+    "spacesync_sync_lag_seconds",
+    "Seconds since the last successful /sync answer.",
+    registry=REGISTRY,
 )
 LAST_SYNC = Gauge(
-    "spacesync_last_sync_timestamp_seconds", "Unix time of the last successful /sync answer.", registry=REGISTRY,
+    "spacesync_last_sync_timestamp_seconds",
+    "Unix time of the last successful /sync answer.",
+    registry=REGISTRY,
 )
 RECONCILE_DURATION = Histogram(
-    "spacesync_reconcile_duration_seconds", "Time taken by one full reconcile (walk, plan, enqueue).",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY,
+    "spacesync_reconcile_duration_seconds",
+    "Time taken by one full reconcile (walk, plan, enqueue).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
 )
 LAST_RECONCILE = Gauge(
-    "spacesync_last_reconcile_timestamp_seconds", "Unix time of the last finished reconcile.", registry=REGISTRY,
+    "spacesync_last_reconcile_timestamp_seconds",
+    "Unix time of the last finished reconcile.",
+    registry=REGISTRY,
 )
 RATELIMIT_WAIT = Counter(
-    "spacesync_ratelimit_wait_seconds_total", "Seconds spent waiting on the homeserver's rate limits (429).",
+    "spacesync_ratelimit_wait_seconds_total",
+    "Seconds spent waiting on the homeserver's rate limits (429).",
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(
-    "spacesync_homeserver_request_seconds", "Latency of homeserver requests, by method and outcome class.",
-    ["method", "status"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 35),
+    "spacesync_homeserver_request_seconds",
+    "Latency of homeserver requests, by method and outcome class.",
+    ["method", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 35),
     registry=REGISTRY,
 )
 MANAGED_SPACES = Gauge("spacesync_managed_spaces", "Root Spaces under management.", registry=REGISTRY)
 MANAGED_ROOMS = Gauge("spacesync_managed_rooms", "Rooms under management (opted in).", registry=REGISTRY)
 MANAGED_USERS = Gauge(
-    "spacesync_managed_users", "Distinct users joined to managed rooms at the last reconcile.", registry=REGISTRY,
+    "spacesync_managed_users",
+    "Distinct users joined to managed rooms at the last reconcile.",
+    registry=REGISTRY,
 )
 IS_LEADER = Gauge(
-    "spacesync_leader", "1 when this instance is the acting one, 0 while it stands by.", registry=REGISTRY,
+    "spacesync_leader",
+    "1 when this instance is the acting one, 0 while it stands by.",
+    registry=REGISTRY,
 )
 DATABASE_UP = Gauge(
-    "spacesync_database_up", "0 while the database is out of reach (calls are retried with backoff), else 1.",
+    "spacesync_database_up",
+    "0 while the database is out of reach (calls are retried with backoff), else 1.",
     registry=REGISTRY,
 )
 DATABASE_UP.set(1)

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 from mautrix.types import EventID, RoomID, UserID
 
 __all__ = [
-    "RoomID",
-    "UserID",
-    "EventID",
-    "Membership",
-    "MemberState",
-    "PowerLevels",
-    "RoomState",
-    "Snapshot",
-    "OnLeave",
-    "SpacePolicy",
-    "Policy",
-    "ActionKind",
     "Action",
-    "PlacedBan",
-    "OwnedLevel",
+    "ActionKind",
+    "EventID",
     "Finding",
     "LeftBehind",
+    "MemberState",
+    "Membership",
+    "OnLeave",
+    "OwnedLevel",
+    "PlacedBan",
     "Plan",
+    "Policy",
+    "PowerLevels",
+    "RoomID",
+    "RoomState",
+    "Snapshot",
+    "SpacePolicy",
+    "UserID",
 ]
 
 

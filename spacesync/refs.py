@@ -14,11 +14,11 @@ from mautrix.types import RoomAlias, RoomID, UserID
 __all__ = [
     "RefError",
     "RoomRef",
+    "is_server_name",
     "parse_room_ref",
     "parse_user_ref",
     "refs_in_html",
     "split_server_name",
-    "is_server_name",
 ]
 
 ROOM_EXPECTED = "expected !id:server, #alias:server, a matrix: URI or a matrix.to link"

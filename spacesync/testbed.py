@@ -121,9 +121,7 @@ async def _matrix_request(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     waited = 0.0
     while True:
-        async with session.request(
-            method, url, json=json_body, params=params, headers=headers
-        ) as resp:
+        async with session.request(method, url, json=json_body, params=params, headers=headers) as resp:
             text = await resp.text()
             status = resp.status
             retry_after_header = resp.headers.get("Retry-After")
@@ -179,9 +177,7 @@ class TestClient:
 
     __test__ = False
 
-    def __init__(
-        self, base_url: str, access_token: str, user_id: str, *, timeout: float = 60.0
-    ) -> None:
+    def __init__(self, base_url: str, access_token: str, user_id: str, *, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.access_token = access_token
         self.user_id = user_id
@@ -376,9 +372,7 @@ class TestClient:
         return new_room_id
 
     async def create_alias(self, alias: str, room_id: str) -> None:
-        await self.request(
-            "PUT", f"/_matrix/client/v3/directory/room/{_q(alias)}", {"room_id": room_id}
-        )
+        await self.request("PUT", f"/_matrix/client/v3/directory/room/{_q(alias)}", {"room_id": room_id})
 
     async def set_room_alias(self, room_id: str, alias: str) -> str:
         """Create ``alias`` for the room and make it the canonical alias."""
@@ -390,9 +384,7 @@ class TestClient:
     async def join(self, room_id_or_alias: str, *, via: Iterable[str] | None = None) -> str:
         """Join a room by id or alias and return its id."""
         params = {"via": list(via)} if via is not None else None
-        result = await self.request(
-            "POST", f"/_matrix/client/v3/join/{_q(room_id_or_alias)}", {}, params=params
-        )
+        result = await self.request("POST", f"/_matrix/client/v3/join/{_q(room_id_or_alias)}", {}, params=params)
         room_id: str = result["room_id"]
         return room_id
 
@@ -411,9 +403,7 @@ class TestClient:
     async def unban(self, room_id: str, user_id: str, *, reason: str | None = None) -> None:
         await self._membership(room_id, "unban", user_id, reason)
 
-    async def _membership(
-        self, room_id: str, action: str, user_id: str | None, reason: str | None
-    ) -> None:
+    async def _membership(self, room_id: str, action: str, user_id: str | None, reason: str | None) -> None:
         body: JSON = {}
         if user_id is not None:
             body["user_id"] = user_id
@@ -433,31 +423,21 @@ class TestClient:
     # State
 
     async def get_state(self, room_id: str) -> list[JSON]:
-        result: list[JSON] = await self.request(
-            "GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/state"
-        )
+        result: list[JSON] = await self.request("GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/state")
         return result
 
-    async def get_state_event(
-        self, room_id: str, event_type: str, state_key: str = ""
-    ) -> JSON | None:
+    async def get_state_event(self, room_id: str, event_type: str, state_key: str = "") -> JSON | None:
         """Return the content of a state event, or None if there is none."""
         try:
-            result: JSON = await self.request(
-                "GET", self._state_path(room_id, event_type, state_key)
-            )
+            result: JSON = await self.request("GET", self._state_path(room_id, event_type, state_key))
         except MatrixRequestError as exc:
             if exc.status == 404:
                 return None
             raise
         return result
 
-    async def send_state(
-        self, room_id: str, event_type: str, content: Mapping[str, Any], state_key: str = ""
-    ) -> str:
-        result = await self.request(
-            "PUT", self._state_path(room_id, event_type, state_key), dict(content)
-        )
+    async def send_state(self, room_id: str, event_type: str, content: Mapping[str, Any], state_key: str = "") -> str:
+        result = await self.request("PUT", self._state_path(room_id, event_type, state_key), dict(content))
         event_id: str = result["event_id"]
         return event_id
 
@@ -476,9 +456,7 @@ class TestClient:
         content["users"] = {**content.get("users", {}), user_id: level}
         return await self.send_state(room_id, "m.room.power_levels", content)
 
-    async def set_join_rule(
-        self, room_id: str, join_rule: str, allow: Iterable[str] | None = None
-    ) -> str:
+    async def set_join_rule(self, room_id: str, join_rule: str, allow: Iterable[str] | None = None) -> str:
         content = _join_rule(join_rule, list(allow) if allow is not None else None)
         return await self.send_state(room_id, "m.room.join_rules", content)
 
@@ -493,9 +471,7 @@ class TestClient:
         event_id: str = result["event_id"]
         return event_id
 
-    async def send_text(
-        self, room_id: str, body: str, *, html: str | None = None, reply_to: str | None = None
-    ) -> str:
+    async def send_text(self, room_id: str, body: str, *, html: str | None = None, reply_to: str | None = None) -> str:
         content: JSON = {"msgtype": "m.text", "body": body}
         if html is not None:
             content["format"] = "org.matrix.custom.html"
@@ -760,10 +736,7 @@ class Synapse:
             "version": 1,
             "disable_existing_loggers": False,
             "formatters": {
-                "precise": {
-                    "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s"
-                    " - %(request)s - %(message)s"
-                }
+                "precise": {"format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s"}
             },
             "filters": {"context": {"()": "synapse.logging.context.LoggingContextFilter"}},
             "handlers": {
@@ -812,18 +785,12 @@ class Synapse:
 
     # Admin API
 
-    async def _request(
-        self, method: str, path: str, json_body: Any = None, *, token: str | None = None
-    ) -> Any:
+    async def _request(self, method: str, path: str, json_body: Any = None, *, token: str | None = None) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        return await _matrix_request(
-            self._session, method, self.url + path, token=token, json_body=json_body
-        )
+        return await _matrix_request(self._session, method, self.url + path, token=token, json_body=json_body)
 
-    async def _register_raw(
-        self, localpart: str, password: str, admin: bool, displayname: str | None
-    ) -> JSON:
+    async def _register_raw(self, localpart: str, password: str, admin: bool, displayname: str | None) -> JSON:
         path = "/_synapse/admin/v1/register"
         nonce: str = (await self._request("GET", path))["nonce"]
         mac = hmac.new(self._shared_secret.encode(), digestmod=hashlib.sha1)

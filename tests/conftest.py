@@ -15,9 +15,7 @@ import pytest
 
 from spacesync.testbed import Synapse, TestUser
 
-PG_ADMIN_URL = os.environ.get(
-    "SPACESYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+PG_ADMIN_URL = os.environ.get("SPACESYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 _PG_CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -26,13 +27,15 @@ from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageEr
 if TYPE_CHECKING:
     from ..engine.runtime import App
 
-__all__ = ["CommandHandler", "REFUSAL", "REGISTRY", "Registry", "Reply"]
+__all__ = ["REFUSAL", "REGISTRY", "CommandHandler", "Registry", "Reply"]
 
 log = structlog.get_logger("spacesync.commands")
 
 REFUSAL = "Sorry, only spacesync admins can use commands here."
-INTERRUPTED = ("⚠ This command was cut short (spacesync stopped, or another instance took over) and is not run "
-               f"again: check with '{PREFIX} status' and send it again if it is still needed.")
+INTERRUPTED = (
+    "⚠ This command was cut short (spacesync stopped, or another instance took over) and is not run "
+    f"again: check with '{PREFIX} status' and send it again if it is still needed."
+)
 
 
 def reply_txn_id(event_id: str) -> str:
@@ -120,15 +123,22 @@ class CommandHandler:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("command failed", command=name, sender=sender, event_id=event_id,
-                        error=f"{type(e).__name__}: {e}", exc_info=True)
+            log.warning(
+                "command failed",
+                command=name,
+                sender=sender,
+                event_id=event_id,
+                error=f"{type(e).__name__}: {e}",
+                exc_info=True,
+            )
             what = f"'{name}' " if name else ""
             return Reply.plain(one_line(f"⚠ The command {what}failed: {type(e).__name__}: {e}", 300))
 
     async def _reply(self, room_id: RoomID, event_id: str, reply: Reply) -> None:
         reply = reply.clipped()
         try:
-            await self.app.matrix.send_notice(room_id, reply.text, reply.html, reply_to=event_id,
-                                              txn=reply_txn_id(event_id))
+            await self.app.matrix.send_notice(
+                room_id, reply.text, reply.html, reply_to=event_id, txn=reply_txn_id(event_id)
+            )
         except Exception as e:  # a failed answer must never stop the bot
             log.warning("could not answer a command", event_id=event_id, error=f"{type(e).__name__}: {e}")

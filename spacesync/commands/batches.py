@@ -29,8 +29,9 @@ async def _batch_id(app: App, text: str) -> str:
     found = await app.store.journal.batch_ids_like(typed)
     if len(found) > 1:
         more = "…" if len(found) >= 6 else ""
-        raise CommandError(f"'{typed}' is the start of several batches ({', '.join(found[:5])}{more}): "
-                           "type more of the id")
+        raise CommandError(
+            f"'{typed}' is the start of several batches ({', '.join(found[:5])}{more}): type more of the id"
+        )
     return found[0] if found else typed
 
 
@@ -54,10 +55,15 @@ async def _held_batch(app: App, batch: str, verb: str) -> Batch:
     return info
 
 
-@command("batch", usage="batch <batch>", family=FAMILY, summary="what one batch holds or did",
-         help="Shows a batch: why it was made, its state, and each action with its status (a parked action "
-              "with the refusal that parked it) — the way to review a held mass eviction before 'confirm' or "
-              "'cancel', a finished batch before 'undo', or parked actions before 'retry'.")
+@command(
+    "batch",
+    usage="batch <batch>",
+    family=FAMILY,
+    summary="what one batch holds or did",
+    help="Shows a batch: why it was made, its state, and each action with its status (a parked action "
+    "with the refusal that parked it) — the way to review a held mass eviction before 'confirm' or "
+    "'cancel', a finished batch before 'undo', or parked actions before 'retry'.",
+)
 async def batch(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch_id = await _batch_id(ctx.app, args[0])
@@ -71,22 +77,36 @@ async def batch(ctx: Context, args: list[str]) -> Reply:
         room_t, room_h = label(app, action.room_id)
         target = action.user_id or action.state_key or ""
         error = f" ({entry.error})" if entry.error else ""
-        lines.append(line(f"{action.kind.value} {target} in {room_t}: {entry.status.value}{error} — {action.reason}",
-                          f"{action.kind.value} {code(target)} in {room_h}: <b>{entry.status.value}</b>"
-                          f"{esc(error)} — {esc(action.reason)}"))
+        lines.append(
+            line(
+                f"{action.kind.value} {target} in {room_t}: {entry.status.value}{error} — {action.reason}",
+                f"{action.kind.value} {code(target)} in {room_h}: <b>{entry.status.value}</b>"
+                f"{esc(error)} — {esc(action.reason)}",
+            )
+        )
     next_step = {"held": f" Decide with '!spacesync confirm {batch_id}' or '!spacesync cancel {batch_id}'."}
     parked = info.counts.get(Status.PARKED.value, 0)
-    retry_hint = (f" {plural(parked, 'action')} parked after repeated refusals: fix the cause, then "
-                  f"'!spacesync retry {batch_id}'.") if parked else ""
-    title = (f"Batch {batch_id} ({info.trigger}, {info.status}): {counts}.{next_step.get(info.status, '')}"
-             f"{retry_hint}")
+    retry_hint = (
+        (
+            f" {plural(parked, 'action')} parked after repeated refusals: fix the cause, then "
+            f"'!spacesync retry {batch_id}'."
+        )
+        if parked
+        else ""
+    )
+    title = f"Batch {batch_id} ({info.trigger}, {info.status}): {counts}.{next_step.get(info.status, '')}{retry_hint}"
     return listing(title, lines, hint="!spacesync audit shows the outcomes")
 
 
-@command("confirm", usage="confirm <batch>", family=FAMILY, summary="run a held mass eviction",
-         help="When more users would be evicted from a Space within its guard_window (default 10 minutes) "
-              "than its max_evictions_without_confirmation, however they leave, the new evictions are held as "
-              "one batch and announced here once. Review them with 'batch', then confirm the batch to run it.")
+@command(
+    "confirm",
+    usage="confirm <batch>",
+    family=FAMILY,
+    summary="run a held mass eviction",
+    help="When more users would be evicted from a Space within its guard_window (default 10 minutes) "
+    "than its max_evictions_without_confirmation, however they leave, the new evictions are held as "
+    "one batch and announced here once. Review them with 'batch', then confirm the batch to run it.",
+)
 async def confirm(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch = await _batch_id(ctx.app, args[0])
@@ -96,14 +116,21 @@ async def confirm(ctx: Context, args: list[str]) -> Reply:
     space_t, space_h = label(app, RoomID(info.space_id)) if info.space_id else ("", "")
     where_t, where_h = (f" in Space {space_t}", f" in Space {space_h}") if info.space_id else ("", "")
     what = plural(count, "eviction")
-    return Reply(f"Confirmed batch {batch}: {what}{where_t} running now.",
-                 f"Confirmed batch {code(batch)}: {what}{where_h} running now.")
+    return Reply(
+        f"Confirmed batch {batch}: {what}{where_t} running now.",
+        f"Confirmed batch {code(batch)}: {what}{where_h} running now.",
+    )
 
 
-@command("cancel", usage="cancel <batch>", family=FAMILY, summary="drop a held mass eviction",
-         help="Drops the held evictions of a batch. The users stay where they are for now, but as long as "
-              "they are not entitled the next reconcile plans (and holds) the same evictions again: exempt "
-              "them with 'exempt add', or 'pause' the bot while you sort it out.")
+@command(
+    "cancel",
+    usage="cancel <batch>",
+    family=FAMILY,
+    summary="drop a held mass eviction",
+    help="Drops the held evictions of a batch. The users stay where they are for now, but as long as "
+    "they are not entitled the next reconcile plans (and holds) the same evictions again: exempt "
+    "them with 'exempt add', or 'pause' the bot while you sort it out.",
+)
 async def cancel(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch = await _batch_id(ctx.app, args[0])
@@ -121,13 +148,18 @@ def _effective(room: RoomState, value: int | None) -> int:
     return room.power_levels.users_default if value is None else value
 
 
-@command("undo", usage="undo <batch>", family=FAMILY, summary="revert what a finished batch did",
-         help="Re-invites the users the batch kicked, unbans the users it banned, and restores the power "
-              "levels it changed (only entries nobody changed since, and never above your own level in the "
-              "room). The reverse actions run as a new batch. Join-rule and m.space.child changes are not "
-              "undone. Users who are still not entitled are evicted again by the next reconcile once they "
-              "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again. The "
-              "bot's records of the levels it wrote go back to what they were before the batch.")
+@command(
+    "undo",
+    usage="undo <batch>",
+    family=FAMILY,
+    summary="revert what a finished batch did",
+    help="Re-invites the users the batch kicked, unbans the users it banned, and restores the power "
+    "levels it changed (only entries nobody changed since, and never above your own level in the "
+    "room). The reverse actions run as a new batch. Join-rule and m.space.child changes are not "
+    "undone. Users who are still not entitled are evicted again by the next reconcile once they "
+    "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again. The "
+    "bot's records of the levels it wrote go back to what they were before the batch.",
+)
 async def undo(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     batch = await _batch_id(ctx.app, args[0])
@@ -172,25 +204,44 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
                 listed = ", ".join(f"{u} → {'-' if b is None else b}" for u, (_, b) in sorted(changes.items()))
                 # The records go back to what they were before the batch, as the entries do: a later change
                 # of the Space's level then restores the room from the right value.
-                ownership = {u: record_before(action.room_id, u, action.changes[u], action.ownership.get(u))
-                             for u in changes}
-                inverse.append(Action(ActionKind.SET_POWER_LEVELS, action.room_id, reason=f"{reason}: {listed}",
-                                      cause="undo", changes=changes, ownership=ownership))
+                ownership = {
+                    u: record_before(action.room_id, u, action.changes[u], action.ownership.get(u)) for u in changes
+                }
+                inverse.append(
+                    Action(
+                        ActionKind.SET_POWER_LEVELS,
+                        action.room_id,
+                        reason=f"{reason}: {listed}",
+                        cause="undo",
+                        changes=changes,
+                        ownership=ownership,
+                    )
+                )
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
     if not inverse:
         return listing(f"Nothing to undo in batch {batch}:", [line(s) for s in skipped])
     new_batch = await app.reconciler.enqueue(inverse, trigger=f"undo {batch}")
     kinds = Counter(a.kind for a in inverse)
-    names = {ActionKind.INVITE: "re-invite", ActionKind.UNBAN: "unban",
-             ActionKind.SET_POWER_LEVELS: "power-level restore"}
+    names = {
+        ActionKind.INVITE: "re-invite",
+        ActionKind.UNBAN: "unban",
+        ActionKind.SET_POWER_LEVELS: "power-level restore",
+    }
     summary = ", ".join(plural(n, names[k]) for k, n in kinds.items())
-    parts: list[Reply | str] = [Reply(f"Undo of batch {batch} queued as batch {new_batch}: {summary}.",
-                                      f"Undo of batch {code(batch)} queued as batch {code(new_batch)}: {summary}.")]
+    parts: list[Reply | str] = [
+        Reply(
+            f"Undo of batch {batch} queued as batch {new_batch}: {summary}.",
+            f"Undo of batch {code(batch)} queued as batch {code(new_batch)}: {summary}.",
+        )
+    ]
     if kinds[ActionKind.INVITE] or kinds[ActionKind.UNBAN]:
-        parts.append(Reply.rich(
-            "Users who are still not entitled (not joined to an entitling Space) will be evicted again by the next "
-            "reconcile once they rejoin, unless you exempt them: `!spacesync exempt add <@user>`."))
+        parts.append(
+            Reply.rich(
+                "Users who are still not entitled (not joined to an entitling Space) will be evicted again by the next "
+                "reconcile once they rejoin, unless you exempt them: `!spacesync exempt add <@user>`."
+            )
+        )
     if kinds[ActionKind.SET_POWER_LEVELS]:
         parts.append(Reply.plain("Levels a managed Space still grants will be written again by the next reconcile."))
     if skipped:
@@ -198,8 +249,9 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     return compose(parts)
 
 
-async def _restore_levels(ctx: Context, action: Action, rooms: dict[RoomID, RoomState | None],
-                          skipped: list[str]) -> dict[UserID, tuple[int | None, int | None]]:
+async def _restore_levels(
+    ctx: Context, action: Action, rooms: dict[RoomID, RoomState | None], skipped: list[str]
+) -> dict[UserID, tuple[int | None, int | None]]:
     """The inverse level changes the issuer may make: unchanged since, and not above their own level."""
     room_id = action.room_id
     room_t = label(ctx.app, room_id)[0]
@@ -221,27 +273,31 @@ async def _restore_levels(ctx: Context, action: Action, rooms: dict[RoomID, Room
             continue
         old, new = _effective(room, after), _effective(room, before)
         if (user != ctx.sender and mine <= old) or mine < new:
-            skipped.append(f"{user} in {room_t}: restoring {old} → {new} is above your own level "
-                           f"({show_level(mine)})")
+            skipped.append(f"{user} in {room_t}: restoring {old} → {new} is above your own level ({show_level(mine)})")
             continue
         changes[user] = (after, before)
     return changes
 
 
-@command("retry", usage="retry <batch>|all", family=FAMILY, summary="run parked actions again",
-         help="An action the homeserver keeps refusing (403, 400, 404: the bot lacks power, a server module "
-              "refuses) is tried again with backoff up to executor.max_failures times, then parked and "
-              "announced once. A parked action is planned again by itself only when its room's state changes "
-              "(power levels, join rules, the target's membership). Once you fixed the cause, retry puts the "
-              "parked actions of one batch (or all of them) back in the queue; each is re-checked against a "
-              "fresh plan before it runs.")
+@command(
+    "retry",
+    usage="retry <batch>|all",
+    family=FAMILY,
+    summary="run parked actions again",
+    help="An action the homeserver keeps refusing (403, 400, 404: the bot lacks power, a server module "
+    "refuses) is tried again with backoff up to executor.max_failures times, then parked and "
+    "announced once. A parked action is planned again by itself only when its room's state changes "
+    "(power levels, join rules, the target's membership). Once you fixed the cause, retry puts the "
+    "parked actions of one batch (or all of them) back in the queue; each is re-checked against a "
+    "fresh plan before it runs.",
+)
 async def retry(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     app = ctx.app
     if args[0].strip().lower() == "all":
         batch_id = None
     else:
-        batch_id = _batch_id(args[0])
+        batch_id = await _batch_id(app, args[0])
         await _known_batch(app, batch_id)
     parked = await app.store.journal.parked(batch_id)
     if not parked:
@@ -251,5 +307,7 @@ async def retry(ctx: Context, args: list[str]) -> Reply:
     batches = sorted({e.batch for e in parked})
     where_t = f"batch {batch_id}" if batch_id else plural(len(batches), "batch", "batches")
     where_h = f"batch {code(batch_id)}" if batch_id else esc(where_t)
-    return Reply(f"Retrying {plural(count, 'parked action')} of {where_t}: queued again.",
-                 f"Retrying {plural(count, 'parked action')} of {where_h}: queued again.")
+    return Reply(
+        f"Retrying {plural(count, 'parked action')} of {where_t}: queued again.",
+        f"Retrying {plural(count, 'parked action')} of {where_h}: queued again.",
+    )

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import html as _html
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
-__all__ = ["MAX_LINES", "Line", "Reply", "esc", "code", "line", "listing", "compose", "ago", "one_line", "plural", "timestamp"]
+__all__ = [
+    "MAX_LINES",
+    "Line",
+    "Reply",
+    "ago",
+    "code",
+    "compose",
+    "esc",
+    "line",
+    "listing",
+    "one_line",
+    "plural",
+    "timestamp",
+]
 
 MAX_LINES = 15
 """Lists longer than this show their first lines and "… N more": never one message per room."""
@@ -101,8 +114,9 @@ def _nested_html(lines: Sequence[Line]) -> str:
     return "".join(out)
 
 
-def listing(title: Line | str, lines: Sequence[Line], *, limit: int | None = MAX_LINES, empty: str = "",
-            hint: str = "") -> Reply:
+def listing(
+    title: Line | str, lines: Sequence[Line], *, limit: int | None = MAX_LINES, empty: str = "", hint: str = ""
+) -> Reply:
     """A title and a bulleted list; past `limit` lines, the rest is summarized as "… N more"."""
     head = line(title) if isinstance(title, str) else title
     shown = list(lines if limit is None else lines[:limit])
@@ -117,7 +131,7 @@ def listing(title: Line | str, lines: Sequence[Line], *, limit: int | None = MAX
     if more:
         tail = f"… {more} more" + (f" ({hint})" if hint else "")
         text.append(tail)
-        rest = _nested_html(list(lines[len(shown):]))
+        rest = _nested_html(list(lines[len(shown) :]))
         if len(rest) <= MAX_CHARS:  # the full detail, folded: clients that know <details> show it on demand
             html.append(f"<details><summary>{esc(tail)}</summary>{rest}</details>")
         else:
@@ -128,9 +142,10 @@ def listing(title: Line | str, lines: Sequence[Line], *, limit: int | None = MAX
 def compose(parts: Iterable[Reply | str | None]) -> Reply:
     """Sections one after the other (a blank line apart in plain text)."""
     replies = [Reply.of(p) if not isinstance(p, Reply) else p for p in parts if p]
-    return Reply("\n\n".join(r.text for r in replies), "".join(
-        r.html if r.html.startswith(("<p>", "<ul>", "<pre>")) else f"<p>{r.html}</p>" for r in replies
-    ))
+    return Reply(
+        "\n\n".join(r.text for r in replies),
+        "".join(r.html if r.html.startswith(("<p>", "<ul>", "<pre>")) else f"<p>{r.html}</p>" for r in replies),
+    )
 
 
 def ago(ts: float | None, now: float | None = None) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..model import EVICTIONS, Action, ActionKind, LeftBehind, RoomID, UserID
 from ..store.journal import Entry, Status
@@ -12,9 +12,13 @@ from .format import Line, Reply, code, esc, line, listing, one_line, plural
 RoomName = Callable[[RoomID], str]
 
 _DONE = {
-    ActionKind.KICK: "kicked", ActionKind.BAN: "banned", ActionKind.UNBAN: "unbanned",
-    ActionKind.INVITE: "invited", ActionKind.SET_POWER_LEVELS: "updated power levels",
-    ActionKind.SET_JOIN_RULES: "restricted the join rule", ActionKind.SET_SPACE_CHILD: "re-pointed the Space's child",
+    ActionKind.KICK: "kicked",
+    ActionKind.BAN: "banned",
+    ActionKind.UNBAN: "unbanned",
+    ActionKind.INVITE: "invited",
+    ActionKind.SET_POWER_LEVELS: "updated power levels",
+    ActionKind.SET_JOIN_RULES: "restricted the join rule",
+    ActionKind.SET_SPACE_CHILD: "re-pointed the Space's child",
 }
 _TRIGGERS = {"sync": "after a change in a Space", "reconcile": "scheduled check", "command": "!spacesync sync"}
 NAMES_SHOWN = 5
@@ -42,8 +46,9 @@ def _grouped(actions: Sequence[Action], name: RoomName) -> list[Line]:
     return lines
 
 
-def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: RoomName,
-                  left_behind: Sequence[LeftBehind] = ()) -> Reply:
+def batch_summary(
+    batch: str, trigger: str, entries: Sequence[Entry], name: RoomName, left_behind: Sequence[LeftBehind] = ()
+) -> Reply:
     """What one batch did, grouped by action and user, with its failures, the rooms where its users had to be
     left in place (and why), and how to undo it."""
     done = [e.action for e in entries if e.status is Status.DONE]
@@ -66,8 +71,12 @@ def batch_summary(batch: str, trigger: str, entries: Sequence[Entry], name: Room
     for item in left_behind[:NAMES_SHOWN]:
         verb = f"not {_DONE.get(item.kind, item.kind.value)}"
         room = name(item.room_id)
-        lines.append(line(f"{verb}: {item.user_id} in {room}: {item.why}",
-                          f"{esc(verb)}: {code(item.user_id)} in {esc(room)}: {esc(item.why)}"))
+        lines.append(
+            line(
+                f"{verb}: {item.user_id} in {room}: {item.why}",
+                f"{esc(verb)}: {code(item.user_id)} in {esc(room)}: {esc(item.why)}",
+            )
+        )
     if len(left_behind) > NAMES_SHOWN:
         lines.append(line(f"… {len(left_behind) - NAMES_SHOWN} more left in place (!spacesync whois <user>)"))
     reply = listing(title, lines, hint=f"!spacesync batch {batch} lists them all")
@@ -85,24 +94,38 @@ def _window(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def held_notice(batch: str, space: str, held: Sequence[Action], limit: int, name: RoomName, *,
-                window_s: float | None = None, recent: int = 0) -> Reply:
+def held_notice(
+    batch: str,
+    space: str,
+    held: Sequence[Action],
+    limit: int,
+    name: RoomName,
+    *,
+    window_s: float | None = None,
+    recent: int = 0,
+) -> Reply:
     """A mass action waiting for a moderator: who, where, and the two commands that decide it."""
     users = sorted({a.user_id for a in held if a.user_id})
-    shown = ", ".join(users[:NAMES_SHOWN]) + (f" and {len(users) - NAMES_SHOWN} more" if len(users) > NAMES_SHOWN else "")
+    shown = ", ".join(users[:NAMES_SHOWN]) + (
+        f" and {len(users) - NAMES_SHOWN} more" if len(users) > NAMES_SHOWN else ""
+    )
     rooms = sorted({a.room_id for a in held})
     over = f"over the limit of {limit}"
     if window_s is not None:
         over += f" users within {_window(window_s)}"
         if recent:
             over += f" ({recent} already evicted)"
-    text = (f"⚠ Held batch {batch}: {len(held)} evictions of {plural(len(users), 'user')} ({shown}) "
-            f"from {plural(len(rooms), 'room')} of Space {space}, {over}.\n"
-            f"Review with !spacesync plan, then !spacesync confirm {batch} or !spacesync cancel {batch}.")
-    html = (f"<p>⚠ Held batch {code(batch)}: {len(held)} evictions of {plural(len(users), 'user')} "
-            f"({esc(shown)}) from {plural(len(rooms), 'room')} of Space {esc(space)}, {esc(over)}.</p>"
-            f"<p>Review with {code('!spacesync plan')}, then {code(f'!spacesync confirm {batch}')} or "
-            f"{code(f'!spacesync cancel {batch}')}.</p>")
+    text = (
+        f"⚠ Held batch {batch}: {len(held)} evictions of {plural(len(users), 'user')} ({shown}) "
+        f"from {plural(len(rooms), 'room')} of Space {space}, {over}.\n"
+        f"Review with !spacesync plan, then !spacesync confirm {batch} or !spacesync cancel {batch}."
+    )
+    html = (
+        f"<p>⚠ Held batch {code(batch)}: {len(held)} evictions of {plural(len(users), 'user')} "
+        f"({esc(shown)}) from {plural(len(rooms), 'room')} of Space {esc(space)}, {esc(over)}.</p>"
+        f"<p>Review with {code('!spacesync plan')}, then {code(f'!spacesync confirm {batch}')} or "
+        f"{code(f'!spacesync cancel {batch}')}.</p>"
+    )
     return Reply(text, html)
 
 
@@ -111,11 +134,15 @@ def parked_notice(entry: Entry, error: str, name: RoomName) -> Reply:
     action = entry.action
     what = f"{action.kind.value} {action.user_id or action.state_key or ''}".strip()
     where = name(action.room_id)
-    text = (f"⚠ Parked: {what} in {where} was refused {plural(entry.failures + 1, 'time')} "
-            f"({one_line(error, 160)}). It is not tried again until the room's state changes; fix the cause "
-            f"(the bot's power, the room's rules), then !spacesync retry {entry.batch}.")
-    html = (f"<p>⚠ Parked: <b>{esc(action.kind.value)}</b> {code(action.user_id or action.state_key or '')} in "
-            f"{esc(where)} was refused {plural(entry.failures + 1, 'time')} ({esc(one_line(error, 160))}). "
-            f"It is not tried again until the room's state changes; fix the cause (the bot's power, the room's "
-            f"rules), then {code(f'!spacesync retry {entry.batch}')}.</p>")
+    text = (
+        f"⚠ Parked: {what} in {where} was refused {plural(entry.failures + 1, 'time')} "
+        f"({one_line(error, 160)}). It is not tried again until the room's state changes; fix the cause "
+        f"(the bot's power, the room's rules), then !spacesync retry {entry.batch}."
+    )
+    html = (
+        f"<p>⚠ Parked: <b>{esc(action.kind.value)}</b> {code(action.user_id or action.state_key or '')} in "
+        f"{esc(where)} was refused {plural(entry.failures + 1, 'time')} ({esc(one_line(error, 160))}). "
+        f"It is not tried again until the room's state changes; fix the cause (the bot's power, the room's "
+        f"rules), then {code(f'!spacesync retry {entry.batch}')}.</p>"
+    )
     return Reply(text, html)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping
 from html.parser import HTMLParser
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 
@@ -13,20 +14,20 @@ from ..model import UserID
 from ..refs import RefError, RoomRef, parse_room_ref, parse_user_ref, refs_in_html
 
 __all__ = [
-    "PREFIXES",
     "MAX_COMMAND_CHARS",
+    "PREFIXES",
     "ParseError",
     "ParsedCommand",
-    "is_edit",
-    "html_to_text",
+    "batch_arg",
     "command_text",
+    "count_arg",
     "has_prefix",
+    "html_to_text",
+    "is_edit",
     "parse_command",
+    "room_arg",
     "tokenize",
     "user_arg",
-    "room_arg",
-    "count_arg",
-    "batch_arg",
 ]
 
 PREFIXES = ("!spacesync", "!ss")
@@ -73,9 +74,7 @@ class _TextExtractor(HTMLParser):
             return
         if self._skip:
             return
-        if tag == "br":
-            self.parts.append("\n")
-        elif tag in _BLOCK_TAGS:
+        if tag == "br" or tag in _BLOCK_TAGS:
             self.parts.append("\n")
         elif tag == "a":
             ident = _pill_target(self.get_starttag_text() or "")
@@ -231,5 +230,6 @@ def batch_arg(text: str) -> str:
 
 def _show(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
 
 # endregion

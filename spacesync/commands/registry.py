@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -14,15 +15,15 @@ if TYPE_CHECKING:
     from ..engine.runtime import App
 
 __all__ = [
-    "CommandError",
-    "UsageError",
+    "PREFIX",
+    "REGISTRY",
     "Command",
+    "CommandError",
     "Context",
     "Registry",
-    "REGISTRY",
+    "UsageError",
     "command",
     "subcommand",
-    "PREFIX",
 ]
 
 PREFIX = "!spacesync"
@@ -73,8 +74,9 @@ class Registry:
     def __init__(self) -> None:
         self._commands: dict[str, Command] = {}
 
-    def command(self, name: str, *, usage: str | None = None, summary: str, help: str = "",
-                family: str = "") -> Callable[[Handler], Handler]:
+    def command(
+        self, name: str, *, usage: str | None = None, summary: str, help: str = "", family: str = ""
+    ) -> Callable[[Handler], Handler]:
         """Register the decorated coroutine `handler(ctx, args)` as command `name`."""
 
         def register(handler: Handler) -> Handler:
@@ -124,13 +126,17 @@ class Registry:
             families.setdefault(cmd.family or "other", []).append(cmd)
         lines = [
             line(f"{cmd.usage} — {cmd.summary}", f"{code(cmd.usage)} — {esc(cmd.summary)}")
-            for family in families.values() for cmd in family
+            for family in families.values()
+            for cmd in family
         ]
         return listing(
-            line(f"spacesync commands (prefix {PREFIX} or !ss; '{PREFIX} help <command>' for details):",
-                 f"spacesync commands (prefix {code(PREFIX)} or {code('!ss')}; "
-                 f"{code(PREFIX + ' help <command>')} for details):"),
-            lines, limit=None,
+            line(
+                f"spacesync commands (prefix {PREFIX} or !ss; '{PREFIX} help <command>' for details):",
+                f"spacesync commands (prefix {code(PREFIX)} or {code('!ss')}; "
+                f"{code(PREFIX + ' help <command>')} for details):",
+            ),
+            lines,
+            limit=None,
         )
 
 
@@ -165,10 +171,14 @@ REGISTRY = Registry()
 command = REGISTRY.command
 
 
-@command("help", usage="help [command]", family="general",
-         summary="list the commands, or show one command's usage and help",
-         help="Without an argument, lists every command with its usage line. "
-              "With a command name, shows that command's usage and what it does.")
+@command(
+    "help",
+    usage="help [command]",
+    family="general",
+    summary="list the commands, or show one command's usage and help",
+    help="Without an argument, lists every command with its usage line. "
+    "With a command name, shows that command's usage and what it does.",
+)
 async def _help(ctx: Context, args: list[str]) -> Reply:
     expect(args, 0, 1)
     return REGISTRY.help(args[0] if args else None)

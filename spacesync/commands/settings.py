@@ -64,14 +64,18 @@ def _user(text: str) -> UserID:
 # region spaces
 
 
-@command("spaces", usage="spaces add|remove|list [space]", family=FAMILY,
-         summary="manage which Spaces the bot governs",
-         help="spaces list — the managed Spaces: those in the config file (marked config) and those added here.\n"
-              "spaces add <space> — govern a Space (id, alias, link or pill). The bot must be in it (invite it: it "
-              "accepts invites from admins) and you need the power to kick, ban and change power levels in the "
-              "Space yourself. Rooms below it are managed only once they opt in.\n"
-              "spaces remove <space> — stop governing a Space added here (config Spaces are removed in the "
-              "config file). Nothing the bot did is reverted.")
+@command(
+    "spaces",
+    usage="spaces add|remove|list [space]",
+    family=FAMILY,
+    summary="manage which Spaces the bot governs",
+    help="spaces list — the managed Spaces: those in the config file (marked config) and those added here.\n"
+    "spaces add <space> — govern a Space (id, alias, link or pill). The bot must be in it (invite it: it "
+    "accepts invites from admins) and you need the power to kick, ban and change power levels in the "
+    "Space yourself. Rooms below it are managed only once they opt in.\n"
+    "spaces remove <space> — stop governing a Space added here (config Spaces are removed in the "
+    "config file). Nothing the bot did is reverted.",
+)
 async def spaces(ctx: Context, args: list[str]) -> Reply:
     sub, rest = subcommand(args, ("add", "remove", "list"))
     app = ctx.app
@@ -79,15 +83,16 @@ async def spaces(ctx: Context, args: list[str]) -> Reply:
     if sub == "list":
         expect(rest, 0)
         lines = []
-        for room_id, ref in configured.items():
+        for room_id in configured:
             room_t, room_h = label(app, room_id)
             lines.append(line(f"{room_t} — config", f"{room_h} — config"))
         for room_id in await app.store.managed_spaces():
             if room_id not in configured:
                 room_t, room_h = label(app, room_id)
                 lines.append(line(f"{room_t} — added in the admin room", f"{room_h} — added in the admin room"))
-        return listing(plural(len(lines), "managed Space"), lines,
-                       empty="None. Add one with '!spacesync spaces add <space>'.")
+        return listing(
+            plural(len(lines), "managed Space"), lines, empty="None. Add one with '!spacesync spaces add <space>'."
+        )
     expect(rest, 1)
     room_id = await resolve(app, rest[0])
     room_t, room_h = label(app, room_id)
@@ -100,28 +105,37 @@ async def spaces(ctx: Context, args: list[str]) -> Reply:
         app.request_reconcile(full=True)
         return Reply.rich(
             f"Now managing Space {room_t}. Rooms below it are managed once they opt in (restricted to the Space, "
-            "m.space.parent, or `!spacesync rooms add`). See `!spacesync tree` in a moment.")
+            "m.space.parent, or `!spacesync rooms add`). See `!spacesync tree` in a moment."
+        )
     if room_id in configured:
         raise CommandError(f"{room_t} is configured in the config file (spaces): remove it there and restart")
     if not await app.store.remove_space(room_id):
         raise CommandError(f"{room_t} is not a managed Space (see '!spacesync spaces list')")
     app.request_reconcile(full=True)
-    return Reply(f"No longer managing Space {room_t}. Nothing the bot did there is reverted.",
-                 f"No longer managing Space {room_h}. Nothing the bot did there is reverted.")
+    return Reply(
+        f"No longer managing Space {room_t}. Nothing the bot did there is reverted.",
+        f"No longer managing Space {room_h}. Nothing the bot did there is reverted.",
+    )
+
+
 # endregion
 
 
 # region rooms
 
 
-@command("rooms", usage="rooms add|remove|list [room] [space]", family=FAMILY,
-         summary="opt a room in (or out) explicitly",
-         help="rooms list — the rooms opted in explicitly, here and in the config's extra_rooms.\n"
-              "rooms add <room> [space] — manage a room listed under a managed Space even though it does not "
-              "opt in by its join rule or m.space.parent. Name the Space when several are managed. The bot must "
-              "be in the room, and you need the power to kick, ban and change power levels there yourself.\n"
-              "rooms remove <room> — undo 'rooms add'. A room that opts in by its join rule or m.space.parent "
-              "stays managed.")
+@command(
+    "rooms",
+    usage="rooms add|remove|list [room] [space]",
+    family=FAMILY,
+    summary="opt a room in (or out) explicitly",
+    help="rooms list — the rooms opted in explicitly, here and in the config's extra_rooms.\n"
+    "rooms add <room> [space] — manage a room listed under a managed Space even though it does not "
+    "opt in by its join rule or m.space.parent. Name the Space when several are managed. The bot must "
+    "be in the room, and you need the power to kick, ban and change power levels there yourself.\n"
+    "rooms remove <room> — undo 'rooms add'. A room that opts in by its join rule or m.space.parent "
+    "stays managed.",
+)
 async def rooms(ctx: Context, args: list[str]) -> Reply:
     sub, rest = subcommand(args, ("add", "remove", "list"))
     app = ctx.app
@@ -133,18 +147,25 @@ async def rooms(ctx: Context, args: list[str]) -> Reply:
             lines.extend(line(f"{label(app, r)[0]} — under {space_t}, added here") for r in sorted(extra))
         for space in app.config.spaces:
             lines.extend(line(f"{ref} — under {space.room}, in the config") for ref in space.extra_rooms)
-        return listing(plural(len(lines), "room opted in explicitly", "rooms opted in explicitly"), lines,
-                       empty="None. Rooms opt in by their join rule or m.space.parent; 'rooms add' adds one.")
+        return listing(
+            plural(len(lines), "room opted in explicitly", "rooms opted in explicitly"),
+            lines,
+            empty="None. Rooms opt in by their join rule or m.space.parent; 'rooms add' adds one.",
+        )
     if sub == "remove":
         expect(rest, 1)
         room_id = await resolve(app, rest[0])
         room_t, _ = label(app, room_id)
         if not await app.store.remove_extra_room(room_id):
-            raise CommandError(f"{room_t} was not added with 'rooms add' (rooms in the config's extra_rooms are "
-                               "removed there; rooms that opt in by join rule or m.space.parent stay managed)")
+            raise CommandError(
+                f"{room_t} was not added with 'rooms add' (rooms in the config's extra_rooms are "
+                "removed there; rooms that opt in by join rule or m.space.parent stay managed)"
+            )
         app.request_reconcile(full=True)
-        return Reply.plain(f"{room_t} is no longer explicitly opted in. It stays managed only if it opts in "
-                           "by its join rule or m.space.parent.")
+        return Reply.plain(
+            f"{room_t} is no longer explicitly opted in. It stays managed only if it opts in "
+            "by its join rule or m.space.parent."
+        )
     expect(rest, 1, 2)
     room_id = await resolve(app, rest[0])
     policy = await app.reconciler.policy()
@@ -168,28 +189,38 @@ async def rooms(ctx: Context, args: list[str]) -> Reply:
     app.request_reconcile(full=True)
     room_t, room_h = label(app, room_id)
     space_t, space_h = label(app, space)
-    return Reply(f"{room_t} is now managed under {space_t} (explicit opt-in).",
-                 f"{room_h} is now managed under {space_h} (explicit opt-in).")
+    return Reply(
+        f"{room_t} is now managed under {space_t} (explicit opt-in).",
+        f"{room_h} is now managed under {space_h} (explicit opt-in).",
+    )
+
+
 # endregion
 
 
 # region exemptions
 
 
-@command("exempt", usage="exempt add|remove|list [@user]", family=FAMILY,
-         summary="users the bot never evicts or bans",
-         help="exempt add <@user> — the bot never evicts or bans this user in any managed room.\n"
-              "exempt remove <@user> — lift that; the next reconcile may evict them where they are not "
-              "entitled.\n"
-              "exempt list — exemptions added here, in the config, and the admins (always protected).\n"
-              "An exemption protects; it grants no power.")
+@command(
+    "exempt",
+    usage="exempt add|remove|list [@user]",
+    family=FAMILY,
+    summary="users the bot never evicts or bans",
+    help="exempt add <@user> — the bot never evicts or bans this user in any managed room.\n"
+    "exempt remove <@user> — lift that; the next reconcile may evict them where they are not "
+    "entitled.\n"
+    "exempt list — exemptions added here, in the config, and the admins (always protected).\n"
+    "An exemption protects; it grants no power.",
+)
 async def exempt(ctx: Context, args: list[str]) -> Reply:
     sub, rest = subcommand(args, ("add", "remove", "list"))
     app = ctx.app
     if sub == "list":
         expect(rest, 0)
-        lines = [line(f"{u} — added in the admin room", f"{code(u)} — added in the admin room")
-                 for u in sorted(await app.store.exempt_users())]
+        lines = [
+            line(f"{u} — added in the admin room", f"{code(u)} — added in the admin room")
+            for u in sorted(await app.store.exempt_users())
+        ]
         for space in app.config.spaces:
             for u in sorted(space.exempt):
                 lines.append(line(f"{u} — config, in {space.room}", f"{code(u)} — config, in {code(space.room)}"))
@@ -203,25 +234,34 @@ async def exempt(ctx: Context, args: list[str]) -> Reply:
             return Reply.plain(f"{user} is already exempt.")
         dropped = await app.store.journal.cancel_evictions_of(user)
         note = f" {plural(dropped, 'queued or held eviction')} against them dropped." if dropped else ""
-        return Reply(f"{user} is exempt: the bot will not evict or ban them in any managed room.{note}",
-                     f"{code(user)} is exempt: the bot will not evict or ban them in any managed room.{note}")
+        return Reply(
+            f"{user} is exempt: the bot will not evict or ban them in any managed room.{note}",
+            f"{code(user)} is exempt: the bot will not evict or ban them in any managed room.{note}",
+        )
     if not await app.store.remove_exempt(user):
         in_config = [str(s.room) for s in app.config.spaces if user in s.exempt]
         where = f" (exempt in the config for {', '.join(in_config)}: change it there)" if in_config else ""
         raise CommandError(f"{user} was not exempted here{where}")
     app.request_reconcile(full=True)
-    return Reply(f"{user} is no longer exempt; the next reconcile may evict them where they are not entitled.",
-                 f"{code(user)} is no longer exempt; the next reconcile may evict them where they are not "
-                 "entitled.")
+    return Reply(
+        f"{user} is no longer exempt; the next reconcile may evict them where they are not entitled.",
+        f"{code(user)} is no longer exempt; the next reconcile may evict them where they are not entitled.",
+    )
+
+
 # endregion
 
 
 # region pause and resume
 
 
-@command("pause", family=FAMILY, summary="stop queuing new actions (survives a restart)",
-         help="The bot keeps planning (see 'plan') but queues nothing new until 'resume'. Actions already "
-              "queued still run; held batches stay held. Pausing survives a restart.")
+@command(
+    "pause",
+    family=FAMILY,
+    summary="stop queuing new actions (survives a restart)",
+    help="The bot keeps planning (see 'plan') but queues nothing new until 'resume'. Actions already "
+    "queued still run; held batches stay held. Pausing survives a restart.",
+)
 async def pause(ctx: Context, args: list[str]) -> Reply:
     expect(args, 0)
     app = ctx.app
@@ -236,8 +276,12 @@ async def pause(ctx: Context, args: list[str]) -> Reply:
     return Reply.rich(text)
 
 
-@command("resume", family=FAMILY, summary="queue actions again after 'pause'",
-         help="Ends a pause and starts a full reconcile at once.")
+@command(
+    "resume",
+    family=FAMILY,
+    summary="queue actions again after 'pause'",
+    help="Ends a pause and starts a full reconcile at once.",
+)
 async def resume(ctx: Context, args: list[str]) -> Reply:
     expect(args, 0)
     app = ctx.app
@@ -246,7 +290,9 @@ async def resume(ctx: Context, args: list[str]) -> Reply:
     await app.store.put(PAUSED_KEY, "0")
     app.request_reconcile(full=True)
     return Reply.plain("Resumed: reconciling now." if was else "Not paused; reconciling now.")
+
+
 # endregion
 
 
-__all__ = ["restore_paused", "PAUSED_KEY"]
+__all__ = ["PAUSED_KEY", "restore_paused"]

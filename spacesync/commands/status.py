@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..core.entitlement import entitlers, protection
 from ..core.planner import plan as make_plan
@@ -44,20 +45,26 @@ def _level(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def action_line(app: App, action: Action, view_: View | None = None, queued: bool = False,
-                parked: bool = False) -> Line:
+def action_line(
+    app: App, action: Action, view_: View | None = None, queued: bool = False, parked: bool = False
+) -> Line:
     room_t, room_h = label(app, action.room_id, view_.snapshot if view_ else None)
     tail = " (already queued)" if queued else " (parked: refused repeatedly)" if parked else ""
     if action.kind is ActionKind.SET_POWER_LEVELS:
         changes = ", ".join(f"{u} {_level(b)}→{_level(a)}" for u, (b, a) in sorted(action.changes.items()))
-        return line(f"power levels in {room_t}: {changes}{tail}",
-                    f"power levels in {room_h}: {esc(changes)}{esc(tail)}")
+        return line(
+            f"power levels in {room_t}: {changes}{tail}", f"power levels in {room_h}: {esc(changes)}{esc(tail)}"
+        )
     if action.kind in (ActionKind.SET_JOIN_RULES, ActionKind.SET_SPACE_CHILD):
         what = "join rule" if action.kind is ActionKind.SET_JOIN_RULES else "m.space.child"
-        return line(f"{what} in {room_t}: {action.reason}{tail}", f"{what} in {room_h}: {esc(action.reason)}{esc(tail)}")
+        return line(
+            f"{what} in {room_t}: {action.reason}{tail}", f"{what} in {room_h}: {esc(action.reason)}{esc(tail)}"
+        )
     target = action.user_id or action.state_key or ""
-    return line(f"{action.kind.value} {target} in {room_t}: {action.reason}{tail}",
-                f"<b>{esc(action.kind.value)}</b> {code(target)} in {room_h}: {esc(action.reason)}{esc(tail)}")
+    return line(
+        f"{action.kind.value} {target} in {room_t}: {action.reason}{tail}",
+        f"<b>{esc(action.kind.value)}</b> {code(target)} in {room_h}: {esc(action.reason)}{esc(tail)}",
+    )
 
 
 def finding_line(app: App, finding: Finding, view_: View | None = None) -> Line:
@@ -88,11 +95,15 @@ async def _held_batches(app: App) -> list[str]:
 # region status
 
 
-@command("status", family=FAMILY, summary="what the bot manages and what it is doing",
-         help="Shows the managed Spaces; how many rooms are managed, listed but not opted in, or unreachable "
-              "(as of the last reconcile); pending, held and parked actions with their batch ids; when the last "
-              "reconcile ran and how long it took; the time spent waiting on homeserver rate limits; and "
-              "whether the bot is paused or in dry-run mode.")
+@command(
+    "status",
+    family=FAMILY,
+    summary="what the bot manages and what it is doing",
+    help="Shows the managed Spaces; how many rooms are managed, listed but not opted in, or unreachable "
+    "(as of the last reconcile); pending, held and parked actions with their batch ids; when the last "
+    "reconcile ran and how long it took; the time spent waiting on homeserver rate limits; and "
+    "whether the bot is paused or in dry-run mode.",
+)
 async def status(ctx: Context, args: list[str]) -> Reply:
     expect(args, 0)
     app = ctx.app
@@ -103,8 +114,12 @@ async def status(ctx: Context, args: list[str]) -> Reply:
     held = await _held_batches(app)
     lines = []
     if rec.paused:
-        lines.append(line("State: PAUSED — nothing new is queued ('!spacesync resume' to continue)",
-                          f"State: <b>PAUSED</b> — nothing new is queued ({code('!spacesync resume')} to continue)"))
+        lines.append(
+            line(
+                "State: PAUSED — nothing new is queued ('!spacesync resume' to continue)",
+                f"State: <b>PAUSED</b> — nothing new is queued ({code('!spacesync resume')} to continue)",
+            )
+        )
     elif app.config.dry_run:
         lines.append(line("State: dry run — actions are logged, never taken"))
     else:
@@ -112,39 +127,61 @@ async def status(ctx: Context, args: list[str]) -> Reply:
     names = [label(app, s.room_id) for s in policy.spaces]
     spaces_t = ", ".join(t for t, _ in names[:5]) + (f", … {len(names) - 5} more" if len(names) > 5 else "")
     spaces_h = ", ".join(h for _, h in names[:5]) + (f", … {len(names) - 5} more" if len(names) > 5 else "")
-    lines.append(line(f"Spaces: {len(names)} managed" + (f" ({spaces_t})" if names else ""),
-                      f"Spaces: {len(names)} managed" + (f" ({spaces_h})" if names else "")))
+    lines.append(
+        line(
+            f"Spaces: {len(names)} managed" + (f" ({spaces_t})" if names else ""),
+            f"Spaces: {len(names)} managed" + (f" ({spaces_h})" if names else ""),
+        )
+    )
     if plan is None:
         lines.append(line("Rooms: no reconcile has run yet"))
     else:
         not_opted = sum(1 for f in plan.findings if f.code == "not_opted_in")
         unreachable = sum(1 for f in plan.findings if f.code == "unreachable")
-        lines.append(line(f"Rooms: {len(plan.managed)} managed, {not_opted} not opted in, {unreachable} unreachable; "
-                          f"{plural(len(plan.findings), 'warning')}"))
-    lines.append(line(f"Actions: {depth.get('pending', 0)} pending, {depth.get('running', 0)} running, "
-                      f"{depth.get('held', 0)} held, {depth.get('parked', 0)} parked"))
+        lines.append(
+            line(
+                f"Rooms: {len(plan.managed)} managed, {not_opted} not opted in, {unreachable} unreachable; "
+                f"{plural(len(plan.findings), 'warning')}"
+            )
+        )
+    lines.append(
+        line(
+            f"Actions: {depth.get('pending', 0)} pending, {depth.get('running', 0)} running, "
+            f"{depth.get('held', 0)} held, {depth.get('parked', 0)} parked"
+        )
+    )
     if depth.get("parked"):
         parked = await app.store.journal.parked(limit=200)
         by_batch = sorted({e.batch for e in parked})
         shown = ", ".join(by_batch[:5]) + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
-        lines.append(line(f"Parked (refused repeatedly) in batches: {shown} — '!spacesync batch <batch>' shows why, "
-                          "'!spacesync retry <batch>|all' runs them again",
-                          f"Parked (refused repeatedly) in batches: {', '.join(code(b) for b in by_batch[:5])}"
-                          + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
-                          + f" — {code('!spacesync batch <batch>')} shows why, "
-                          f"{code('!spacesync retry <batch>|all')} runs them again"))
+        lines.append(
+            line(
+                f"Parked (refused repeatedly) in batches: {shown} — '!spacesync batch <batch>' shows why, "
+                "'!spacesync retry <batch>|all' runs them again",
+                f"Parked (refused repeatedly) in batches: {', '.join(code(b) for b in by_batch[:5])}"
+                + (f", … {len(by_batch) - 5} more" if len(by_batch) > 5 else "")
+                + f" — {code('!spacesync batch <batch>')} shows why, "
+                f"{code('!spacesync retry <batch>|all')} runs them again",
+            )
+        )
     if held:
         shown = ", ".join(held[:5]) + (f", … {len(held) - 5} more" if len(held) > 5 else "")
-        lines.append(line(f"Held batches: {shown} — '!spacesync confirm <batch>' or '!spacesync cancel <batch>'",
-                          f"Held batches: {', '.join(code(b) for b in held[:5])}"
-                          + (f", … {len(held) - 5} more" if len(held) > 5 else "")
-                          + f" — {code('!spacesync confirm <batch>')} or {code('!spacesync cancel <batch>')}"))
+        lines.append(
+            line(
+                f"Held batches: {shown} — '!spacesync confirm <batch>' or '!spacesync cancel <batch>'",
+                f"Held batches: {', '.join(code(b) for b in held[:5])}"
+                + (f", … {len(held) - 5} more" if len(held) > 5 else "")
+                + f" — {code('!spacesync confirm <batch>')} or {code('!spacesync cancel <batch>')}",
+            )
+        )
     if rec.last_reconcile_at is None:
         lines.append(line("Last reconcile: never"))
     else:
         lines.append(line(f"Last reconcile: {ago(rec.last_reconcile_at)}, took {rec.last_reconcile_s or 0:.2f} s"))
     lines.append(line(f"Waiting on rate limits: {app.executor.ratelimit_wait_s:.1f} s in total since start"))
     return listing("spacesync status", lines, limit=None)
+
+
 # endregion
 
 
@@ -161,11 +198,16 @@ def _tree_status(v: View, room_id: RoomID) -> str:
     return f"{kind}{state}, {len(room.joined())} joined"
 
 
-@command("tree", usage="tree [space]", family=FAMILY, summary="the managed Spaces as a nested list",
-         help="Shows every room below the managed Spaces (or below one Space), nested as the Spaces list "
-              "them, each marked managed, not opted in or unreachable, with its joined member count. "
-              "Read from the bot's state cache: it sends no requests for rooms it already knows. "
-              "A room listed by several Spaces is expanded once.")
+@command(
+    "tree",
+    usage="tree [space]",
+    family=FAMILY,
+    summary="the managed Spaces as a nested list",
+    help="Shows every room below the managed Spaces (or below one Space), nested as the Spaces list "
+    "them, each marked managed, not opted in or unreachable, with its joined member count. "
+    "Read from the bot's state cache: it sends no requests for rooms it already knows. "
+    "A room listed by several Spaces is expanded once.",
+)
 async def tree(ctx: Context, args: list[str]) -> Reply:
     _check_space_syntax(args)
     app = ctx.app
@@ -196,18 +238,27 @@ async def tree(ctx: Context, args: list[str]) -> Reply:
     for root in roots:
         walk(root, 0)
     managed = sum(1 for r in expanded if r in v.graph.managed)
-    title = f"{plural(len(expanded), 'room')}, {managed} managed" + (f" below {label(app, space, v.snapshot)[0]}" if space else "")
+    title = f"{plural(len(expanded), 'room')}, {managed} managed" + (
+        f" below {label(app, space, v.snapshot)[0]}" if space else ""
+    )
     return listing(title, lines, hint="name a Space to see one branch: '!spacesync tree <space>'")
+
+
 # endregion
 
 
 # region plan and sync
 
 
-@command("plan", usage="plan [space]", family=FAMILY, summary="what the bot would do now, without doing it",
-         help="Re-reads the state of every room below the managed Spaces and shows the actions the bot "
-              "would take and the warnings it has, optionally only at and below one Space. Actions already "
-              "in the journal are marked. Nothing is changed.")
+@command(
+    "plan",
+    usage="plan [space]",
+    family=FAMILY,
+    summary="what the bot would do now, without doing it",
+    help="Re-reads the state of every room below the managed Spaces and shows the actions the bot "
+    "would take and the warnings it has, optionally only at and below one Space. Actions already "
+    "in the journal are marked. Nothing is changed.",
+)
 async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
     _check_space_syntax(args)
     app = ctx.app
@@ -219,13 +270,19 @@ async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
     parked = await app.store.journal.parked_fingerprints()
     held = await app.store.journal.by_status(Status.HELD)
     for_t, for_h = _for(app, space, v)
-    head = (f"{plural(len(p.managed), 'managed room')}, {plural(len(p.actions), 'action')}, "
-            f"{plural(len(p.findings), 'warning')}")
+    head = (
+        f"{plural(len(p.managed), 'managed room')}, {plural(len(p.actions), 'action')}, "
+        f"{plural(len(p.findings), 'warning')}"
+    )
     parts: list[Reply | str] = [Reply(f"Plan{for_t}: {head}", f"<p>Plan{for_h}: {esc(head)}</p>")]
     if p.actions:
-        parts.append(listing("Actions:", [action_line(app, a, v, a.key in open_keys, a.key in parked)
-                                          for a in p.actions],
-                             hint="narrow with '!spacesync plan <space>'"))
+        parts.append(
+            listing(
+                "Actions:",
+                [action_line(app, a, v, a.key in open_keys, a.key in parked) for a in p.actions],
+                hint="narrow with '!spacesync plan <space>'",
+            )
+        )
     if p.findings:
         parts.append(listing("Warnings:", [finding_line(app, f, v) for f in p.findings]))
     notes = []
@@ -240,11 +297,16 @@ async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
     return compose(parts)
 
 
-@command("sync", usage="sync [space]", family=FAMILY, summary="reconcile now and report what was queued",
-         help="Runs a full reconcile at once (re-reading every room's state) instead of waiting for the "
-              "timer, then reports how many actions were planned and queued, and any batch held for "
-              "confirmation. With a Space, the counts are those at and below it (the reconcile itself always "
-              "covers everything).")
+@command(
+    "sync",
+    usage="sync [space]",
+    family=FAMILY,
+    summary="reconcile now and report what was queued",
+    help="Runs a full reconcile at once (re-reading every room's state) instead of waiting for the "
+    "timer, then reports how many actions were planned and queued, and any batch held for "
+    "confirmation. With a Space, the counts are those at and below it (the reconcile itself always "
+    "covers everything).",
+)
 async def sync(ctx: Context, args: list[str]) -> Reply:
     _check_space_syntax(args)
     app = ctx.app
@@ -254,22 +316,34 @@ async def sync(ctx: Context, args: list[str]) -> Reply:
     p = filter_plan(plan, scope(v.graph, space), space)
     for_t, _ = _for(app, space, v)
     took = app.reconciler.last_reconcile_s or 0.0
-    lines = [line(f"Reconciled in {took:.2f} s{for_t}: {plural(len(p.managed), 'managed room')}, "
-                  f"{plural(len(p.actions), 'action')} planned, {plural(len(p.findings), 'warning')}.")]
+    lines = [
+        line(
+            f"Reconciled in {took:.2f} s{for_t}: {plural(len(p.managed), 'managed room')}, "
+            f"{plural(len(p.actions), 'action')} planned, {plural(len(p.findings), 'warning')}."
+        )
+    ]
     for batch in batches:
         info = await app.store.journal.batch(batch)
         if info is None:
             continue
         if info.status == "held":
             n = info.counts.get("held", 0)
-            lines.append(line(f"Held batch {batch}: {plural(n, 'eviction')} wait for '!spacesync confirm {batch}' "
-                              f"or '!spacesync cancel {batch}'.",
-                              f"Held batch {code(batch)}: {plural(n, 'eviction')} wait for "
-                              f"{code(f'!spacesync confirm {batch}')} or {code(f'!spacesync cancel {batch}')}."))
+            lines.append(
+                line(
+                    f"Held batch {batch}: {plural(n, 'eviction')} wait for '!spacesync confirm {batch}' "
+                    f"or '!spacesync cancel {batch}'.",
+                    f"Held batch {code(batch)}: {plural(n, 'eviction')} wait for "
+                    f"{code(f'!spacesync confirm {batch}')} or {code(f'!spacesync cancel {batch}')}.",
+                )
+            )
         else:
             n = sum(info.counts.values())
-            lines.append(line(f"Queued batch {batch}: {plural(n, 'action')}.",
-                              f"Queued batch {code(batch)}: {plural(n, 'action')}."))
+            lines.append(
+                line(
+                    f"Queued batch {batch}: {plural(n, 'action')}.",
+                    f"Queued batch {code(batch)}: {plural(n, 'action')}.",
+                )
+            )
     if not batches:
         if app.reconciler.paused:
             lines.append(line("Paused: nothing was queued."))
@@ -280,15 +354,22 @@ async def sync(ctx: Context, args: list[str]) -> Reply:
         else:
             lines.append(line("Nothing to do."))
     return Reply("\n".join(item.text for item in lines), "<br>".join(item.html for item in lines))
+
+
 # endregion
 
 
 # region audit and whois
 
 
-@command("audit", usage="audit [N | @user]", family=FAMILY, summary="the latest actions the bot took",
-         help="Lists the last N actions from the audit log (default 20, at most 200), newest first, with "
-              "their outcome, reason and batch. With a user, lists the actions that targeted them.")
+@command(
+    "audit",
+    usage="audit [N | @user]",
+    family=FAMILY,
+    summary="the latest actions the bot took",
+    help="Lists the last N actions from the audit log (default 20, at most 200), newest first, with "
+    "their outcome, reason and batch. With a user, lists the actions that targeted them.",
+)
 async def audit(ctx: Context, args: list[str]) -> Reply:
     expect(args, 0, 1)
     limit, target = 20, None
@@ -310,11 +391,13 @@ async def audit(ctx: Context, args: list[str]) -> Reply:
         room_t, room_h = label(app, RoomID(r.room_id))
         batch = f" [batch {r.batch}]" if r.batch else ""
         reason = f" — {r.reason}" if r.reason else ""
-        lines.append(line(
-            f"{timestamp(r.ts)} {r.kind} {r.target} in {room_t}: {r.outcome}{reason}{batch}",
-            f"{esc(timestamp(r.ts))} <b>{esc(r.kind)}</b> {code(r.target)} in {room_h}: "
-            f"{esc(r.outcome)}{esc(reason)}{esc(batch)}",
-        ))
+        lines.append(
+            line(
+                f"{timestamp(r.ts)} {r.kind} {r.target} in {room_t}: {r.outcome}{reason}{batch}",
+                f"{esc(timestamp(r.ts))} <b>{esc(r.kind)}</b> {code(r.target)} in {room_h}: "
+                f"{esc(r.outcome)}{esc(reason)}{esc(batch)}",
+            )
+        )
     title = f"Audit log{' for ' + target if target else ''}: {plural(len(records), 'entry', 'entries')}, newest first"
     return listing(title, lines, limit=max(MAX_LINES, min(limit, 50)), empty="Nothing recorded yet.")
 
@@ -341,12 +424,16 @@ def put_out_by(membership: Membership, sender: str | None, bot: str, placed: boo
     return text, esc(text)
 
 
-@command("whois", usage="whois <@user>", family=FAMILY,
-         summary="the managed rooms a user is in and what entitles them",
-         help="For each managed room where the user has a membership, shows it and the rooms that entitle "
-              "them to stay (its allow list and managed parent Spaces they are joined to), or why not, and "
-              "whether the bot must leave them alone (admin, exempt, creator, at or above the bot's level), and why "
-              "a user who is not entitled is still there (the bot lacks the power, or the eviction failed).")
+@command(
+    "whois",
+    usage="whois <@user>",
+    family=FAMILY,
+    summary="the managed rooms a user is in and what entitles them",
+    help="For each managed room where the user has a membership, shows it and the rooms that entitle "
+    "them to stay (its allow list and managed parent Spaces they are joined to), or why not, and "
+    "whether the bot must leave them alone (admin, exempt, creator, at or above the bot's level), and why "
+    "a user who is not entitled is still there (the bot lacks the power, or the eviction failed).",
+)
 async def whois(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
     try:
@@ -404,28 +491,36 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
             else:  # not in the room: entitlement is moot; say who put them out
                 placed = any(b.room_id == room_id and b.user_id == user for b in snapshot.placed_bans)
                 why_t, why_h = put_out_by(membership, room.members[user].sender, policy.bot, placed)
-        lines.append(line(f"{room_t}: {membership.value} — {why_t}",
-                          f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}"))
+        lines.append(
+            line(f"{room_t}: {membership.value} — {why_t}", f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}")
+        )
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
     if exempt_spaces:
         general.append("exempt in the config for " + _labels(app, exempt_spaces, v)[0])
-    joined_count = sum(1 for r in graph.managed
-                       if (room := snapshot.rooms.get(r)) is not None and room.membership(user) is Membership.JOIN)
-    head = (f"{user}: joined to {plural(joined_count, 'managed room')}, "
-            f"with a membership in {plural(len(lines), 'managed room')}" if lines else
-            f"{user}: not in any managed room")
+    joined_count = sum(
+        1
+        for r in graph.managed
+        if (room := snapshot.rooms.get(r)) is not None and room.membership(user) is Membership.JOIN
+    )
+    head = (
+        f"{user}: joined to {plural(joined_count, 'managed room')}, "
+        f"with a membership in {plural(len(lines), 'managed room')}"
+        if lines
+        else f"{user}: not in any managed room"
+    )
     if general:
         notes = "; ".join(general)
         head += ". " + notes[:1].upper() + notes[1:]
     return listing(head, lines)
+
+
 # endregion
 
 
 # region joinrules and powerlevels
 
 
-async def _family_report(ctx: Context, args: list[str], family: str, kinds: frozenset[ActionKind],
-                         what: str) -> Reply:
+async def _family_report(ctx: Context, args: list[str], family: str, kinds: frozenset[ActionKind], what: str) -> Reply:
     _check_space_syntax(args)
     app = ctx.app
     plan: Plan = await app.reconciler.plan()
@@ -433,8 +528,9 @@ async def _family_report(ctx: Context, args: list[str], family: str, kinds: froz
     space = await space_filter(app, args, v.graph, v.snapshot)
     p = filter_plan(plan, scope(v.graph, space), space)
     findings = [f for f in p.findings if finding_family(f) == family]
-    actions = [a for a in p.actions if a.kind in kinds
-               and (a.kind is not ActionKind.INVITE or a.cause == "invite_members")]
+    actions = [
+        a for a in p.actions if a.kind in kinds and (a.kind is not ActionKind.INVITE or a.cause == "invite_members")
+    ]
     open_keys = await app.store.journal.open_keys()
     for_t, for_h = _for(app, space, v)
     counts = f"{plural(len(findings), 'finding')}, {plural(len(actions), 'pending action')}"
@@ -442,32 +538,43 @@ async def _family_report(ctx: Context, args: list[str], family: str, kinds: froz
     if findings:
         parts.append(listing("Findings:", [finding_line(app, f, v) for f in findings]))
     if actions:
-        parts.append(listing("Actions the bot would take:",
-                             [action_line(app, a, v, a.key in open_keys) for a in actions]))
+        parts.append(
+            listing("Actions the bot would take:", [action_line(app, a, v, a.key in open_keys) for a in actions])
+        )
     if not findings and not actions:
         parts.append(Reply.plain("Nothing to report."))
     return compose(parts)
 
 
-@command("joinrules", usage="joinrules [space]", family=FAMILY,
-         summary="join-rule findings and pending join-rule actions",
-         help="From a fresh plan: managed rooms whose join rule is not restricted to their Space, allow lists "
-              "missing their Space, room versions that cannot be restricted, upgraded rooms to re-point, "
-              "invite-only rooms kept as they are (restrict_invite_rooms not set), and the join-rule, m.space.child "
-              "and invite actions the bot would take (join_rules: enforce).")
+@command(
+    "joinrules",
+    usage="joinrules [space]",
+    family=FAMILY,
+    summary="join-rule findings and pending join-rule actions",
+    help="From a fresh plan: managed rooms whose join rule is not restricted to their Space, allow lists "
+    "missing their Space, room versions that cannot be restricted, upgraded rooms to re-point, "
+    "invite-only rooms kept as they are (restrict_invite_rooms not set), and the join-rule, m.space.child "
+    "and invite actions the bot would take (join_rules: enforce).",
+)
 async def joinrules(ctx: Context, args: list[str]) -> Reply:
     return await _family_report(ctx, args, "joinrules", JOIN_RULE_KINDS, "Join rules")
 
 
-@command("powerlevels", usage="powerlevels [space]", family=FAMILY,
-         summary="power-level findings and pending power-level changes",
-         help="From a fresh plan: power levels changed by hand (left alone), users muted or demoted in the room "
-              "itself (not raised), users at or above the bot's "
-              "level, rooms where the bot lacks the power to write levels, and the level changes it would make "
-              "(user: before → after).")
+@command(
+    "powerlevels",
+    usage="powerlevels [space]",
+    family=FAMILY,
+    summary="power-level findings and pending power-level changes",
+    help="From a fresh plan: power levels changed by hand (left alone), users muted or demoted in the room "
+    "itself (not raised), users at or above the bot's "
+    "level, rooms where the bot lacks the power to write levels, and the level changes it would make "
+    "(user: before → after).",
+)
 async def powerlevels(ctx: Context, args: list[str]) -> Reply:
     return await _family_report(ctx, args, "powerlevels", frozenset({ActionKind.SET_POWER_LEVELS}), "Power levels")
+
+
 # endregion
 
 
-__all__ = ["finding_family", "action_line", "finding_line", "put_out_by"]
+__all__ = ["action_line", "finding_family", "finding_line", "put_out_by"]

@@ -93,8 +93,11 @@ async def room_state(app: App, room_id: RoomID) -> RoomState:
         cached = app.cache.get(room_id)
         if cached is None:
             events = await app.matrix.room_state(room_id)
-            state = {(e["type"], e["state_key"]): e for e in events
-                     if isinstance(e.get("type"), str) and isinstance(e.get("state_key"), str)}
+            state = {
+                (e["type"], e["state_key"]): e
+                for e in events
+                if isinstance(e.get("type"), str) and isinstance(e.get("state_key"), str)
+            }
             return parse_room_state(room_id, state)
         levels = await app.matrix.state_event(room_id, "m.room.power_levels")
     except MatrixRequestError as e:

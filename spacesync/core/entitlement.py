@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..model import Membership, Policy, RoomID, RoomState, Snapshot, UserID
 from .graph import SpaceGraph, exempt_in
@@ -117,8 +117,7 @@ class Memberships:
         ones who can be evicted (`departed_from` tells which of them really departed)."""
         out: set[UserID] = set()
         for room_id in room_ids:
-            out.update(u for u in self._users(room_id)
-                       if self.get(room_id, u) in (Membership.LEAVE, Membership.BAN))
+            out.update(u for u in self._users(room_id) if self.get(room_id, u) in (Membership.LEAVE, Membership.BAN))
         return out
 
     def joined(self, room_id: RoomID) -> list[UserID]:
@@ -132,9 +131,7 @@ class Memberships:
         return sorted(u for u in self._users(room_id) if self.get(room_id, u) is Membership.BAN)
 
 
-def entitled_by(
-    user_id: UserID, rooms: Iterable[RoomID], memberships: Memberships
-) -> RoomID | None:
+def entitled_by(user_id: UserID, rooms: Iterable[RoomID], memberships: Memberships) -> RoomID | None:
     """The first room in `rooms` (in their order; pass them sorted) the user is joined to, or None."""
     for room_id in rooms:
         if memberships.get(room_id, user_id) is Membership.JOIN:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -119,9 +119,16 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
                 findings.append(Finding(room_id, "unreachable", f"cannot read the room ({reason})"))
                 continue
             if room_id in snapshot.unreachable:
-                findings.append(Finding(room_id, "unreachable", (
-                    f"cannot read the room ({snapshot.unreachable[room_id]}): its last known state keeps the "
-                    "Space tree whole, and nothing changes in it or because of it until it reads again")))
+                findings.append(
+                    Finding(
+                        room_id,
+                        "unreachable",
+                        (
+                            f"cannot read the room ({snapshot.unreachable[room_id]}): its last known state keeps the "
+                            "Space tree whole, and nothing changes in it or because of it until it reads again"
+                        ),
+                    )
+                )
             if not (room.is_space or room_id == root):
                 continue
             if d >= policy.max_depth:
@@ -154,13 +161,8 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
     authority = _authority(snapshot, policy, roots, managed, frozen_parents, dominated)
     for room_id in sorted(set(depth) - managed):
         if room_id in snapshot.rooms:
-            findings.append(
-                Finding(room_id, "not_opted_in", "listed as a child but not opted in: left untouched")
-            )
-    governing = {
-        room_id: frozenset(r for r in roots if r == room_id or r in authority[room_id])
-        for room_id in managed
-    }
+            findings.append(Finding(room_id, "not_opted_in", "listed as a child but not opted in: left untouched"))
+    governing = {room_id: frozenset(r for r in roots if r == room_id or r in authority[room_id]) for room_id in managed}
     return SpaceGraph(
         roots=roots,
         children=frozen_children,
@@ -302,8 +304,7 @@ def _authority(
     for room_id in managed:
         room = snapshot.rooms[room_id]
         above = {
-            a for a in _ancestors_of(parents, room_id)
-            if a in managed and _is_space(snapshot, a, roots)
+            a for a in _ancestors_of(parents, room_id) if a in managed and _is_space(snapshot, a, roots)
         } - dominated.get(room_id, frozenset())
         direct[room_id] = _opted_into(room, above, snapshot, extra_for.get(room_id, set()) & managed)
     authority: dict[RoomID, frozenset[RoomID]] = {}

@@ -47,7 +47,11 @@ def plan_join_rules(
 
 
 def _join_rule_repair(
-    room: RoomState, parents: list[RoomID], policy: Policy, findings: list[Finding], enforce: bool,
+    room: RoomState,
+    parents: list[RoomID],
+    policy: Policy,
+    findings: list[Finding],
+    enforce: bool,
     widen: bool = False,
 ) -> dict[str, Any] | None:
     """Audit one room's join rule; with `enforce`, the repair that makes it restricted to its parents.
@@ -58,7 +62,11 @@ def _join_rule_repair(
     rule = room.join_rule or "invite"
     feats = features(room.room_version)
     if feats is None:
-        findings.append(Finding(room.room_id, "unknown_version", f"unknown room version {room.room_version!r}: join rules not checked"))
+        findings.append(
+            Finding(
+                room.room_id, "unknown_version", f"unknown room version {room.room_version!r}: join rules not checked"
+            )
+        )
         return None
     if rule in RESTRICTED_RULES:
         missing = [p for p in parents if p not in room.allow]
@@ -72,17 +80,24 @@ def _join_rule_repair(
         new_rule = _RESTRICTED_FOR[rule]
         supported = feats.knock_restricted if new_rule == "knock_restricted" else feats.restricted
         if not supported:
-            findings.append(Finding(
-                room.room_id, "version",
-                f"join rule {rule} on room version {room.room_version or '1'}: upgrade to {RECOMMENDED_VERSION} or later to restrict it to its Space",
-            ))
+            findings.append(
+                Finding(
+                    room.room_id,
+                    "version",
+                    f"join rule {rule} on room version {room.room_version or '1'}: upgrade to "
+                    f"{RECOMMENDED_VERSION} or later to restrict it to its Space",
+                )
+            )
             return None
         if enforce and rule == "invite" and not widen:
-            findings.append(Finding(
-                room.room_id, "invite_kept",
-                "join rule is invite: left as it is, since restricting it would let every member of its Space "
-                "join; set restrict_invite_rooms: true for its Space to restrict it",
-            ))
+            findings.append(
+                Finding(
+                    room.room_id,
+                    "invite_kept",
+                    "join rule is invite: left as it is, since restricting it would let every member of its Space "
+                    "join; set restrict_invite_rooms: true for its Space to restrict it",
+                )
+            )
             return None
         findings.append(Finding(room.room_id, "not_restricted", f"join rule is {rule}, not restricted to its Space"))
         missing = parents
@@ -93,7 +108,9 @@ def _join_rule_repair(
         return None
     needed = room.power_levels.event_level("m.room.join_rules")
     if user_level(room, policy.bot) < needed:
-        findings.append(Finding(room.room_id, "no_power", f"the bot lacks the power to change join rules (needs {needed})"))
+        findings.append(
+            Finding(room.room_id, "no_power", f"the bot lacks the power to change join rules (needs {needed})")
+        )
         return None
     content = dict(room.join_rules_content)
     allow = list(content.get("allow") or []) if rule in RESTRICTED_RULES else []
@@ -113,18 +130,25 @@ def _join_rule_repair(
 
 
 def _follow_upgrade(
-    snapshot: Snapshot, policy: Policy, graph: SpaceGraph, room: RoomState, root_id: RoomID | None,
+    snapshot: Snapshot,
+    policy: Policy,
+    graph: SpaceGraph,
+    room: RoomState,
+    root_id: RoomID | None,
     findings: list[Finding],
 ) -> list[Action]:
     """Point the parent Spaces at the replacement of an upgraded room."""
     new_id = room.tombstone
     assert new_id is not None
     if not verified_upgrade(snapshot, room):
-        findings.append(Finding(
-            room.room_id, "upgrade_unverified",
-            f"tombstone names {new_id}, which the bot cannot read or which does not name this room as its "
-            "predecessor: not followed",
-        ))
+        findings.append(
+            Finding(
+                room.room_id,
+                "upgrade_unverified",
+                f"tombstone names {new_id}, which the bot cannot read or which does not name this room as its "
+                "predecessor: not followed",
+            )
+        )
         return []
     findings.append(Finding(room.room_id, "upgraded", f"upgraded to {new_id}: no longer managed here"))
     actions = []
@@ -134,25 +158,41 @@ def _follow_upgrade(
             continue
         needed = parent.power_levels.event_level("m.space.child")
         if user_level(parent, policy.bot) < needed:
-            findings.append(Finding(parent_id, "no_power", f"cannot re-point m.space.child to {new_id} (needs {needed})"))
+            findings.append(
+                Finding(parent_id, "no_power", f"cannot re-point m.space.child to {new_id} (needs {needed})")
+            )
             continue
         via = list(parent.children.get(room.room_id) or ())
         if not via:
             # v12 room ids carry no server name: fall back to the bot's own server.
             via = [(new_id if ":" in new_id else policy.bot).split(":", 1)[-1]]
         if new_id not in parent.children:
-            actions.append(Action(
-                kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=new_id, cause="upgrade",
-                space_id=root_id, reason=f"add {new_id}, the upgrade of {room.room_id}",
-                content={"via": via}, changes={"child": (None, new_id)},
-            ))
+            actions.append(
+                Action(
+                    kind=ActionKind.SET_SPACE_CHILD,
+                    room_id=parent_id,
+                    state_key=new_id,
+                    cause="upgrade",
+                    space_id=root_id,
+                    reason=f"add {new_id}, the upgrade of {room.room_id}",
+                    content={"via": via},
+                    changes={"child": (None, new_id)},
+                )
+            )
         if room.room_id in parent.children:
             # (a root's extra room has no m.space.child to remove: the configuration names it)
-            actions.append(Action(
-                kind=ActionKind.SET_SPACE_CHILD, room_id=parent_id, state_key=room.room_id, cause="upgrade",
-                space_id=root_id, reason=f"remove {room.room_id}, replaced by {new_id}",
-                content={}, changes={"child": (room.room_id, None)},
-            ))
+            actions.append(
+                Action(
+                    kind=ActionKind.SET_SPACE_CHILD,
+                    room_id=parent_id,
+                    state_key=room.room_id,
+                    cause="upgrade",
+                    space_id=root_id,
+                    reason=f"remove {room.room_id}, replaced by {new_id}",
+                    content={},
+                    changes={"child": (room.room_id, None)},
+                )
+            )
     return actions
 
 
@@ -167,8 +207,13 @@ def verified_upgrade(snapshot: Snapshot, room: RoomState) -> bool:
 
 
 def _invites(
-    room: RoomState, parents: list[RoomID], policy: Policy, graph: SpaceGraph,
-    memberships: Memberships, root_id: RoomID | None, findings: list[Finding],
+    room: RoomState,
+    parents: list[RoomID],
+    policy: Policy,
+    graph: SpaceGraph,
+    memberships: Memberships,
+    root_id: RoomID | None,
+    findings: list[Finding],
 ) -> list[Action]:
     """Invites for members of the parent Spaces who are not in an invite-only managed room."""
     if user_level(room, policy.bot) < room.power_levels.invite:
@@ -194,8 +239,14 @@ def _invites(
         if why:
             findings.append(Finding(room.room_id, "protected", f"{user_id} not invited: {why}"))
             continue
-        actions.append(Action(
-            kind=ActionKind.INVITE, room_id=room.room_id, user_id=user_id, cause="invite_members",
-            reason=f"member of Space {', '.join(parents)}", space_id=root_id,
-        ))
+        actions.append(
+            Action(
+                kind=ActionKind.INVITE,
+                room_id=room.room_id,
+                user_id=user_id,
+                cause="invite_members",
+                reason=f"member of Space {', '.join(parents)}",
+                space_id=root_id,
+            )
+        )
     return actions

@@ -59,8 +59,7 @@ def verified_upgrades(snapshot: Snapshot, graph: SpaceGraph) -> list[tuple[RoomI
     return [
         (room_id, room.tombstone)
         for room_id in sorted(graph.managed)
-        if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone
-        and verified_upgrade(snapshot, room)
+        if (room := snapshot.rooms.get(room_id)) is not None and room.tombstone and verified_upgrade(snapshot, room)
     ]
 
 
@@ -76,25 +75,36 @@ def upgrade_copy(new: RoomState, old: RoomState | None, user_id: UserID, bot: Us
         return False
     mine, theirs = old.members.get(user_id), new.members.get(user_id)
     return (
-        mine is not None and mine.membership is Membership.BAN and mine.sender == bot
-        and theirs is not None and theirs.membership is Membership.BAN and theirs.sender != bot
-        and theirs.sender is not None and theirs.sender == new.create_sender and theirs.reason == mine.reason
+        mine is not None
+        and mine.membership is Membership.BAN
+        and mine.sender == bot
+        and theirs is not None
+        and theirs.membership is Membership.BAN
+        and theirs.sender != bot
+        and theirs.sender is not None
+        and theirs.sender == new.create_sender
+        and theirs.reason == mine.reason
     )
 
 
 def unsure_rooms(snapshot: Snapshot, graph: SpaceGraph) -> frozenset[RoomID]:
     """Managed rooms not read this time, or answering to a Space not read this time."""
     return frozenset(
-        r for r in graph.managed
+        r
+        for r in graph.managed
         if not snapshot.known(r) or not all(snapshot.known(s) for s in graph.authority.get(r, ()))
     )
 
 
 def malformed_findings(snapshot: Snapshot) -> list[Finding]:
     return [
-        Finding(room_id, "malformed", f"{room.malformed} state event(s) with malformed content skipped; "
-                                      "the rest of the room is planned as usual")
-        for room_id, room in sorted(snapshot.rooms.items()) if room.malformed
+        Finding(
+            room_id,
+            "malformed",
+            f"{room.malformed} state event(s) with malformed content skipped; the rest of the room is planned as usual",
+        )
+        for room_id, room in sorted(snapshot.rooms.items())
+        if room.malformed
     ]
 
 
@@ -145,17 +155,27 @@ class MembershipPlanner:
             lifts -= dropped
         for room_id, user_id in sorted(lifts):
             placed = candidates[(room_id, user_id)]
-            self.actions.append(Action(
-                kind=ActionKind.UNBAN, room_id=room_id, user_id=user_id, cause="unban",
-                reason=("back in the Space" if all(p.cause == "on_leave" for p in placed) else "unbanned in the Space"),
-                space_id=self._root_for(room_id),
-            ))
+            self.actions.append(
+                Action(
+                    kind=ActionKind.UNBAN,
+                    room_id=room_id,
+                    user_id=user_id,
+                    cause="unban",
+                    reason=(
+                        "back in the Space" if all(p.cause == "on_leave" for p in placed) else "unbanned in the Space"
+                    ),
+                    space_id=self._root_for(room_id),
+                )
+            )
         for key, placed in sorted(blocked.items()):
             if self._lift_holds(key, placed):
-                self.findings.append(Finding(
-                    key[0], "no_power",
-                    f"cannot lift its own ban on {key[1]}: needs kick and ban power and a level above theirs",
-                ))
+                self.findings.append(
+                    Finding(
+                        key[0],
+                        "no_power",
+                        f"cannot lift its own ban on {key[1]}: needs kick and ban power and a level above theirs",
+                    )
+                )
 
     def _reset(self) -> None:
         self.memberships = Memberships(self.snapshot)
@@ -175,9 +195,7 @@ class MembershipPlanner:
         """Checks the target's protection and the bot's own power, reporting why not."""
         why = protection(room, user_id, self.policy, self.graph)
         if why:
-            self.findings.append(
-                Finding(room.room_id, "protected", f"{user_id} not {kind.value}ed: {why}")
-            )
+            self.findings.append(Finding(room.room_id, "protected", f"{user_id} not {kind.value}ed: {why}"))
             self.left_behind.append(LeftBehind(room.room_id, user_id, kind, why))
             return False
         pl = room.power_levels
@@ -193,8 +211,11 @@ class MembershipPlanner:
                 self.findings.append(
                     Finding(room.room_id, "no_power", f"the bot lacks the power to {kind.value} (needs {needed})")
                 )
-            self.left_behind.append(LeftBehind(
-                room.room_id, user_id, kind, f"the bot lacks the power to {kind.value} there (needs {needed})"))
+            self.left_behind.append(
+                LeftBehind(
+                    room.room_id, user_id, kind, f"the bot lacks the power to {kind.value} there (needs {needed})"
+                )
+            )
             return False
         return True
 
@@ -215,14 +236,22 @@ class MembershipPlanner:
             for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.user_id, b.cause)):
                 user_id = placed.user_id
                 state = old.members.get(user_id)
-                if (placed.room_id != old_id or state is None or state.membership is not Membership.BAN
-                        or state.sender != bot or self.memberships.is_planned(new_id, user_id)):
+                if (
+                    placed.room_id != old_id
+                    or state is None
+                    or state.membership is not Membership.BAN
+                    or state.sender != bot
+                    or self.memberships.is_planned(new_id, user_id)
+                ):
                     continue
                 if self._ban_lifted(old, placed):
                     continue
                 there = new.members.get(user_id)
-                if there is not None and there.membership is Membership.BAN and (
-                        there.sender == bot or not upgrade_copy(new, old, user_id, bot)):
+                if (
+                    there is not None
+                    and there.membership is Membership.BAN
+                    and (there.sender == bot or not upgrade_copy(new, old, user_id, bot))
+                ):
                     continue  # already the bot's ban there, or a moderator's own
                 if user_id in exempt_in(self.graph, self.policy, old_id):
                     self.findings.append(Finding(new_id, "protected", f"{user_id} not banned: exempt"))
@@ -232,11 +261,16 @@ class MembershipPlanner:
                     continue
                 self.memberships.plan(new_id, user_id, Membership.BAN)
                 why = state.reason or f"banned by spacesync in {old_id}"
-                self.actions.append(Action(
-                    kind=ActionKind.BAN, room_id=new_id, user_id=user_id, cause=placed.cause,
-                    reason=f"{why} (carried over from {old_id}, which this room replaced)",
-                    space_id=self._root_for(old_id),
-                ))
+                self.actions.append(
+                    Action(
+                        kind=ActionKind.BAN,
+                        room_id=new_id,
+                        user_id=user_id,
+                        cause=placed.cause,
+                        reason=f"{why} (carried over from {old_id}, which this room replaced)",
+                        space_id=self._root_for(old_id),
+                    )
+                )
                 planned = True
         return planned
 
@@ -263,10 +297,16 @@ class MembershipPlanner:
                     if not self._may_act(room, user_id, ActionKind.BAN):
                         continue
                     self.memberships.plan(room_id, user_id, Membership.BAN)
-                    self.actions.append(Action(
-                        kind=ActionKind.BAN, room_id=room_id, user_id=user_id, cause="space_ban",
-                        reason=f"banned in Space {space_id}", space_id=self._root_for(room_id),
-                    ))
+                    self.actions.append(
+                        Action(
+                            kind=ActionKind.BAN,
+                            room_id=room_id,
+                            user_id=user_id,
+                            cause="space_ban",
+                            reason=f"banned in Space {space_id}",
+                            space_id=self._root_for(room_id),
+                        )
+                    )
                     planned = True
         return planned
 
@@ -303,8 +343,11 @@ class MembershipPlanner:
                 unreadable = sorted(
                     {e for e in allowed_by if not self.snapshot.known(e)}
                     | {p for p in room.parents if p in self.snapshot.unreachable}
-                    | {s.room_id for s in self.policy.spaces
-                       if room_id in s.extra_rooms and not self.snapshot.known(s.room_id)}
+                    | {
+                        s.room_id
+                        for s in self.policy.spaces
+                        if room_id in s.extra_rooms and not self.snapshot.known(s.room_id)
+                    }
                 )
                 for user_id in sorted(departed):
                     if self.memberships.get(room_id, user_id) is not Membership.JOIN:
@@ -316,27 +359,34 @@ class MembershipPlanner:
                         unknown = [s for s in spaces if self.memberships.history_unknown(s, user_id)]
                         if unknown and (room_id, user_id) not in self._history_reported:
                             self._history_reported.add((room_id, user_id))
-                            self.findings.append(Finding(
-                                room_id, "history_unknown",
-                                f"{user_id} has left {unknown[0]}, but whether they had joined it first "
-                                "cannot be told (a declined invite or a rejected knock is no departure): "
-                                "not evicted",
-                            ))
+                            self.findings.append(
+                                Finding(
+                                    room_id,
+                                    "history_unknown",
+                                    f"{user_id} has left {unknown[0]}, but whether they had joined it first "
+                                    "cannot be told (a declined invite or a rejected knock is no departure): "
+                                    "not evicted",
+                                )
+                            )
                         continue
                     if unreadable:
                         for other in unreadable:
                             if (room_id, other) not in unknown_reported:
                                 unknown_reported.add((room_id, other))
-                                self.findings.append(Finding(
-                                    room_id, "unchecked_entitlement",
-                                    f"cannot see the members of {other}: nobody is evicted here on its account until it "
-                                    "can be read again",
-                                ))
+                                self.findings.append(
+                                    Finding(
+                                        room_id,
+                                        "unchecked_entitlement",
+                                        f"cannot see the members of {other}: nobody is evicted here on its account "
+                                        "until it can be read again",
+                                    )
+                                )
                         continue
                     if grace_ms and not any(self.memberships.is_planned(s, user_id) for s in left):
                         # spacesync's own clock: when it first saw the departure, never the sender's timestamp.
                         left_at = max(
-                            seen if (seen := self.snapshot.rooms[s].members[user_id].seen_ms) is not None
+                            seen
+                            if (seen := self.snapshot.rooms[s].members[user_id].seen_ms) is not None
                             else self.snapshot.now_ms
                             for s in left
                         )
@@ -350,10 +400,16 @@ class MembershipPlanner:
                     self.memberships.plan(
                         room_id, user_id, Membership.BAN if kind is ActionKind.BAN else Membership.LEAVE
                     )
-                    self.actions.append(Action(
-                        kind=kind, room_id=room_id, user_id=user_id, cause="on_leave",
-                        reason=self._leave_reason(user_id, left), space_id=self._root_for(room_id),
-                    ))
+                    self.actions.append(
+                        Action(
+                            kind=kind,
+                            room_id=room_id,
+                            user_id=user_id,
+                            cause="on_leave",
+                            reason=self._leave_reason(user_id, left),
+                            space_id=self._root_for(room_id),
+                        )
+                    )
                     changed = planned = True
         return planned
 
@@ -376,13 +432,17 @@ class MembershipPlanner:
         blocked: dict[tuple[RoomID, UserID], list[PlacedBan]] = {}
         for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.room_id, b.user_id, b.cause)):
             room = self.snapshot.rooms.get(placed.room_id)
-            if room is None or not self.snapshot.known(placed.room_id) or not all(
-                self.snapshot.known(s) for s in self.graph.authority.get(placed.room_id, ())
+            if (
+                room is None
+                or not self.snapshot.known(placed.room_id)
+                or not all(self.snapshot.known(s) for s in self.graph.authority.get(placed.room_id, ()))
             ):
                 continue  # read again before lifting, or forgetting, anything there
             state = room.members.get(placed.user_id)
-            if state is None or state.membership is not Membership.BAN or (
-                state.sender is not None and state.sender != self.policy.bot
+            if (
+                state is None
+                or state.membership is not Membership.BAN
+                or (state.sender is not None and state.sender != self.policy.bot)
             ):
                 # Lifted, or replaced by a moderator's own ban: no longer spacesync's to lift.
                 self.stale_bans.append(placed)
@@ -414,8 +474,7 @@ class MembershipPlanner:
         """Whether a managed ancestor Space (that carries bans down, if `propagating_only`) bans the user."""
         above = self.graph.authority.get(room_id, frozenset()) & set(self._managed_spaces)
         return any(
-            self.memberships.get(s, user_id) is Membership.BAN
-            and (not propagating_only or self._propagates_bans(s))
+            self.memberships.get(s, user_id) is Membership.BAN and (not propagating_only or self._propagates_bans(s))
             for s in above
         )
 

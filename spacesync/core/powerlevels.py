@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..model import Action, ActionKind, Finding, OwnedLevel, Policy, PowerLevels, RoomID, RoomState, Snapshot, UserID
 from .entitlement import user_level, valid_user_id
@@ -11,9 +12,7 @@ from .graph import SpaceGraph, policies_for
 from .versions import features
 
 
-def space_levels(
-    space: RoomState, snapshot: Snapshot, creator_level: int
-) -> tuple[dict[UserID, int], list[Finding]]:
+def space_levels(space: RoomState, snapshot: Snapshot, creator_level: int) -> tuple[dict[UserID, int], list[Finding]]:
     """The levels a Space itself grants: its `users` map and v12 creators.
 
     Where an entry is spacesync's own write, the Space grants what stood there before (if anything),
@@ -24,7 +23,9 @@ def space_levels(
     levels: dict[UserID, int] = {}
     for user_id, level in space.power_levels.users.items():
         if not valid_user_id(user_id):
-            findings.append(Finding(space.room_id, "invalid_user", f"ignoring malformed user id {user_id!r} in power levels"))
+            findings.append(
+                Finding(space.room_id, "invalid_user", f"ignoring malformed user id {user_id!r} in power levels")
+            )
             continue
         owned = snapshot.owned_levels.get((space.room_id, user_id))
         if owned is not None and not owned.released and owned.written == level:
@@ -90,16 +91,18 @@ def plan_power_levels(
         released.extend(result.released)
         if result.changes:
             governing = policies_for(graph, policy, room_id)
-            actions.append(Action(
-                kind=ActionKind.SET_POWER_LEVELS,
-                room_id=room_id,
-                reason=result.reason(),
-                cause="power_levels",
-                space_id=governing[0].room_id if governing else None,
-                content=result.content,
-                changes=result.changes,
-                ownership=result.ownership,
-            ))
+            actions.append(
+                Action(
+                    kind=ActionKind.SET_POWER_LEVELS,
+                    room_id=room_id,
+                    reason=result.reason(),
+                    cause="power_levels",
+                    space_id=governing[0].room_id if governing else None,
+                    content=result.content,
+                    changes=result.changes,
+                    ownership=result.ownership,
+                )
+            )
     return actions, stale, released, findings
 
 
@@ -132,23 +135,34 @@ def diff_room(
     diff = RoomDiff()
     feats = features(room.room_version)
     if feats is None:
-        diff.findings.append(Finding(
-            room.room_id, "unknown_version",
-            f"unknown room version {room.room_version!r}: power levels not written",
-        ))
+        diff.findings.append(
+            Finding(
+                room.room_id,
+                "unknown_version",
+                f"unknown room version {room.room_version!r}: power levels not written",
+            )
+        )
         return diff
     pl = room.power_levels
     bot_level = user_level(room, bot)
     if bot_level < pl.event_level("m.room.power_levels"):
-        if any(
-            user_id != bot and not (feats.creators_privileged and user_id in room.creators)
-            and level > pl.users.get(user_id, pl.users_default) and not held_down(pl, user_id, owned.get(user_id))
-            for user_id, (level, _) in desired.items()
-        ) or owned:
-            diff.findings.append(Finding(
-                room.room_id, "no_power",
-                f"the bot lacks the power to change power levels (needs {pl.event_level('m.room.power_levels')})",
-            ))
+        if (
+            any(
+                user_id != bot
+                and not (feats.creators_privileged and user_id in room.creators)
+                and level > pl.users.get(user_id, pl.users_default)
+                and not held_down(pl, user_id, owned.get(user_id))
+                for user_id, (level, _) in desired.items()
+            )
+            or owned
+        ):
+            diff.findings.append(
+                Finding(
+                    room.room_id,
+                    "no_power",
+                    f"the bot lacks the power to change power levels (needs {pl.event_level('m.room.power_levels')})",
+                )
+            )
         return diff
     ceiling = bot_level - 1
     for user_id in sorted(set(desired) | set(owned)):
@@ -166,10 +180,13 @@ def diff_room(
             diff.stale.append(user_id)
             mine = None
         elif mine is not None and entry != mine.written:
-            diff.findings.append(Finding(
-                room.room_id, "changed_by_hand",
-                f"{user_id}'s level was changed by hand ({mine.written} -> {entry}): left alone",
-            ))
+            diff.findings.append(
+                Finding(
+                    room.room_id,
+                    "changed_by_hand",
+                    f"{user_id}'s level was changed by hand ({mine.written} -> {entry}): left alone",
+                )
+            )
             if asked is None:
                 diff.stale.append(user_id)
             else:
@@ -192,11 +209,14 @@ def diff_room(
                 diff.ownership[user_id] = record
         elif wanted is not None and wanted > current:
             if held_down(pl, user_id, None):
-                diff.findings.append(Finding(
-                    room.room_id, "restricted_locally",
-                    f"{user_id} is held at {entry} in this room, below its default level {pl.users_default} "
-                    f"(muted or demoted here): the Space's level {int(wanted)} is not applied",
-                ))
+                diff.findings.append(
+                    Finding(
+                        room.room_id,
+                        "restricted_locally",
+                        f"{user_id} is held at {entry} in this room, below its default level {pl.users_default} "
+                        f"(muted or demoted here): the Space's level {int(wanted)} is not applied",
+                    )
+                )
             else:
                 diff.changes[user_id] = (entry, int(wanted))
                 diff.ownership[user_id] = OwnedLevel(room.room_id, user_id, int(wanted), entry)
@@ -259,9 +279,17 @@ def apply_user_changes(
     return new
 
 
-_LEVEL_KEYS = frozenset({
-    "ban", "kick", "invite", "redact", "events_default", "state_default", "users_default",
-})
+_LEVEL_KEYS = frozenset(
+    {
+        "ban",
+        "kick",
+        "invite",
+        "redact",
+        "events_default",
+        "state_default",
+        "users_default",
+    }
+)
 
 
 def int_level(value: Any) -> Any:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import random
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import ClientError
@@ -72,11 +72,21 @@ class Executor:
     """Runs runnable journal entries, at most `concurrency` at once, each independently: a slow or
     backing-off entry never holds up the others. Rate limits are waited out by the Matrix adapter."""
 
-    def __init__(self, store: Store, matrix: MatrixAdapter, cache: StateCache, *, concurrency: int = 8,
-                 max_attempts: int = 8, max_failures: int = 3, backoff_s: float = 2.0,
-                 on_batch_done: Callable[[str], Awaitable[None]] | None = None,
-                 on_parked: Parked | None = None, recheck: Recheck | None = None,
-                 may_act: Callable[[], Awaitable[bool]] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        matrix: MatrixAdapter,
+        cache: StateCache,
+        *,
+        concurrency: int = 8,
+        max_attempts: int = 8,
+        max_failures: int = 3,
+        backoff_s: float = 2.0,
+        on_batch_done: Callable[[str], Awaitable[None]] | None = None,
+        on_parked: Parked | None = None,
+        recheck: Recheck | None = None,
+        may_act: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         self.store = store
         self.matrix = matrix
         self.cache = cache
@@ -131,18 +141,18 @@ class Executor:
                 except Exception as e:  # the journal keeps every entry: look again shortly
                     if unreachable(e):
                         if not self._db_down:
-                            log.warning("executor waiting: database unreachable, retrying",
-                                        error=f"{type(e).__name__}: {e}")
+                            log.warning(
+                                "executor waiting: database unreachable, retrying", error=f"{type(e).__name__}: {e}"
+                            )
                         self._db_down = True
                     else:
-                        log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}",
-                                  exc_info=True)
+                        log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
                     await asyncio.sleep(5)
                     continue
                 timeout = None if due is None else max(0.05, (due - now_ms()) / 1000)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             # Stopping: entries still in flight stay journaled (running) and are re-checked at the next start.
@@ -174,8 +184,11 @@ class Executor:
                 try:
                     wanted = await self.recheck([e.action for e in stale])  # type: ignore[misc]
                 except Exception as error:  # no fresh plan now (homeserver away): re-check them shortly
-                    log.warning("could not re-check journaled actions: trying again shortly", entries=len(stale),
-                                error=f"{type(error).__name__}: {error}")
+                    log.warning(
+                        "could not re-check journaled actions: trying again shortly",
+                        entries=len(stale),
+                        error=f"{type(error).__name__}: {error}",
+                    )
                     asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self._wake.set)
                 else:
                     for entry in stale:
@@ -233,8 +246,13 @@ class Executor:
         await self.store.journal.set_status(entry.id, Status.CANCELLED, "no longer needed")
         await self.store.audit(action, "no longer needed", journal_id=entry.id, batch=entry.batch)
         ACTIONS.labels(kind=action.kind.value, outcome="cancelled").inc()
-        log.info("action no longer needed: cancelled", action=action.kind.value, room=action.room_id,
-                 user=action.user_id or action.state_key, batch=entry.batch)
+        log.info(
+            "action no longer needed: cancelled",
+            action=action.kind.value,
+            room=action.room_id,
+            user=action.user_id or action.state_key,
+            batch=entry.batch,
+        )
         await self._report(entry.batch)
 
     async def run_entry(self, entry: Entry) -> None:
@@ -270,8 +288,15 @@ class Executor:
                 await self._finish(entry, "failed", error)
                 return
             wait = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("action failed: retrying later", action=action.kind.value, room=action.room_id,
-                        user=action.user_id, error=error, attempt=attempt, wait_s=round(wait, 2))
+            log.warning(
+                "action failed: retrying later",
+                action=action.kind.value,
+                room=action.room_id,
+                user=action.user_id,
+                error=error,
+                attempt=attempt,
+                wait_s=round(wait, 2),
+            )
             await self._back_off(entry, error, wait, refused=False)
             return
         if outcome == "already_done" and action.kind is ActionKind.BAN and self._banned_by_other(action):
@@ -287,17 +312,30 @@ class Executor:
         failures = entry.failures + 1
         if failures < self.max_failures:
             wait = self.backoff_s * 2 ** (failures - 1)
-            log.warning("action refused: retrying later", action=action.kind.value, room=action.room_id,
-                        user=action.user_id or action.state_key, error=error, failures=failures,
-                        wait_s=round(wait, 2))
+            log.warning(
+                "action refused: retrying later",
+                action=action.kind.value,
+                room=action.room_id,
+                user=action.user_id or action.state_key,
+                error=error,
+                failures=failures,
+                wait_s=round(wait, 2),
+            )
             await self._back_off(entry, error, wait, refused=True)
             return
         await self.store.journal.park(entry.id, error, fingerprint(action, self.cache.get(action.room_id)))
         await self.store.audit(action, "parked", journal_id=entry.id, batch=entry.batch, detail={"error": error})
         ACTIONS.labels(kind=action.kind.value, outcome="parked").inc()
-        log.warning("action parked", action=action.kind.value, room=action.room_id,
-                    user=action.user_id or action.state_key, error=error, failures=failures, batch=entry.batch,
-                    hint=f"!spacesync retry {entry.batch} once the cause is fixed")
+        log.warning(
+            "action parked",
+            action=action.kind.value,
+            room=action.room_id,
+            user=action.user_id or action.state_key,
+            error=error,
+            failures=failures,
+            batch=entry.batch,
+            hint=f"!spacesync retry {entry.batch} once the cause is fixed",
+        )
         if self.on_parked is not None:
             await self.on_parked(entry, error)
 
@@ -308,16 +346,23 @@ class Executor:
             await self._record(action, mirror=outcome == "done")
         # The audit first: a crash between the two leaves the entry running, and the next run records it
         # (as already done) instead of finishing it with no audit record.
-        await self.store.audit(action, outcome, journal_id=entry.id, batch=entry.batch,
-                               detail={"error": error} if error else None)
+        await self.store.audit(
+            action, outcome, journal_id=entry.id, batch=entry.batch, detail={"error": error} if error else None
+        )
         await self.store.journal.set_status(entry.id, status, error)
         ACTIONS.labels(kind=action.kind.value, outcome=outcome).inc()
         context = {"error": error} if error else {}
         if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:
             context["changes"] = {u: list(v) for u, v in action.changes.items()}
         (log.warning if error else log.info)(
-            "action", action=action.kind.value, room=action.room_id, user=action.user_id or action.state_key,
-            outcome=outcome, reason=action.reason, batch=entry.batch, **context,
+            "action",
+            action=action.kind.value,
+            room=action.room_id,
+            user=action.user_id or action.state_key,
+            outcome=outcome,
+            reason=action.reason,
+            batch=entry.batch,
+            **context,
         )
 
     async def _record(self, action: Action, *, mirror: bool) -> None:
@@ -327,14 +372,26 @@ class Executor:
             await self.store.add_placed_ban(PlacedBan(action.room_id, action.user_id, action.cause or "space_ban"))
         elif action.kind is ActionKind.UNBAN and action.user_id:
             await self.store.forget_ban(action.room_id, action.user_id)
-        membership = {ActionKind.KICK: "leave", ActionKind.BAN: "ban", ActionKind.UNBAN: "leave",
-                      ActionKind.INVITE: "invite"}.get(action.kind)
+        membership = {
+            ActionKind.KICK: "leave",
+            ActionKind.BAN: "ban",
+            ActionKind.UNBAN: "leave",
+            ActionKind.INVITE: "invite",
+        }.get(action.kind)
         if membership and action.user_id and mirror:
             content = {"membership": membership, **({"reason": action.reason} if action.reason else {})}
-            self.cache.update(action.room_id, [{
-                "type": "m.room.member", "state_key": action.user_id, "sender": self.matrix.user_id,
-                "content": content, "origin_server_ts": int(time.time() * 1000),
-            }])
+            self.cache.update(
+                action.room_id,
+                [
+                    {
+                        "type": "m.room.member",
+                        "state_key": action.user_id,
+                        "sender": self.matrix.user_id,
+                        "content": content,
+                        "origin_server_ts": int(time.time() * 1000),
+                    }
+                ],
+            )
 
     async def _call(self, fn: Callable[[], Awaitable[object]]) -> object:
         """One request: 5xx, a rate limit beyond the adapter's wait budget and dropped connections are
@@ -345,7 +402,7 @@ class Executor:
             if e.http_status >= 500 or e.http_status == 429:
                 raise Transient(f"{e.http_status} from the homeserver") from e
             raise
-        except (ClientError, MatrixConnectionError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, ClientError, MatrixConnectionError, OSError) as e:
             raise Transient(f"{type(e).__name__ or 'timeout'}: {e}") from e
 
     async def _perform(self, action: Action) -> str:
@@ -399,8 +456,12 @@ class Executor:
         """
         room = self.cache.get(action.room_id)
         state = room.members.get(action.user_id) if room is not None and action.user_id else None
-        if not (state is not None and state.membership.value == "ban"
-                and state.sender is not None and state.sender != self.matrix.user_id):
+        if not (
+            state is not None
+            and state.membership.value == "ban"
+            and state.sender is not None
+            and state.sender != self.matrix.user_id
+        ):
             return False
         assert room is not None and action.user_id is not None
         old = self.cache.get(room.predecessor) if room.predecessor else None

@@ -5,7 +5,8 @@ It counts over time, not per pass: a slow exodus (one leaver per /sync) is held 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import AbstractSet, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 
 import attrs
 
@@ -19,8 +20,12 @@ class Guarded:
     """Held evictions per root Space."""
 
 
-def guard(actions: Iterable[Action], limit_for: Mapping[RoomID | None, int], default_limit: int,
-          evicted_recently: Mapping[RoomID | None, AbstractSet[str]] | None = None) -> Guarded:
+def guard(
+    actions: Iterable[Action],
+    limit_for: Mapping[RoomID | None, int],
+    default_limit: int,
+    evicted_recently: Mapping[RoomID | None, AbstractSet[str]] | None = None,
+) -> Guarded:
     """Hold every new eviction of a Space once the distinct users it evicts, together with the users already
     evicted from it within the window (`evicted_recently`), exceed its limit; release the rest.
 
@@ -32,8 +37,7 @@ def guard(actions: Iterable[Action], limit_for: Mapping[RoomID | None, int], def
     for action in actions:
         if action.kind in EVICTIONS and action.user_id:
             evicted[action.space_id].add(action.user_id)
-    over = {s for s, users in evicted.items()
-            if len(users | set(recent.get(s, ()))) > limit_for.get(s, default_limit)}
+    over = {s for s, users in evicted.items() if len(users | set(recent.get(s, ()))) > limit_for.get(s, default_limit)}
     release = tuple(a for a in actions if not (a.kind in EVICTIONS and a.space_id in over))
     hold = {s: tuple(a for a in actions if a.kind in EVICTIONS and a.space_id == s) for s in over}
     return Guarded(release, hold)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 import structlog
@@ -41,8 +41,9 @@ RETRY_FAILED_LOOKUP_S = 300.0
 class MemberHistory:
     """Annotates the members of managed Spaces with `was_joined` and `seen_ms`, and remembers them."""
 
-    def __init__(self, matrix: MatrixAdapter | None, store: Store, *, max_lookups: int = 100,
-                 concurrency: int = 4) -> None:
+    def __init__(
+        self, matrix: MatrixAdapter | None, store: Store, *, max_lookups: int = 100, concurrency: int = 4
+    ) -> None:
         self.matrix = matrix
         self.store = store
         self.max_lookups = max_lookups
@@ -51,8 +52,9 @@ class MemberHistory:
         self._failed: dict[str, float] = {}
         self.lookups = 0
 
-    async def annotate(self, rooms: Mapping[RoomID, RoomState], spaces: Iterable[RoomID],
-                       now_ms: int | None = None) -> dict[RoomID, RoomState]:
+    async def annotate(
+        self, rooms: Mapping[RoomID, RoomState], spaces: Iterable[RoomID], now_ms: int | None = None
+    ) -> dict[RoomID, RoomState]:
         """`rooms` with the members of each of `spaces` annotated; other rooms are returned as they are."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         if self._records is None:
@@ -86,14 +88,20 @@ class MemberHistory:
                         joined_somewhere = _joined_anywhere(rooms)
                     if user_id in joined_somewhere:  # only where it could lead to an eviction
                         lookups.append((space_id, user_id, state))
-                new = SeenMembership(str(state.event_id or ""), state.membership.value, was_joined
-                                     if state.membership is Membership.LEAVE else None, seen_at)
+                new = SeenMembership(
+                    str(state.event_id or ""),
+                    state.membership.value,
+                    was_joined if state.membership is Membership.LEAVE else None,
+                    seen_at,
+                )
                 if record != new:
                     records[key] = changed[key] = new
         if lookups:
             for (space_id, user_id), was_joined in (await self._look_up(lookups)).items():
                 record = records[(space_id, user_id)]
-                records[(space_id, user_id)] = changed[(space_id, user_id)] = attrs.evolve(record, was_joined=was_joined)
+                records[(space_id, user_id)] = changed[(space_id, user_id)] = attrs.evolve(
+                    record, was_joined=was_joined
+                )
         for space_id in set(spaces):
             room = rooms.get(space_id)
             if room is None:
@@ -101,8 +109,11 @@ class MemberHistory:
             members = {}
             for user_id, state in room.members.items():
                 record = records[(space_id, user_id)]
-                members[user_id] = attrs.evolve(state, seen_ms=record.seen_at, was_joined=(
-                    record.was_joined if state.membership is Membership.LEAVE else state.was_joined))
+                members[user_id] = attrs.evolve(
+                    state,
+                    seen_ms=record.seen_at,
+                    was_joined=(record.was_joined if state.membership is Membership.LEAVE else state.was_joined),
+                )
             out[space_id] = attrs.evolve(room, members=members)
         if changed:
             try:
@@ -116,8 +127,11 @@ class MemberHistory:
         if self.matrix is None:
             return {}
         now = time.monotonic()
-        todo = [t for t in todo if now - self._failed.get(str(t[2].replaces), -RETRY_FAILED_LOOKUP_S)
-                >= RETRY_FAILED_LOOKUP_S][: self.max_lookups]
+        todo = [
+            t
+            for t in todo
+            if now - self._failed.get(str(t[2].replaces), -RETRY_FAILED_LOOKUP_S) >= RETRY_FAILED_LOOKUP_S
+        ][: self.max_lookups]
         found: dict[tuple[RoomID, UserID], bool] = {}
 
         async def one(space_id: RoomID, user_id: UserID, state: MemberState) -> None:
@@ -128,8 +142,13 @@ class MemberHistory:
                     self.lookups += 1
                 except LOOKUP_ERRORS as e:
                     self._failed[str(state.replaces)] = time.monotonic()
-                    log.info("previous membership unreadable", room=space_id, user=user_id,
-                             event=state.replaces, error=f"{type(e).__name__}: {e}")
+                    log.info(
+                        "previous membership unreadable",
+                        room=space_id,
+                        user=user_id,
+                        event=state.replaces,
+                        error=f"{type(e).__name__}: {e}",
+                    )
                     return
             content = event.get("content")
             membership = content.get("membership") if isinstance(content, dict) else None

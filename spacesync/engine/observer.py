@@ -31,8 +31,9 @@ def describe_error(error: BaseException) -> str:
 class Observer:
     """Breadth-first from the roots: read each joined room's state, follow Space children and allow lists."""
 
-    def __init__(self, matrix: MatrixAdapter, cache: StateCache, store: Store, *, max_seconds: float = 120,
-                 concurrency: int = 8) -> None:
+    def __init__(
+        self, matrix: MatrixAdapter, cache: StateCache, store: Store, *, max_seconds: float = 120, concurrency: int = 8
+    ) -> None:
         self.matrix = matrix
         self.cache = cache
         self.store = store
@@ -121,8 +122,12 @@ class Observer:
             except READ_ERRORS as e:
                 self.cache.end_read(room_id)
                 unreachable[room_id] = f"state unreadable: {describe_error(e)}"
-                log.warning("room state unreadable", room=room_id, error=describe_error(e),
-                            kept_last_known=room_id in self.cache)
+                log.warning(
+                    "room state unreadable",
+                    room=room_id,
+                    error=describe_error(e),
+                    kept_last_known=room_id in self.cache,
+                )
                 return
             self.cache.replace(room_id, events)
 
@@ -138,12 +143,12 @@ class Observer:
                 self.requests += 1
                 if attempt == READ_ATTEMPTS or not (e.http_status == 429 or e.http_status >= 500):
                     raise
-                wait = min(30.0, (retry_after_ms(e) or 1000) / 1000) if e.http_status == 429 else 0.5 * 2 ** attempt
-            except (ClientError, MatrixConnectionError, asyncio.TimeoutError, OSError):
+                wait = min(30.0, (retry_after_ms(e) or 1000) / 1000) if e.http_status == 429 else 0.5 * 2**attempt
+            except (TimeoutError, ClientError, MatrixConnectionError, OSError):
                 self.requests += 1
                 if attempt == READ_ATTEMPTS:
                     raise
-                wait = 0.5 * 2 ** attempt
+                wait = 0.5 * 2**attempt
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -155,7 +160,8 @@ class Observer:
             return
         extra = {r for s in policy.spaces for r in s.extra_rooms}
         managed_spaces = {s.room_id for s in policy.spaces} | {
-            r for r in self.known_managed if (state := self.cache.get(r)) is not None and state.is_space}
+            r for r in self.known_managed if (state := self.cache.get(r)) is not None and state.is_space
+        }
         opted: dict[RoomID, list[str]] = {}
         for room_id in pending:
             if room_id in upgrades or room_id in extra:
@@ -167,8 +173,7 @@ class Observer:
             for entry in await self._hierarchy_of(root, policy):
                 room_id = RoomID(entry["room_id"])
                 allowed = set(entry.get("allowed_room_ids") or ())
-                if (room_id in pending and entry.get("join_rule") in RESTRICTED_RULES
-                        and allowed & managed_spaces):
+                if room_id in pending and entry.get("join_rule") in RESTRICTED_RULES and allowed & managed_spaces:
                     opted.setdefault(room_id, [root.split(":", 1)[1]] if ":" in root else [])
         for room_id, via in sorted(opted.items()):
             self._join_attempted.add(room_id)
@@ -185,7 +190,7 @@ class Observer:
             try:
                 self._hierarchy[root] = await self.matrix.hierarchy(root, policy.max_depth, policy.max_rooms)
                 self.requests += 1
-            except (MatrixRequestError, asyncio.TimeoutError) as e:
+            except (TimeoutError, MatrixRequestError) as e:
                 log.warning("hierarchy unreadable", room=root, error=str(e))
                 self._hierarchy[root] = []
         return self._hierarchy[root]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from mautrix.errors import MatrixRequestError
@@ -28,10 +28,16 @@ log = structlog.get_logger("spacesync.reconciler")
 Notify = Callable[[str, str | None], Awaitable[None]]
 
 
-NOT_REPEATABLE = frozenset({
-    ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionKind.INVITE, ActionKind.SET_JOIN_RULES,
-    ActionKind.SET_SPACE_CHILD,
-})
+NOT_REPEATABLE = frozenset(
+    {
+        ActionKind.KICK,
+        ActionKind.BAN,
+        ActionKind.UNBAN,
+        ActionKind.INVITE,
+        ActionKind.SET_JOIN_RULES,
+        ActionKind.SET_SPACE_CHILD,
+    }
+)
 """Actions a plan made from stale state must not repeat. Power-level writes are safe to repeat: the
 executor re-reads the current levels and applies only the changes still missing."""
 CLOCK_MARGIN_MS = 2000
@@ -47,8 +53,15 @@ def left_behind_for(plan: Plan, actions: list[Action]) -> list[LeftBehind]:
 class Reconciler:
     """Turns the world as it is into journal entries; the executor carries them out."""
 
-    def __init__(self, config: Config, store: Store, matrix: MatrixAdapter, observer: Observer,
-                 executor: Executor, notify: Notify | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        matrix: MatrixAdapter,
+        observer: Observer,
+        executor: Executor,
+        notify: Notify | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.matrix = matrix
@@ -93,12 +106,17 @@ class Reconciler:
                 continue
             seen.add(room_id)
             extra_ids = {r for ref in space.extra_rooms if (r := await self.resolve(ref))}
-            spaces.append(space.to_policy(room_id, extra_rooms_resolved=frozenset(extra_ids | extra.get(room_id, set()))))
+            spaces.append(
+                space.to_policy(room_id, extra_rooms_resolved=frozenset(extra_ids | extra.get(room_id, set())))
+            )
         for room_id in await self.store.managed_spaces():
             if room_id not in seen:
                 seen.add(room_id)
-                default = SpaceConfig(room=RoomRef(room_id=room_id), max_evictions_without_confirmation=(
-                    self.config.max_evictions_without_confirmation), guard_window=self.config.guard_window)
+                default = SpaceConfig(
+                    room=RoomRef(room_id=room_id),
+                    max_evictions_without_confirmation=(self.config.max_evictions_without_confirmation),
+                    guard_window=self.config.guard_window,
+                )
                 spaces.append(default.to_policy(room_id, extra_rooms_resolved=frozenset(extra.get(room_id, set()))))
         return Policy(
             bot=self.matrix.user_id,
@@ -148,8 +166,14 @@ class Reconciler:
         if refresh:
             await self._announce_findings(plan)
         (log.info if self.last_queued or self.last_held or refresh else log.debug)(
-            "reconciled", trigger=trigger, planned=len(plan.actions), queued=self.last_queued,
-            held=self.last_held, paused=self.paused, findings=len(plan.findings), managed=len(plan.managed),
+            "reconciled",
+            trigger=trigger,
+            planned=len(plan.actions),
+            queued=self.last_queued,
+            held=self.last_held,
+            paused=self.paused,
+            findings=len(plan.findings),
+            managed=len(plan.managed),
             seconds=round(time.monotonic() - started, 3),
         )
         return plan, batches
@@ -166,8 +190,13 @@ class Reconciler:
             return []
         if self.config.dry_run:
             for action in plan.actions:
-                log.info("dry run: would act", action=action.kind.value, room=action.room_id,
-                         user=action.user_id, reason=action.reason)
+                log.info(
+                    "dry run: would act",
+                    action=action.kind.value,
+                    room=action.room_id,
+                    user=action.user_id,
+                    reason=action.reason,
+                )
             return []
         open_keys = await self.store.journal.open_keys()
         recent = await self.store.journal.done_keys_since(observed_ms) if observed_ms is not None else set()
@@ -213,20 +242,33 @@ class Reconciler:
                 # One open held batch per Space: later evictions join it, with no new notice.
                 await self.store.journal.add_to_batch(joined, held, Status.HELD)
                 batches.append(joined)
-                log.warning("mass action held: joined the open held batch", batch=joined, space=space_id,
-                            users=users, actions=len(held), hint=hint.format(joined))
+                log.warning(
+                    "mass action held: joined the open held batch",
+                    batch=joined,
+                    space=space_id,
+                    users=users,
+                    actions=len(held),
+                    hint=hint.format(joined),
+                )
                 continue
             batch = await self.store.journal.add_new_batch(trigger, space_id, held, Status.HELD)
             await self.store.journal.set_left_behind(batch, left_behind_for(plan, held))
             batches.append(batch)
-            log.warning("mass action held", batch=batch, space=space_id, users=users, actions=len(held),
-                        hint=hint.format(batch))
+            log.warning(
+                "mass action held", batch=batch, space=space_id, users=users, actions=len(held), hint=hint.format(batch)
+            )
             if self.notify:
                 limit = limits.get(space_id, self.config.max_evictions_without_confirmation)
                 window = windows.get(space_id, self.config.guard_window) if space_id else self.config.guard_window
-                notice = held_notice(batch, self._room_name(space_id) if space_id else "?", held, limit,
-                                     self._room_name, window_s=window,
-                                     recent=len(recently.get(space_id, ())))
+                notice = held_notice(
+                    batch,
+                    self._room_name(space_id) if space_id else "?",
+                    held,
+                    limit,
+                    self._room_name,
+                    window_s=window,
+                    recent=len(recently.get(space_id, ())),
+                )
                 await self.notify(notice.text, notice.html)
         HELD_ACTIONS.set(sum(1 for _ in await self.store.journal.by_status(Status.HELD)))
         return batches
@@ -237,16 +279,31 @@ class Reconciler:
 
     async def _announce_findings(self, plan: Plan) -> None:
         """Tell the admin room once about rooms that need a moderator (not opted in, unreachable, no power)."""
-        new = [f for f in plan.findings
-               if f.code in ("not_opted_in", "unreachable", "no_power", "version", "cap_rooms", "cap_depth",
-                             "unchecked_entitlement", "history_unknown", "malformed")
-               and str(f) not in self._announced_findings]
+        new = [
+            f
+            for f in plan.findings
+            if f.code
+            in (
+                "not_opted_in",
+                "unreachable",
+                "no_power",
+                "version",
+                "cap_rooms",
+                "cap_depth",
+                "unchecked_entitlement",
+                "history_unknown",
+                "malformed",
+            )
+            and str(f) not in self._announced_findings
+        ]
         if not new or not self.notify:
             return
         self._announced_findings.update(str(f) for f in new)
-        notice = listing(f"Rooms that need attention ({len(new)}):",
-                         [line(f"{self._room_name(f.room_id)}: {f.message}") for f in new],
-                         hint="!spacesync plan lists them all")
+        notice = listing(
+            f"Rooms that need attention ({len(new)}):",
+            [line(f"{self._room_name(f.room_id)}: {f.message}") for f in new],
+            hint="!spacesync plan lists them all",
+        )
         await self.notify(notice.text, notice.html)
 
     async def release(self, batch: str) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import ClientError
@@ -30,20 +31,29 @@ from .reconciler import CLOCK_MARGIN_MS, Reconciler
 log = structlog.get_logger("spacesync")
 T = TypeVar("T")
 
-SYNC_FILTER = json.dumps({
-    "presence": {"types": []},
-    "account_data": {"types": []},
-    "room": {
-        "timeline": {"limit": 50},
-        "state": {"lazy_load_members": False},
-        "ephemeral": {"types": []},
+SYNC_FILTER = json.dumps(
+    {
+        "presence": {"types": []},
         "account_data": {"types": []},
-    },
-})
-TRIGGER_TYPES = frozenset({
-    "m.room.member", "m.space.child", "m.space.parent", "m.room.power_levels", "m.room.join_rules",
-    "m.room.tombstone", "m.room.create",
-})
+        "room": {
+            "timeline": {"limit": 50},
+            "state": {"lazy_load_members": False},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+    }
+)
+TRIGGER_TYPES = frozenset(
+    {
+        "m.room.member",
+        "m.space.child",
+        "m.space.parent",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.tombstone",
+        "m.room.create",
+    }
+)
 OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})
 """The bot's own changes of these kinds come back through /sync already applied to the cache."""
 STANDBY_POLL_S = 2.0
@@ -75,17 +85,32 @@ class App:
         self.config = config
         self.store = Store(config.database.url)
         self.matrix = MatrixAdapter(
-            config.homeserver.url, config.bot.user_id, access_token=config.bot.access_token,
-            password=config.bot.password, device_id=config.bot.device_id,
+            config.homeserver.url,
+            config.bot.user_id,
+            access_token=config.bot.access_token,
+            password=config.bot.password,
+            device_id=config.bot.device_id,
             request_timeout=config.homeserver.request_timeout,
         )
         self.cache = StateCache()
-        self.observer = Observer(self.matrix, self.cache, self.store, max_seconds=config.walk.max_seconds,
-                                 concurrency=config.executor.concurrency)
-        self.executor = Executor(self.store, self.matrix, self.cache, concurrency=config.executor.concurrency,
-                                 max_attempts=config.executor.max_attempts, max_failures=config.executor.max_failures,
-                                 on_batch_done=self._batch_done, on_parked=self._parked,
-                                 may_act=self.confirm_leadership)
+        self.observer = Observer(
+            self.matrix,
+            self.cache,
+            self.store,
+            max_seconds=config.walk.max_seconds,
+            concurrency=config.executor.concurrency,
+        )
+        self.executor = Executor(
+            self.store,
+            self.matrix,
+            self.cache,
+            concurrency=config.executor.concurrency,
+            max_attempts=config.executor.max_attempts,
+            max_failures=config.executor.max_failures,
+            on_batch_done=self._batch_done,
+            on_parked=self._parked,
+            may_act=self.confirm_leadership,
+        )
         self.matrix.may_send = self.confirm_leadership
         self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.notify)
         self.executor.recheck = self.reconciler.still_wanted
@@ -128,7 +153,7 @@ class App:
                 try:
                     await asyncio.wait_for(self._stopping.wait(), 2 * STANDBY_POLL_S + 0.5)
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             await self.shutdown()
@@ -141,20 +166,28 @@ class App:
         self.executor.leader_since_ms = now_ms()
         self.executor.ready.clear()
         if not self.logged_in:
-            saved = await self._db("read the access token",
-                                   lambda: self.store.get(f"access_token:{self.config.bot.user_id}"))
+            saved = await self._db(
+                "read the access token", lambda: self.store.get(f"access_token:{self.config.bot.user_id}")
+            )
             try:
                 token = await self.matrix.connect(saved_token=saved)
             except ConnectError as e:
                 raise FatalError(str(e)) from e
             if self.config.bot.password and token != saved:
-                await self._db("save the access token",
-                               lambda: self.store.put(f"access_token:{self.config.bot.user_id}", token))
+                await self._db(
+                    "save the access token", lambda: self.store.put(f"access_token:{self.config.bot.user_id}", token)
+                )
             self.logged_in = self.homeserver_up = True
             self.observer.auto_join = True
-            log.info("logged in", user=self.matrix.user_id, homeserver=self.config.homeserver.url,
-                     version=__version__, database=self.config.database.safe_url,
-                     spaces=[str(s.room) for s in self.config.spaces], dry_run=self.config.dry_run)
+            log.info(
+                "logged in",
+                user=self.matrix.user_id,
+                homeserver=self.config.homeserver.url,
+                version=__version__,
+                database=self.config.database.safe_url,
+                spaces=[str(s.room) for s in self.config.spaces],
+                dry_run=self.config.dry_run,
+            )
             self.admin_room = await self.reconciler.resolve(self.config.admin.room)
             if self.admin_room is None:
                 log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
@@ -193,8 +226,7 @@ class App:
         self._stood_down = True
         IS_LEADER.set(0)
         self.executor.stop()
-        log.warning("lost the leadership lock: standing by, no longer acting",
-                    database=self.config.database.safe_url)
+        log.warning("lost the leadership lock: standing by, no longer acting", database=self.config.database.safe_url)
         await self._stop_tasks()
         await self.store.release_leadership()
         self.synced = False
@@ -209,7 +241,7 @@ class App:
         if executor is not None:
             try:
                 await asyncio.wait_for(self.executor.wait_idle(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("stopping with actions in flight: they resume from the journal at the next start")
             await _cancel([executor])
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -239,15 +271,20 @@ class App:
             IS_LEADER.set(1)
             return True
         if not self.store.is_postgres:
-            raise FatalError(f"database.url: {self.config.database.safe_url} is in use by another spacesync "
-                             "instance; stop it first (standby needs PostgreSQL)")
-        log.info("standing by: another instance is active" if self.store.lock_error is None
-                 else "standing by: the database is unreachable")
+            raise FatalError(
+                f"database.url: {self.config.database.safe_url} is in use by another spacesync "
+                "instance; stop it first (standby needs PostgreSQL)"
+            )
+        log.info(
+            "standing by: another instance is active"
+            if self.store.lock_error is None
+            else "standing by: the database is unreachable"
+        )
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._stopping.wait(), STANDBY_POLL_S)
                 return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if await self._try_leadership():
                 log.info("taking over: no other instance holds the lock")
@@ -297,8 +334,9 @@ class App:
 
     def _database_down(self, what: str, error: BaseException) -> None:
         if self.database_up:
-            log.warning("database unreachable: retrying with backoff", during=what,
-                        error=f"{type(error).__name__}: {error}")
+            log.warning(
+                "database unreachable: retrying with backoff", during=what, error=f"{type(error).__name__}: {error}"
+            )
         self.database_up = False
         DATABASE_UP.set(0)
 
@@ -307,6 +345,7 @@ class App:
             log.info("database reachable again")
         self.database_up = True
         DATABASE_UP.set(1)
+
     # endregion
 
     # region reconciling
@@ -336,7 +375,7 @@ class App:
                     await self._accept_invites()
                 if self.reconciler.recheck_soon:
                     asyncio.get_running_loop().call_later(CLOCK_MARGIN_MS / 1000 + 0.5, self._trigger.set)
-            except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
                 log.warning("reconcile failed: retrying soon", error=f"{type(e).__name__}: {e}")
                 next_full = time.monotonic() + 10
                 continue
@@ -345,8 +384,9 @@ class App:
                     self._database_down("reconcile", e)
                     next_full = time.monotonic() + 5
                     continue
-                log.error("reconcile failed unexpectedly: retrying soon", error=f"{type(e).__name__}: {e}",
-                          exc_info=True)
+                log.error(
+                    "reconcile failed unexpectedly: retrying soon", error=f"{type(e).__name__}: {e}", exc_info=True
+                )
                 next_full = time.monotonic() + 30
                 continue
             if full:
@@ -365,6 +405,7 @@ class App:
             return
         for status in ("pending", "running", "held"):
             JOURNAL_DEPTH.labels(status=status).set(depth.get(status, 0))
+
     # endregion
 
     # region /sync
@@ -379,7 +420,7 @@ class App:
                 data = await self.matrix.sync(since, 30000 if long_poll else 0, SYNC_FILTER)
             except MUnknownToken as e:
                 raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
-            except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
                 failures += 1
                 self.homeserver_up = False
                 wait = min(30.0, 0.5 * 2 ** min(failures, 6))
@@ -421,7 +462,7 @@ class App:
         for room_id, room in (rooms.get("join") or {}).items():
             room_id = RoomID(room_id)
             state = list(((room.get("state") or {}).get("events")) or [])
-            timeline = (room.get("timeline") or {})
+            timeline = room.get("timeline") or {}
             events = list(timeline.get("events") or [])
             state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
             # Also for a room whose first /state read is in flight: the cache keeps the delta for it.
@@ -429,13 +470,17 @@ class App:
                 full = True
             # The bot's own changes are already in the cache (the executor applies them as it goes) and
             # were planned together: they need no new plan. Everyone else's do.
-            relevant = [e for e in state_events if e.get("type") in TRIGGER_TYPES and not (
-                e.get("sender") == self.matrix.user_id and e.get("type") in OWN_ECHOES)]
+            relevant = [
+                e
+                for e in state_events
+                if e.get("type") in TRIGGER_TYPES
+                and not (e.get("sender") == self.matrix.user_id and e.get("type") in OWN_ECHOES)
+            ]
             if relevant and room_id in self.cache:
                 trigger = True
                 if any(e.get("type") in ("m.space.child", "m.room.tombstone") for e in relevant):
                     full = True
-        for room_id in (rooms.get("leave") or {}):
+        for room_id in rooms.get("leave") or {}:
             self.cache.forget(RoomID(room_id))
             self.observer.joined.discard(RoomID(room_id))
         if full:
@@ -451,9 +496,14 @@ class App:
         if not isinstance(room, dict):
             return []
         events = (room.get("timeline") or {}).get("events") or []
-        return [(self.admin_room, e) for e in events
-                if isinstance(e, dict) and e.get("type") == "m.room.message" and isinstance(e.get("event_id"), str)
-                and e.get("sender") != self.matrix.user_id]
+        return [
+            (self.admin_room, e)
+            for e in events
+            if isinstance(e, dict)
+            and e.get("type") == "m.room.message"
+            and isinstance(e.get("event_id"), str)
+            and e.get("sender") != self.matrix.user_id
+        ]
 
     async def _on_invite(self, room_id: RoomID, room: dict[str, Any]) -> None:
         """Invites from admins only, and only to the admin room or to rooms listed under a managed Space.
@@ -482,8 +532,7 @@ class App:
     async def _accept_invites(self) -> None:
         for room_id, inviter in list(self._pending_invites.items()):
             if room_id != self.admin_room and room_id not in self.observer.seen:
-                log.info("invite pending: the room is not listed under a managed Space", room=room_id,
-                         inviter=inviter)
+                log.info("invite pending: the room is not listed under a managed Space", room=room_id, inviter=inviter)
                 await self._save_invites()
                 continue
             del self._pending_invites[room_id]
@@ -496,6 +545,7 @@ class App:
             log.info("joined after an admin's invite", room=room_id, inviter=inviter)
             self.observer.joined.add(room_id)
             self.request_reconcile(full=True)
+
     # endregion
 
     # region admin room
@@ -524,10 +574,13 @@ class App:
             return False
         try:
             events = await self.matrix.room_state(self.admin_room)
-        except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError):
             return False
-        state = {(e["type"], e["state_key"]): e for e in events
-                 if isinstance(e.get("type"), str) and isinstance(e.get("state_key"), str)}
+        state = {
+            (e["type"], e["state_key"]): e
+            for e in events
+            if isinstance(e.get("type"), str) and isinstance(e.get("state_key"), str)
+        }
         room = parse_room_state(self.admin_room, state)
         return user_level(room, user_id) >= self.config.admin.min_power_level
 
@@ -543,7 +596,7 @@ class App:
             try:
                 await self.matrix.send_notice(self.admin_room, text, html, txn=txn)
                 return
-            except (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
                 transient = not isinstance(e, MatrixRequestError) or e.http_status >= 500 or e.http_status == 429
                 if not transient or attempt == NOTICE_ATTEMPTS:
                     log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
@@ -578,4 +631,5 @@ class App:
         left = await self.store.journal.left_behind(batch)
         summary = batch_summary(batch, info.trigger, entries, self.room_name, left)
         await self.notify(summary.text, summary.html)
+
     # endregion

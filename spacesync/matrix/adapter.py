@@ -9,7 +9,8 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 import structlog
@@ -52,9 +53,17 @@ class LostLeadership(Exception):
 class MatrixAdapter:
     """A thin layer over mautrix's ClientAPI returning raw JSON where spacesync reads state itself."""
 
-    def __init__(self, base_url: str, user_id: UserID, *, access_token: str | None = None,
-                 password: str | None = None, device_id: str | None = None,
-                 request_timeout: float = DEFAULT_TIMEOUT, ratelimit_budget: float = RATELIMIT_BUDGET) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        user_id: UserID,
+        *,
+        access_token: str | None = None,
+        password: str | None = None,
+        device_id: str | None = None,
+        request_timeout: float = DEFAULT_TIMEOUT,
+        ratelimit_budget: float = RATELIMIT_BUDGET,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
         self.ratelimit_budget = ratelimit_budget
@@ -82,32 +91,49 @@ class MatrixAdapter:
     async def connect(self, saved_token: str | None = None) -> str:
         """Log in (token or password) and confirm with whoami. Returns the access token in use."""
         self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10))
-        api = SpacesyncHTTPAPI(self.base_url, self._token or saved_token or "", client_session=self.session,
-                               default_retry_count=0, log=logging.getLogger("spacesync.http"))
+        api = SpacesyncHTTPAPI(
+            self.base_url,
+            self._token or saved_token or "",
+            client_session=self.session,
+            default_retry_count=0,
+            log=logging.getLogger("spacesync.http"),
+        )
         self.client = ClientAPI(self.user_id, self._device_id, api=api)
         try:
             if api.token:
                 try:
                     return await self._whoami()
-                except MUnknownToken:
+                except MUnknownToken as e:
                     if self._token or not self._password:
-                        raise ConnectError("bot.access_token: the homeserver does not accept this token; "
-                                           "create a new one (log in as the bot) and update the config")
+                        raise ConnectError(
+                            "bot.access_token: the homeserver does not accept this token; "
+                            "create a new one (log in as the bot) and update the config"
+                        ) from e
             if self._password:
-                resp = await asyncio.wait_for(self.client.login(
-                    identifier=self.user_id, password=self._password, device_id=self._device_id or None,
-                    device_name="spacesync"), self.request_timeout)
+                resp = await asyncio.wait_for(
+                    self.client.login(
+                        identifier=self.user_id,
+                        password=self._password,
+                        device_id=self._device_id or None,
+                        device_name="spacesync",
+                    ),
+                    self.request_timeout,
+                )
                 self.client.device_id = resp.device_id
                 return await self._whoami()
             raise ConnectError("bot: no credential; set bot.access_token or bot.password")
-        except (ClientError, MatrixConnectionError, OSError, asyncio.TimeoutError) as e:
-            raise ConnectError(f"homeserver.url: cannot reach {self.base_url} ({type(e).__name__}: {e}); "
-                               "check the URL and that the homeserver is up") from e
+        except (TimeoutError, ClientError, MatrixConnectionError, OSError) as e:
+            raise ConnectError(
+                f"homeserver.url: cannot reach {self.base_url} ({type(e).__name__}: {e}); "
+                "check the URL and that the homeserver is up"
+            ) from e
         except MForbidden as e:
             raise ConnectError(f"bot: login refused for {self.user_id} ({e.message}); check the password") from e
         except MatrixRequestError as e:
-            raise ConnectError(f"homeserver.url: {self.base_url} answered {e.http_status} "
-                               f"({getattr(e, 'errcode', '')}: {getattr(e, 'message', '')})") from e
+            raise ConnectError(
+                f"homeserver.url: {self.base_url} answered {e.http_status} "
+                f"({getattr(e, 'errcode', '')}: {getattr(e, 'message', '')})"
+            ) from e
 
     async def _whoami(self) -> str:
         assert self.client is not None
@@ -121,8 +147,14 @@ class MatrixAdapter:
             await self.session.close()
             self.session = None
 
-    async def request(self, method: Method, path: Any, content: Any = None,
-                      query: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    async def request(
+        self,
+        method: Method,
+        path: Any,
+        content: Any = None,
+        query: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """One request, bounded by `timeout` (default: the configured request timeout), with 429 answers
         waited out: the wait pauses every request of the same rate-limit class, then this one is sent
         again, until the total wait would pass the budget (then the 429 is raised)."""
@@ -140,7 +172,8 @@ class MatrixAdapter:
             try:
                 return await asyncio.wait_for(
                     self.api.request(method, path, content=content, query_params=query or {}, retry_count=0),
-                    timeout or self.request_timeout)
+                    timeout or self.request_timeout,
+                )
             except MatrixRequestError as e:
                 if e.http_status != 429:
                     raise
@@ -212,8 +245,9 @@ class MatrixAdapter:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 self._last_hierarchy = time.monotonic()
-                data = await self.request(Method.GET, f"/_matrix/client/v1/rooms/{quote(root, safe='')}/hierarchy",
-                                          query=query, timeout=60)
+                data = await self.request(
+                    Method.GET, f"/_matrix/client/v1/rooms/{quote(root, safe='')}/hierarchy", query=query, timeout=60
+                )
             for room in data.get("rooms") or []:
                 if isinstance(room, dict) and isinstance(room.get("room_id"), str):
                     rooms.setdefault(room["room_id"], room)
@@ -225,6 +259,7 @@ class MatrixAdapter:
     async def resolve_alias(self, alias: str) -> RoomID:
         data = await self.request(Method.GET, Path.v3.directory.room[RoomAlias(alias)])
         return RoomID(data["room_id"])
+
     # endregion
 
     # region acting
@@ -253,8 +288,9 @@ class MatrixAdapter:
         data = await self.request(Method.PUT, Path.v3.rooms[room_id].state[event_type][state_key], content=content)
         return data.get("event_id", "")
 
-    async def send_notice(self, room_id: RoomID, body: str, html: str | None = None,
-                          reply_to: str | None = None, txn: str | None = None) -> str:
+    async def send_notice(
+        self, room_id: RoomID, body: str, html: str | None = None, reply_to: str | None = None, txn: str | None = None
+    ) -> str:
         """A notice; sending again with the same `txn` cannot post it twice."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
         if html:
@@ -264,4 +300,5 @@ class MatrixAdapter:
         txn = txn or self.api.get_txn_id()
         data = await self.request(Method.PUT, Path.v3.rooms[room_id].send["m.room.message"][txn], content=content)
         return data.get("event_id", "")
+
     # endregion

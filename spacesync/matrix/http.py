@@ -49,7 +49,10 @@ class SpacesyncHTTPAPI(HTTPAPI):
                 except (JSONDecodeError, ContentTypeError, KeyError, TypeError):
                     pass
                 error: MatrixRequestError = make_request_error(
-                    http_status=response.status, text=text, errcode=errcode, message=message,
+                    http_status=response.status,
+                    text=text,
+                    errcode=errcode,
+                    message=message,
                     unstable_errcode=unstable,
                 )
                 if response.status == 429:

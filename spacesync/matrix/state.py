@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from ..model import EventID, MemberState, Membership, PowerLevels, RoomID, RoomState, UserID
+from ..model import EventID, Membership, MemberState, PowerLevels, RoomID, RoomState, UserID
 
 StateKey = tuple[str, str]
 
@@ -25,7 +26,7 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
     if membership is None:
         return None
     event_id, sender, ts = event.get("event_id"), event.get("sender"), event.get("origin_server_ts")
-    if event_id is not None and not isinstance(event_id, str) or sender is not None and not isinstance(sender, str):
+    if (event_id is not None and not isinstance(event_id, str)) or (sender is not None and not isinstance(sender, str)):
         raise ValueError("member event whose event_id or sender is not a string")
     if isinstance(ts, bool) or not isinstance(ts, int):
         ts = 0  # informational only: a malformed timestamp costs nothing but the display
@@ -41,9 +42,12 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
             replaces = unsigned["replaces_state"]
     reason = content.get("reason")
     return MemberState(
-        membership=membership, event_id=EventID(event_id) if event_id else None,
-        sender=UserID(sender) if sender else None, ts=ts,
-        was_joined=was_joined, replaces=EventID(replaces) if replaces else None,
+        membership=membership,
+        event_id=EventID(event_id) if event_id else None,
+        sender=UserID(sender) if sender else None,
+        ts=ts,
+        was_joined=was_joined,
+        replaces=EventID(replaces) if replaces else None,
         reason=reason if isinstance(reason, str) else None,
     )
 
@@ -70,7 +74,9 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
     allow = tuple(
         RoomID(entry["room_id"])
         for entry in (allow_raw if isinstance(allow_raw, list) else [])
-        if isinstance(entry, dict) and entry.get("type") == "m.room_membership" and isinstance(entry.get("room_id"), str)
+        if isinstance(entry, dict)
+        and entry.get("type") == "m.room_membership"
+        and isinstance(entry.get("room_id"), str)
     )
     children: dict[RoomID, tuple[str, ...]] = {}
     child_senders: dict[RoomID, UserID] = {}
@@ -100,7 +106,9 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         room_id=room_id,
         room_version=str(version) if isinstance(version, (str, int)) and not isinstance(version, bool) else None,
         create_sender=UserID(create["sender"]) if isinstance(create.get("sender"), str) else None,
-        additional_creators=frozenset(UserID(u) for u in extra if isinstance(u, str)) if isinstance(extra, list) else frozenset(),
+        additional_creators=frozenset(UserID(u) for u in extra if isinstance(u, str))
+        if isinstance(extra, list)
+        else frozenset(),
         is_space=create_content.get("type") == "m.space",
         join_rule=join_rules.get("join_rule") if isinstance(join_rules.get("join_rule"), str) else None,
         allow=allow,

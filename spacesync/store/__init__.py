@@ -8,7 +8,8 @@ import json
 import logging
 import os
 import sqlite3
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import structlog
@@ -19,8 +20,7 @@ from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
 from .journal import Journal, Status, now_ms
 from .migrations import upgrade_table
 
-__all__ = ["Store", "StoreError", "Journal", "Status", "AuditRecord", "QueuedCommand", "SeenMembership",
-           "unreachable"]
+__all__ = ["AuditRecord", "Journal", "QueuedCommand", "SeenMembership", "Status", "Store", "StoreError", "unreachable"]
 
 log = structlog.get_logger("spacesync.store")
 LEADER_LOCK_KEY = 0x5350_4353  # "SPCS": the PostgreSQL advisory lock that elects the acting instance
@@ -35,8 +35,9 @@ def unreachable(error: BaseException) -> bool:
         return True
     import asyncpg
 
-    return isinstance(error, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                              asyncpg.exceptions.OperatorInterventionError))
+    return isinstance(
+        error, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.exceptions.OperatorInterventionError)
+    )
 
 
 def _db_logger() -> logging.Logger:
@@ -68,6 +69,7 @@ class StoreError(Exception):
 @attrs.frozen
 class QueuedCommand:
     """An admin-room message received from /sync, kept until its reply is sent (survives a crash)."""
+
     seq: int
     event_id: str
     room_id: RoomID
@@ -95,7 +97,9 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.db = Database.create(
-            url, upgrade_table=upgrade_table, log=_db_logger(),
+            url,
+            upgrade_table=upgrade_table,
+            log=_db_logger(),
             db_args={"min_size": 1, "max_size": 5} if not url.startswith("sqlite") else {},
         )
         self.journal = Journal(self.db)
@@ -140,12 +144,17 @@ class Store:
                 try:
                     if self._lock_conn is None or self._lock_conn.is_closed():
                         self._lock_conn = await asyncpg.connect(self.url, timeout=LOCK_QUERY_TIMEOUT_S)
-                    got = bool(await asyncio.wait_for(self._lock_conn.fetchval(
-                        "SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY), LOCK_QUERY_TIMEOUT_S))
-                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    got = bool(
+                        await asyncio.wait_for(
+                            self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY),
+                            LOCK_QUERY_TIMEOUT_S,
+                        )
+                    )
+                except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                     if self.lock_error is None:
-                        log.warning("database unreachable while standing by: retrying",
-                                    error=f"{type(e).__name__}: {e}")
+                        log.warning(
+                            "database unreachable while standing by: retrying", error=f"{type(e).__name__}: {e}"
+                        )
                     self.lock_error = f"{type(e).__name__}: {e}"
                     await self._drop_lock_conn()
                     return False
@@ -173,10 +182,16 @@ class Store:
             if conn is None or conn.is_closed():
                 return False
             try:
-                return bool(await asyncio.wait_for(conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                    " AND pid = pg_backend_pid() AND classid = 0 AND objid = $1 AND objsubid = 1)",
-                    LEADER_LOCK_KEY), LOCK_QUERY_TIMEOUT_S))
+                return bool(
+                    await asyncio.wait_for(
+                        conn.fetchval(
+                            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                            " AND pid = pg_backend_pid() AND classid = 0 AND objid = $1 AND objsubid = 1)",
+                            LEADER_LOCK_KEY,
+                        ),
+                        LOCK_QUERY_TIMEOUT_S,
+                    )
+                )
             except Exception:  # unconfirmed is not held: never risk two acting instances
                 return False
 
@@ -196,6 +211,7 @@ class Store:
             await asyncio.wait_for(conn.close(), LOCK_QUERY_TIMEOUT_S)
         except Exception:
             conn.terminate()
+
     # endregion
 
     # region key-value state
@@ -205,18 +221,36 @@ class Store:
     async def put(self, key: str, value: str) -> None:
         await self.db.execute(
             "INSERT INTO kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
-            key, value,
+            key,
+            value,
         )
+
     # endregion
 
     # region audit log
-    async def audit(self, action: Action, outcome: str, *, journal_id: int | None = None,
-                    batch: str | None = None, trigger: str = "", detail: Any = None) -> None:
+    async def audit(
+        self,
+        action: Action,
+        outcome: str,
+        *,
+        journal_id: int | None = None,
+        batch: str | None = None,
+        trigger: str = "",
+        detail: Any = None,
+    ) -> None:
         await self.db.execute(
             "INSERT INTO audit (ts, journal_id, batch, kind, room_id, target, reason, trigger, outcome, detail)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            now_ms(), journal_id, batch, action.kind.value, action.room_id, action.user_id or action.state_key or "",
-            action.reason, trigger, outcome, None if detail is None else json.dumps(detail),
+            now_ms(),
+            journal_id,
+            batch,
+            action.kind.value,
+            action.room_id,
+            action.user_id or action.state_key or "",
+            action.reason,
+            trigger,
+            outcome,
+            None if detail is None else json.dumps(detail),
         )
 
     async def audit_log(self, limit: int = 20, target: str | None = None) -> list[AuditRecord]:
@@ -228,6 +262,7 @@ class Store:
         query += f" ORDER BY id DESC LIMIT ${len(args) + 1}"
         rows = await self.db.fetch(query, *args, limit)
         return [AuditRecord(**{f.name: r[f.name] for f in attrs.fields(AuditRecord)}) for r in rows]
+
     # endregion
 
     # region the bot's own records
@@ -239,7 +274,9 @@ class Store:
         await self.db.execute(
             "INSERT INTO placed_ban (room_id, user_id, cause) VALUES ($1, $2, $3)"
             " ON CONFLICT (room_id, user_id) DO UPDATE SET cause=excluded.cause",
-            ban.room_id, ban.user_id, ban.cause,
+            ban.room_id,
+            ban.user_id,
+            ban.cause,
         )
 
     async def forget_ban(self, room_id: RoomID, user_id: UserID) -> None:
@@ -262,15 +299,22 @@ class Store:
             "INSERT INTO owned_level (room_id, user_id, written, previous, released) VALUES ($1, $2, $3, $4, $5)"
             " ON CONFLICT (room_id, user_id) DO UPDATE SET written=excluded.written, previous=excluded.previous,"
             " released=excluded.released",
-            room_id, user_id, owned.written, owned.previous, owned.released,
+            room_id,
+            user_id,
+            owned.written,
+            owned.previous,
+            owned.released,
         )
 
     async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:
         rows = await self.db.fetch(
-            "SELECT room_id, user_id, event_id, membership, was_joined, seen_at FROM member_history")
+            "SELECT room_id, user_id, event_id, membership, was_joined, seen_at FROM member_history"
+        )
         return {
             (RoomID(r["room_id"]), UserID(r["user_id"])): SeenMembership(
-                r["event_id"], r["membership"], None if r["was_joined"] is None else bool(r["was_joined"]),
+                r["event_id"],
+                r["membership"],
+                None if r["was_joined"] is None else bool(r["was_joined"]),
                 int(r["seen_at"]),
             )
             for r in rows
@@ -284,8 +328,10 @@ class Store:
             " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, user_id) DO UPDATE SET"
             " event_id=excluded.event_id, membership=excluded.membership, was_joined=excluded.was_joined,"
             " seen_at=excluded.seen_at",
-            [(room_id, user_id, s.event_id, s.membership, s.was_joined, s.seen_at)
-             for (room_id, user_id), s in rows.items()],
+            [
+                (room_id, user_id, s.event_id, s.membership, s.was_joined, s.seen_at)
+                for (room_id, user_id), s in rows.items()
+            ],
         )
 
     async def move_room_records(self, old: RoomID, new: RoomID) -> None:
@@ -295,9 +341,11 @@ class Store:
                 "INSERT INTO owned_level (room_id, user_id, written, previous, released)"
                 " SELECT $1, user_id, written, previous, released FROM owned_level WHERE room_id=$2"
                 " ON CONFLICT (room_id, user_id) DO NOTHING",
-                new, old,
+                new,
+                old,
             )
             await conn.execute("DELETE FROM owned_level WHERE room_id=$1", old)
+
     # endregion
 
     # region settings changed from the admin room
@@ -309,7 +357,9 @@ class Store:
         result = await self.db.fetchval(
             "INSERT INTO managed_space (room_id, added_by, added_at) VALUES ($1, $2, $3)"
             " ON CONFLICT (room_id) DO NOTHING RETURNING room_id",
-            room_id, added_by, now_ms(),
+            room_id,
+            added_by,
+            now_ms(),
         )
         return result is not None
 
@@ -328,7 +378,9 @@ class Store:
     async def add_extra_room(self, space_id: RoomID, room_id: RoomID, added_by: UserID) -> None:
         await self.db.execute(
             "INSERT INTO extra_room (space_id, room_id, added_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            space_id, room_id, added_by,
+            space_id,
+            room_id,
+            added_by,
         )
 
     async def remove_extra_room(self, room_id: RoomID) -> bool:
@@ -344,7 +396,9 @@ class Store:
         result = await self.db.fetchval(
             "INSERT INTO exempt_user (user_id, added_by, added_at) VALUES ($1, $2, $3)"
             " ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
-            user_id, added_by, now_ms(),
+            user_id,
+            added_by,
+            now_ms(),
         )
         return result is not None
 
@@ -358,9 +412,11 @@ class Store:
         result = await self.db.fetchval(
             "INSERT INTO handled_event (event_id, ts) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING"
             " RETURNING event_id",
-            event_id, now_ms(),
+            event_id,
+            now_ms(),
         )
         return result is not None
+
     # endregion
 
     # region admin-room commands waiting for their reply
@@ -369,7 +425,11 @@ class Store:
         result = await self.db.fetchval(
             "INSERT INTO command_queue (event_id, room_id, sender, event, received_at) VALUES ($1, $2, $3, $4, $5)"
             " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-            event["event_id"], room_id, str(event.get("sender") or ""), json.dumps(dict(event)), now_ms(),
+            event["event_id"],
+            room_id,
+            str(event.get("sender") or ""),
+            json.dumps(dict(event)),
+            now_ms(),
         )
         return result is not None
 
@@ -377,16 +437,22 @@ class Store:
         """Commands not answered yet, oldest first."""
         rows = await self.db.fetch(
             "SELECT seq, event_id, room_id, sender, event FROM command_queue WHERE done_at IS NULL"
-            " ORDER BY seq LIMIT $1", limit,
+            " ORDER BY seq LIMIT $1",
+            limit,
         )
-        return [QueuedCommand(r["seq"], r["event_id"], RoomID(r["room_id"]), UserID(r["sender"]),
-                              json.loads(r["event"])) for r in rows]
+        return [
+            QueuedCommand(r["seq"], r["event_id"], RoomID(r["room_id"]), UserID(r["sender"]), json.loads(r["event"]))
+            for r in rows
+        ]
 
     async def command_done(self, event_id: str) -> None:
         await self.db.execute("UPDATE command_queue SET done_at=$1 WHERE event_id=$2", now_ms(), event_id)
 
     async def command_waiting(self, event_id: str) -> bool:
         """Whether a queued command still waits for its reply (true of one cut short by a crash)."""
-        return await self.db.fetchval(
-            "SELECT event_id FROM command_queue WHERE event_id=$1 AND done_at IS NULL", event_id) is not None
+        return (
+            await self.db.fetchval("SELECT event_id FROM command_queue WHERE event_id=$1 AND done_at IS NULL", event_id)
+            is not None
+        )
+
     # endregion

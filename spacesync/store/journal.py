@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import attrs
 from mautrix.util.async_db import Database
@@ -48,20 +49,20 @@ class BatchIdExhausted(Exception):
 
 
 def encode_action(action: Action) -> str:
-    return json.dumps({
-        "kind": action.kind.value,
-        "room_id": action.room_id,
-        "user_id": action.user_id,
-        "state_key": action.state_key,
-        "reason": action.reason,
-        "space_id": action.space_id,
-        "cause": action.cause,
-        "content": action.content,
-        "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in action.changes.items()},
-        "ownership": {
-            u: None if o is None else [o.written, o.previous] for u, o in action.ownership.items()
-        },
-    })
+    return json.dumps(
+        {
+            "kind": action.kind.value,
+            "room_id": action.room_id,
+            "user_id": action.user_id,
+            "state_key": action.state_key,
+            "reason": action.reason,
+            "space_id": action.space_id,
+            "cause": action.cause,
+            "content": action.content,
+            "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in action.changes.items()},
+            "ownership": {u: None if o is None else [o.written, o.previous] for u, o in action.ownership.items()},
+        }
+    )
 
 
 def decode_action(body: str) -> Action:
@@ -103,9 +104,16 @@ class Entry:
     @classmethod
     def from_row(cls, row: Any) -> Entry:
         return cls(
-            id=row["id"], batch=row["batch"], action=decode_action(row["body"]), status=Status(row["status"]),
-            attempts=row["attempts"], error=row["error"], created_at=row["created_at"],
-            not_before=row["not_before"] or 0, failures=row["failures"] or 0, fingerprint=row["fingerprint"],
+            id=row["id"],
+            batch=row["batch"],
+            action=decode_action(row["body"]),
+            status=Status(row["status"]),
+            attempts=row["attempts"],
+            error=row["error"],
+            created_at=row["created_at"],
+            not_before=row["not_before"] or 0,
+            failures=row["failures"] or 0,
+            fingerprint=row["fingerprint"],
         )
 
 
@@ -130,8 +138,7 @@ class Journal:
         self.db = db
         self.new_id: Callable[[], str] = new_batch_id
 
-    async def add_new_batch(self, trigger: str, space_id: str | None, actions: Iterable[Action],
-                            status: Status) -> str:
+    async def add_new_batch(self, trigger: str, space_id: str | None, actions: Iterable[Action], status: Status) -> str:
         """Journal actions as a batch under a fresh id, unique among all batches ever made: the id is
         claimed in the same transaction as the entries, and drawn again if taken."""
         actions = list(actions)
@@ -143,12 +150,31 @@ class Journal:
                 return batch_id
         raise BatchIdExhausted("no free batch id after 100 draws")
 
-    async def add_batch(self, batch_id: str, trigger: str, space_id: str | None, actions: Iterable[Action],
-                        status: Status, *, claim: bool = False) -> int:
+    async def add_batch(
+        self,
+        batch_id: str,
+        trigger: str,
+        space_id: str | None,
+        actions: Iterable[Action],
+        status: Status,
+        *,
+        claim: bool = False,
+    ) -> int:
         """Journal actions as a batch; with `claim`, an id already taken writes nothing and returns 0."""
         rows = [
-            (batch_id, a.kind.value, a.room_id, a.user_id or a.state_key or "", a.space_id, a.cause, a.reason,
-             encode_action(a), status.value, now_ms(), now_ms())
+            (
+                batch_id,
+                a.kind.value,
+                a.room_id,
+                a.user_id or a.state_key or "",
+                a.space_id,
+                a.cause,
+                a.reason,
+                encode_action(a),
+                status.value,
+                now_ms(),
+                now_ms(),
+            )
             for a in actions
         ]
         if not rows:
@@ -156,8 +182,12 @@ class Journal:
         async with self.db.acquire() as conn, conn.transaction():
             conflict = " ON CONFLICT (id) DO NOTHING RETURNING id" if claim else " RETURNING id"
             claimed = await conn.fetchval(
-                "INSERT INTO batch (id, trigger, space_id, status, created_at) VALUES ($1, $2, $3, $4, $5)"
-                + conflict, batch_id, trigger, space_id, "held" if status is Status.HELD else "open", now_ms(),
+                "INSERT INTO batch (id, trigger, space_id, status, created_at) VALUES ($1, $2, $3, $4, $5)" + conflict,
+                batch_id,
+                trigger,
+                space_id,
+                "held" if status is Status.HELD else "open",
+                now_ms(),
             )
             if claimed is None:
                 return 0
@@ -179,7 +209,8 @@ class Journal:
         """Keys of actions done since `since_ms`: a plan made from state read before then may repeat them."""
         rows = await self.db.fetch(
             "SELECT kind, room_id, target FROM journal WHERE status = $1 AND updated_at >= $2",
-            Status.DONE.value, since_ms,
+            Status.DONE.value,
+            since_ms,
         )
         return {f"{r['kind']}|{r['room_id']}|{r['target']}" for r in rows}
 
@@ -187,7 +218,10 @@ class Journal:
         """Entries to run now: pending or interrupted, and not backing off."""
         rows = await self.db.fetch(
             f"SELECT {_COLUMNS} FROM journal WHERE status IN ($1, $2) AND not_before <= $3 ORDER BY id LIMIT $4",
-            Status.PENDING.value, Status.RUNNING.value, now_ms() if now is None else now, limit,
+            Status.PENDING.value,
+            Status.RUNNING.value,
+            now_ms() if now is None else now,
+            limit,
         )
         return [Entry.from_row(r) for r in rows]
 
@@ -195,32 +229,44 @@ class Journal:
         """The earliest time (ms) a backing-off entry may run, if any is waiting."""
         value = await self.db.fetchval(
             "SELECT MIN(not_before) FROM journal WHERE status = $1 AND not_before > $2",
-            Status.PENDING.value, now_ms(),
+            Status.PENDING.value,
+            now_ms(),
         )
         return int(value) if value is not None else None
 
     async def back_off(self, entry_id: int, error: str, not_before: int, *, refused: bool) -> None:
         """Back to pending, not before `not_before`; a refusal (4xx) counts toward parking."""
         await self.db.execute(
-            "UPDATE journal SET status=$1, error=$2, not_before=$3, failures=failures + $4, updated_at=$5"
-            " WHERE id=$6",
-            Status.PENDING.value, error, not_before, 1 if refused else 0, now_ms(), entry_id,
+            "UPDATE journal SET status=$1, error=$2, not_before=$3, failures=failures + $4, updated_at=$5 WHERE id=$6",
+            Status.PENDING.value,
+            error,
+            not_before,
+            1 if refused else 0,
+            now_ms(),
+            entry_id,
         )
 
     async def park(self, entry_id: int, error: str, fingerprint: str) -> None:
         await self.db.execute(
-            "UPDATE journal SET status=$1, error=$2, fingerprint=$3, failures=failures + 1, updated_at=$4"
-            " WHERE id=$5",
-            Status.PARKED.value, error, fingerprint, now_ms(), entry_id,
+            "UPDATE journal SET status=$1, error=$2, fingerprint=$3, failures=failures + 1, updated_at=$4 WHERE id=$5",
+            Status.PARKED.value,
+            error,
+            fingerprint,
+            now_ms(),
+            entry_id,
         )
 
     async def parked(self, batch_id: str | None = None, limit: int = 1000) -> list[Entry]:
         if batch_id is None:
-            rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM journal WHERE status=$1 ORDER BY id LIMIT $2",
-                                       Status.PARKED.value, limit)
+            rows = await self.db.fetch(
+                f"SELECT {_COLUMNS} FROM journal WHERE status=$1 ORDER BY id LIMIT $2", Status.PARKED.value, limit
+            )
         else:
-            rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM journal WHERE status=$1 AND batch=$2 ORDER BY id",
-                                       Status.PARKED.value, batch_id)
+            rows = await self.db.fetch(
+                f"SELECT {_COLUMNS} FROM journal WHERE status=$1 AND batch=$2 ORDER BY id",
+                Status.PARKED.value,
+                batch_id,
+            )
         return [Entry.from_row(r) for r in rows]
 
     async def parked_fingerprints(self) -> dict[str, str]:
@@ -239,8 +285,8 @@ class Journal:
             rows.append((Status.FAILED.value, now_ms(), kind, room_id, target, Status.PARKED.value))
         if rows:
             await self.db.executemany(
-                "UPDATE journal SET status=$1, updated_at=$2 WHERE kind=$3 AND room_id=$4 AND target=$5"
-                " AND status=$6", rows,
+                "UPDATE journal SET status=$1, updated_at=$2 WHERE kind=$3 AND room_id=$4 AND target=$5 AND status=$6",
+                rows,
             )
 
     async def unpark(self, batch_id: str | None = None) -> list[Entry]:
@@ -259,7 +305,8 @@ class Journal:
         """Record a notice about `key`; False when one was already sent (one notice per action and reason)."""
         result = await self.db.fetchval(
             "INSERT INTO notice_sent (key, ts) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING key",
-            key, now_ms(),
+            key,
+            now_ms(),
         )
         return result is not None
 
@@ -275,7 +322,12 @@ class Journal:
             "SELECT DISTINCT j.target FROM journal j JOIN batch b ON b.id = j.batch"
             " WHERE j.space_id=$1 AND j.kind IN ($2, $3) AND j.status IN ($4, $5, $6) AND j.created_at >= $7"
             " AND b.status <> $8",
-            space_id, *EVICTION_KINDS, Status.PENDING.value, Status.RUNNING.value, Status.DONE.value, since_ms,
+            space_id,
+            *EVICTION_KINDS,
+            Status.PENDING.value,
+            Status.RUNNING.value,
+            Status.DONE.value,
+            since_ms,
             "released",
         )
         return {r["target"] for r in rows}
@@ -287,14 +339,26 @@ class Journal:
             f"SELECT b.id FROM batch b WHERE b.status='held' AND {where}"
             " AND EXISTS (SELECT 1 FROM journal j WHERE j.batch=b.id AND j.status=$1)"
             " ORDER BY b.created_at DESC LIMIT 1",
-            Status.HELD.value, *args,
+            Status.HELD.value,
+            *args,
         )
         return row["id"] if row is not None else None
 
     async def add_to_batch(self, batch_id: str, actions: Iterable[Action], status: Status) -> int:
         rows = [
-            (batch_id, a.kind.value, a.room_id, a.user_id or a.state_key or "", a.space_id, a.cause, a.reason,
-             encode_action(a), status.value, now_ms(), now_ms())
+            (
+                batch_id,
+                a.kind.value,
+                a.room_id,
+                a.user_id or a.state_key or "",
+                a.space_id,
+                a.cause,
+                a.reason,
+                encode_action(a),
+                status.value,
+                now_ms(),
+                now_ms(),
+            )
             for a in actions
         ]
         if rows:
@@ -309,7 +373,8 @@ class Journal:
         marks = ", ".join(f"${i + 1}" for i in range(len(statuses)))
         rows = await self.db.fetch(
             f"SELECT {_COLUMNS} FROM journal WHERE status IN ({marks}) ORDER BY id LIMIT ${len(statuses) + 1}",
-            *[s.value for s in statuses], limit,
+            *[s.value for s in statuses],
+            limit,
         )
         return [Entry.from_row(r) for r in rows]
 
@@ -317,11 +382,14 @@ class Journal:
         rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM journal WHERE batch=$1 ORDER BY id", batch_id)
         return [Entry.from_row(r) for r in rows]
 
-    async def set_status(self, entry_id: int, status: Status, error: str | None = None,
-                         attempt: bool = False) -> None:
+    async def set_status(self, entry_id: int, status: Status, error: str | None = None, attempt: bool = False) -> None:
         await self.db.execute(
             "UPDATE journal SET status=$1, error=$2, updated_at=$3, attempts=attempts + $4 WHERE id=$5",
-            status.value, error, now_ms(), 1 if attempt else 0, entry_id,
+            status.value,
+            error,
+            now_ms(),
+            1 if attempt else 0,
+            entry_id,
         )
 
     async def set_batch_status(self, batch_id: str, status: str, from_status: Status, to_status: Status) -> int:
@@ -332,7 +400,10 @@ class Journal:
             )
             await conn.execute(
                 "UPDATE journal SET status=$1, updated_at=$2 WHERE batch=$3 AND status=$4",
-                to_status.value, now_ms(), batch_id, from_status.value,
+                to_status.value,
+                now_ms(),
+                batch_id,
+                from_status.value,
             )
         return int(count or 0)
 
@@ -350,7 +421,9 @@ class Journal:
         count = await self.db.fetchval(f"SELECT COUNT(*) FROM journal WHERE {where}", *args)
         await self.db.execute(
             f"UPDATE journal SET status=${len(args) + 1}, updated_at=${len(args) + 2} WHERE {where}",
-            *args, Status.CANCELLED.value, now_ms(),
+            *args,
+            Status.CANCELLED.value,
+            now_ms(),
         )
         return int(count or 0)
 
@@ -361,8 +434,14 @@ class Journal:
         counts = await self.db.fetch(
             "SELECT status, COUNT(*) AS n FROM journal WHERE batch=$1 GROUP BY status", batch_id
         )
-        return Batch(row["id"], row["trigger"], row["space_id"], row["status"], row["created_at"],
-                     {r["status"]: int(r["n"]) for r in counts})
+        return Batch(
+            row["id"],
+            row["trigger"],
+            row["space_id"],
+            row["status"],
+            row["created_at"],
+            {r["status"]: int(r["n"]) for r in counts},
+        )
 
     async def batch_ids_like(self, text: str, limit: int = 6) -> list[str]:
         """The batch `text` names: its exact id, else the ids it is a prefix of (newest first)."""
@@ -372,7 +451,9 @@ class Journal:
             return []
         rows = await self.db.fetch(
             "SELECT id FROM batch WHERE substr(id, 1, $1) = $2 ORDER BY created_at DESC LIMIT $3",
-            len(text), text, limit,
+            len(text),
+            text,
+            limit,
         )
         return [r["id"] for r in rows]
 
@@ -398,6 +479,7 @@ class Journal:
     async def depth(self) -> dict[str, int]:
         rows = await self.db.fetch(
             "SELECT status, COUNT(*) AS n FROM journal WHERE status IN ($1, $2, $3, $4) GROUP BY status",
-            *[s.value for s in OPEN], Status.PARKED.value,
+            *[s.value for s in OPEN],
+            Status.PARKED.value,
         )
         return {r["status"]: int(r["n"]) for r in rows}

@@ -74,10 +74,21 @@ LOOPBACK: Final = "127.0.0.1"
 _CHUNK: Final = 64 * 1024
 # Per connection, not end-to-end, so never passed on (RFC 9110 section 7.6.1); plus Host (the
 # upstream's own), Content-Length (recomputed) and Content-Encoding (aiohttp decompresses answers).
-_HOP_BY_HOP: Final = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
-})
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+    }
+)
 
 JSONValue = Any
 Headers = list[tuple[str, str]]
@@ -260,8 +271,9 @@ class FaultProxy:
 
     # Rules
 
-    def add_rule(self, fault: Fault, path: str | re.Pattern[str] = "", *, method: str | None = None,
-                 times: int | None = None) -> Rule:
+    def add_rule(
+        self, fault: Fault, path: str | re.Pattern[str] = "", *, method: str | None = None, times: int | None = None
+    ) -> Rule:
         """Apply `fault` to requests whose path matches the regex `path` (searched, so ``""`` matches all).
 
         Rules are tried in the order they were added; the first that matches and has uses left wins.
@@ -277,42 +289,76 @@ class FaultProxy:
         for rule in list(self._rules):
             rule.remove()
 
-    def respond(self, path: str | re.Pattern[str], status: int, body: JSONValue = None, *,
-                headers: Mapping[str, str] | None = None, method: str | None = None,
-                times: int | None = None) -> Rule:
-        return self.add_rule(Respond(status, {} if body is None else body, headers or {}), path,
-                             method=method, times=times)
+    def respond(
+        self,
+        path: str | re.Pattern[str],
+        status: int,
+        body: JSONValue = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        method: str | None = None,
+        times: int | None = None,
+    ) -> Rule:
+        return self.add_rule(
+            Respond(status, {} if body is None else body, headers or {}), path, method=method, times=times
+        )
 
-    def rate_limit(self, path: str | re.Pattern[str], *, retry_after_ms: int = 1000, method: str | None = None,
-                   times: int | None = 1) -> Rule:
+    def rate_limit(
+        self,
+        path: str | re.Pattern[str],
+        *,
+        retry_after_ms: int = 1000,
+        method: str | None = None,
+        times: int | None = 1,
+    ) -> Rule:
         """Answer 429 ``M_LIMIT_EXCEEDED`` with `retry_after_ms` and ``Retry-After``."""
         body = {"errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests", "retry_after_ms": retry_after_ms}
         return self.respond(path, 429, body, method=method, times=times)
 
-    def fail(self, path: str | re.Pattern[str], *, status: int = 502, method: str | None = None,
-             times: int | None = None) -> Rule:
+    def fail(
+        self, path: str | re.Pattern[str], *, status: int = 502, method: str | None = None, times: int | None = None
+    ) -> Rule:
         """Answer a server error (``M_UNKNOWN``), as an overloaded homeserver or its gateway would."""
         body = {"errcode": "M_UNKNOWN", "error": f"Injected HTTP {status}"}
         return self.respond(path, status, body, method=method, times=times)
 
-    def forbid(self, path: str | re.Pattern[str], *, error: str = "Forbidden", method: str | None = None,
-               times: int | None = None) -> Rule:
+    def forbid(
+        self,
+        path: str | re.Pattern[str],
+        *,
+        error: str = "Forbidden",
+        method: str | None = None,
+        times: int | None = None,
+    ) -> Rule:
         """Answer 403 ``M_FORBIDDEN``."""
         return self.respond(path, 403, {"errcode": "M_FORBIDDEN", "error": error}, method=method, times=times)
 
-    def hang(self, path: str | re.Pattern[str], seconds: float | None = None, *, method: str | None = None,
-             times: int | None = None) -> Rule:
+    def hang(
+        self,
+        path: str | re.Pattern[str],
+        seconds: float | None = None,
+        *,
+        method: str | None = None,
+        times: int | None = None,
+    ) -> Rule:
         return self.add_rule(Hang(seconds), path, method=method, times=times)
 
-    def delay_response(self, path: str | re.Pattern[str], seconds: float, *, method: str | None = None,
-                       times: int | None = None) -> Rule:
+    def delay_response(
+        self, path: str | re.Pattern[str], seconds: float, *, method: str | None = None, times: int | None = None
+    ) -> Rule:
         return self.add_rule(DelayResponse(seconds), path, method=method, times=times)
 
     def drop(self, path: str | re.Pattern[str], *, method: str | None = None, times: int | None = None) -> Rule:
         return self.add_rule(Drop(), path, method=method, times=times)
 
-    def rewrite(self, path: str | re.Pattern[str], fn: Callable[[JSONValue], JSONValue | bytes], *,
-                method: str | None = None, times: int | None = None) -> Rule:
+    def rewrite(
+        self,
+        path: str | re.Pattern[str],
+        fn: Callable[[JSONValue], JSONValue | bytes],
+        *,
+        method: str | None = None,
+        times: int | None = None,
+    ) -> Rule:
         return self.add_rule(Rewrite(fn), path, method=method, times=times)
 
     # Request log
@@ -321,8 +367,9 @@ class FaultProxy:
         """Logged requests whose path matches the regex `path` (and `method`, when given), oldest first."""
         pattern = re.compile(path)
         wanted = method.upper() if method else None
-        return [entry for entry in self.log
-                if (wanted is None or entry.method == wanted) and pattern.search(entry.path)]
+        return [
+            entry for entry in self.log if (wanted is None or entry.method == wanted) and pattern.search(entry.path)
+        ]
 
     def count(self, path: str | re.Pattern[str] = "", method: str | None = None) -> int:
         return len(self.requests(path, method))
@@ -365,8 +412,12 @@ class FaultProxy:
         match fault:
             case Respond(status=status, body=body, headers=headers):
                 extra = dict(headers)
-                if (status == 429 and isinstance(body, dict) and isinstance(body.get("retry_after_ms"), int | float)
-                        and not any(key.lower() == "retry-after" for key in extra)):
+                if (
+                    status == 429
+                    and isinstance(body, dict)
+                    and isinstance(body.get("retry_after_ms"), int | float)
+                    and not any(key.lower() == "retry-after" for key in extra)
+                ):
                     extra["Retry-After"] = str(math.ceil(body["retry_after_ms"] / 1000))
                 return web.json_response(body, status=status, headers=extra)
             case Drop():
@@ -384,8 +435,10 @@ class FaultProxy:
                 try:
                     document = json.loads(body)
                 except ValueError:
-                    error = (f"fault proxy: cannot rewrite the answer to {request.method} {request.path}: "
-                             f"the upstream's HTTP {status} body is not JSON; narrow the rule's path or method")
+                    error = (
+                        f"fault proxy: cannot rewrite the answer to {request.method} {request.path}: "
+                        f"the upstream's HTTP {status} body is not JSON; narrow the rule's path or method"
+                    )
                     log.warning("fault proxy rewrite skipped", method=request.method, path=request.path)
                     return web.json_response({"errcode": "M_UNKNOWN", "error": error}, status=502)
                 result = fn(document)
@@ -399,8 +452,9 @@ class FaultProxy:
         body = await request.read()
         url = URL(self.upstream + request.raw_path, encoded=True)
         try:
-            async with self._session.request(request.method, url, headers=headers, data=body or None,
-                                             allow_redirects=False) as upstream:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body or None, allow_redirects=False
+            ) as upstream:
                 answer = await upstream.read()
                 reply = _end_to_end(upstream.headers)
                 return upstream.status, reply, answer
@@ -504,8 +558,9 @@ class TcpProxy:
         try:
             up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
         except OSError as exc:
-            log.warning("tcp proxy upstream unreachable", upstream=f"{self.upstream_host}:{self.upstream_port}",
-                        error=repr(exc))
+            log.warning(
+                "tcp proxy upstream unreachable", upstream=f"{self.upstream_host}:{self.upstream_port}", error=repr(exc)
+            )
             writer.transport.abort()
             return
         link = _Link(writer, up_writer)

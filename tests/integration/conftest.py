@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,12 +32,23 @@ class World:
         users.update(extra or {})
         return {"users": users, **overrides}
 
-    async def space(self, name: str = "space", *, version: str = "10", parent: str | None = None,
-                    restricted: bool = True, levels: dict[str, int] | None = None, bot: bool = True) -> str:
+    async def space(
+        self,
+        name: str = "space",
+        *,
+        version: str = "10",
+        parent: str | None = None,
+        restricted: bool = True,
+        levels: dict[str, int] | None = None,
+        bot: bool = True,
+    ) -> str:
         """A Space: public at the top, restricted to its parent below it."""
         rule = "restricted" if parent and restricted else "public"
         room_id = await self.owner.client.create_space(
-            name=name, room_version=version, join_rule=rule, allow=[parent] if parent and restricted else [],
+            name=name,
+            room_version=version,
+            join_rule=rule,
+            allow=[parent] if parent and restricted else [],
             power_level_content_override=self._levels(levels, version),
         )
         if parent:
@@ -45,14 +57,27 @@ class World:
             await self.bot.client.join(room_id)
         return room_id
 
-    async def room(self, parent: str | None, name: str = "room", *, version: str = "10",
-                   join_rule: str = "restricted", allow: list[str] | None = None, add_child: bool = True,
-                   levels: dict[str, int] | None = None, bot: bool = True, **pl: Any) -> str:
+    async def room(
+        self,
+        parent: str | None,
+        name: str = "room",
+        *,
+        version: str = "10",
+        join_rule: str = "restricted",
+        allow: list[str] | None = None,
+        add_child: bool = True,
+        levels: dict[str, int] | None = None,
+        bot: bool = True,
+        **pl: Any,
+    ) -> str:
         """A room, by default restricted to `parent` and listed as its child."""
         if allow is None:
             allow = [parent] if parent and join_rule in ("restricted", "knock_restricted") else []
         room_id = await self.owner.client.create_room(
-            name=name, room_version=version, join_rule=join_rule, allow=allow,
+            name=name,
+            room_version=version,
+            join_rule=join_rule,
+            allow=allow,
             power_level_content_override=self._levels(levels, version, **pl),
         )
         if parent and add_child:
@@ -76,11 +101,13 @@ class Bot:
 
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until a reconcile ran and the journal has nothing runnable."""
+
         async def settled() -> bool:
             if self.task.done():
                 self.task.result()
             runnable = await self.app.store.journal.runnable()
             return self.app.reconciler.last_reconcile_at is not None and not runnable
+
         await wait_for(settled, timeout=timeout)
         await self.app.executor.wait_idle()
 
@@ -94,8 +121,9 @@ class Bot:
             await asyncio.wait_for(self.task, 15)
 
 
-def bot_config(synapse: Synapse, bot: TestUser, admin_room: str, db_url: str, spaces: list[dict[str, Any]],
-               **extra: Any) -> dict[str, Any]:
+def bot_config(
+    synapse: Synapse, bot: TestUser, admin_room: str, db_url: str, spaces: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
     return {
         "homeserver": {"url": synapse.url},
         "bot": {"user_id": bot.user_id, "access_token": bot.access_token},
@@ -126,8 +154,9 @@ async def start_bot(synapse: Synapse, world: World, tmp_path: Path) -> AsyncIter
     bots: list[Bot] = []
     admin: list[str] = []
 
-    async def start(spaces: list[dict[str, Any]], *, db_url: str | None = None, homeserver_url: str | None = None,
-                    **extra: Any) -> Bot:
+    async def start(
+        spaces: list[dict[str, Any]], *, db_url: str | None = None, homeserver_url: str | None = None, **extra: Any
+    ) -> Bot:
         if not admin:
             admin.append(extra.pop("admin_room", None) or await world.admin_room())
         raw = bot_config(synapse, world.bot, admin[0], db_url or f"sqlite:{tmp_path}/bot.db", spaces, **extra)

@@ -21,8 +21,9 @@ BASE = {
 
 
 def spacesync(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "spacesync", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "spacesync", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 def write(path: Path, data: dict) -> Path:
@@ -31,12 +32,15 @@ def write(path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda c: c["homeserver"].pop("url"), "homeserver.url"),
-    (lambda c: c["spaces"][0].update(on_leave="explode"), "spaces[0].on_leave"),
-    (lambda c: c.update(database={"url": "mysql://x"}), "database.url"),
-    (lambda c: c["spaces"][0].update(on_leav="kick"), "spaces[0].on_leav"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: c["homeserver"].pop("url"), "homeserver.url"),
+        (lambda c: c["spaces"][0].update(on_leave="explode"), "spaces[0].on_leave"),
+        (lambda c: c.update(database={"url": "mysql://x"}), "database.url"),
+        (lambda c: c["spaces"][0].update(on_leav="kick"), "spaces[0].on_leav"),
+    ],
+)
 def test_check_config_rejects_with_one_line(tmp_path, mutate, key):
     config = json.loads(json.dumps(BASE))
     mutate(config)

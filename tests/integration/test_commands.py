@@ -17,7 +17,6 @@ from spacesync.model import Action, ActionKind
 from spacesync.store import Status, Store
 from spacesync.testbed import TestUser, wait_for
 
-
 # region helpers
 
 
@@ -28,8 +27,11 @@ def _reply_target(event: dict[str, Any]) -> str | None:
 
 async def bot_notices(world, bot, limit: int = 100) -> list[dict[str, Any]]:
     events = await world.owner.client.messages(bot.app.admin_room, limit=limit)
-    return [e for e in events if e.get("sender") == world.bot.user_id
-            and (e.get("content") or {}).get("msgtype") == "m.notice"]
+    return [
+        e
+        for e in events
+        if e.get("sender") == world.bot.user_id and (e.get("content") or {}).get("msgtype") == "m.notice"
+    ]
 
 
 async def replies_to(world, bot, event_id: str) -> list[dict[str, Any]]:
@@ -38,9 +40,11 @@ async def replies_to(world, bot, event_id: str) -> list[dict[str, Any]]:
 
 async def reply_for(world, bot, event_id: str, timeout: float = 30) -> dict[str, Any]:
     """The content of the bot's notice answering `event_id`."""
+
     async def found() -> dict[str, Any] | None:
         replies = await replies_to(world, bot, event_id)
         return replies[0]["content"] if replies else None
+
     return await wait_for(found, timeout=timeout, interval=0.15, message=f"no reply to {event_id}")
 
 
@@ -63,8 +67,9 @@ async def join_admin_room(world, bot, user: TestUser) -> None:
 
 
 async def set_displayname(user: TestUser, name: str) -> None:
-    await user.client.request("PUT", f"/_matrix/client/v3/profile/{quote(user.user_id, safe='')}/displayname",
-                              {"displayname": name})
+    await user.client.request(
+        "PUT", f"/_matrix/client/v3/profile/{quote(user.user_id, safe='')}/displayname", {"displayname": name}
+    )
 
 
 async def joined(world, room_id: str) -> set[str]:
@@ -86,6 +91,8 @@ async def community(world, make_user, n: int = 1) -> tuple[str, str, list[TestUs
         await user.client.join(room)
         users.append(user)
     return space, room, users
+
+
 # endregion
 
 
@@ -110,9 +117,17 @@ async def test_admin_is_obeyed_and_non_admin_refused(world, start_bot, make_user
     assert not bot.app.reconciler.paused
 
     # Every command, refused alike for a non-admin, with nothing changed.
-    samples = {"spaces": f"add {space}", "rooms": f"add {room}", "exempt": f"add {mallory.user_id}",
-               "whois": mallory.user_id, "confirm": "abcdef", "cancel": "abcdef", "undo": "abcdef",
-               "batch": "abcdef", "audit": "5"}
+    samples = {
+        "spaces": f"add {space}",
+        "rooms": f"add {room}",
+        "exempt": f"add {mallory.user_id}",
+        "whois": mallory.user_id,
+        "confirm": "abcdef",
+        "cancel": "abcdef",
+        "undo": "abcdef",
+        "batch": "abcdef",
+        "audit": "5",
+    }
     for name in REGISTRY.names():
         reply = await ask(world, bot, mallory, f"!ss {name} {samples.get(name, '')}".strip())
         assert reply == REFUSAL, (name, reply)
@@ -122,7 +137,7 @@ async def test_admin_is_obeyed_and_non_admin_refused(world, start_bot, make_user
 
     assert "is exempt" in await ask(world, bot, listed, f"!ss exempt add {mallory.user_id}")
     assert await bot.app.store.exempt_users() == {mallory.user_id}
-    assert "Unknown command 'statsu'. Did you mean 'status'?" == await ask(world, bot, world.owner, "!spacesync statsu")
+    assert await ask(world, bot, world.owner, "!spacesync statsu") == "Unknown command 'statsu'. Did you mean 'status'?"
     assert "Usage: !spacesync exempt add|remove|list [@user]" in await ask(world, bot, world.owner, "!ss exempt")
     bad = await ask(world, bot, world.owner, "!ss exempt add @bob")
     assert "'@bob' is not a user" in bad
@@ -135,12 +150,13 @@ async def test_display_name_spoofing_is_refused(world, start_bot, make_user):
     await ready(bot)
     await join_admin_room(world, bot, mallory)
     profile = await world.owner.client.request(
-        "GET", f"/_matrix/client/v3/profile/{quote(world.owner.user_id, safe='')}")
+        "GET", f"/_matrix/client/v3/profile/{quote(world.owner.user_id, safe='')}"
+    )
     for name in (profile.get("displayname") or world.owner.user_id, world.owner.user_id):
         await set_displayname(mallory, name)
         assert await ask(world, bot, mallory, f"!spacesync exempt add {mallory.user_id}") == REFUSAL
         # A pill naming the admin does not help either.
-        html = (f'<a href="https://matrix.to/#/{world.owner.user_id}">{name}</a>: !spacesync pause')
+        html = f'<a href="https://matrix.to/#/{world.owner.user_id}">{name}</a>: !spacesync pause'
         await mallory.client.send_text(bot.app.admin_room, f"{name}: !spacesync pause", html=html)
     await ask(world, bot, world.owner, "!ss status")  # everything before it has been handled
     assert await bot.app.store.exempt_users() == frozenset()
@@ -175,6 +191,8 @@ async def test_no_command_grants_power(world, start_bot, make_user):
     assert await bot.app.store.managed_spaces() == []
     assert "Now managing Space" in await ask(world, bot, world.owner, f"!ss spaces add {other}")
     assert await bot.app.store.managed_spaces() == [other]
+
+
 # endregion
 
 
@@ -217,7 +235,9 @@ async def test_read_commands(world, start_bot, make_user):
     assert "Community" in spaces and "config" in spaces
 
     assert "is not a room" in await ask(world, bot, world.owner, f"!ss tree {alice.user_id}")
-    assert "does not resolve" in await ask(world, bot, world.owner, "!ss tree #nowhere:" + world.owner.client.server_name)
+    assert "does not resolve" in await ask(
+        world, bot, world.owner, "!ss tree #nowhere:" + world.owner.client.server_name
+    )
     assert "is not a managed Space" in await ask(world, bot, world.owner, f"!ss plan {lobby}")
     assert "configured in the config file" in await ask(world, bot, world.owner, f"!ss spaces remove {space}")
     assert "is not a Space" in await ask(world, bot, world.owner, f"!ss spaces add {lobby}")
@@ -269,6 +289,8 @@ async def test_pause_and_resume(world, start_bot, make_user):
     assert user.user_id in await joined(world, room)
     assert (await ask(world, bot, world.owner, "!ss resume")).startswith("Resumed")
     await wait_for(lambda: _not_in(world, room, user.user_id), timeout=20)
+
+
 # endregion
 
 
@@ -279,6 +301,7 @@ async def _held_batch(bot, timeout: float = 20) -> str:
     async def held() -> str | None:
         batches = await bot.app.store.journal.batches(status="held")
         return batches[0].id if batches else None
+
     return await wait_for(held, timeout=timeout)
 
 
@@ -311,16 +334,17 @@ async def test_confirm_and_cancel_a_held_mass_eviction(world, start_bot, make_us
     second = match.group(1)
     assert second != first
     # A unique start of the id is enough (the reply names the whole id); a shared start is refused.
-    await bot.app.store.journal.add_batch(second[:5] + "zzz", "test", None,
-                                          [Action(ActionKind.KICK, room, users[0].user_id)], Status.CANCELLED)
+    await bot.app.store.journal.add_batch(
+        second[:5] + "zzz", "test", None, [Action(ActionKind.KICK, room, users[0].user_id)], Status.CANCELLED
+    )
     ambiguous = await ask(world, bot, world.owner, f"!ss confirm {second[:5]}")
     assert "start of several batches" in ambiguous and second in ambiguous, ambiguous
-    assert f"Confirmed batch {second}: 2 evictions" in await ask(world, bot, world.owner,
-                                                                 f"!ss confirm {second[:6]}")
+    assert f"Confirmed batch {second}: 2 evictions" in await ask(world, bot, world.owner, f"!ss confirm {second[:6]}")
 
     async def evicted() -> bool:
         members = await joined(world, room)
         return not any(u.user_id in members for u in users)
+
     await wait_for(evicted, timeout=20)
 
 
@@ -334,6 +358,7 @@ async def test_undo_reinvites_an_evicted_user(world, start_bot, make_user):
     async def kick_batch() -> str | None:
         records = await bot.app.store.audit_log(10, target=user.user_id)
         return next((r.batch for r in records if r.kind == "kick" and r.outcome == "done"), None)
+
     batch = await wait_for(kick_batch, timeout=10)
 
     body = await ask(world, bot, world.owner, f"!ss undo {batch}")
@@ -342,9 +367,12 @@ async def test_undo_reinvites_an_evicted_user(world, start_bot, make_user):
 
     async def invited() -> bool:
         return await membership(world, room, user.user_id) == "invite"
+
     await wait_for(invited, timeout=20)
     assert "already undone" in await ask(world, bot, world.owner, f"!ss undo {batch}")
     assert "Unknown batch" in await ask(world, bot, world.owner, "!ss undo abcdef")
+
+
 # endregion
 
 
@@ -373,6 +401,7 @@ async def test_restart_does_not_run_a_command_twice(world, start_bot, make_user,
         result = await queue_command(self, room_id, event)
         seen.append((event["event_id"], result))
         return result
+
     monkeypatch.setattr(Store, "queue_command", spy)
 
     bot = await start_bot([{"room": space}])
@@ -383,13 +412,35 @@ async def test_restart_does_not_run_a_command_twice(world, start_bot, make_user,
 
 
 def _fuzz_texts() -> st.SearchStrategy[str]:
-    words = st.sampled_from(REGISTRY.names() + [
-        "add", "remove", "list", "@a:hs", "@", "!r:hs", "#x:hs", '"', "'", "ffffff", "0", "-1", "99999999",
-        "https://matrix.to/#/@x:y", "matrix:u/x:y", "<b>", "\u00a0", "\\",
-    ])
+    words = st.sampled_from(
+        REGISTRY.names()
+        + [
+            "add",
+            "remove",
+            "list",
+            "@a:hs",
+            "@",
+            "!r:hs",
+            "#x:hs",
+            '"',
+            "'",
+            "ffffff",
+            "0",
+            "-1",
+            "99999999",
+            "https://matrix.to/#/@x:y",
+            "matrix:u/x:y",
+            "<b>",
+            "\u00a0",
+            "\\",
+        ]
+    )
     token = st.one_of(words, st.text(max_size=12))
-    commandish = st.builds(lambda prefix, rest: prefix + " " + " ".join(rest),
-                           st.sampled_from(["!ss", "!spacesync", "!SS"]), st.lists(token, max_size=5))
+    commandish = st.builds(
+        lambda prefix, rest: prefix + " " + " ".join(rest),
+        st.sampled_from(["!ss", "!spacesync", "!SS"]),
+        st.lists(token, max_size=5),
+    )
     return st.one_of(st.text(max_size=200), commandish)
 
 
@@ -418,8 +469,12 @@ async def test_fuzzed_commands_never_stop_the_bot(world, start_bot, make_user):
         content: dict[str, Any] = {"msgtype": "m.text", "body": text}
         if as_html:
             content.update(format="org.matrix.custom.html", formatted_body=text)
-        event = {"type": "m.room.message", "sender": world.owner.user_id,
-                 "event_id": f"$fuzz{run}.{next(ids)}", "content": content}
+        event = {
+            "type": "m.room.message",
+            "sender": world.owner.user_id,
+            "event_id": f"$fuzz{run}.{next(ids)}",
+            "content": content,
+        }
         before = handler.replies
         asyncio.run_coroutine_threadsafe(handler.handle(bot.app.admin_room, event), loop).result(120)
         assert handler.replies - before <= 1
@@ -428,6 +483,8 @@ async def test_fuzzed_commands_never_stop_the_bot(world, start_bot, make_user):
     await asyncio.to_thread(send_one)
     bot.app.reconciler.paused = False  # a fuzzed "pause" is legitimate
     assert "State: running" in await ask(world, bot, world.owner, "!spacesync status")
+
+
 # endregion
 
 
@@ -454,8 +511,11 @@ async def test_replies_and_notices_escape_room_names(world, start_bot, make_user
     await wait_for(lambda: _not_in(world, room, user.user_id), timeout=20)
 
     async def notice() -> dict[str, Any] | None:
-        return next((e["content"] for e in await bot_notices(world, bot)
-                     if e["content"].get("body", "").startswith("Batch ")), None)
+        return next(
+            (e["content"] for e in await bot_notices(world, bot) if e["content"].get("body", "").startswith("Batch ")),
+            None,
+        )
+
     summary = await wait_for(notice, timeout=20)
     bodies = {"notice": summary["formatted_body"]}
     batch = re.search(r"Batch ([0-9a-f]{6})", summary["body"]).group(1)
@@ -478,4 +538,6 @@ async def test_v12_admin_room_creator_is_an_admin(world, start_bot, make_user):
 
     assert "State: running" in await ask(world, bot, world.owner, "!ss status")
     assert await ask(world, bot, mallory, "!ss status") == REFUSAL
+
+
 # endregion

@@ -7,8 +7,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -31,9 +32,17 @@ class BotProcess:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "spacesync", "-c", str(self.config_path), "run",
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd=self.config_path.parent, start_new_session=True,
+                sys.executable,
+                "-m",
+                "spacesync",
+                "-c",
+                str(self.config_path),
+                "run",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.config_path.parent,
+                start_new_session=True,
             )
 
     @property
@@ -51,15 +60,23 @@ class BotProcess:
                 out.append(event)
         return out
 
-    async def wait_event(self, predicate: Callable[[dict[str, Any]], bool], *, count: int = 1,
-                         timeout: float = 30.0, interval: float = 0.1) -> list[dict[str, Any]]:
+    async def wait_event(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        count: int = 1,
+        timeout: float = 30.0,
+        interval: float = 0.1,
+    ) -> list[dict[str, Any]]:
         def found() -> list[dict[str, Any]] | None:
             if self.proc is not None and self.proc.returncode is not None:
                 raise AssertionError(f"the bot exited with {self.proc.returncode}:\n{self.text[-3000:]}")
             matches = [e for e in self.events() if predicate(e)]
             return matches if len(matches) >= count else None
-        return await wait_for(found, timeout=timeout, interval=interval,
-                              message=f"log event not seen; log tail:\n{self.text[-3000:]}")
+
+        return await wait_for(
+            found, timeout=timeout, interval=interval, message=f"log event not seen; log tail:\n{self.text[-3000:]}"
+        )
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
@@ -80,8 +97,12 @@ def reconciled(event: dict[str, Any]) -> bool:
 
 
 def kicked(user_id: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: (e.get("event") == "action" and e.get("action") == "kick" and e.get("user") == user_id
-                      and e.get("outcome") in ("done", "already_done"))
+    return lambda e: (
+        e.get("event") == "action"
+        and e.get("action") == "kick"
+        and e.get("user") == user_id
+        and e.get("outcome") in ("done", "already_done")
+    )
 
 
 @pytest.fixture
@@ -90,8 +111,9 @@ async def bot_process(tmp_path: Path) -> AsyncIterator[Callable[..., BotProcess]
     returns an unstarted BotProcess; every process is killed at the end of the test."""
     made: list[BotProcess] = []
 
-    def make(homeserver_url: str, bot: TestUser, admin_room: str, db_url: str, spaces: list[dict[str, Any]],
-             **extra: Any) -> BotProcess:
+    def make(
+        homeserver_url: str, bot: TestUser, admin_room: str, db_url: str, spaces: list[dict[str, Any]], **extra: Any
+    ) -> BotProcess:
         n = len(made)
         config = {
             "homeserver": {"url": homeserver_url},
@@ -123,9 +145,12 @@ async def kick_events(client, room_id: str, user_id: str, bot_id: str) -> int:
     events = await client.messages(room_id, limit=200)
     assert any(e.get("type") == "m.room.create" for e in events), "the timeline was not read to its start"
     return sum(
-        1 for e in events
-        if e.get("type") == "m.room.member" and e.get("state_key") == user_id
-        and (e.get("content") or {}).get("membership") == "leave" and e.get("sender") == bot_id
+        1
+        for e in events
+        if e.get("type") == "m.room.member"
+        and e.get("state_key") == user_id
+        and (e.get("content") or {}).get("membership") == "leave"
+        and e.get("sender") == bot_id
     )
 
 
@@ -160,6 +185,7 @@ async def test_kill_9_mid_eviction_kicks_each_room_exactly_once(world, make_user
 
     async def all_gone() -> bool:
         return not await still_in()
+
     await wait_for(all_gone, timeout=60, interval=0.5, message=f"not evicted everywhere:\n{second.text[-3000:]}")
 
     counts = await asyncio.gather(*(kick_events(owner, r, user.user_id, world.bot.user_id) for r in rooms))
@@ -207,8 +233,9 @@ async def test_bot_recovers_when_the_homeserver_restarts(tmp_path, bot_process):
         users += [owner, bot, user]
         levels = {"users": {owner.user_id: 100, bot.user_id: 100}}
         space = await owner.client.create_space(name="S", join_rule="public", power_level_content_override=levels)
-        room = await owner.client.create_room(name="R", join_rule="restricted", allow=[space],
-                                              power_level_content_override=levels)
+        room = await owner.client.create_room(
+            name="R", join_rule="restricted", allow=[space], power_level_content_override=levels
+        )
         await owner.client.add_child(space, room)
         admin_room = await owner.client.create_room(name="admin", join_rule="invite", invite=[bot.user_id])
         for r in (space, room, admin_room):
@@ -231,6 +258,7 @@ async def test_bot_recovers_when_the_homeserver_restarts(tmp_path, bot_process):
 
         async def evicted() -> bool:
             return (await owner.client.members(room)).get(user.user_id) == "leave"
+
         await wait_for(evicted, timeout=30, message=f"not evicted after the restart:\n{process.text[-3000:]}")
         assert process.proc.returncode is None, "the bot exited"
         process.signal(signal.SIGTERM)

@@ -59,8 +59,15 @@ def _processes_mentioning(path: Path) -> list[str]:
 @pytest.mark.timeout(150)
 def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    result = subprocess.run(_demo(workdir, "--scripted"), cwd=ROOT, env=_env(), capture_output=True,
-                            text=True, encoding="utf-8", timeout=120)
+    result = subprocess.run(
+        _demo(workdir, "--scripted"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+    )
     output = result.stdout
     assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
     assert "alice leaves the Space" in output
@@ -73,8 +80,15 @@ def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_interactive_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    process = subprocess.Popen(_demo(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, encoding="utf-8")
+    process = subprocess.Popen(
+        _demo(workdir),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+    )
     lines: list[str] = []
     hint = threading.Event()
 

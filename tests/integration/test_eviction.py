@@ -20,11 +20,13 @@ async def membership(world, room_id, user_id):
 
 async def wait_membership(world, rooms, user_id, expected, timeout=20.0):
     """Wait until the user's membership is `expected` in every room."""
+
     async def reached():
         for room in rooms:
             if await membership(world, room, user_id) != expected:
                 return False
         return True
+
     await wait_for(reached, timeout=timeout, message=f"{user_id} not {expected} in all of {rooms}")
 
 
@@ -53,8 +55,10 @@ async def test_leave_cascades_through_subspace(world, start_bot, make_user):
     await user.client.leave(space)
 
     async def gone():
-        return (user.user_id not in await joined(world.owner.client, sub)
-                and user.user_id not in await joined(world.owner.client, room))
+        return user.user_id not in await joined(world.owner.client, sub) and user.user_id not in await joined(
+            world.owner.client, room
+        )
+
     await wait_for(gone, timeout=20)
     members = await world.owner.client.members(room)
     assert members[user.user_id] == "leave"
@@ -69,6 +73,7 @@ async def test_leave_cascades_through_subspace(world, start_bot, make_user):
             if event.get("sender") == world.bot.user_id and body.startswith("Batch "):
                 return event["content"]
         return None
+
     content = await wait_for(summary, timeout=10)
     assert f"kicked {user.user_id} in 2 rooms: R, T" in content["body"]
     assert "!spacesync undo" in content["body"] and "<code>" in content["formatted_body"]
@@ -414,6 +419,7 @@ async def test_dry_run_kicks_nothing(world, start_bot, make_user):
         return plan is not None and any(
             a.kind is ActionKind.KICK and a.user_id == user.user_id and a.room_id == room for a in plan.actions
         )
+
     await wait_for(planned, timeout=15)
     await bot.reconcile()
     assert planned()
@@ -423,7 +429,8 @@ async def test_dry_run_kicks_nothing(world, start_bot, make_user):
 
 
 async def test_held_ban_confirmed_after_a_moderator_banned_by_hand_keeps_the_moderators_ban(
-        world, start_bot, make_user):
+    world, start_bot, make_user
+):
     """Confirming a held Space ban must not replace a moderator's ban in a room (and later lift it)."""
     space = await world.space("S")
     room = await world.room(space, "R")
@@ -440,12 +447,14 @@ async def test_held_ban_confirmed_after_a_moderator_banned_by_hand_keeps_the_mod
 
     async def held() -> list:
         return await bot.app.store.journal.by_status(Status.HELD)
+
     entries = await wait_for(held, timeout=20)
     await world.owner.client.ban(room, users[0].user_id, reason="by hand, in R")
 
     async def cache_sees_it() -> bool:
         state = bot.app.cache.get(room)
         return state is not None and state.members[users[0].user_id].sender == world.owner.user_id
+
     await wait_for(cache_sees_it, timeout=10)
     await bot.app.reconciler.release(entries[0].batch)
     await wait_membership(world, [room], users[1].user_id, "ban")
@@ -488,8 +497,11 @@ async def test_confirming_a_held_batch_skips_users_exempted_or_back_since(world,
     joined_now = await joined(world.owner.client, room)
     assert {exempted.user_id, returned.user_id} <= joined_now
     statuses = {e.action.user_id: e.status for e in await bot.app.store.journal.batch_entries(held[0].batch)}
-    assert statuses == {exempted.user_id: Status.CANCELLED, returned.user_id: Status.CANCELLED,
-                        evicted.user_id: Status.DONE}
+    assert statuses == {
+        exempted.user_id: Status.CANCELLED,
+        returned.user_id: Status.CANCELLED,
+        evicted.user_id: Status.DONE,
+    }
 
 
 # 9. Nobody left behind silently
@@ -516,10 +528,13 @@ async def test_the_batch_notice_names_a_room_where_the_kick_could_not_happen(wor
             if event.get("sender") == world.bot.user_id and body.startswith("Batch ") and user.user_id in body:
                 return event["content"]
         return None
+
     content = await wait_for(summary, timeout=20)
     assert f"kicked {user.user_id} in 1 room: Kicks work" in content["body"], content["body"]
-    assert (f"not kicked: {user.user_id} in No kick power: the bot lacks the power to kick there (needs 50)"
-            in content["body"]), content["body"]
+    assert (
+        f"not kicked: {user.user_id} in No kick power: the bot lacks the power to kick there (needs 50)"
+        in content["body"]
+    ), content["body"]
     assert "1 left in place" in content["body"].splitlines()[0]
     assert user.user_id in await joined(world.owner.client, stays_in)
 

@@ -89,24 +89,25 @@ async def test_a_state_read_meeting_429_succeeds_after_the_wait(world, make_user
     space = await world.space("S")
     room = await world.room(space, "R")
     bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
-    rule = fault_proxy.rate_limit(re.escape(f"/rooms/{room}/state") + "$", method="GET", retry_after_ms=1500,
-                                  times=2)
+    rule = fault_proxy.rate_limit(re.escape(f"/rooms/{room}/state") + "$", method="GET", retry_after_ms=1500, times=2)
     plan, _ = await bot.app.reconciler.reconcile("reconcile")
     assert rule.hits == 2
     assert room in plan.managed
     assert not [f for f in plan.findings if f.room_id == room and f.code == "unreachable"], plan.findings
 
 
-async def test_a_hanging_kick_times_out_and_is_retried_while_other_kicks_complete(world, make_user, start_bot,
-                                                                                  fault_proxy):
+async def test_a_hanging_kick_times_out_and_is_retried_while_other_kicks_complete(
+    world, make_user, start_bot, fault_proxy
+):
     space = await world.space("S")
     slow = await world.room(space, "Slow")
     others = [await world.room(space, f"R{i}") for i in range(4)]
     user = await make_user("leaver")
     for room in (space, slow, *others):
         await user.client.join(room)
-    await start_bot([{"room": space}], homeserver={"url": fault_proxy.url, "request_timeout": "3s"},
-                          executor={"concurrency": 2})
+    await start_bot(
+        [{"room": space}], homeserver={"url": fault_proxy.url, "request_timeout": "3s"}, executor={"concurrency": 2}
+    )
     rule = fault_proxy.hang(kick_path(slow), method="POST", times=1)
 
     await user.client.leave(space)
@@ -148,8 +149,7 @@ async def test_a_journaled_kick_of_a_user_back_in_the_space_is_not_run(world, ma
     assert [e.status for e in entries] == [Status.CANCELLED]
 
 
-async def test_a_kick_waiting_in_backoff_is_dropped_when_the_user_came_back(world, make_user, start_bot,
-                                                                           fault_proxy):
+async def test_a_kick_waiting_in_backoff_is_dropped_when_the_user_came_back(world, make_user, start_bot, fault_proxy):
     space = await world.space("S")
     room = await world.room(space, "R")
     user = await make_user("hesitant")
@@ -166,6 +166,7 @@ async def test_a_kick_waiting_in_backoff_is_dropped_when_the_user_came_back(worl
     async def settled() -> list:
         entries = await bot.app.store.journal.batch_entries(await _kick_batch(bot, room))
         return [e for e in entries if e.status in (Status.CANCELLED, Status.DONE)]
+
     (entry,) = await wait_for(settled, timeout=30)
     assert entry.status is Status.CANCELLED
     assert await membership(world, room, user.user_id) == "join"

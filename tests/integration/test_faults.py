@@ -24,8 +24,9 @@ WHOAMI = r"/account/whoami$"
 PG_ERRORS = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError)
 
 
-async def raw_get(proxy: FaultProxy, user: TestUser, path: str = "/_matrix/client/v3/account/whoami",
-                  *, timeout: float = 10) -> tuple[int, Any, str]:
+async def raw_get(
+    proxy: FaultProxy, user: TestUser, path: str = "/_matrix/client/v3/account/whoami", *, timeout: float = 10
+) -> tuple[int, Any, str]:
     """One GET on a fresh connection (no keep-alive retry can hide a fault): status, headers, body."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async with session.get(proxy.url + path, headers={"Authorization": f"Bearer {user.access_token}"}) as resp:
@@ -52,7 +53,11 @@ async def test_passes_requests_through_unchanged(fault_proxy: FaultProxy, make_u
     assert await user.client.get_state_event(room, "m.room.name") == {"name": "through the proxy"}
 
     assert [(r.method, r.rule, r.status) for r in fault_proxy.log] == [
-        ("GET", None, 200), ("POST", None, 200), ("PUT", None, 200), ("GET", None, 200)]
+        ("GET", None, 200),
+        ("POST", None, 200),
+        ("PUT", None, 200),
+        ("GET", None, 200),
+    ]
     assert fault_proxy.count(r"/createRoom$") == 1
     assert fault_proxy.count(r"/rooms/", method="GET") == 1
     assert fault_proxy.requests(r"/messages$")[0].path == f"/_matrix/client/v3/rooms/{room}/messages"
@@ -72,7 +77,9 @@ async def test_rate_limit_answers_429_then_passes_through(fault_proxy: FaultProx
     assert status == 200 and user.user_id in body
     assert rule.hits == 1 and rule.exhausted
     assert [(r.rule, r.upstream_status, r.status) for r in fault_proxy.requests(WHOAMI)] == [
-        (rule, None, 429), (None, 200, 200)]
+        (rule, None, 429),
+        (None, 200, 200),
+    ]
 
     fault_proxy.rate_limit(WHOAMI, retry_after_ms=50, times=2)
     async with through(fault_proxy, user) as client:
@@ -199,8 +206,9 @@ async def test_unreachable_upstream_and_non_json_rewrite(fault_proxy: FaultProxy
     assert status == 502 and "unreachable" in body
 
 
-async def test_bot_runs_through_the_proxy(fault_proxy: FaultProxy, world: World,
-                                          start_bot: Callable[..., Awaitable[Bot]]) -> None:
+async def test_bot_runs_through_the_proxy(
+    fault_proxy: FaultProxy, world: World, start_bot: Callable[..., Awaitable[Bot]]
+) -> None:
     space = await world.space()
     await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
     assert fault_proxy.count(r"/sync$", method="GET") >= 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from spacesync.testbed import wait_for
 
+
 async def membership(world, room_id: str) -> str | None:
     return (await world.owner.client.members(room_id)).get(world.bot.user_id)
+
 
 async def test_invites_from_admins_to_listed_rooms_only(world, start_bot, make_user):
     space = await world.space("S")
@@ -21,10 +23,12 @@ async def test_invites_from_admins_to_listed_rooms_only(world, start_bot, make_u
 
     async def joined_listed() -> bool:
         return await membership(world, listed) == "join"
+
     await wait_for(joined_listed, timeout=20, message="the bot did not accept an admin's invite to a child room")
 
     async def declined() -> bool:
         return (await stranger.client.members(by_stranger)).get(world.bot.user_id) == "leave"
+
     await wait_for(declined, timeout=20, message="the bot did not decline a non-admin's invite")
 
     await bot.reconcile()
@@ -39,4 +43,5 @@ async def test_invites_from_admins_to_listed_rooms_only(world, start_bot, make_u
 
     async def joined_unrelated() -> bool:
         return await membership(world, unrelated) == "join"
+
     await wait_for(joined_unrelated, timeout=20, message="a pending invite was not accepted once listed")

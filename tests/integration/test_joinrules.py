@@ -20,8 +20,12 @@ async def join_rules(world, room_id: str) -> dict[str, Any]:
 async def wait_join_rules(world, room_id: str, expected: dict[str, Any], timeout: float = 20) -> None:
     async def reached() -> bool:
         return await join_rules(world, room_id) == expected
-    await wait_for(reached, timeout=timeout,
-                   message=f"{room_id} join rules never became {expected}: {await join_rules(world, room_id)}")
+
+    await wait_for(
+        reached,
+        timeout=timeout,
+        message=f"{room_id} join rules never became {expected}: {await join_rules(world, room_id)}",
+    )
 
 
 def findings(bot, code: str, room_id: str | None = None) -> list:
@@ -57,8 +61,9 @@ async def test_invite_room_opted_in_by_parent_becomes_restricted(world, start_bo
 async def test_invite_room_added_by_extra_rooms_becomes_restricted(world, start_bot):
     space = await world.space("S")
     room = await world.room(space, "R", join_rule="invite", add_child=False)
-    bot = await start_bot([{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True,
-                            "extra_rooms": [room]}])
+    bot = await start_bot(
+        [{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True, "extra_rooms": [room]}]
+    )
 
     await wait_join_rules(world, room, {"join_rule": "restricted", "allow": [allow_entry(space)]})
     assert room in bot.app.reconciler.last_plan.managed
@@ -102,17 +107,25 @@ async def test_restricted_room_gains_its_parent_and_keeps_other_entries(world, s
     elsewhere = await world.room(None, "elsewhere", join_rule="invite", bot=False)
     room = await world.room(space, "R", join_rule="restricted", allow=[elsewhere], bot=False)
     custom = {"type": "org.example.custom", "note": "kept"}
-    await world.owner.client.send_state(room, "m.room.join_rules", {
-        "join_rule": "restricted", "allow": [allow_entry(elsewhere), custom], "org.example.extra": 1})
+    await world.owner.client.send_state(
+        room,
+        "m.room.join_rules",
+        {"join_rule": "restricted", "allow": [allow_entry(elsewhere), custom], "org.example.extra": 1},
+    )
     await world.owner.client.set_parent(room, space)
     await world.owner.client.invite(room, world.bot.user_id)
     await world.bot.client.join(room)
     bot = await start_bot([{"room": space, "join_rules": "enforce"}])
 
-    await wait_join_rules(world, room, {
-        "join_rule": "restricted", "allow": [allow_entry(elsewhere), custom, allow_entry(space)],
-        "org.example.extra": 1,
-    })
+    await wait_join_rules(
+        world,
+        room,
+        {
+            "join_rule": "restricted",
+            "allow": [allow_entry(elsewhere), custom, allow_entry(space)],
+            "org.example.extra": 1,
+        },
+    )
     await bot.reconcile()
     assert not acted_in(bot, room)
 
@@ -162,6 +175,7 @@ async def test_upgraded_room_is_followed(world, start_bot, make_user):
 
     async def mirrored() -> bool:
         return (await world.owner.client.get_power_levels(old)).get("users", {}).get(mod.user_id) == 50
+
     await wait_for(mirrored, timeout=20, message="the Space's promotion never reached the old room")
 
     new = await world.owner.client.upgrade_room(old, "10")
@@ -170,11 +184,13 @@ async def test_upgraded_room_is_followed(world, start_bot, make_user):
         new_child = await world.owner.client.get_state_event(space, "m.space.child", new)
         old_child = await world.owner.client.get_state_event(space, "m.space.child", old)
         return bool(new_child and new_child.get("via")) and not (old_child or {}).get("via")
+
     await wait_for(repointed, timeout=20, message="the Space's m.space.child was not re-pointed")
     assert await join_rules(world, new) == {"join_rule": "restricted", "allow": [allow_entry(space)]}
 
     async def bot_in_new_room() -> bool:
         return world.bot.user_id in await world.owner.client.joined_members(new)
+
     await wait_for(bot_in_new_room, timeout=20, message="the bot never joined the replacement room")
     await alice.client.join(new)
     await bot.reconcile()
@@ -189,12 +205,14 @@ async def test_upgraded_room_is_followed(world, start_bot, make_user):
 
     async def demoted() -> bool:
         return mod.user_id not in (await world.owner.client.get_power_levels(new)).get("users", {})
+
     await wait_for(demoted, timeout=20, message="the demotion did not reach the replacement room")
 
     await alice.client.leave(space)
 
     async def evicted() -> bool:
         return alice.user_id not in await world.owner.client.joined_members(new)
+
     await wait_for(evicted, timeout=20, message="the Space leaver was not evicted from the replacement room")
     assert (await world.owner.client.members(new))[alice.user_id] == "leave"
 
@@ -216,6 +234,7 @@ async def test_invite_sync_invites_exactly_the_missing_space_members(world, star
 
     async def invited() -> bool:
         return (await world.owner.client.members(room)).get(users["missing"].user_id) == "invite"
+
     await wait_for(invited, timeout=20, message="the missing Space member was not invited")
     await bot.reconcile()
     assert await world.owner.client.members(room) == {**before, users["missing"].user_id: "invite"}
@@ -239,6 +258,7 @@ async def test_invite_sync_respects_a_declined_invite(world, start_bot, make_use
 
     async def invited() -> bool:
         return (await world.owner.client.members(room)).get(member.user_id) == "invite"
+
     await wait_for(invited, timeout=20)
     await member.client.leave(room)
     await bot.reconcile()
@@ -270,14 +290,19 @@ async def test_bans_spacesync_placed_follow_an_upgrade_and_lift_with_the_space_b
     async def banned_by_bot(room_id: str) -> bool:
         event = await member_event(world, room_id, mallory.user_id)
         return bool(event) and event["content"]["membership"] == "ban" and event["sender"] == world.bot.user_id
+
     await wait_for(lambda: banned_by_bot(old), timeout=20, message="the Space ban was not carried into the room")
     await bot.idle()
 
     new = await world.owner.client.upgrade_room(old, "10")
 
     # Synapse copies the ban into the replacement in the upgrader's name; the bot makes it its own again.
-    await wait_for(lambda: banned_by_bot(new), timeout=30,
-                   message=f"the bot's ban was not carried into the replacement: {await member_event(world, new, mallory.user_id)}")
+    await wait_for(
+        lambda: banned_by_bot(new),
+        timeout=30,
+        message="the bot's ban was not carried into the replacement: "
+        f"{await member_event(world, new, mallory.user_id)}",
+    )
     await bot.idle()
     assert (new, mallory.user_id) in {(b.room_id, b.user_id) for b in await bot.app.store.placed_bans()}
 
@@ -285,6 +310,7 @@ async def test_bans_spacesync_placed_follow_an_upgrade_and_lift_with_the_space_b
 
     async def lifted() -> bool:
         return (await world.owner.client.members(new)).get(mallory.user_id) == "leave"
+
     await wait_for(lifted, timeout=30, message="the Space unban did not lift the ban in the replacement")
     event = await member_event(world, new, mallory.user_id)
     assert event["sender"] == world.bot.user_id

@@ -57,8 +57,9 @@ async def test_the_guard_window_and_the_open_held_batch(db_url):
     journal = store.journal
     try:
         start = now_ms()
-        await journal.add_batch("q1", "sync", None, [kick("a"), kick("b", RoomID("!other:example.org"))],
-                                Status.PENDING)
+        await journal.add_batch(
+            "q1", "sync", None, [kick("a"), kick("b", RoomID("!other:example.org"))], Status.PENDING
+        )
         await journal.add_batch("h1", "sync", SPACE, [kick("c")], Status.HELD)
         assert await journal.evicted_users_since(SPACE, start - 1000) == {"@a:example.org", "@b:example.org"}
         assert await journal.evicted_users_since(SPACE, now_ms() + 1000) == set(), "outside the window"

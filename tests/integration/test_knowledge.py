@@ -115,8 +115,11 @@ async def test_a_change_during_the_first_read_of_a_space_is_not_lost(world, star
     # The bot's first /state read of the Space answers late: what it returns predates the leave below.
     fault_proxy.delay_response(state_path(space), 3.0, method="GET", times=1)
     starting = asyncio.create_task(start_bot([{"room": space}], homeserver_url=fault_proxy.url))
-    await wait_for(lambda: fault_proxy.count(state_path(space), method="GET") >= 1, timeout=20,
-                   message="the bot never read the Space")
+    await wait_for(
+        lambda: fault_proxy.count(state_path(space), method="GET") >= 1,
+        timeout=20,
+        message="the bot never read the Space",
+    )
     await asyncio.sleep(0.5)
     await user.client.leave(space)  # reaches the bot through /sync while its read is in flight
     await starting
@@ -140,13 +143,32 @@ async def test_a_malformed_state_event_skips_itself_not_the_room(world, start_bo
     space, room, user = await space_room_member(world, make_user)
 
     def junk(events):
-        return [*events,
-                {"type": "m.room.member", "state_key": "@junk:localhost", "event_id": "$junk",
-                 "sender": ["@junk:localhost"], "origin_server_ts": "yesterday", "content": {"membership": "join"}},
-                {"type": "m.room.member", "state_key": "@late:localhost", "event_id": "$late",
-                 "sender": "@late:localhost", "origin_server_ts": "yesterday", "content": {"membership": "join"}},
-                {"type": "m.space.child", "state_key": "!elsewhere:localhost", "event_id": "$child",
-                 "sender": "@x:localhost", "content": ["via", "localhost"]}]
+        return [
+            *events,
+            {
+                "type": "m.room.member",
+                "state_key": "@junk:localhost",
+                "event_id": "$junk",
+                "sender": ["@junk:localhost"],
+                "origin_server_ts": "yesterday",
+                "content": {"membership": "join"},
+            },
+            {
+                "type": "m.room.member",
+                "state_key": "@late:localhost",
+                "event_id": "$late",
+                "sender": "@late:localhost",
+                "origin_server_ts": "yesterday",
+                "content": {"membership": "join"},
+            },
+            {
+                "type": "m.space.child",
+                "state_key": "!elsewhere:localhost",
+                "event_id": "$child",
+                "sender": "@x:localhost",
+                "content": ["via", "localhost"],
+            },
+        ]
 
     fault_proxy.rewrite(state_path(space), junk, method="GET")
     bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)

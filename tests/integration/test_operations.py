@@ -29,21 +29,31 @@ from spacesync.web import start_web
 
 from ..conftest import unavailable
 
-MEMBER_FILTER = json.dumps({
-    "presence": {"types": []},
-    "account_data": {"types": []},
-    "room": {
-        "timeline": {"limit": 100, "types": ["m.room.member"]},
-        "state": {"types": []},
-        "ephemeral": {"types": []},
+MEMBER_FILTER = json.dumps(
+    {
+        "presence": {"types": []},
         "account_data": {"types": []},
-    },
-})
+        "room": {
+            "timeline": {"limit": 100, "types": ["m.room.member"]},
+            "state": {"types": []},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+    }
+)
 
 
 # region helpers
-def config_dict(synapse: Synapse, bot: TestUser, admin_room: str, db_url: str, space: str, *,
-                port: int | None = None, concurrency: int = 8) -> dict[str, Any]:
+def config_dict(
+    synapse: Synapse,
+    bot: TestUser,
+    admin_room: str,
+    db_url: str,
+    space: str,
+    *,
+    port: int | None = None,
+    concurrency: int = 8,
+) -> dict[str, Any]:
     return {
         "homeserver": {"url": synapse.url},
         "bot": {"user_id": bot.user_id, "access_token": bot.access_token},
@@ -63,7 +73,7 @@ async def http_get(url: str) -> tuple[int, str, str]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             async with session.get(url) as resp:
                 return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return 0, "", ""
 
 
@@ -91,15 +101,19 @@ async def wait_ready(port: int, want: int, timeout: float, reason: str | None = 
     try:
         return await wait_for(check, timeout=timeout, interval=0.1)
     except TimeoutError:
-        raise AssertionError(f"/ready on :{port} never answered {want} {reason or ''} in {timeout:g} s; "
-                             f"last answer {last}") from None
+        raise AssertionError(
+            f"/ready on :{port} never answered {want} {reason or ''} in {timeout:g} s; last answer {last}"
+        ) from None
 
 
 def kick_counter(metrics_text: str) -> float:
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if (sample.name == "spacesync_actions_total" and sample.labels.get("kind") == "kick"
-                    and sample.labels.get("outcome") == "done"):
+            if (
+                sample.name == "spacesync_actions_total"
+                and sample.labels.get("kind") == "kick"
+                and sample.labels.get("outcome") == "done"
+            ):
                 return sample.value
     return 0.0
 
@@ -148,9 +162,12 @@ class KickWatch:
         self._since = data["next_batch"]
         for room_id, room in ((data.get("rooms") or {}).get("join") or {}).items():
             for event in (room.get("timeline") or {}).get("events") or []:
-                if (event.get("type") == "m.room.member" and event.get("state_key") == self.user_id
-                        and event.get("sender") == self.bot_id
-                        and (event.get("content") or {}).get("membership") == "leave"):
+                if (
+                    event.get("type") == "m.room.member"
+                    and event.get("state_key") == self.user_id
+                    and event.get("sender") == self.bot_id
+                    and (event.get("content") or {}).get("membership") == "leave"
+                ):
                     self.rooms.add(room_id)
 
     async def start(self) -> None:
@@ -168,11 +185,18 @@ class KickWatch:
 
 async def kicks_by_room(client: Any, rooms: list[str], bot_id: str, user_id: str) -> dict[str, int]:
     """How many times the bot kicked the user in each room, from each room's timeline."""
+
     async def count(room: str) -> int:
         events = await client.messages(room, limit=200)
-        return sum(1 for e in events
-                   if e.get("type") == "m.room.member" and e.get("state_key") == user_id
-                   and e.get("sender") == bot_id and (e.get("content") or {}).get("membership") == "leave")
+        return sum(
+            1
+            for e in events
+            if e.get("type") == "m.room.member"
+            and e.get("state_key") == user_id
+            and e.get("sender") == bot_id
+            and (e.get("content") or {}).get("membership") == "leave"
+        )
+
     return dict(zip(rooms, await asyncio.gather(*(count(r) for r in rooms))))
 
 
@@ -189,7 +213,7 @@ async def check_journal(db_url: str, rooms: list[str]) -> None:
     if db_url.startswith("sqlite:"):
         import sqlite3
 
-        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:"):])) as db:
+        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:") :])) as db:
             db.row_factory = sqlite3.Row
             journal = db.execute("SELECT * FROM journal").fetchall()
             audit = db.execute("SELECT * FROM audit").fetchall()
@@ -225,7 +249,10 @@ class Process:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "spacesync", "-c", str(self.config_path), "run"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 cwd=self.config_path.parent,
             )
         return self
@@ -268,6 +295,8 @@ async def processes() -> AsyncIterator[Callable[..., Process]]:
     yield make
     for p in started:
         p.reap()
+
+
 # endregion
 
 
@@ -312,12 +341,14 @@ async def test_health_ready_and_metrics(world, synapse, make_user, tmp_path):
 
         async def gone() -> bool:
             return user.user_id not in await world.owner.client.joined_members(room)
+
         await wait_for(gone, timeout=30)
 
         async def counted() -> float:
             _, _, text = await http_get(f"{base}/metrics")
             after = kick_counter(text)
             return after if after >= before + 1 else 0.0
+
         after = await wait_for(counted, timeout=15)
         assert after == before + 1
 
@@ -357,13 +388,16 @@ async def test_ready_says_why_while_the_homeserver_is_down(tmp_path):
             if user is not None:
                 await user.client.close()
         await hs.stop()
+
+
 # endregion
 
 
 # region standby, the SQLite lock, shutdown
 @pytest.mark.slow
-async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(world, synapse, make_user, pg_url,
-                                                                        tmp_path, processes):
+async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(
+    world, synapse, make_user, pg_url, tmp_path, processes
+):
     space = await world.space("ha")
     rooms = await build_rooms(world, space, 30)
     admin = await world.admin_room()
@@ -396,6 +430,7 @@ async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(world, 
 
     async def all_out() -> bool:
         return not await still_joined(world.owner.client, rooms, user.user_id)
+
     try:
         await wait_for(all_out, timeout=60)
     except TimeoutError:
@@ -410,8 +445,9 @@ async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(world, 
 
 
 @pytest.mark.slow
-async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_again(world, synapse, make_user,
-                                                                                 pg_url, tmp_path, processes):
+async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_again(
+    world, synapse, make_user, pg_url, tmp_path, processes
+):
     """PostgreSQL frees the advisory lock when the lock's connection drops (a restart, a network cut, an
     operator's pg_terminate_backend): the standby then takes over, so the old leader stops acting; it keeps
     running as the standby, and leads again once the other instance is gone."""
@@ -448,6 +484,7 @@ async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_agai
 
     async def kicked() -> bool:
         return user.user_id not in await world.owner.client.joined_members(room)
+
     try:
         await wait_for(kicked, timeout=30)
     except TimeoutError:
@@ -456,8 +493,9 @@ async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_agai
 
 
 @pytest.mark.slow
-async def test_lock_lost_alone_stands_by_then_leads_again(world, synapse, make_user, pg_url, pg_proxy, tmp_path,
-                                                          processes):
+async def test_lock_lost_alone_stands_by_then_leads_again(
+    world, synapse, make_user, pg_url, pg_proxy, tmp_path, processes
+):
     """With no standby to take over, an instance whose database goes away (connections cut, new ones
     refused) stands by, says why on /ready, and leads again once the database is back, without exiting."""
     space = await world.space("alone")
@@ -477,6 +515,7 @@ async def test_lock_lost_alone_stands_by_then_leads_again(world, synapse, make_u
     async def metrics_say_down() -> bool:
         _, _, metrics = await http_get(f"http://127.0.0.1:{bot.port}/metrics")
         return "spacesync_leader 0.0" in metrics and "spacesync_database_up 0.0" in metrics
+
     await wait_for(metrics_say_down, timeout=15, message="the metrics never showed the outage")
     await asyncio.sleep(2)
     assert await bot.wait_exit(0) is None, f"the bot exited:\n{bot.log()}"
@@ -490,6 +529,7 @@ async def test_lock_lost_alone_stands_by_then_leads_again(world, synapse, make_u
 
     async def kicked() -> bool:
         return user.user_id not in await world.owner.client.joined_members(room)
+
     try:
         await wait_for(kicked, timeout=30)
     except TimeoutError:
@@ -499,8 +539,9 @@ async def test_lock_lost_alone_stands_by_then_leads_again(world, synapse, make_u
 
 
 @pytest.mark.slow
-async def test_database_blip_mid_batch_under_active_and_standby(world, synapse, make_user, pg_url, pg_proxy,
-                                                                tmp_path, processes):
+async def test_database_blip_mid_batch_under_active_and_standby(
+    world, synapse, make_user, pg_url, pg_proxy, tmp_path, processes
+):
     """Every database connection cut and new ones refused for ~5 s while a batch runs: both instances keep
     running, one of them leads afterwards, and the batch completes with each room kicked exactly once."""
     space = await world.space("blip")
@@ -530,14 +571,17 @@ async def test_database_blip_mid_batch_under_active_and_standby(world, synapse, 
     async def one_leader() -> list[int] | None:
         codes = [(await ready(p.port))[0] for p in (first, second)]
         return codes if sorted(codes) == [200, 503] else None
+
     try:
         await wait_for(one_leader, timeout=30)
     except TimeoutError:
-        raise AssertionError(f"no single leader after the blip\nfirst:\n{first.log()}\nsecond:\n{second.log()}") \
-            from None
+        raise AssertionError(
+            f"no single leader after the blip\nfirst:\n{first.log()}\nsecond:\n{second.log()}"
+        ) from None
 
     async def all_out() -> bool:
         return not await still_joined(world.owner.client, rooms, user.user_id)
+
     try:
         await wait_for(all_out, timeout=60)
     except TimeoutError:
@@ -565,11 +609,20 @@ async def test_sqlite_second_instance_refuses_to_start(world, synapse, start_bot
     config_path.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPACESYNC_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "spacesync", "-c", str(config_path), "run",
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+        sys.executable,
+        "-m",
+        "spacesync",
+        "-c",
+        str(config_path),
+        "run",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
     )
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -583,15 +636,13 @@ async def test_sqlite_second_instance_refuses_to_start(world, synapse, start_bot
 
 
 @pytest.mark.slow
-async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, synapse, make_user, tmp_path,
-                                                                     processes):
+async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, synapse, make_user, tmp_path, processes):
     space = await world.space("stop")
     rooms = await build_rooms(world, space, 30)
     admin = await world.admin_room()
     user = await make_user("leaver")
     await join_everywhere(user, space, rooms)
-    config = config_dict(synapse, world.bot, admin, f"sqlite:{tmp_path}/bot.db", space, port=free_port(),
-                         concurrency=1)
+    config = config_dict(synapse, world.bot, admin, f"sqlite:{tmp_path}/bot.db", space, port=free_port(), concurrency=1)
 
     first = processes(tmp_path, "first", config).start()
     await wait_ready(first.port, 200, timeout=60)
@@ -611,6 +662,7 @@ async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, syn
 
     async def all_out() -> bool:
         return not await still_joined(world.owner.client, rooms, user.user_id)
+
     try:
         await wait_for(all_out, timeout=60)
     except TimeoutError:
@@ -620,6 +672,8 @@ async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, syn
     await check_journal(config["database"]["url"], rooms)
     again.signal(signal.SIGTERM)
     assert await again.wait_exit(15) == 0, again.log()
+
+
 # endregion
 
 
@@ -644,7 +698,8 @@ async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synaps
         conn = await asyncpg.connect(pg_url)
         try:
             holders = await conn.fetch(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY)
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY
+            )
             assert len(holders) == 1, holders
             assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
         finally:
@@ -658,6 +713,7 @@ async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synaps
 
         async def kicked() -> bool:
             return user.user_id not in await world.owner.client.joined_members(room)
+
         await wait_for(kicked, timeout=30)
         assert await kicks_by_room(world.owner.client, [room], world.bot.user_id, user.user_id) == {room: 1}
         assert fault_proxy.count(r"/kick$", method="POST") == 2
@@ -665,13 +721,19 @@ async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synaps
 
 # region commands across a crash
 def _replies(events: list[dict[str, Any]], bot_id: str, event_id: str) -> list[dict[str, Any]]:
-    return [e for e in events if e.get("sender") == bot_id and (e.get("content") or {}).get("msgtype") == "m.notice"
-            and ((e["content"].get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id") == event_id]
+    return [
+        e
+        for e in events
+        if e.get("sender") == bot_id
+        and (e.get("content") or {}).get("msgtype") == "m.notice"
+        and ((e["content"].get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id") == event_id
+    ]
 
 
 @pytest.mark.slow
-async def test_commands_received_before_kill_9_are_answered_once_after_restart(world, synapse, fault_proxy, tmp_path,
-                                                                              processes):
+async def test_commands_received_before_kill_9_are_answered_once_after_restart(
+    world, synapse, fault_proxy, tmp_path, processes
+):
     """Two commands: the first is running (its reply reached the homeserver, the answer to the bot is held
     back), the second is queued behind it. kill -9, restart: the second is run and answered, the first is
     not run again and keeps its single reply."""
@@ -692,8 +754,9 @@ async def test_commands_received_before_kill_9_are_answered_once_after_restart(w
     def queued() -> bool:
         import sqlite3
 
-        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:"):])) as db:
+        with contextlib.closing(sqlite3.connect(db_url[len("sqlite:") :])) as db:
             return db.execute("SELECT 1 FROM command_queue WHERE event_id=?", (waiting,)).fetchone() is not None
+
     await wait_for(queued, timeout=30, message="the second command never reached the database")
     first.signal(signal.SIGKILL)
     assert await first.wait_exit(10) == -signal.SIGKILL
@@ -707,6 +770,7 @@ async def test_commands_received_before_kill_9_are_answered_once_after_restart(w
     async def answered() -> list[dict[str, Any]] | None:
         found = _replies(await world.owner.client.messages(admin, limit=50), world.bot.user_id, waiting)
         return found or None
+
     try:
         reply = (await wait_for(answered, timeout=30))[0]
     except TimeoutError:
@@ -729,4 +793,6 @@ async def test_commands_received_before_kill_9_are_answered_once_after_restart(w
         assert await store.exempt_users() == {"@someone:localhost"}
     finally:
         await store.stop()
+
+
 # endregion

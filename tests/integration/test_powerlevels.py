@@ -24,12 +24,22 @@ def levels_for(world, version: str, users: dict[str, int] | None = None, **pl: A
     return {"users": base, **pl}
 
 
-async def make_space(world, version: str, parent: str | None = None, *, name: str = "space",
-                     users: dict[str, int] | None = None, **pl: Any) -> str:
+async def make_space(
+    world,
+    version: str,
+    parent: str | None = None,
+    *,
+    name: str = "space",
+    users: dict[str, int] | None = None,
+    **pl: Any,
+) -> str:
     """A Space: public at the top, restricted to its parent below it; the bot joined."""
     room_id = await world.owner.client.create_space(
-        name=name, room_version=version, join_rule="restricted" if parent else "public",
-        allow=[parent] if parent else [], power_level_content_override=levels_for(world, version, users, **pl),
+        name=name,
+        room_version=version,
+        join_rule="restricted" if parent else "public",
+        allow=[parent] if parent else [],
+        power_level_content_override=levels_for(world, version, users, **pl),
     )
     if parent:
         await world.owner.client.add_child(parent, room_id)
@@ -37,16 +47,22 @@ async def make_space(world, version: str, parent: str | None = None, *, name: st
     return room_id
 
 
-async def make_room(world, version: str, parent: str, *, name: str = "room",
-                    users: dict[str, int] | None = None, **pl: Any) -> str:
+async def make_room(
+    world, version: str, parent: str, *, name: str = "room", users: dict[str, int] | None = None, **pl: Any
+) -> str:
     """A room restricted to `parent` and listed as its child (so it opted in); the bot joined."""
     room_id = await world.owner.client.create_room(
-        name=name, room_version=version, join_rule="restricted", allow=[parent],
+        name=name,
+        room_version=version,
+        join_rule="restricted",
+        allow=[parent],
         power_level_content_override=levels_for(world, version, users, **pl),
     )
     await world.owner.client.add_child(parent, room_id)
     await world.bot.client.join(room_id)
     return room_id
+
+
 # endregion
 
 
@@ -56,10 +72,15 @@ async def users_of(world, room_id: str) -> dict[str, Any]:
 
 async def wait_level(world, room_id: str, user_id: str, level: int | None, timeout: float = 20) -> None:
     """Wait until the user's `users` entry in the room is `level` (None: no entry)."""
+
     async def reached() -> bool:
         return (await users_of(world, room_id)).get(user_id) == level
-    await wait_for(reached, timeout=timeout,
-                   message=f"{user_id} never reached {level} in {room_id}: {await users_of(world, room_id)}")
+
+    await wait_for(
+        reached,
+        timeout=timeout,
+        message=f"{user_id} never reached {level} in {room_id}: {await users_of(world, room_id)}",
+    )
 
 
 async def remove_user_level(client, room_id: str, user_id: str) -> None:
@@ -105,9 +126,17 @@ async def test_room_local_entry_and_other_keys_stay(world, start_bot, make_user,
     space = await make_space(world, version, name="S")
     local = await make_user("local")
     mod = await make_user("mod")
-    room = await make_room(world, version, space, name="R", users={local.user_id: 30},
-                           events={"m.room.name": 60, "m.room.power_levels": 100, "m.room.topic": 10},
-                           kick=60, invite=20, notifications={"room": 40})
+    room = await make_room(
+        world,
+        version,
+        space,
+        name="R",
+        users={local.user_id: 30},
+        events={"m.room.name": 60, "m.room.power_levels": 100, "m.room.topic": 10},
+        kick=60,
+        invite=20,
+        notifications={"room": 40},
+    )
     other = await make_room(world, version, space, name="O")
     await start_bot([{"room": space}])
     before = await world.owner.client.get_power_levels(room)
@@ -173,7 +202,8 @@ async def test_v12_creators_never_enter_users(world, start_bot, make_user):
     # Measured: Synapse refuses a v12 override or event that lists the creator.
     with pytest.raises(MatrixRequestError) as refused:
         await world.owner.client.create_room(
-            room_version="12", power_level_content_override={"users": {world.owner.user_id: 100}})
+            room_version="12", power_level_content_override={"users": {world.owner.user_id: 100}}
+        )
     assert refused.value.status == 400
     bot = await start_bot([{"room": space}])
 
@@ -191,14 +221,19 @@ async def test_v12_space_creator_mirrored_into_a_room_someone_else_created(world
     space = await make_space(world, "12", name="S")
     other = await make_user("other")
     room = await other.client.create_room(
-        name="R", room_version="12", join_rule="restricted", allow=[space],
-        power_level_content_override={"users": {world.bot.user_id: 100}})
+        name="R",
+        room_version="12",
+        join_rule="restricted",
+        allow=[space],
+        power_level_content_override={"users": {world.bot.user_id: 100}},
+    )
     await world.owner.client.add_child(space, room)
     await world.bot.client.join(room)
     await start_bot([{"room": space}])
 
     async def owner_mirrored() -> bool:
         return (await other.client.get_power_levels(room))["users"].get(world.owner.user_id) == 99
+
     await wait_for(owner_mirrored, timeout=20)
     assert other.user_id not in (await other.client.get_power_levels(room))["users"]
     await assert_no_creator_in_users(world, [space])
@@ -208,8 +243,9 @@ async def test_v12_space_creator_mirrored_into_a_room_someone_else_created(world
 async def test_nobody_reaches_the_bots_level(world, start_bot, make_user, version):
     space = await make_space(world, version, name="S")
     boss = await make_user("boss")
-    room = await make_room(world, version, space, name="R", users={world.bot.user_id: 90},
-                           events={"m.room.power_levels": 90})
+    room = await make_room(
+        world, version, space, name="R", users={world.bot.user_id: 90}, events={"m.room.power_levels": 90}
+    )
     await start_bot([{"room": space}])
 
     await world.owner.client.set_user_level(space, boss.user_id, 100)
@@ -229,12 +265,14 @@ async def test_malformed_user_id_in_the_space_is_skipped_with_a_warning(world, s
     # Measured: Synapse refuses keys without "@" and ":" (400 "Not a valid user_id") but checks no more.
     with pytest.raises(MatrixRequestError) as refused:
         await world.owner.client.send_state(
-            space, "m.room.power_levels", {**content, "users": {**content["users"], "not-a-user": 50}})
+            space, "m.room.power_levels", {**content, "users": {**content["users"], "not-a-user": 50}}
+        )
     assert refused.value.status == 400
     bad = f"@not a user:{world.owner.client.server_name}"
 
     await world.owner.client.send_state(
-        space, "m.room.power_levels", {**content, "users": {**content["users"], bad: 50, mod.user_id: 50}})
+        space, "m.room.power_levels", {**content, "users": {**content["users"], bad: 50, mod.user_id: 50}}
+    )
 
     await wait_level(world, room, mod.user_id, 50)
     assert bad not in await users_of(world, room)
@@ -249,8 +287,9 @@ async def test_bot_without_power_in_one_room_is_reported(world, start_bot, make_
     if weak == "bot_at_0":
         powerless = await make_room(world, "10", space, name="weak", users={world.bot.user_id: 0})
     else:
-        powerless = await make_room(world, "10", space, name="weak", users={world.bot.user_id: 90},
-                                    events={"m.room.power_levels": 95})
+        powerless = await make_room(
+            world, "10", space, name="weak", users={world.bot.user_id: 90}, events={"m.room.power_levels": 95}
+        )
     fine = [await make_room(world, "10", space, name=f"ok{i}") for i in range(2)]
     bot = await start_bot([{"room": space}])
 
@@ -272,13 +311,14 @@ async def test_power_levels_off_mirrors_nothing(world, start_bot, make_user):
     before = await world.owner.client.get_power_levels(room)
 
     await world.owner.client.set_user_level(space, mod.user_id, 50)
-    await wait_for(lambda: mod.user_id in (bot.app.cache.get(space).power_levels.users if bot.app.cache.get(space) else {}))
+    await wait_for(
+        lambda: mod.user_id in (bot.app.cache.get(space).power_levels.users if bot.app.cache.get(space) else {})
+    )
     await bot.reconcile()
 
     assert await world.owner.client.get_power_levels(room) == before
     assert not [a for a in bot.app.reconciler.last_plan.actions if a.kind.value == "set_power_levels"]
     assert await bot.app.store.owned_levels() == {}
-
 
 
 async def test_quick_successive_changes_all_reach_the_rooms(world, start_bot, make_user):
@@ -340,6 +380,7 @@ async def test_undo_of_a_level_change_leaves_true_records_for_a_later_demotion(w
                 if any(e.action.changes.get(mod.user_id) == (50, 75) for e in entries):
                     return record.batch
         return None
+
     batch = await wait_for(raise_batch, timeout=10)
 
     await ask(world, bot, world.owner, "!ss pause")  # look at the undo alone, before the Space's level returns

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -73,22 +74,26 @@ async def limited_world(synapse_default_limits: Synapse) -> AsyncIterator[Limite
 
 
 @pytest.fixture
-async def start_limited_bot(limited_world: LimitedWorld, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[App]]]:
+async def start_limited_bot(
+    limited_world: LimitedWorld, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[App]]]:
     """`await start_limited_bot(spaces, admin_room)` runs an in-process App until the test ends."""
     running: list[tuple[App, asyncio.Task[Any]]] = []
 
     async def start(spaces: list[dict[str, Any]], admin_room: str, **extra: Any) -> App:
         w = limited_world
-        config = parse_config({
-            "homeserver": {"url": w.hs.url},
-            "bot": {"user_id": w.bot.user_id, "access_token": w.bot.access_token},
-            "database": {"url": f"sqlite:{tmp_path}/bot.db"},
-            "admin": {"room": admin_room, "users": []},
-            "spaces": spaces,
-            "web": {"listen": None},
-            "logging": {"level": "INFO", "format": "json"},
-            **extra,
-        })
+        config = parse_config(
+            {
+                "homeserver": {"url": w.hs.url},
+                "bot": {"user_id": w.bot.user_id, "access_token": w.bot.access_token},
+                "database": {"url": f"sqlite:{tmp_path}/bot.db"},
+                "admin": {"room": admin_room, "users": []},
+                "spaces": spaces,
+                "web": {"listen": None},
+                "logging": {"level": "INFO", "format": "json"},
+                **extra,
+            }
+        )
         app = App(config)
         task = asyncio.create_task(app.run())
         running.append((app, task))
@@ -97,6 +102,7 @@ async def start_limited_bot(limited_world: LimitedWorld, tmp_path: Path) -> Asyn
             if task.done():
                 task.result()
             return app.reconciler.last_reconcile_at is not None and not await app.store.journal.runnable()
+
         await wait_for(settled, timeout=60)
         return app
 
@@ -114,8 +120,9 @@ async def test_evictions_complete_under_default_rate_limits(limited_world, start
         space = await owner.create_space(name="S", join_rule="public", power_level_content_override=w.levels())
         rooms = []
         for i in range(ROOMS):
-            room = await owner.create_room(name=f"R{i}", join_rule="restricted", allow=[space],
-                                           power_level_content_override=w.levels())
+            room = await owner.create_room(
+                name=f"R{i}", join_rule="restricted", allow=[space], power_level_content_override=w.levels()
+            )
             await owner.add_child(space, room)
             rooms.append(room)
         admin_room = await owner.create_room(name="admin", join_rule="invite", invite=[w.bot.user_id])
@@ -133,6 +140,7 @@ async def test_evictions_complete_under_default_rate_limits(limited_world, start
     async def all_evicted() -> bool:
         members = await asyncio.gather(*(owner.members(r) for r in rooms))
         return all(m.get(user.user_id) == "leave" for m in members)
+
     await wait_for(all_evicted, timeout=120, interval=0.5)
 
     assert app.executor.ratelimit_wait_s > 0, "no 429 was seen: is the bot still exempt from rate limits?"

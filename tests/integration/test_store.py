@@ -38,11 +38,16 @@ async def test_journal_lifecycle(db_url):
     store = await open_store(db_url)
     try:
         kick = Action(ActionKind.KICK, ROOM, USER, reason="left Space", cause="on_leave")
-        levels = Action(ActionKind.SET_POWER_LEVELS, ROOM, reason="mirror", content={"users": {USER: 50}},
-                        changes={USER: (None, 50)}, ownership={USER: OwnedLevel(ROOM, USER, 50, None)})
+        levels = Action(
+            ActionKind.SET_POWER_LEVELS,
+            ROOM,
+            reason="mirror",
+            content={"users": {USER: 50}},
+            changes={USER: (None, 50)},
+            ownership={USER: OwnedLevel(ROOM, USER, 50, None)},
+        )
         assert await store.journal.add_batch("b1", "test", None, [kick, levels], Status.PENDING) == 2
-        assert await store.journal.add_batch("b2", "test", ROOM, [Action(ActionKind.BAN, ROOM, MOD)],
-                                             Status.HELD) == 1
+        assert await store.journal.add_batch("b2", "test", ROOM, [Action(ActionKind.BAN, ROOM, MOD)], Status.HELD) == 1
         entries = await store.journal.runnable()
         assert [e.action for e in entries] == [kick, levels]
         assert await store.journal.open_keys() == {kick.key, levels.key, f"ban|{ROOM}|{MOD}"}
@@ -163,8 +168,15 @@ async def test_batch_named_by_unique_prefix(db_url):
 
 async def test_command_queue_survives_a_restart(db_url):
     store = await open_store(db_url)
-    events = [{"type": "m.room.message", "event_id": f"$cmd{i}", "sender": str(MOD),
-               "content": {"msgtype": "m.text", "body": f"!ss status {i}"}} for i in range(3)]
+    events = [
+        {
+            "type": "m.room.message",
+            "event_id": f"$cmd{i}",
+            "sender": str(MOD),
+            "content": {"msgtype": "m.text", "body": f"!ss status {i}"},
+        }
+        for i in range(3)
+    ]
     try:
         for event in events:
             assert await store.queue_command(ROOM, event) is True

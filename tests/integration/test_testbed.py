@@ -66,9 +66,7 @@ async def test_pg_url_is_a_connectable_empty_database(pg_url: str) -> None:
     conn = await asyncpg.connect(pg_url)
     try:
         assert await conn.fetchval("SELECT current_database()") == pg_url.rsplit("/", 1)[1]
-        tables = await conn.fetchval(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
-        )
+        tables = await conn.fetchval("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
         assert tables == 0
     finally:
         await conn.close()
@@ -120,9 +118,7 @@ async def test_lift_ratelimit_exempts_a_user(synapse_default_limits: Synapse) ->
         await user.client.close()
 
 
-async def test_homeserver_survives_a_crash_and_restart(
-    synapse: Synapse, make_user: MakeUser
-) -> None:
+async def test_homeserver_survives_a_crash_and_restart(synapse: Synapse, make_user: MakeUser) -> None:
     alice = await make_user("alice")
     room = await alice.client.create_room(name="Durable")
     port = synapse.port

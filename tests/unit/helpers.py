@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 
 from spacesync.model import (
     Action,
     ActionKind,
-    MemberState,
     Membership,
+    MemberState,
     OwnedLevel,
     PlacedBan,
     Plan,
@@ -33,13 +34,19 @@ def uid(name: str) -> UserID:
     return UserID(name if name.startswith("@") else f"@{name}:{HS}")
 
 
-def member(membership: Membership | str, *, sender: str | None = None, ts: int = 0,
-           was_joined: bool | None = True) -> MemberState:
+def member(
+    membership: Membership | str, *, sender: str | None = None, ts: int = 0, was_joined: bool | None = True
+) -> MemberState:
     """A membership reached at `ts` (also when spacesync first saw it). A leave is a real departure
     (it replaced a join) unless `was_joined` says otherwise (False: a declined invite; None: unknown)."""
     membership = Membership(membership)
-    return MemberState(membership, sender=uid(sender) if sender else None, ts=ts, seen_ms=ts,
-                       was_joined=was_joined if membership is Membership.LEAVE else None)
+    return MemberState(
+        membership,
+        sender=uid(sender) if sender else None,
+        ts=ts,
+        seen_ms=ts,
+        was_joined=was_joined if membership is Membership.LEAVE else None,
+    )
 
 
 JOIN = Membership.JOIN
@@ -197,7 +204,10 @@ def apply_plan(snapshot: Snapshot, plan: Plan, *, bot: UserID = BOT, now_ms: int
             members = dict(current.members)
             after = _MEMBERSHIP_AFTER[action.kind]
             members[action.user_id] = MemberState(
-                after, sender=bot, ts=now, seen_ms=now,
+                after,
+                sender=bot,
+                ts=now,
+                seen_ms=now,
                 # A kick removes a joined user (a departure); an unban only lifts a ban (none).
                 was_joined=(action.kind is ActionKind.KICK) if after is Membership.LEAVE else None,
             )

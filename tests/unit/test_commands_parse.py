@@ -38,8 +38,19 @@ def test_prefixes(text):
     assert parsed.args == ()
 
 
-@pytest.mark.parametrize("text", ["status", "!ssh status", "!spacesyncstatus", "hello !spacesync status",
-                                  "", "   ", "!s status", "spacesync status"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "status",
+        "!ssh status",
+        "!spacesyncstatus",
+        "hello !spacesync status",
+        "",
+        "   ",
+        "!s status",
+        "spacesync status",
+    ],
+)
 def test_not_a_command(text):
     assert parse_command(text) is None
 
@@ -54,6 +65,8 @@ def test_command_name_is_lowercased_arguments_are_not():
     assert parsed is not None
     assert parsed.name == "exempt"
     assert parsed.args == ("Add", "@Alice:HS.test")
+
+
 # endregion
 
 
@@ -61,7 +74,7 @@ def test_command_name_is_lowercased_arguments_are_not():
 
 
 def test_quoting_keeps_words_together():
-    assert tokenize('!ss audit "two words" \'and three here\'') == ["!ss", "audit", "two words", "and three here"]
+    assert tokenize("!ss audit \"two words\" 'and three here'") == ["!ss", "audit", "two words", "and three here"]
 
 
 def test_typographic_quotes_are_quotes():
@@ -90,6 +103,8 @@ def test_too_long():
 def test_too_many_arguments():
     with pytest.raises(ParseError, match="too many arguments"):
         parse_command("!ss status " + " a" * 100)
+
+
 # endregion
 
 
@@ -97,8 +112,9 @@ def test_too_many_arguments():
 
 
 def test_pill_in_html_gives_the_user_id():
-    content = html_message("!ss exempt add Alice Smith",
-                           '!ss exempt add <a href="https://matrix.to/#/@alice:hs.test">Alice Smith</a>')
+    content = html_message(
+        "!ss exempt add Alice Smith", '!ss exempt add <a href="https://matrix.to/#/@alice:hs.test">Alice Smith</a>'
+    )
     text = command_text(content)
     assert text is not None
     parsed = parse_command(text)
@@ -106,8 +122,10 @@ def test_pill_in_html_gives_the_user_id():
 
 
 def test_percent_encoded_room_pill_and_matrix_uri():
-    html = ('!ss tree <a href="https://matrix.to/#/%23space%3Ahs.test?via=hs.test">#space</a> '
-            '<a href="matrix:u/bob:hs.test">Bob</a>')
+    html = (
+        '!ss tree <a href="https://matrix.to/#/%23space%3Ahs.test?via=hs.test">#space</a> '
+        '<a href="matrix:u/bob:hs.test">Bob</a>'
+    )
     parsed = parse_command(command_text(html_message("!ss tree #space Bob", html)) or "")
     assert parsed is not None and parsed.args == ("#space:hs.test", "@bob:hs.test")
 
@@ -119,8 +137,10 @@ def test_ordinary_links_keep_their_text():
 
 
 def test_rich_reply_quote_is_ignored():
-    html = ("<mx-reply><blockquote><a href=\"https://matrix.to/#/!r:hs/$e\">In reply to</a> "
-            "!ss pause</blockquote></mx-reply>!ss status")
+    html = (
+        '<mx-reply><blockquote><a href="https://matrix.to/#/!r:hs/$e">In reply to</a> '
+        "!ss pause</blockquote></mx-reply>!ss status"
+    )
     body = "> <@bot:hs> !ss pause\n\n!ss status"
     for content in (html_message(body, html), {"msgtype": "m.text", "body": body}):
         parsed = parse_command(command_text(content) or "")
@@ -157,6 +177,8 @@ def test_parsing_never_fails_unexpectedly(text):
         except ParseError:
             pass
         command_text({"body": candidate, "format": "org.matrix.custom.html", "formatted_body": candidate})
+
+
 # endregion
 
 
@@ -166,7 +188,7 @@ def test_parsing_never_fails_unexpectedly(text):
 def test_user_arguments_name_the_bad_id():
     assert user_arg("@alice:hs.test") == "@alice:hs.test"
     assert user_arg("https://matrix.to/#/@alice:hs.test") == "@alice:hs.test"
-    with pytest.raises(RefError, match="'@alice'.*missing the :server part"):
+    with pytest.raises(RefError, match=r"'@alice'.*missing the :server part"):
         user_arg("@alice")
     with pytest.raises(RefError, match="'!room:hs' is not a user"):
         user_arg("!room:hs")
@@ -182,6 +204,8 @@ def test_count_and_batch_arguments():
     assert batch_arg("`3fa9c1`") == "3fa9c1"
     with pytest.raises(ValueError, match="is not a batch id"):
         batch_arg("3fa 9c1;drop")
+
+
 # endregion
 
 
@@ -197,8 +221,25 @@ def test_did_you_mean():
 
 
 def test_every_command_has_usage_and_help():
-    expected = {"help", "status", "tree", "plan", "sync", "audit", "whois", "spaces", "rooms", "exempt", "pause",
-                "resume", "confirm", "cancel", "undo", "joinrules", "powerlevels"}
+    expected = {
+        "help",
+        "status",
+        "tree",
+        "plan",
+        "sync",
+        "audit",
+        "whois",
+        "spaces",
+        "rooms",
+        "exempt",
+        "pause",
+        "resume",
+        "confirm",
+        "cancel",
+        "undo",
+        "joinrules",
+        "powerlevels",
+    }
     assert expected <= set(REGISTRY.names())
     for cmd in REGISTRY:
         assert cmd.usage_line.startswith(f"!spacesync {cmd.name}")
@@ -231,19 +272,22 @@ class _NoApp:
     """Commands that fail before touching the app: usage and syntax errors."""
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("!ss statsu", "Unknown command 'statsu'. Did you mean 'status'?"),
-    ("!ss status now", "Unexpected argument 'now'. Usage: !spacesync status"),
-    ("!ss exempt", "Choose one of add, remove, list. Usage: !spacesync exempt add|remove|list [@user]"),
-    ("!ss exempt add", "Missing argument. Usage: !spacesync exempt add|remove|list [@user]"),
-    ("!ss exempt add @bob", "'@bob' is not a user: missing the :server part"),
-    ("!ss whois bob", "'bob' is not a user"),
-    ("!ss confirm", "Missing argument. Usage: !spacesync confirm <batch>"),
-    ("!ss confirm not;a;batch", "is not a batch id"),
-    ("!ss audit 0", "out of range"),
-    ("!ss tree @bob:hs", "'@bob:hs' is not a room: that is a user ID"),
-    ('!ss exempt add "@bob', "cannot read the command"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("!ss statsu", "Unknown command 'statsu'. Did you mean 'status'?"),
+        ("!ss status now", "Unexpected argument 'now'. Usage: !spacesync status"),
+        ("!ss exempt", "Choose one of add, remove, list. Usage: !spacesync exempt add|remove|list [@user]"),
+        ("!ss exempt add", "Missing argument. Usage: !spacesync exempt add|remove|list [@user]"),
+        ("!ss exempt add @bob", "'@bob' is not a user: missing the :server part"),
+        ("!ss whois bob", "'bob' is not a user"),
+        ("!ss confirm", "Missing argument. Usage: !spacesync confirm <batch>"),
+        ("!ss confirm not;a;batch", "is not a batch id"),
+        ("!ss audit 0", "out of range"),
+        ("!ss tree @bob:hs", "'@bob:hs' is not a room: that is a user ID"),
+        ('!ss exempt add "@bob', "cannot read the command"),
+    ],
+)
 async def test_bad_input_replies(text, expected):
     handler = CommandHandler(_NoApp())  # type: ignore[arg-type]
     reply = await handler.run("!admin:hs", "$e", "@admin:hs", text)
@@ -262,6 +306,8 @@ async def test_a_crashing_handler_is_one_line():
     reply = await handler.run("!a:hs", "$e", "@x:hs", "!ss status")
     assert reply.text.startswith("⚠ The command 'status' failed: AttributeError")
     assert "\n" not in reply.text
+
+
 # endregion
 
 
@@ -288,6 +334,8 @@ def test_nested_html_is_balanced():
 
 def test_plain_reply_escapes_html():
     assert Reply.plain("<b>&\nx").html == "&lt;b&gt;&amp;<br>x"
+
+
 # endregion
 
 

@@ -92,7 +92,9 @@ def test_unreadable_rooms_are_findings_and_never_managed():
         unreachable={"gone": "forbidden"},
     )
     g = build_graph(snap, policy("root", "missing_root"))
-    assert {(rid("ghost"), "unreachable"), (rid("gone"), "unreachable"), (rid("missing_root"), "unreachable")} <= codes(g.findings)
+    assert {(rid("ghost"), "unreachable"), (rid("gone"), "unreachable"), (rid("missing_root"), "unreachable")} <= codes(
+        g.findings
+    )
     assert any("forbidden" in f.message for f in g.findings if f.room_id == rid("gone"))
     assert g.managed == {rid("root")}
 
@@ -147,7 +149,9 @@ def test_room_in_two_root_spaces_is_governed_by_both():
         space("r2", children=["x"]),
         room("x", join_rule="restricted", allow=["r1", "r2"]),
     )
-    p = policy(SpacePolicy(rid("r1"), exempt=frozenset({uid("e1")})), SpacePolicy(rid("r2"), exempt=frozenset({uid("e2")})))
+    p = policy(
+        SpacePolicy(rid("r1"), exempt=frozenset({uid("e1")})), SpacePolicy(rid("r2"), exempt=frozenset({uid("e2")}))
+    )
     g = build_graph(snap, p)
     assert g.governing[rid("x")] == {rid("r1"), rid("r2")}
     assert [s.room_id for s in policies_for(g, p, rid("x"))] == [rid("r1"), rid("r2")]

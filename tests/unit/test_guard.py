@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spacesync.engine.executor import fingerprint
 from spacesync.engine.guard import guard
-from spacesync.model import Action, ActionKind, MemberState, Membership, PowerLevels, RoomState
+from spacesync.model import Action, ActionKind, Membership, MemberState, PowerLevels, RoomState
 
 from .helpers import rid, uid
 
@@ -57,8 +57,13 @@ def test_the_default_limit_applies_to_unlisted_spaces():
 
 def _room(levels: dict, member: MemberState | None = None) -> RoomState:
     members = {uid("u1"): member} if member else {}
-    return RoomState(rid("r1"), room_version="10", power_levels=PowerLevels.from_content(levels), members=members,
-                     join_rules_content={"join_rule": "restricted"})
+    return RoomState(
+        rid("r1"),
+        room_version="10",
+        power_levels=PowerLevels.from_content(levels),
+        members=members,
+        join_rules_content={"join_rule": "restricted"},
+    )
 
 
 def test_fingerprint_follows_the_state_that_decides_success():
@@ -66,6 +71,7 @@ def test_fingerprint_follows_the_state_that_decides_success():
     base = fingerprint(kick("u1"), _room({"kick": 50}, joined))
     assert fingerprint(kick("u1"), _room({"kick": 50}, joined)) == base
     assert fingerprint(kick("u1"), _room({"kick": 100}, joined)) != base, "power levels changed"
-    assert fingerprint(kick("u1"), _room({"kick": 50}, MemberState(Membership.JOIN, event_id="$b"))) != base, \
+    assert fingerprint(kick("u1"), _room({"kick": 50}, MemberState(Membership.JOIN, event_id="$b"))) != base, (
         "the target rejoined"
+    )
     assert fingerprint(kick("u1"), None) == "unknown"

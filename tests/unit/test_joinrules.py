@@ -5,7 +5,23 @@ from __future__ import annotations
 from spacesync.core.planner import plan
 from spacesync.model import ActionKind, Policy, SpacePolicy
 
-from .helpers import BAN, BOT, INVITE, JOIN, LEAVE, actions_of, apply_plan, codes, kinds, pl_content, rid, room, snapshot, space, uid
+from .helpers import (
+    BAN,
+    BOT,
+    INVITE,
+    JOIN,
+    LEAVE,
+    actions_of,
+    apply_plan,
+    codes,
+    kinds,
+    pl_content,
+    rid,
+    room,
+    snapshot,
+    space,
+    uid,
+)
 
 
 def policy(*roots, **kw) -> Policy:
@@ -27,8 +43,12 @@ def jr(p):
 
 
 def test_audit_only_without_enforce():
-    snap = snapshot(space("root", children=["a", "b", "c"]), managed_child("a"), managed_child("b", join_rule="public"),
-                    managed_child("c", join_rule="knock"))
+    snap = snapshot(
+        space("root", children=["a", "b", "c"]),
+        managed_child("a"),
+        managed_child("b", join_rule="public"),
+        managed_child("c", join_rule="knock"),
+    )
     p = plan(snap, policy("root"))
     assert p.actions == ()
     assert {(rid(n), "not_restricted") for n in "abc"} <= codes(p)
@@ -45,7 +65,8 @@ def test_enforce_restricts_to_the_parent_spaces():
     p = plan(snap, policy(ENFORCE_INVITE))
     actions = jr(p)
     assert actions[rid("a")].content == {
-        "join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": rid("root")}]
+        "join_rule": "restricted",
+        "allow": [{"type": "m.room_membership", "room_id": rid("root")}],
     }
     assert actions[rid("b")].content["join_rule"] == "restricted"
     # b opted into root only: sub lists it, but gains no say over who may join (confused deputy).
@@ -79,14 +100,19 @@ def test_enforce_alone_never_opens_an_invite_room():
 
 def test_invite_room_opened_only_when_every_enforcing_space_asks():
     snap = snapshot(
-        space("r1", children=["x"]), space("r2", children=["x"]),
+        space("r1", children=["x"]),
+        space("r2", children=["x"]),
         room("x", join_rule="invite", parents=["r1", "r2"]),
     )
-    both = policy(SpacePolicy(rid("r1"), enforce_join_rules=True, restrict_invite_rooms=True),
-                  SpacePolicy(rid("r2"), enforce_join_rules=True, restrict_invite_rooms=True))
+    both = policy(
+        SpacePolicy(rid("r1"), enforce_join_rules=True, restrict_invite_rooms=True),
+        SpacePolicy(rid("r2"), enforce_join_rules=True, restrict_invite_rooms=True),
+    )
     assert jr(plan(snap, both))[rid("x")].content["join_rule"] == "restricted"
-    one = policy(SpacePolicy(rid("r1"), enforce_join_rules=True, restrict_invite_rooms=True),
-                 SpacePolicy(rid("r2"), enforce_join_rules=True))
+    one = policy(
+        SpacePolicy(rid("r1"), enforce_join_rules=True, restrict_invite_rooms=True),
+        SpacePolicy(rid("r2"), enforce_join_rules=True),
+    )
     p = plan(snap, one)
     assert not jr(p) and (rid("x"), "invite_kept") in codes(p)
 
@@ -181,8 +207,7 @@ def test_tombstoned_extra_room_is_not_removed_again_and_again():
 def test_a_tombstone_is_followed_only_when_the_replacement_names_the_room():
     """A room admin may send a tombstone naming any room: unverified, the Space is not re-pointed."""
     for replacement in (None, room("new", predecessor="elsewhere")):
-        rooms = [space("root", children=["old"]), room("old", join_rule="restricted", allow=["root"],
-                                                        tombstone="new")]
+        rooms = [space("root", children=["old"]), room("old", join_rule="restricted", allow=["root"], tombstone="new")]
         snap = snapshot(*rooms, *([replacement] if replacement else []))
         p = plan(snap, policy("root"))
         assert p.actions == () and p.upgrades == ()
@@ -192,8 +217,11 @@ def test_a_tombstone_is_followed_only_when_the_replacement_names_the_room():
 def test_invite_members_to_invite_only_rooms():
     pol = policy(SpacePolicy(rid("root"), invite_members=True), admins=frozenset({uid("adm")}))
     snap = snapshot(
-        space("root", children=["x", "pub"], members={
-            "a": JOIN, "b": JOIN, "c": JOIN, "d": JOIN, "e": LEAVE, "adm": JOIN, "mod": JOIN}),
+        space(
+            "root",
+            children=["x", "pub"],
+            members={"a": JOIN, "b": JOIN, "c": JOIN, "d": JOIN, "e": LEAVE, "adm": JOIN, "mod": JOIN},
+        ),
         managed_child("x", members={"b": JOIN, "c": INVITE, "d": BAN}, levels={"mod": 100}),
         managed_child("pub", join_rule="public"),
     )

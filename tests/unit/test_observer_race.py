@@ -64,6 +64,7 @@ async def test_a_failed_read_keeps_the_last_known_state_and_stops_buffering():
     observer.joined = {ROOM}
     unreachable: dict[RoomID, str] = {}
     import spacesync.engine.observer as module
+
     module_attempts, module.READ_ATTEMPTS = module.READ_ATTEMPTS, 1
     try:
         await observer._load(ROOM, True, unreachable)

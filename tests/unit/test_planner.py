@@ -105,7 +105,9 @@ def test_room_in_two_roots_takes_the_mildest_on_leave():
         space("r2", children=["x"], members={"u": LEAVE}),
         room("x", join_rule="restricted", allow=["r1", "r2"], members={"u": JOIN}),
     )
-    ban, kick, none = (SpacePolicy(rid(r), on_leave=o) for r, o in (("r1", OnLeave.BAN), ("r2", OnLeave.KICK), ("r2", OnLeave.NONE)))
+    ban, kick, none = (
+        SpacePolicy(rid(r), on_leave=o) for r, o in (("r1", OnLeave.BAN), ("r2", OnLeave.KICK), ("r2", OnLeave.NONE))
+    )
     assert kinds(plan(snap, policy(ban, kick))) == [("kick", rid("x"), uid("u"))]
     assert plan(snap, policy(ban, none)).actions == ()
 
@@ -322,7 +324,14 @@ def test_unban_needs_the_power_and_respects_protection():
 
 def test_grace_period_delays_eviction_and_schedules_a_recheck():
     snap = snapshot(
-        space("root", children=["x"], members={"recent": member(LEAVE, sender="recent", ts=95_000), "old": member(LEAVE, sender="old", ts=10_000)}),
+        space(
+            "root",
+            children=["x"],
+            members={
+                "recent": member(LEAVE, sender="recent", ts=95_000),
+                "old": member(LEAVE, sender="old", ts=10_000),
+            },
+        ),
         child("x", members={"recent": JOIN, "old": JOIN}),
         now_ms=100_000,
     )
@@ -354,13 +363,23 @@ def test_protected_users_are_never_evicted_or_banned():
     joined = {u: JOIN for u in gone if u != "strmod"}
     snap = snapshot(
         space("root", children=["x", "y"], members=gone | {"banned_adm": BAN}),
-        child("x", members=joined, creator="creator", additional_creators=["extra"], version="10",
-              levels={"mod": 100}),
-        child("y", version="9", members={"strmod": JOIN, "banned_adm": JOIN},
-              pl={"users": {BOT: "50", uid("strmod"): "50"}, "kick": "50", "ban": "50"}),
+        child("x", members=joined, creator="creator", additional_creators=["extra"], version="10", levels={"mod": 100}),
+        child(
+            "y",
+            version="9",
+            members={"strmod": JOIN, "banned_adm": JOIN},
+            pl={"users": {BOT: "50", uid("strmod"): "50"}, "kick": "50", "ban": "50"},
+        ),
     )
-    snap = attrs.evolve(snap, rooms={**snap.rooms, rid("root"): attrs.evolve(snap.rooms[rid("root")], members={
-        **snap.rooms[rid("root")].members, BOT: member(JOIN)})})
+    snap = attrs.evolve(
+        snap,
+        rooms={
+            **snap.rooms,
+            rid("root"): attrs.evolve(
+                snap.rooms[rid("root")], members={**snap.rooms[rid("root")].members, BOT: member(JOIN)}
+            ),
+        },
+    )
     pol = policy(
         SpacePolicy(rid("root"), exempt=frozenset({uid("sex")})),
         admins=frozenset({uid("adm"), uid("banned_adm")}),
@@ -403,8 +422,12 @@ def test_bot_without_kick_power_reports_once():
 def test_string_levels_are_read_as_integers():
     snap = snapshot(
         space("root", children=["x"], members={"u": LEAVE, "mod": LEAVE}),
-        child("x", version="9", members={"u": JOIN, "mod": JOIN},
-              pl={"users": {BOT: "60", uid("mod"): "60", uid("u"): "59"}, "kick": "60"}),
+        child(
+            "x",
+            version="9",
+            members={"u": JOIN, "mod": JOIN},
+            pl={"users": {BOT: "60", uid("mod"): "60", uid("u"): "59"}, "kick": "60"},
+        ),
     )
     p = plan(snap, policy("root"))
     assert kinds(p) == [("kick", rid("x"), uid("u"))]
@@ -463,8 +486,14 @@ def test_a_space_that_merely_lists_a_room_gains_no_authority_over_it():
     memberships must not reach it (the confused deputy)."""
     snap = snapshot(
         space("root", children=["sub", "r"], members={"victim": JOIN, "stayer": JOIN}),
-        space("sub", children=["r"], join_rule="restricted", allow=["root"],
-              members={"victim": BAN, "stayer": LEAVE}, levels={"eve": 100}),
+        space(
+            "sub",
+            children=["r"],
+            join_rule="restricted",
+            allow=["root"],
+            members={"victim": BAN, "stayer": LEAVE},
+            levels={"eve": 100},
+        ),
         room("r", join_rule="restricted", allow=["root"], members={"victim": JOIN, "stayer": JOIN}),
     )
     result = plan(snap, Policy(bot=BOT, spaces=(SpacePolicy(rid("root")),)))
@@ -493,12 +522,16 @@ def test_a_ban_a_moderator_placed_over_the_bots_is_not_lifted():
 
 def test_only_a_leave_that_replaced_a_join_is_a_departure():
     snap = snapshot(
-        space("root", children=["x"], members={
-            "left": member(LEAVE, sender="left"),
-            "declined": member(LEAVE, sender="declined", was_joined=False),
-            "unknown": member(LEAVE, sender="unknown", was_joined=None),
-            "banned": member(BAN, sender="mod"),
-        }),
+        space(
+            "root",
+            children=["x"],
+            members={
+                "left": member(LEAVE, sender="left"),
+                "declined": member(LEAVE, sender="declined", was_joined=False),
+                "unknown": member(LEAVE, sender="unknown", was_joined=None),
+                "banned": member(BAN, sender="mod"),
+            },
+        ),
         child("x", members={"left": JOIN, "declined": JOIN, "unknown": JOIN, "banned": JOIN}),
     )
     p = plan(snap, policy("root"))
@@ -557,8 +590,9 @@ def test_a_root_that_added_the_room_explicitly_may_entitle_while_unreadable():
 def test_grace_runs_on_spacesyncs_clock_not_the_senders():
     # The leaver's server claims the leave is old (origin_server_ts 0); spacesync saw it at 95 s.
     gone = attrs.evolve(member(LEAVE, sender="gone", ts=0), seen_ms=95_000)
-    snap = snapshot(space("root", children=["x"], members={"gone": gone}), child("x", members={"gone": JOIN}),
-                    now_ms=100_000)
+    snap = snapshot(
+        space("root", children=["x"], members={"gone": gone}), child("x", members={"gone": JOIN}), now_ms=100_000
+    )
     p = plan(snap, policy(SpacePolicy(rid("root"), grace_period_s=30)))
     assert p.actions == () and p.recheck_at_ms == 125_000
 
@@ -584,7 +618,7 @@ def _upgraded(old_members, new_members, root_members, **new_kw):
 
 
 def test_a_space_ban_is_carried_into_the_replacement_room():
-    from spacesync.model import MemberState, Membership
+    from spacesync.model import Membership, MemberState
 
     mine = MemberState(Membership.BAN, sender=BOT, reason="banned in Space !root:hs.test")
     snap = _upgraded({"u": mine}, {"u": JOIN}, {"u": member(BAN, sender="owner")})
@@ -598,23 +632,26 @@ def test_a_space_ban_is_carried_into_the_replacement_room():
 
 
 def test_the_homeservers_copy_of_the_bots_ban_is_banned_over_a_moderators_ban_is_not():
-    from spacesync.model import MemberState, Membership
+    from spacesync.model import Membership, MemberState
 
     reason = "banned in Space !root:hs.test"
     mine = MemberState(Membership.BAN, sender=BOT, reason=reason)
     copy = MemberState(Membership.BAN, sender=uid("owner"), reason=reason)
     snap = _upgraded({"u": mine}, {"u": copy}, {"u": member(BAN, sender="owner")})
     assert [(a.room_id, a.user_id) for a in actions_of(plan(snap, policy("root")), ActionKind.BAN)] == [
-        (rid("new"), uid("u"))]
+        (rid("new"), uid("u"))
+    ]
     # A ban with another reason, or by someone other than the replacement's creator, is a moderator's own.
-    for theirs in (MemberState(Membership.BAN, sender=uid("owner"), reason="spam"),
-                   MemberState(Membership.BAN, sender=uid("mod"), reason=reason)):
+    for theirs in (
+        MemberState(Membership.BAN, sender=uid("owner"), reason="spam"),
+        MemberState(Membership.BAN, sender=uid("mod"), reason=reason),
+    ):
         other = _upgraded({"u": mine}, {"u": theirs}, {"u": member(BAN, sender="owner")})
         assert not actions_of(plan(other, policy("root")), ActionKind.BAN)
 
 
 def test_a_ban_the_space_lifted_is_not_carried():
-    from spacesync.model import MemberState, Membership
+    from spacesync.model import Membership, MemberState
 
     mine = MemberState(Membership.BAN, sender=BOT)
     snap = _upgraded({"u": mine}, {"u": LEAVE}, {"u": member(LEAVE, sender="owner")})
@@ -622,7 +659,7 @@ def test_a_ban_the_space_lifted_is_not_carried():
 
 
 def test_an_on_leave_ban_is_carried_while_the_user_stays_out():
-    from spacesync.model import MemberState, Membership
+    from spacesync.model import Membership, MemberState
 
     mine = MemberState(Membership.BAN, sender=BOT)
     snap = attrs.evolve(
@@ -652,7 +689,8 @@ def test_evictions_that_cannot_happen_are_left_behind_one_per_room_and_user():
     left = {(lb.room_id, lb.user_id): lb for lb in p.left_behind}
     assert len(left) == len(p.left_behind) == 3  # u in weak: its ban and its kick, told once
     assert left[(rid("weak"), uid("u"))] == LeftBehind(
-        rid("weak"), uid("u"), ActionKind.BAN, "the bot lacks the power to ban there (needs 50)")
+        rid("weak"), uid("u"), ActionKind.BAN, "the bot lacks the power to ban there (needs 50)"
+    )
     assert left[(rid("weak"), uid("v"))].why == "the bot lacks the power to kick there (needs 50)"
     assert left[(rid("guarded"), uid("u"))].why == "at or above the bot's power level"
     assert LeftBehind.from_json(left[(rid("weak"), uid("v"))].to_json()) == left[(rid("weak"), uid("v"))]

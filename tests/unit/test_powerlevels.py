@@ -57,10 +57,16 @@ def test_capped_below_the_bot_and_by_policy():
         child(bot_level=80, pl=pl_content(bot_level=80, events={"m.room.power_levels": 80})),
     )
     p = plan(snap, policy("root"))
-    assert pl_actions(p)[rid("x")].changes == {uid("alice"): (None, 79), uid("bob"): (None, 79), uid("carol"): (None, 50)}
+    assert pl_actions(p)[rid("x")].changes == {
+        uid("alice"): (None, 79),
+        uid("bob"): (None, 79),
+        uid("carol"): (None, 50),
+    }
     capped = policy(SpacePolicy(rid("root"), max_power_level=60, power_level_map={50: 30}))
     assert pl_actions(plan(snap, capped))[rid("x")].changes == {
-        uid("alice"): (None, 60), uid("bob"): (None, 60), uid("carol"): (None, 30)
+        uid("alice"): (None, 60),
+        uid("bob"): (None, 60),
+        uid("carol"): (None, 30),
     }
 
 
@@ -118,7 +124,8 @@ def test_hand_lowered_entry_is_left_alone_while_the_space_asks_the_same():
     assert not pl_actions(again) and again.stale_levels == () and again.released_levels == ()
 
     promoted = snapshot(
-        space("root", children=["x"], levels={"alice": 75}), child(levels={"alice": 20}),
+        space("root", children=["x"], levels={"alice": 75}),
+        child(levels={"alice": 20}),
         owned=list(settled.owned_levels.values()),
     )
     raised = plan(promoted, policy("root"))
@@ -127,7 +134,9 @@ def test_hand_lowered_entry_is_left_alone_while_the_space_asks_the_same():
     assert pl_actions(raised)[rid("x")].ownership == {uid("alice"): OwnedLevel(rid("x"), uid("alice"), 75, 20)}
 
     demoted = snapshot(
-        space("root", children=["x"]), child(levels={"alice": 20}), owned=list(settled.owned_levels.values()),
+        space("root", children=["x"]),
+        child(levels={"alice": 20}),
+        owned=list(settled.owned_levels.values()),
     )
     dropped = plan(demoted, policy("root"))
     assert not pl_actions(dropped) and dropped.stale_levels == ((rid("x"), uid("alice")),)
@@ -150,7 +159,8 @@ def test_levels_the_bot_wrote_into_a_sub_space_are_not_mirrored_from_it():
 
 
 def test_sub_space_keeps_granting_what_it_granted_before_the_bot_wrote():
-    # sub granted alice 20 itself; the bot raised her there to 40 (root's 10, mapped).  Its own grant still counts below it.
+    # sub granted alice 20 itself; the bot raised her there to 40 (root's 10, mapped).
+    # Its own grant still counts below it.
     snap = snapshot(
         space("root", children=["sub"], levels={"alice": 10}),
         space("sub", children=["x"], parents=["root"], levels={"alice": 40}),
@@ -224,8 +234,15 @@ def test_unknown_room_version_is_never_written():
 def test_string_levels_are_read_and_integers_written():
     snap = snapshot(
         space("root", version="9", children=["x"], pl={"users": {BOT: "100", uid("alice"): "50"}}),
-        child(version="9", pl={"users": {BOT: "100", uid("old"): "25"}, "kick": "50", "users_default": "0",
-                               "events": {"m.room.power_levels": "100"}}),
+        child(
+            version="9",
+            pl={
+                "users": {BOT: "100", uid("old"): "25"},
+                "kick": "50",
+                "users_default": "0",
+                "events": {"m.room.power_levels": "100"},
+            },
+        ),
     )
     p = plan(snap, policy("root"))
     action = pl_actions(p)[rid("x")]
@@ -274,11 +291,18 @@ def test_a_sub_space_listing_the_root_does_not_grant_levels_in_it():
 
 def test_a_user_muted_in_the_room_is_not_raised_and_is_reported():
     pl = pl_content({"muted": -10, "demoted": 5}, users_default=10)
-    snap = snapshot(space("root", children=["x", "y"], levels={"muted": 50, "demoted": 50, "bob": 50}),
-                    child("x", pl=pl), child("y"))
+    snap = snapshot(
+        space("root", children=["x", "y"], levels={"muted": 50, "demoted": 50, "bob": 50}),
+        child("x", pl=pl),
+        child("y"),
+    )
     p = plan(snap, policy("root"))
     assert pl_actions(p)[rid("x")].changes == {uid("bob"): (None, 50)}
-    assert pl_actions(p)[rid("y")].changes == {uid("muted"): (None, 50), uid("demoted"): (None, 50), uid("bob"): (None, 50)}
+    assert pl_actions(p)[rid("y")].changes == {
+        uid("muted"): (None, 50),
+        uid("demoted"): (None, 50),
+        uid("bob"): (None, 50),
+    }
     held = [f for f in p.findings if f.code == "restricted_locally"]
     assert sorted(f.message for f in held) == [
         f"{uid('demoted')} is held at 5 in this room, below its default level 10 (muted or demoted here): "
@@ -292,8 +316,11 @@ def test_a_user_muted_in_the_room_is_not_raised_and_is_reported():
 
 def test_a_mute_after_spacesync_raised_the_user_wins_once_the_space_level_changes():
     # spacesync raised alice to 50; the room muted her since (released); the Space now asks 60.
-    snap = snapshot(space("root", children=["x"], levels={"alice": 60}), child(levels={"alice": -1}),
-                    owned=[OwnedLevel(rid("x"), uid("alice"), 50, None, released=True)])
+    snap = snapshot(
+        space("root", children=["x"], levels={"alice": 60}),
+        child(levels={"alice": -1}),
+        owned=[OwnedLevel(rid("x"), uid("alice"), 50, None, released=True)],
+    )
     p = plan(snap, policy("root"))
     assert not pl_actions(p)
     assert (rid("x"), uid("alice")) in p.stale_levels
@@ -314,18 +341,40 @@ def test_record_before_gives_back_the_record_each_kind_of_write_replaced():
         (snapshot(space("root", children=["x"], levels={"a": 50}), child()), uid("a")),
         (snapshot(space("root", children=["x"], levels={"a": 50}), child(levels={"a": 10})), uid("a")),
         # raise of its own entry
-        (snapshot(space("root", children=["x"], levels={"a": 75}), child(levels={"a": 50}),
-                  owned=[OwnedLevel(x, uid("a"), 50, None)]), uid("a")),
-        (snapshot(space("root", children=["x"], levels={"a": 75}), child(levels={"a": 50}),
-                  owned=[OwnedLevel(x, uid("a"), 50, 10)]), uid("a")),
+        (
+            snapshot(
+                space("root", children=["x"], levels={"a": 75}),
+                child(levels={"a": 50}),
+                owned=[OwnedLevel(x, uid("a"), 50, None)],
+            ),
+            uid("a"),
+        ),
+        (
+            snapshot(
+                space("root", children=["x"], levels={"a": 75}),
+                child(levels={"a": 50}),
+                owned=[OwnedLevel(x, uid("a"), 50, 10)],
+            ),
+            uid("a"),
+        ),
         # restore, to no entry and to the entry before
-        (snapshot(space("root", children=["x"]), child(levels={"a": 50}), owned=[OwnedLevel(x, uid("a"), 50, None)]),
-         uid("a")),
-        (snapshot(space("root", children=["x"]), child(levels={"a": 50}), owned=[OwnedLevel(x, uid("a"), 50, 10)]),
-         uid("a")),
+        (
+            snapshot(space("root", children=["x"]), child(levels={"a": 50}), owned=[OwnedLevel(x, uid("a"), 50, None)]),
+            uid("a"),
+        ),
+        (
+            snapshot(space("root", children=["x"]), child(levels={"a": 50}), owned=[OwnedLevel(x, uid("a"), 50, 10)]),
+            uid("a"),
+        ),
         # a lower level the Space asks for: back to the level before, kept as spacesync's write
-        (snapshot(space("root", children=["x"], levels={"a": 30}), child(levels={"a": 50}),
-                  owned=[OwnedLevel(x, uid("a"), 50, 10)]), uid("a")),
+        (
+            snapshot(
+                space("root", children=["x"], levels={"a": 30}),
+                child(levels={"a": 50}),
+                owned=[OwnedLevel(x, uid("a"), 50, 10)],
+            ),
+            uid("a"),
+        ),
     ]
     for snap, user in cases:
         action = pl_actions(plan(snap, policy("root")))[x]

@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 import attrs
-
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +23,8 @@ from spacesync.core.planner import plan
 from spacesync.core.versions import features
 from spacesync.model import (
     ActionKind,
-    MemberState,
     Membership,
+    MemberState,
     OnLeave,
     OwnedLevel,
     PlacedBan,
@@ -51,7 +50,8 @@ GHOSTS = [rid("ghost0"), rid("ghost1")]
 VERSIONS = ["10", "10", "11", "12", "12", "9", "8", "7", "1", None, "org.example.custom"]
 _BOOL = st.booleans()
 LEVEL_MAPS = st.dictionaries(
-    st.sampled_from([0, 10, 20, 50, 75, 100]), st.sampled_from([0, 10, 40, 50, 90, 100, 150]), max_size=2)
+    st.sampled_from([0, 10, 20, 50, 75, 100]), st.sampled_from([0, 10, 40, 50, 90, 100, 150]), max_size=2
+)
 MEMBERSHIP_EVICTIONS = (ActionKind.KICK, ActionKind.BAN)
 USER_ACTIONS = (ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionKind.INVITE)
 LEVEL_KEYS = ("ban", "kick", "invite", "redact", "events_default", "state_default", "users_default")
@@ -61,17 +61,17 @@ MEMBERSHIP_DIGITS = [None, "join", "join", "join", "leave", "leave_kicked", "ban
 LEVEL_DIGITS = [0, 10, 20, 50, 50, 75, 99, 100, 100]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ints(lo: int, hi: int) -> st.SearchStrategy[int]:
     return st.integers(lo, hi)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_of(options: tuple[Any, ...]) -> st.SearchStrategy[Any]:
     return st.sampled_from(options)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _subset(options: tuple[Any, ...], max_size: int) -> st.SearchStrategy[list[Any]]:
     return st.lists(st.sampled_from(options), max_size=max_size, unique=True)
 
@@ -174,8 +174,9 @@ def rooms_and_snapshot(draw: Any, *, n_roots: int) -> tuple[Snapshot, list[Any]]
             # How a leave came about: mostly a real departure, sometimes a declined invite or a rejected
             # knock (False), sometimes nobody can tell (None).
             was_joined = _pick(draw, [True, True, True, False, None]) if kind == "leave" else None
-            members[user] = MemberState(Membership(kind), sender=sender, ts=(ts * 13) % 100_000, seen_ms=ts,
-                                        was_joined=was_joined)
+            members[user] = MemberState(
+                Membership(kind), sender=sender, ts=(ts * 13) % 100_000, seen_ms=ts, was_joined=was_joined
+            )
         strings = feats is not None and not feats.integer_levels and draw(_ints(0, 2)) == 0
         as_level = str if strings else int
         users: dict[str, Any] = {}
@@ -238,7 +239,10 @@ def rooms_and_snapshot(draw: Any, *, n_roots: int) -> tuple[Snapshot, list[Any]]
         previous = None if previous < 0 else previous
         owned[(room_id, user)] = OwnedLevel(room_id, user, written, previous)
     snapshot = Snapshot(
-        rooms=rooms, unreachable=unreachable, placed_bans=frozenset(placed), owned_levels=owned,
+        rooms=rooms,
+        unreachable=unreachable,
+        placed_bans=frozenset(placed),
+        owned_levels=owned,
         now_ms=100_000 + draw(_ints(0, 100_000)),
     )
     return snapshot, ids
@@ -251,22 +255,24 @@ def worlds(draw: Any, *, grace: bool = True) -> tuple[Snapshot, Policy]:
     spaces = []
     for i in range(n_roots):
         level_map = draw(LEVEL_MAPS)
-        flags = draw(_ints(0, 2 ** 6 - 1))
-        spaces.append(SpacePolicy(
-            room_id=ids[i],
-            on_leave=draw(_one_of(tuple([OnLeave.KICK, OnLeave.KICK, OnLeave.BAN, OnLeave.NONE]))),
-            propagate_bans=bool(flags & 1),
-            propagate_unbans=bool(flags & 2),
-            exempt=frozenset(draw(_subset(tuple(USERS), 1))),
-            extra_rooms=frozenset(draw(_subset(tuple(ids + GHOSTS), 2))),
-            grace_period_s=draw(_one_of(tuple([0, 0, 10, 60]))) if grace else 0,
-            power_levels=bool(flags & 4) or bool(flags & 8),
-            power_level_map=level_map,
-            max_power_level=draw(_one_of(tuple([None, None, 50, 90]))),
-            creator_level=draw(_one_of(tuple([100, 150]))),
-            enforce_join_rules=bool(flags & 16),
-            invite_members=bool(flags & 32),
-        ))
+        flags = draw(_ints(0, 2**6 - 1))
+        spaces.append(
+            SpacePolicy(
+                room_id=ids[i],
+                on_leave=draw(_one_of(tuple([OnLeave.KICK, OnLeave.KICK, OnLeave.BAN, OnLeave.NONE]))),
+                propagate_bans=bool(flags & 1),
+                propagate_unbans=bool(flags & 2),
+                exempt=frozenset(draw(_subset(tuple(USERS), 1))),
+                extra_rooms=frozenset(draw(_subset(tuple(ids + GHOSTS), 2))),
+                grace_period_s=draw(_one_of(tuple([0, 0, 10, 60]))) if grace else 0,
+                power_levels=bool(flags & 4) or bool(flags & 8),
+                power_level_map=level_map,
+                max_power_level=draw(_one_of(tuple([None, None, 50, 90]))),
+                creator_level=draw(_one_of(tuple([100, 150]))),
+                enforce_join_rules=bool(flags & 16),
+                invite_members=bool(flags & 32),
+            )
+        )
     policy = Policy(
         bot=BOT,
         spaces=tuple(spaces),
@@ -309,7 +315,9 @@ def test_graph_caps_cycles_and_opt_in(world):
     assert all(d <= policy.max_depth for d in graph.depth.values())
     # a walked cycle (or a walked Space listing itself) is always reported
     self_listing = any(
-        r in snapshot.rooms and r in snapshot.rooms[r].children and graph.depth[r] < policy.max_depth
+        r in snapshot.rooms
+        and r in snapshot.rooms[r].children
+        and graph.depth[r] < policy.max_depth
         and (snapshot.rooms[r].is_space or r in roots)
         for r in graph.depth
     )
@@ -319,10 +327,7 @@ def test_graph_caps_cycles_and_opt_in(world):
     assert graph.managed <= set(snapshot.rooms) & graph.rooms()
     for room_id in graph.managed - roots:
         room = snapshot.rooms[room_id]
-        above = {
-            a for a in graph.ancestors(room_id) & graph.managed
-            if snapshot.rooms[a].is_space or a in roots
-        }
+        above = {a for a in graph.ancestors(room_id) & graph.managed if snapshot.rooms[a].is_space or a in roots}
         by_allow = room.join_rule in RESTRICTED_RULES and bool(set(room.allow) & above)
         by_parent = any(p in above and room_id in snapshot.rooms[p].children for p in room.parents)
         by_config = any(room_id in s.extra_rooms for s in policy.spaces if s.room_id in graph.managed)
@@ -388,8 +393,7 @@ def test_no_eviction_of_an_entitled_user(world):
         # and the user really departed from (or was removed from) a managed entitling Space: never a
         # stranger, never someone who declined an invite, never on a leave nobody can tell the history of
         assert any(
-            e in graph.managed and (after.rooms[e].is_space or e in graph.roots)
-            and _departed(snapshot, after, e, user)
+            e in graph.managed and (after.rooms[e].is_space or e in graph.roots) and _departed(snapshot, after, e, user)
             for e in allowed
         ), action
 
@@ -407,9 +411,12 @@ def test_grace_period_is_kept(world):
         if action.kind not in MEMBERSHIP_EVICTIONS or action.cause != "on_leave":
             continue
         user = action.user_id
-        grace_ms = int(max(s.grace_period_s for s in policy.spaces if s.room_id in graph.governing[action.room_id]) * 1000)
+        grace_ms = int(
+            max(s.grace_period_s for s in policy.spaces if s.room_id in graph.governing[action.room_id]) * 1000
+        )
         left = [
-            e for e in entitlers(snapshot.rooms[action.room_id], graph)
+            e
+            for e in entitlers(snapshot.rooms[action.room_id], graph)
             if e in graph.managed and _departed(snapshot, after, e, user)
         ]
         assert left
@@ -462,7 +469,8 @@ def test_a_leave_that_was_no_departure_evicts_nobody(world):
     for room_id, room in snapshot.rooms.items():
         members = {
             u: attrs.evolve(m, membership=Membership.LEAVE, was_joined=(False if len(u) % 2 else None))
-            if m.membership in (Membership.LEAVE, Membership.BAN) else m
+            if m.membership in (Membership.LEAVE, Membership.BAN)
+            else m
             for u, m in room.members.items()
         }
         rooms[room_id] = attrs.evolve(room, members=members)
@@ -511,10 +519,12 @@ def test_plan_is_idempotent(world):
     first = plan(snapshot, policy)
     # Re-pointing a child can free a slot under the room cap, which lets the next walk reach
     # further: a different graph, so a different plan. Only then is a second plan allowed to act.
-    assume(not (
-        any(a.kind is ActionKind.SET_SPACE_CHILD for a in first.actions)
-        and any(f.code == "cap_rooms" for f in first.findings)
-    ))
+    assume(
+        not (
+            any(a.kind is ActionKind.SET_SPACE_CHILD for a in first.actions)
+            and any(f.code == "cap_rooms" for f in first.findings)
+        )
+    )
     after = apply_plan(snapshot, first)
     second = plan(after, policy)
     assert second.actions == (), [a.key for a in first.actions] + ["--"] + [a.key for a in second.actions]
@@ -568,8 +578,9 @@ def test_power_level_writes_change_only_users_entries(world):
             if key in LEVEL_KEYS:
                 assert type(value) is int
         assert all(type(v) is int for v in new_users.values()), new_users
-        assert set(action.changes) == {u for u in set(old_users) | set(new_users)
-                                       if _read(old_users.get(u)) != new_users.get(u)}
+        assert set(action.changes) == {
+            u for u in set(old_users) | set(new_users) if _read(old_users.get(u)) != new_users.get(u)
+        }
         for user, (before, after) in action.changes.items():
             assert user != policy.bot
             assert new_users.get(user) == after

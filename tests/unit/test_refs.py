@@ -39,7 +39,10 @@ ROOMS = [
         RoomRef(room_id="!opaque:example.org", via=("a.org", "b.org")),
     ),
     ("https://matrix.to/#/%21opaque%3Aexample.org", RoomRef(room_id="!opaque:example.org")),
-    ("https://matrix.to/#/!opaque:example.org/$event?via=a.org", RoomRef(room_id="!opaque:example.org", via=("a.org",))),
+    (
+        "https://matrix.to/#/!opaque:example.org/$event?via=a.org",
+        RoomRef(room_id="!opaque:example.org", via=("a.org",)),
+    ),
     ("https://matrix.to/#/%23room:example.org", RoomRef(alias="#room:example.org")),
     ("https://matrix.to/#/#room:example.org", RoomRef(alias="#room:example.org")),
     ("<https://matrix.to/#/#room:example.org>", RoomRef(alias="#room:example.org")),
@@ -98,7 +101,9 @@ def test_room_rejections(text: str) -> None:
 
 
 def test_room_rejection_message() -> None:
-    with pytest.raises(RefError, match=r"^'foo' is not a room: expected !id:server, #alias:server, a matrix: URI or a matrix.to link$"):
+    with pytest.raises(
+        RefError, match=r"^'foo' is not a room: expected !id:server, #alias:server, a matrix: URI or a matrix.to link$"
+    ):
         parse_room_ref("foo")
     with pytest.raises(RefError, match="that is a user ID"):
         parse_room_ref("@user:example.org")

@@ -9,18 +9,36 @@ ROOM = RoomID("!r:hs")
 
 
 def event(type_: str, key: str, content: dict, sender: str = "@a:hs") -> dict:
-    return {"type": type_, "state_key": key, "content": content, "sender": sender, "event_id": "$e",
-            "origin_server_ts": 5}
+    return {
+        "type": type_,
+        "state_key": key,
+        "content": content,
+        "sender": sender,
+        "event_id": "$e",
+        "origin_server_ts": 5,
+    }
 
 
 def test_parse_reads_what_the_planner_needs_and_tolerates_junk():
     state = {
-        ("m.room.create", ""): event("m.room.create", "", {"room_version": "12", "type": "m.space",
-                                                           "additional_creators": ["@b:hs", 7],
-                                                           "predecessor": {"room_id": "!old:hs"}}),
-        ("m.room.join_rules", ""): event("m.room.join_rules", "", {
-            "join_rule": "restricted",
-            "allow": [{"type": "m.room_membership", "room_id": "!s:hs"}, {"type": "other"}, "junk"]}),
+        ("m.room.create", ""): event(
+            "m.room.create",
+            "",
+            {
+                "room_version": "12",
+                "type": "m.space",
+                "additional_creators": ["@b:hs", 7],
+                "predecessor": {"room_id": "!old:hs"},
+            },
+        ),
+        ("m.room.join_rules", ""): event(
+            "m.room.join_rules",
+            "",
+            {
+                "join_rule": "restricted",
+                "allow": [{"type": "m.room_membership", "room_id": "!s:hs"}, {"type": "other"}, "junk"],
+            },
+        ),
         ("m.space.child", "!c:hs"): event("m.space.child", "!c:hs", {"via": ["hs"]}),
         ("m.space.child", "!gone:hs"): event("m.space.child", "!gone:hs", {}),
         ("m.room.member", "@u:hs"): event("m.room.member", "@u:hs", {"membership": "ban"}, sender="@mod:hs"),
@@ -44,8 +62,10 @@ def test_updates_apply_to_cached_rooms_and_wait_for_a_first_read():
     assert ROOM not in cache, "a delta alone is no state: the room still needs its /state read"
     cache.begin_read(ROOM)
     cache.update(ROOM, [event("m.room.member", "@v:hs", {"membership": "ban"})])
-    cache.replace(ROOM, [event("m.room.create", "", {"room_version": "10"}),
-                         event("m.room.member", "@v:hs", {"membership": "join"})])
+    cache.replace(
+        ROOM,
+        [event("m.room.create", "", {"room_version": "10"}), event("m.room.member", "@v:hs", {"membership": "join"})],
+    )
     assert cache.get(ROOM).membership("@v:hs") is Membership.BAN, "the delta seen during the read wins"
     assert cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "join"})]) is True
     assert cache.get(ROOM).membership("@u:hs") is Membership.JOIN
@@ -70,8 +90,10 @@ def test_membership_history_read_from_unsigned_and_malformed_events_skipped():
         ("m.room.member", "@q:hs"): unknown,
         ("m.room.member", "@t:hs"): bad_ts,
         ("m.room.member", "@list:hs"): {**event("m.room.member", "@list:hs", {}), "content": ["join"]},
-        ("m.room.member", "@sender:hs"): {**event("m.room.member", "@sender:hs", {"membership": "join"}),
-                                          "sender": ["@a:hs"]},
+        ("m.room.member", "@sender:hs"): {
+            **event("m.room.member", "@sender:hs", {"membership": "join"}),
+            "sender": ["@a:hs"],
+        },
         ("m.space.child", "!c:hs"): {**event("m.space.child", "!c:hs", {}), "content": ["via"]},
         ("m.space.child", "!ok:hs"): event("m.space.child", "!ok:hs", {"via": ["hs"]}),
     }
