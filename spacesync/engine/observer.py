@@ -65,8 +65,14 @@ class Observer:
         upgrades: dict[RoomID, RoomID] = {}
         frontier = [s.room_id for s in policy.spaces]
         depth = 0
-        while frontier and len(visited) < policy.max_rooms:
-            level = [r for r in dict.fromkeys(frontier) if r not in visited][: policy.max_rooms - len(visited)]
+        while frontier:
+            pending = [r for r in dict.fromkeys(frontier) if r not in visited]
+            room_cap = max(0, policy.max_rooms - len(visited))
+            level = pending[:room_cap]
+            for room_id in pending[room_cap:]:  # beyond the room cap: unknown, never absent
+                unreachable.setdefault(room_id, f"walk room cap {policy.max_rooms} reached: not read")
+            if not level:
+                break
             visited.update(level)
             if time.monotonic() > deadline:
                 for room_id in level:

@@ -74,3 +74,42 @@ async def test_a_failed_read_keeps_the_last_known_state_and_stops_buffering():
     assert cache.get(ROOM).membership("@u:hs") is Membership.JOIN, "unknown is not absent: the last state stays"
     cache.update(ROOM, [member("@u:hs", "leave")])
     assert cache.get(ROOM).membership("@u:hs") is Membership.LEAVE
+
+
+async def test_rooms_beyond_the_room_cap_are_unknown_not_absent():
+    from spacesync.model import Policy, SpacePolicy
+
+    root = RoomID("!root:hs")
+    children = [RoomID(f"!c{i}:hs") for i in range(3)]
+
+    def event(type_: str, key: str, content: dict) -> dict:
+        return {"type": type_, "state_key": key, "content": content, "sender": "@a:hs", "event_id": f"${type_}{key}"}
+
+    class World:
+        async def joined_rooms(self) -> set[RoomID]:
+            return {root, *children}
+
+        async def room_state(self, room_id: RoomID) -> list[dict]:
+            state = [event("m.room.create", "", {"room_version": "10", "type": "m.space"})]
+            if room_id == root:
+                state += [event("m.space.child", c, {"via": ["hs"]}) for c in children]
+            return state
+
+    class Store:
+        async def member_history(self) -> dict:
+            return {}
+
+        async def save_member_history(self, rows: dict) -> None:
+            pass
+
+        async def placed_bans(self) -> frozenset:
+            return frozenset()
+
+        async def owned_levels(self) -> dict:
+            return {}
+
+    observer = Observer(World(), StateCache(), Store())  # type: ignore[arg-type]
+    policy = Policy(bot="@bot:hs", spaces=(SpacePolicy(root),), max_rooms=3)  # type: ignore[arg-type]
+    snapshot = await observer.observe(policy, refresh=True)
+    assert set(snapshot.rooms) == {root, children[0], children[1]}
+    assert "room cap 3" in snapshot.unreachable[children[2]], "a room the walk did not read is unknown"
