@@ -310,7 +310,8 @@ async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
 async def sync(ctx: Context, args: list[str]) -> Reply:
     _check_space_syntax(args)
     app = ctx.app
-    plan, batches = await app.reconciler.reconcile("command")
+    result = await app.reconciler.reconcile("command")
+    plan, batches = result.plan, result.batches
     v = await view(app)
     space = await space_filter(app, args, v.graph, v.snapshot)
     p = filter_plan(plan, scope(v.graph, space), space)

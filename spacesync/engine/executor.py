@@ -8,6 +8,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import structlog
 from aiohttp import ClientError
@@ -17,13 +18,14 @@ from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..metrics import ACTIONS
-from ..model import Action, ActionKind, PlacedBan, RoomState
+from ..model import Action, ActionKind, PlacedBan, RoomState, UserID
 from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
 
+T = TypeVar("T")
 log = structlog.get_logger("spacesync.executor")
 
-_EXPECTED_MEMBERSHIP = {
+_EXPECTED_MEMBERSHIP: dict[ActionKind, set[str | None]] = {
     ActionKind.KICK: {"leave", "ban", None},
     ActionKind.BAN: {"ban"},
     ActionKind.UNBAN: {"leave", None},
@@ -348,7 +350,7 @@ class Executor:
         )
         await self.store.journal.set_status(entry.id, status, error)
         ACTIONS.labels(kind=action.kind.value, outcome=outcome).inc()
-        context = {"error": error} if error else {}
+        context: dict[str, Any] = {"error": error} if error else {}
         if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:
             context["changes"] = {u: list(v) for u, v in action.changes.items()}
         (log.warning if error else log.info)(
@@ -390,7 +392,7 @@ class Executor:
                 ],
             )
 
-    async def _call(self, fn: Callable[[], Awaitable[object]]) -> object:
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One request: 5xx, a rate limit beyond the adapter's wait budget and dropped connections are
         transient; other refusals pass to the caller."""
         try:
@@ -404,7 +406,7 @@ class Executor:
 
     async def _perform(self, action: Action) -> str:
         m = self.matrix
-        room, user = action.room_id, action.user_id
+        room, user = action.room_id, cast(UserID, action.user_id)  # set for every membership action
         if action.kind is ActionKind.KICK:
             await self._call(lambda: m.kick(room, user, action.reason))
         elif action.kind is ActionKind.BAN:
@@ -433,13 +435,13 @@ class Executor:
         """Re-read the current levels and apply only this action's changes to them."""
         room = action.room_id
         current = await self._call(lambda: self.matrix.state_event(room, "m.room.power_levels")) or {}
-        users = current.get("users") or {}  # type: ignore[union-attr]
-        changes = {u: (b, a) for u, (b, a) in action.changes.items() if int_level(users.get(u)) == b}
+        users = current.get("users") or {}
+        changes = {UserID(u): (b, a) for u, (b, a) in action.changes.items() if int_level(users.get(u)) == b}
         if changes:
-            content = apply_user_changes(current, changes)  # type: ignore[arg-type]
+            content = apply_user_changes(current, changes)
             await self._call(lambda: self.matrix.put_state(room, "m.room.power_levels", content))
             self.cache.update(room, [{"type": "m.room.power_levels", "state_key": "", "content": content}])
-        applied = {u for u, (_, a) in action.changes.items() if u in changes or int_level(users.get(u)) == a}
+        applied = {UserID(u) for u, (_, a) in action.changes.items() if u in changes or int_level(users.get(u)) == a}
         for user_id in applied:
             await self.store.set_owned_level(room, user_id, action.ownership.get(user_id))
         if not applied:
@@ -470,7 +472,8 @@ class Executor:
         if expected is None or action.user_id is None:
             return False
         try:
-            membership = await self._call(lambda: self.matrix.membership(action.room_id, action.user_id))
+            user_id = action.user_id
+            membership = await self._call(lambda: self.matrix.membership(action.room_id, user_id))
         except (Transient, MatrixRequestError):
             return False
         return membership in expected
