@@ -14,7 +14,7 @@ from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
 from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
-from ..model import EVICTIONS, Action, ActionKind, LeftBehind, Membership, Plan, Policy, RoomID, UserID
+from ..model import EVICTIONS, Action, ActionKind, FindingCode, LeftBehind, Membership, Plan, Policy, RoomID, UserID
 from ..refs import RoomRef
 from ..store import Status, Store
 from ..store.journal import now_ms
@@ -27,15 +27,15 @@ log = structlog.get_logger("spacesync.reconciler")
 
 ATTENTION = frozenset(
     {
-        "not_opted_in",
-        "unreachable",
-        "no_power",
-        "version",
-        "cap_rooms",
-        "cap_depth",
-        "unchecked_entitlement",
-        "history_unknown",
-        "malformed",
+        FindingCode.NOT_OPTED_IN,
+        FindingCode.UNREACHABLE,
+        FindingCode.NO_POWER,
+        FindingCode.VERSION,
+        FindingCode.CAP_ROOMS,
+        FindingCode.CAP_DEPTH,
+        FindingCode.UNCHECKED_ENTITLEMENT,
+        FindingCode.HISTORY_UNKNOWN,
+        FindingCode.MALFORMED,
     }
 )
 """Finding codes the admin room is told about once: rooms that need a moderator."""
