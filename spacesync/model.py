@@ -366,3 +366,95 @@ class Plan:
             "rooms": list(self.managed),
             "warnings": [str(f) for f in self.findings],
         }
+
+
+class Cause(str, Enum):
+    """Why an action was planned; stored with journal entries and placed bans, so the values never change."""
+
+    SPACE_BAN = "space_ban"
+    ON_LEAVE = "on_leave"
+    UNBAN = "unban"
+    POWER_LEVELS = "power_levels"
+    INVITE_MEMBERS = "invite_members"
+    UNDO = "undo"
+
+
+class FindingFamily(str, Enum):
+    """What a moderator can do about a finding: findings are counted and announced by family."""
+
+    CANNOT_SEE = "cannot see"
+    CANNOT_ACT = "cannot act"
+    NOT_OPTED_IN = "not opted in"
+    VERSION = "version"
+    LIMITS = "limits"
+    JOIN_RULES = "join rules"
+    POWER_LEVELS = "power levels"
+    STRUCTURE = "structure"
+    EXEMPT = "exempt"
+
+
+class FindingCode(str, Enum):
+    """The codes `Finding.code` takes (the value is what Finding holds)."""
+
+    UNREACHABLE = "unreachable"
+    UNCHECKED_ENTITLEMENT = "unchecked_entitlement"
+    HISTORY_UNKNOWN = "history_unknown"
+    NO_POWER = "no_power"
+    PROTECTED = "protected"
+    NOT_OPTED_IN = "not_opted_in"
+    VERSION = "version"
+    UNKNOWN_VERSION = "unknown_version"
+    UPGRADED = "upgraded"
+    UPGRADE_UNVERIFIED = "upgrade_unverified"
+    CAP_ROOMS = "cap_rooms"
+    CAP_DEPTH = "cap_depth"
+    CYCLE = "cycle"
+    MALFORMED = "malformed"
+    EXEMPT = "exempt"
+    ALLOW_MISSING = "allow_missing"
+    NOT_RESTRICTED = "not_restricted"
+    INVITE_KEPT = "invite_kept"
+    JOIN_RULE = "join_rule"
+    INVALID_USER = "invalid_user"
+    CHANGED_BY_HAND = "changed_by_hand"
+    ABOVE_BOT = "above_bot"
+    RESTRICTED_LOCALLY = "restricted_locally"
+
+    @property
+    def family(self) -> FindingFamily:
+        return _FINDING_FAMILIES[self]
+
+
+_FINDING_FAMILIES = {
+    FindingCode.UNREACHABLE: FindingFamily.CANNOT_SEE,
+    FindingCode.UNCHECKED_ENTITLEMENT: FindingFamily.CANNOT_SEE,
+    FindingCode.HISTORY_UNKNOWN: FindingFamily.CANNOT_SEE,
+    FindingCode.NO_POWER: FindingFamily.CANNOT_ACT,
+    FindingCode.PROTECTED: FindingFamily.CANNOT_ACT,
+    FindingCode.NOT_OPTED_IN: FindingFamily.NOT_OPTED_IN,
+    FindingCode.VERSION: FindingFamily.VERSION,
+    FindingCode.UNKNOWN_VERSION: FindingFamily.VERSION,
+    FindingCode.UPGRADED: FindingFamily.STRUCTURE,
+    FindingCode.UPGRADE_UNVERIFIED: FindingFamily.STRUCTURE,
+    FindingCode.CAP_ROOMS: FindingFamily.LIMITS,
+    FindingCode.CAP_DEPTH: FindingFamily.LIMITS,
+    FindingCode.CYCLE: FindingFamily.STRUCTURE,
+    FindingCode.MALFORMED: FindingFamily.STRUCTURE,
+    FindingCode.EXEMPT: FindingFamily.EXEMPT,
+    FindingCode.ALLOW_MISSING: FindingFamily.JOIN_RULES,
+    FindingCode.NOT_RESTRICTED: FindingFamily.JOIN_RULES,
+    FindingCode.INVITE_KEPT: FindingFamily.JOIN_RULES,
+    FindingCode.JOIN_RULE: FindingFamily.JOIN_RULES,
+    FindingCode.INVALID_USER: FindingFamily.POWER_LEVELS,
+    FindingCode.CHANGED_BY_HAND: FindingFamily.POWER_LEVELS,
+    FindingCode.ABOVE_BOT: FindingFamily.POWER_LEVELS,
+    FindingCode.RESTRICTED_LOCALLY: FindingFamily.POWER_LEVELS,
+}
+
+
+def finding_family(code: str) -> FindingFamily | None:
+    """The family of a finding's code; None for a code this version does not know."""
+    try:
+        return FindingCode(code).family
+    except ValueError:
+        return None

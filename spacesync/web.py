@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def make_app(app: App) -> web.Application:
     async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uptime_s": round(time.time() - app._started_at, 1)})
+        return web.json_response({"status": "ok", "uptime_s": round(time.time() - app.started_at, 1)})
 
     async def ready(_: web.Request) -> web.Response:
         problems = []

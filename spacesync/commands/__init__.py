@@ -25,7 +25,7 @@ from .parser import ParseError, command_text, is_edit, parse_command
 from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageError
 
 if TYPE_CHECKING:
-    from ..engine.runtime import App
+    from .services import Services as App
 
 __all__ = ["REFUSAL", "REGISTRY", "CommandHandler", "Registry", "Reply"]
 

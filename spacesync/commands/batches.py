@@ -15,7 +15,7 @@ from .registry import CommandError, Context, command, expect
 from .world import label, level, room_state, show_level
 
 if TYPE_CHECKING:
-    from ..engine.runtime import App
+    from .services import Services as App
 
 FAMILY = "batches"
 

@@ -12,7 +12,7 @@ from ..model import RoomID, UserID
 from .format import Reply, code, esc, line, listing
 
 if TYPE_CHECKING:
-    from ..engine.runtime import App
+    from .services import Services as App
 
 __all__ = [
     "PREFIX",

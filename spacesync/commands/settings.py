@@ -17,7 +17,7 @@ from .registry import CommandError, Context, UsageError, command, expect, subcom
 from .world import label, level, resolve, room_state, show_level
 
 if TYPE_CHECKING:
-    from ..engine.runtime import App
+    from .services import Services as App
 
 FAMILY = "settings"
 PAUSED_KEY = "commands:paused"

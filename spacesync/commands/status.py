@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..core.entitlement import entitlers, protection
 from ..core.planner import plan as make_plan
-from ..model import Action, ActionKind, Finding, Membership, Plan, RoomID
+from ..model import Action, ActionKind, Finding, FindingCode, Membership, Plan, RoomID
 from ..refs import RefError
 from ..store import AuditRecord, Status
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
@@ -17,7 +17,7 @@ from .registry import CommandError, Context, command, expect
 from .world import View, filter_plan, label, scope, space_filter, view
 
 if TYPE_CHECKING:
-    from ..engine.runtime import App
+    from .services import Services as App
 
 FAMILY = "status"
 
@@ -136,8 +136,8 @@ async def status(ctx: Context, args: list[str]) -> Reply:
     if plan is None:
         lines.append(line("Rooms: no reconcile has run yet"))
     else:
-        not_opted = sum(1 for f in plan.findings if f.code == "not_opted_in")
-        unreachable = sum(1 for f in plan.findings if f.code == "unreachable")
+        not_opted = sum(1 for f in plan.findings if f.code == FindingCode.NOT_OPTED_IN)
+        unreachable = sum(1 for f in plan.findings if f.code == FindingCode.UNREACHABLE)
         lines.append(
             line(
                 f"Rooms: {len(plan.managed)} managed, {not_opted} not opted in, {unreachable} unreachable; "
@@ -310,7 +310,8 @@ async def plan_cmd(ctx: Context, args: list[str]) -> Reply:
 async def sync(ctx: Context, args: list[str]) -> Reply:
     _check_space_syntax(args)
     app = ctx.app
-    plan, batches = await app.reconciler.reconcile("command")
+    result = await app.reconciler.reconcile("command")
+    plan, batches = result.plan, result.batches
     v = await view(app)
     space = await space_filter(app, args, v.graph, v.snapshot)
     p = filter_plan(plan, scope(v.graph, space), space)

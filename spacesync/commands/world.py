@@ -16,7 +16,7 @@ from .format import code, esc
 from .registry import CommandError
 
 if TYPE_CHECKING:
-    from ..engine.runtime import App
+    from .services import Services as App
 
 
 @attrs.frozen

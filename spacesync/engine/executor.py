@@ -8,6 +8,8 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any, TypeVar, cast
 
 import structlog
 from aiohttp import ClientError
@@ -17,13 +19,28 @@ from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..metrics import ACTIONS
-from ..model import Action, ActionKind, PlacedBan, RoomState
+from ..model import Action, ActionKind, Cause, PlacedBan, RoomState, UserID
 from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
 
+T = TypeVar("T")
+
+
+class Outcome(str, Enum):
+    """How an action ended; stored in the audit log and shown, so the values never change."""
+
+    DONE = "done"
+    ALREADY_DONE = "already_done"
+    FAILED = "failed"
+    PARKED = "parked"
+    SKIPPED = "skipped"
+    BANNED_BY_SOMEONE_ELSE = "banned_by_someone_else"
+    NO_LONGER_NEEDED = "no longer needed"
+
+
 log = structlog.get_logger("spacesync.executor")
 
-_EXPECTED_MEMBERSHIP = {
+_EXPECTED_MEMBERSHIP: dict[ActionKind, set[str | None]] = {
     ActionKind.KICK: {"leave", "ban", None},
     ActionKind.BAN: {"ban"},
     ActionKind.UNBAN: {"leave", None},
@@ -165,7 +182,7 @@ class Executor:
         await self._idle.wait()
 
     def _needs_recheck(self, entry: Entry) -> bool:
-        if self.recheck is None or entry.action.cause == "undo" or (entry.id, entry.not_before) in self._rechecked:
+        if self.recheck is None or entry.action.cause == Cause.UNDO or (entry.id, entry.not_before) in self._rechecked:
             return False
         return entry.created_at < self.leader_since_ms or entry.not_before > 0
 
@@ -241,10 +258,10 @@ class Executor:
         room = self.cache.get(action.room_id)
         now = room.members.get(action.user_id) if room is not None and action.user_id else None
         if expected is not None and now is not None and now.membership.value in expected:
-            await self._finish(entry, "already_done", None)
+            await self._finish(entry, Outcome.ALREADY_DONE, None)
             return
-        await self.store.journal.set_status(entry.id, Status.CANCELLED, "no longer needed")
-        await self.store.audit(action, "no longer needed", journal_id=entry.id, batch=entry.batch)
+        await self.store.journal.set_status(entry.id, Status.CANCELLED, Outcome.NO_LONGER_NEEDED.value)
+        await self.store.audit(action, Outcome.NO_LONGER_NEEDED.value, journal_id=entry.id, batch=entry.batch)
         ACTIONS.labels(kind=action.kind.value, outcome="cancelled").inc()
         log.info(
             "action no longer needed: cancelled",
@@ -267,7 +284,7 @@ class Executor:
         attempt = entry.attempts + 1
         try:
             if recovered and await self._already_done(action):
-                outcome = "already_done"
+                outcome = Outcome.ALREADY_DONE
             else:
                 outcome = await self._perform(action)
         except LostLeadership:
@@ -275,17 +292,17 @@ class Executor:
             return
         except MatrixRequestError as e:
             if await self._already_done(action):
-                outcome = "already_done"
+                outcome = Outcome.ALREADY_DONE
             elif 400 <= e.http_status < 500:
                 await self._refused(entry, _describe(e))
                 return
             else:
-                await self._finish(entry, "failed", _describe(e))
+                await self._finish(entry, Outcome.FAILED, _describe(e))
                 return
         except Exception as e:  # transient, or a malformed answer: try again later, never wedge the journal
             error = str(e) if isinstance(e, Transient) else f"{type(e).__name__}: {e}"
             if attempt >= self.max_attempts:
-                await self._finish(entry, "failed", error)
+                await self._finish(entry, Outcome.FAILED, error)
                 return
             wait = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning(
@@ -299,8 +316,8 @@ class Executor:
             )
             await self._back_off(entry, error, wait, refused=False)
             return
-        if outcome == "already_done" and action.kind is ActionKind.BAN and self._banned_by_other(action):
-            outcome = "banned_by_someone_else"
+        if outcome is Outcome.ALREADY_DONE and action.kind is ActionKind.BAN and self._banned_by_other(action):
+            outcome = Outcome.BANNED_BY_SOMEONE_ELSE
         await self._finish(entry, outcome, None)
 
     async def _back_off(self, entry: Entry, error: str, wait: float, *, refused: bool) -> None:
@@ -324,8 +341,10 @@ class Executor:
             await self._back_off(entry, error, wait, refused=True)
             return
         await self.store.journal.park(entry.id, error, fingerprint(action, self.cache.get(action.room_id)))
-        await self.store.audit(action, "parked", journal_id=entry.id, batch=entry.batch, detail={"error": error})
-        ACTIONS.labels(kind=action.kind.value, outcome="parked").inc()
+        await self.store.audit(
+            action, Outcome.PARKED.value, journal_id=entry.id, batch=entry.batch, detail={"error": error}
+        )
+        ACTIONS.labels(kind=action.kind.value, outcome=Outcome.PARKED.value).inc()
         log.warning(
             "action parked",
             action=action.kind.value,
@@ -339,19 +358,19 @@ class Executor:
         if self.on_parked is not None:
             await self.on_parked(entry, error)
 
-    async def _finish(self, entry: Entry, outcome: str, error: str | None) -> None:
+    async def _finish(self, entry: Entry, outcome: Outcome, error: str | None) -> None:
         action = entry.action
-        status = Status.FAILED if outcome == "failed" else Status.DONE
-        if outcome in ("done", "already_done"):
-            await self._record(action, mirror=outcome == "done")
+        status = Status.FAILED if outcome is Outcome.FAILED else Status.DONE
+        if outcome in (Outcome.DONE, Outcome.ALREADY_DONE):
+            await self._record(action, mirror=outcome is Outcome.DONE)
         # The audit first: a crash between the two leaves the entry running, and the next run records it
         # (as already done) instead of finishing it with no audit record.
         await self.store.audit(
-            action, outcome, journal_id=entry.id, batch=entry.batch, detail={"error": error} if error else None
+            action, outcome.value, journal_id=entry.id, batch=entry.batch, detail={"error": error} if error else None
         )
         await self.store.journal.set_status(entry.id, status, error)
-        ACTIONS.labels(kind=action.kind.value, outcome=outcome).inc()
-        context = {"error": error} if error else {}
+        ACTIONS.labels(kind=action.kind.value, outcome=outcome.value).inc()
+        context: dict[str, Any] = {"error": error} if error else {}
         if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:
             context["changes"] = {u: list(v) for u, v in action.changes.items()}
         (log.warning if error else log.info)(
@@ -359,7 +378,7 @@ class Executor:
             action=action.kind.value,
             room=action.room_id,
             user=action.user_id or action.state_key,
-            outcome=outcome,
+            outcome=outcome.value,
             reason=action.reason,
             batch=entry.batch,
             **context,
@@ -369,7 +388,9 @@ class Executor:
         """Remember what spacesync owns now, and (`mirror`, when its own request did it) show the change in
         the cache until /sync confirms it. Something already done was done by someone else: /sync tells."""
         if action.kind is ActionKind.BAN and action.user_id:
-            await self.store.add_placed_ban(PlacedBan(action.room_id, action.user_id, action.cause or "space_ban"))
+            await self.store.add_placed_ban(
+                PlacedBan(action.room_id, action.user_id, action.cause or Cause.SPACE_BAN.value)
+            )
         elif action.kind is ActionKind.UNBAN and action.user_id:
             await self.store.forget_ban(action.room_id, action.user_id)
         membership = {
@@ -393,7 +414,7 @@ class Executor:
                 ],
             )
 
-    async def _call(self, fn: Callable[[], Awaitable[object]]) -> object:
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One request: 5xx, a rate limit beyond the adapter's wait budget and dropped connections are
         transient; other refusals pass to the caller."""
         try:
@@ -405,15 +426,15 @@ class Executor:
         except (TimeoutError, ClientError, MatrixConnectionError, OSError) as e:
             raise Transient(f"{type(e).__name__ or 'timeout'}: {e}") from e
 
-    async def _perform(self, action: Action) -> str:
+    async def _perform(self, action: Action) -> Outcome:
         m = self.matrix
-        room, user = action.room_id, action.user_id
+        room, user = action.room_id, cast(UserID, action.user_id)  # set for every membership action
         if action.kind is ActionKind.KICK:
             await self._call(lambda: m.kick(room, user, action.reason))
         elif action.kind is ActionKind.BAN:
             if self._banned_by_other(action):
                 # Banning again would replace a moderator's ban with one spacesync would later lift.
-                return "banned_by_someone_else"
+                return Outcome.BANNED_BY_SOMEONE_ELSE
             await self._call(lambda: m.ban(room, user, action.reason))
         elif action.kind is ActionKind.UNBAN:
             await self._call(lambda: m.unban(room, user, action.reason))
@@ -430,24 +451,24 @@ class Executor:
             key = action.state_key or ""
             await self._call(lambda: m.put_state(room, "m.space.child", content, key))
             self.cache.update(room, [{"type": "m.space.child", "state_key": key, "content": content}])
-        return "done"
+        return Outcome.DONE
 
-    async def _set_power_levels(self, action: Action) -> str:
+    async def _set_power_levels(self, action: Action) -> Outcome:
         """Re-read the current levels and apply only this action's changes to them."""
         room = action.room_id
         current = await self._call(lambda: self.matrix.state_event(room, "m.room.power_levels")) or {}
-        users = current.get("users") or {}  # type: ignore[union-attr]
-        changes = {u: (b, a) for u, (b, a) in action.changes.items() if int_level(users.get(u)) == b}
+        users = current.get("users") or {}
+        changes = {UserID(u): (b, a) for u, (b, a) in action.changes.items() if int_level(users.get(u)) == b}
         if changes:
-            content = apply_user_changes(current, changes)  # type: ignore[arg-type]
+            content = apply_user_changes(current, changes)
             await self._call(lambda: self.matrix.put_state(room, "m.room.power_levels", content))
             self.cache.update(room, [{"type": "m.room.power_levels", "state_key": "", "content": content}])
-        applied = {u for u, (_, a) in action.changes.items() if u in changes or int_level(users.get(u)) == a}
+        applied = {UserID(u) for u, (_, a) in action.changes.items() if u in changes or int_level(users.get(u)) == a}
         for user_id in applied:
             await self.store.set_owned_level(room, user_id, action.ownership.get(user_id))
         if not applied:
-            return "skipped"
-        return "done" if changes else "already_done"
+            return Outcome.SKIPPED
+        return Outcome.DONE if changes else Outcome.ALREADY_DONE
 
     def _banned_by_other(self, action: Action) -> bool:
         """Whether the state cache shows the target already banned, by someone other than spacesync.
@@ -473,7 +494,8 @@ class Executor:
         if expected is None or action.user_id is None:
             return False
         try:
-            membership = await self._call(lambda: self.matrix.membership(action.room_id, action.user_id))
+            user_id = action.user_id
+            membership = await self._call(lambda: self.matrix.membership(action.room_id, user_id))
         except (Transient, MatrixRequestError):
             return False
         return membership in expected

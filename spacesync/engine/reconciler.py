@@ -4,29 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 
+import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
-from ..commands.format import line, listing
-from ..commands.notices import held_notice
 from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
 from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
-from ..model import EVICTIONS, Action, ActionKind, LeftBehind, Membership, Plan, Policy, RoomID, UserID
+from ..model import EVICTIONS, Action, ActionKind, FindingCode, LeftBehind, Membership, Plan, Policy, RoomID, UserID
 from ..refs import RoomRef
 from ..store import Status, Store
 from ..store.journal import now_ms
+from .events import BatchHeld, Listener, RoomsNeedAttention
 from .executor import Executor, fingerprint
 from .guard import guard
 from .observer import Observer
 
 log = structlog.get_logger("spacesync.reconciler")
 
-Notify = Callable[[str, str | None], Awaitable[None]]
-
+ATTENTION = frozenset(
+    {
+        FindingCode.NOT_OPTED_IN,
+        FindingCode.UNREACHABLE,
+        FindingCode.NO_POWER,
+        FindingCode.VERSION,
+        FindingCode.CAP_ROOMS,
+        FindingCode.CAP_DEPTH,
+        FindingCode.UNCHECKED_ENTITLEMENT,
+        FindingCode.HISTORY_UNKNOWN,
+        FindingCode.MALFORMED,
+    }
+)
+"""Finding codes the admin room is told about once: rooms that need a moderator."""
 
 NOT_REPEATABLE = frozenset(
     {
@@ -44,10 +56,39 @@ CLOCK_MARGIN_MS = 2000
 """Slack for clocks of instances sharing a database (standby) when comparing journal times."""
 
 
-def left_behind_for(plan: Plan, actions: list[Action]) -> list[LeftBehind]:
+def left_behind_for(plan: Plan, actions: Sequence[Action]) -> list[LeftBehind]:
     """Where the plan had to leave in place the users these actions evict: their batch's notice says so."""
     evicted = {a.user_id for a in actions if a.kind in EVICTIONS and a.user_id}
     return [item for item in plan.left_behind if item.user_id in evicted]
+
+
+@attrs.frozen
+class Submitted:
+    """What journaling one plan did."""
+
+    batches: list[str] = attrs.field(factory=list)
+    queued: int = 0
+    held: int = 0
+    recheck_soon: bool = False
+    """Actions done meanwhile were skipped: plan again shortly rather than repeat them."""
+
+
+@attrs.frozen
+class ReconcileResult:
+    """The outcome of one reconcile, for the caller to act on (what to wait for, when to look again)."""
+
+    plan: Plan
+    batches: list[str] = attrs.field(factory=list)
+    """New (or joined held) batch ids."""
+    queued: int = 0
+    held: int = 0
+    recheck_soon: bool = False
+    """Actions done after the state behind the plan was read were skipped: reconcile again shortly."""
+
+    @property
+    def requeue_at_ms(self) -> int | None:
+        """When the plan itself asks to be made again (an entitlement or a guard window ends)."""
+        return self.plan.recheck_at_ms
 
 
 class Reconciler:
@@ -60,21 +101,17 @@ class Reconciler:
         matrix: MatrixAdapter,
         observer: Observer,
         executor: Executor,
-        notify: Notify | None = None,
+        listener: Listener | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.matrix = matrix
         self.observer = observer
         self.executor = executor
-        self.notify = notify
+        self.listener = listener
         self.paused = False
         self.last_plan: Plan | None = None
         self.last_policy: Policy | None = None
-        self.last_queued = 0
-        self.last_held = 0
-        self.recheck_soon = False
-        """The last plan skipped actions done meanwhile: plan again shortly rather than repeat them."""
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
@@ -143,8 +180,8 @@ class Reconciler:
         MANAGED_USERS.set(len(users))
         return plan
 
-    async def reconcile(self, trigger: str = "reconcile", *, refresh: bool = True) -> tuple[Plan, list[str]]:
-        """Observe, plan, and put what should happen into the journal. Returns the plan and new batch ids."""
+    async def reconcile(self, trigger: str = "reconcile", *, refresh: bool = True) -> ReconcileResult:
+        """Observe, plan, and put what should happen into the journal."""
         async with self._lock:
             started = time.monotonic()
             observed_ms = now_ms() - CLOCK_MARGIN_MS
@@ -157,7 +194,7 @@ class Reconciler:
                 await self.store.set_owned_level(released.room_id, released.user_id, released)
             for old, new in plan.upgrades:
                 await self.store.move_room_records(old, new)
-            batches = await self.submit(plan, trigger, observed_ms)
+            submitted = await self.submit(plan, trigger, observed_ms)
             self.last_plan = plan
             self.last_reconcile_at = time.time()
             self.last_reconcile_s = time.monotonic() - started
@@ -165,29 +202,33 @@ class Reconciler:
             LAST_RECONCILE.set(self.last_reconcile_at)
         if refresh:
             await self._announce_findings(plan)
-        (log.info if self.last_queued or self.last_held or refresh else log.debug)(
+        (log.info if submitted.queued or submitted.held or refresh else log.debug)(
             "reconciled",
             trigger=trigger,
             planned=len(plan.actions),
-            queued=self.last_queued,
-            held=self.last_held,
+            queued=submitted.queued,
+            held=submitted.held,
             paused=self.paused,
             findings=len(plan.findings),
             managed=len(plan.managed),
             seconds=round(time.monotonic() - started, 3),
         )
-        return plan, batches
+        return ReconcileResult(
+            plan=plan,
+            batches=submitted.batches,
+            queued=submitted.queued,
+            held=submitted.held,
+            recheck_soon=submitted.recheck_soon,
+        )
 
-    async def submit(self, plan: Plan, trigger: str, observed_ms: int | None = None) -> list[str]:
+    async def submit(self, plan: Plan, trigger: str, observed_ms: int | None = None) -> Submitted:
         """Journal the plan's new actions: guarded evictions held, the rest released to the executor.
 
         Actions already open in the journal, or finished since the state behind the plan was read
         (`observed_ms`), are not journaled again.
         """
-        self.last_queued = self.last_held = 0
-        self.recheck_soon = False
         if self.paused:
-            return []
+            return Submitted()
         if self.config.dry_run:
             for action in plan.actions:
                 log.info(
@@ -197,18 +238,19 @@ class Reconciler:
                     user=action.user_id,
                     reason=action.reason,
                 )
-            return []
+            return Submitted()
         open_keys = await self.store.journal.open_keys()
         recent = await self.store.journal.done_keys_since(observed_ms) if observed_ms is not None else set()
         parked = await self.store.journal.parked_fingerprints()
         fresh = []
         superseded = []
+        recheck_soon = False
         for action in plan.actions:
             if action.key in open_keys:
                 continue
             if action.key in recent and action.kind in NOT_REPEATABLE:
                 # Done after the state behind this plan was read: look again once that state is fresh.
-                self.recheck_soon = True
+                recheck_soon = True
                 continue
             if action.key in parked:
                 if fingerprint(action, self.observer.cache.get(action.room_id)) == parked[action.key]:
@@ -216,18 +258,16 @@ class Reconciler:
                 superseded.append(action.key)
             fresh.append(action)
         if not fresh:
-            return []
+            return Submitted(recheck_soon=recheck_soon)
         await self.store.journal.close_parked(superseded)
         policy = self.last_policy or await self.policy()
-        limits = {s.room_id: s.max_evictions_without_confirmation for s in policy.spaces}
-        windows = {s.room_id: s.guard_window_s for s in policy.spaces}
+        limits: dict[RoomID | None, int] = {s.room_id: s.max_evictions_without_confirmation for s in policy.spaces}
+        windows: dict[RoomID | None, float] = {s.room_id: s.guard_window_s for s in policy.spaces}
         recently: dict[RoomID | None, set[str]] = {}
-        for space_id in {a.space_id for a in fresh if a.kind in EVICTIONS and a.space_id}:
-            window = windows.get(space_id, self.config.guard_window)
-            recently[space_id] = await self.store.journal.evicted_users_since(space_id, now_ms() - int(window * 1000))
+        for evicting in {a.space_id for a in fresh if a.kind in EVICTIONS and a.space_id}:
+            window = windows.get(evicting, self.config.guard_window)
+            recently[evicting] = await self.store.journal.evicted_users_since(evicting, now_ms() - int(window * 1000))
         guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation, recently)
-        self.last_queued = len(guarded.release)
-        self.last_held = sum(len(held) for held in guarded.hold.values())
         batches = []
         if guarded.release:
             batch = await self.store.journal.add_new_batch(trigger, None, guarded.release, Status.PENDING)
@@ -257,54 +297,34 @@ class Reconciler:
             log.warning(
                 "mass action held", batch=batch, space=space_id, users=users, actions=len(held), hint=hint.format(batch)
             )
-            if self.notify:
-                limit = limits.get(space_id, self.config.max_evictions_without_confirmation)
-                window = windows.get(space_id, self.config.guard_window) if space_id else self.config.guard_window
-                notice = held_notice(
-                    batch,
-                    self._room_name(space_id) if space_id else "?",
-                    held,
-                    limit,
-                    self._room_name,
-                    window_s=window,
-                    recent=len(recently.get(space_id, ())),
+            if self.listener:
+                await self.listener(
+                    BatchHeld(
+                        batch=batch,
+                        space_id=space_id,
+                        actions=held,
+                        limit=limits.get(space_id, self.config.max_evictions_without_confirmation),
+                        window_s=windows.get(space_id, self.config.guard_window)
+                        if space_id
+                        else self.config.guard_window,
+                        recent=len(recently.get(space_id, ())),
+                    )
                 )
-                await self.notify(notice.text, notice.html)
         HELD_ACTIONS.set(sum(1 for _ in await self.store.journal.by_status(Status.HELD)))
-        return batches
-
-    def _room_name(self, room_id: RoomID) -> str:
-        room = self.observer.cache.get(room_id)
-        return f"{room.name} ({room_id})" if room is not None and room.name else str(room_id)
+        return Submitted(
+            batches=batches,
+            queued=len(guarded.release),
+            held=sum(len(held) for held in guarded.hold.values()),
+            recheck_soon=recheck_soon,
+        )
 
     async def _announce_findings(self, plan: Plan) -> None:
         """Tell the admin room once about rooms that need a moderator (not opted in, unreachable, no power)."""
-        new = [
-            f
-            for f in plan.findings
-            if f.code
-            in (
-                "not_opted_in",
-                "unreachable",
-                "no_power",
-                "version",
-                "cap_rooms",
-                "cap_depth",
-                "unchecked_entitlement",
-                "history_unknown",
-                "malformed",
-            )
-            and str(f) not in self._announced_findings
-        ]
-        if not new or not self.notify:
+        new = [f for f in plan.findings if f.code in ATTENTION and str(f) not in self._announced_findings]
+        if not new or not self.listener:
             return
         self._announced_findings.update(str(f) for f in new)
-        notice = listing(
-            f"Rooms that need attention ({len(new)}):",
-            [line(f"{self._room_name(f.room_id)}: {f.message}") for f in new],
-            hint="!spacesync plan lists them all",
-        )
-        await self.notify(notice.text, notice.html)
+        await self.listener(RoomsNeedAttention(findings=new))
 
     async def release(self, batch: str) -> int:
         """Run a held batch's actions that a fresh plan still wants; drop the rest (exempted or back since)."""

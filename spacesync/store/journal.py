@@ -476,6 +476,13 @@ class Journal:
         raw = await self.db.fetchval("SELECT left_behind FROM batch WHERE id=$1", batch_id)
         return [LeftBehind.from_json(item) for item in json.loads(raw)] if raw else []
 
+    async def mark_announced(self, batch_id: str) -> bool:
+        """Mark the batch's notice as posted; False when it already was, so each batch is announced once."""
+        if await self.db.fetchval("SELECT announced FROM batch WHERE id=$1", batch_id):
+            return False
+        await self.db.execute("UPDATE batch SET announced=true WHERE id=$1", batch_id)
+        return True
+
     async def depth(self) -> dict[str, int]:
         rows = await self.db.fetch(
             "SELECT status, COUNT(*) AS n FROM journal WHERE status IN ($1, $2, $3, $4) GROUP BY status",

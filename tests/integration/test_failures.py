@@ -90,7 +90,7 @@ async def test_a_state_read_meeting_429_succeeds_after_the_wait(world, make_user
     room = await world.room(space, "R")
     bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
     rule = fault_proxy.rate_limit(re.escape(f"/rooms/{room}/state") + "$", method="GET", retry_after_ms=1500, times=2)
-    plan, _ = await bot.app.reconciler.reconcile("reconcile")
+    plan = (await bot.app.reconciler.reconcile("reconcile")).plan
     assert rule.hits == 2
     assert room in plan.managed
     assert not [f for f in plan.findings if f.room_id == room and f.code == "unreachable"], plan.findings

@@ -33,12 +33,12 @@ async def test_invites_from_admins_to_listed_rooms_only(world, start_bot, make_u
 
     await bot.reconcile()
     assert await membership(world, unrelated) == "invite", "an invite to an unrelated room must stay pending"
-    assert unrelated in bot.app._pending_invites
+    assert unrelated in bot.app.invites.pending
 
     # The pending invite survives a restart; once the Space lists the room, it is accepted.
     await bot.stop()
     bot = await start_bot([{"room": space}], admins=[world.owner.user_id])
-    assert unrelated in bot.app._pending_invites
+    assert unrelated in bot.app.invites.pending
     await world.owner.client.add_child(space, unrelated)
 
     async def joined_unrelated() -> bool:

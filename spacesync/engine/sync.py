@@ -1,0 +1,187 @@
+"""The /sync loop: feeds the state cache, triggers reconciles, hands invites to the invite policy and queues
+admin-room commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import structlog
+from aiohttp import ClientError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MUnknownToken
+
+from ..matrix import MatrixAdapter, StateCache
+from ..metrics import LAST_SYNC, SYNC_LAG
+from ..model import RoomID
+from ..store import Store
+from .errors import FatalError
+from .health import DatabaseHealth
+from .invites import Invites
+from .observer import Observer
+from .queue import CommandQueue
+
+log = structlog.get_logger("spacesync")
+
+SYNC_FILTER = json.dumps(
+    {
+        "presence": {"types": []},
+        "account_data": {"types": []},
+        "room": {
+            "timeline": {"limit": 50},
+            "state": {"lazy_load_members": False},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+    }
+)
+TRIGGER_TYPES = frozenset(
+    {
+        "m.room.member",
+        "m.space.child",
+        "m.space.parent",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.tombstone",
+        "m.room.create",
+    }
+)
+OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})
+"""The bot's own changes of these kinds come back through /sync already applied to the cache."""
+
+SyncHandler = Callable[[dict[str, Any]], Awaitable[None]]
+"""Looks at one /sync answer before the loop reads its rooms (e.g. to decrypt what it carries)."""
+
+
+class SyncLoop:
+    """Follows /sync: one answer at a time, the position saved only after its commands are queued."""
+
+    def __init__(
+        self,
+        matrix: MatrixAdapter,
+        cache: StateCache,
+        store: Store,
+        observer: Observer,
+        health: DatabaseHealth,
+        invites: Invites,
+        commands: CommandQueue,
+        *,
+        admin_room: Callable[[], RoomID | None],
+        request_reconcile: Callable[..., None],
+    ) -> None:
+        self.matrix = matrix
+        self.cache = cache
+        self.store = store
+        self.observer = observer
+        self.health = health
+        self.invites = invites
+        self.commands = commands
+        self.admin_room = admin_room
+        self.request_reconcile = request_reconcile
+        self.handlers: list[SyncHandler] = []
+        """Hooks run on each answer, in order, before its rooms are read."""
+        self.homeserver_up = False
+        self.synced = False
+        self.last_sync_at: float | None = None
+
+    async def run(self) -> None:
+        since = await self.health.call("read the sync position", lambda: self.store.get("next_batch"))
+        failures = 0
+        while True:
+            try:
+                # No long-poll while recovering, nor on the first request after a start or a takeover: a
+                # homeserver back up, or a new leader, is ready at once, not after a quiet 30 s long-poll.
+                long_poll = since and not failures and self.synced
+                data = await self.matrix.sync(since, 30000 if long_poll else 0, SYNC_FILTER)
+            except MUnknownToken as e:
+                raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
+                failures += 1
+                self.homeserver_up = False
+                wait = min(30.0, 0.5 * 2 ** min(failures, 6))
+                if failures == 1:
+                    log.warning("homeserver unreachable: retrying with backoff", error=f"{type(e).__name__}: {e}")
+                else:
+                    log.debug("sync still failing", attempt=failures, wait_s=wait)
+                await asyncio.sleep(wait)
+                continue
+            if failures:
+                log.info("homeserver reachable again", after_failures=failures)
+                self.request_reconcile(full=True)
+                failures = 0
+            self.homeserver_up = True
+            first = since is None
+            try:
+                for handler in self.handlers:
+                    await handler(data)
+                await self.handle(data)
+            except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
+                log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
+                self.request_reconcile(full=True)
+            # Commands are in the database before the position moves past them: a crash loses none.
+            commands = [] if first else self.admin_commands_in(data)
+            for room_id, event in commands:
+                await self.health.call("queue a command", partial(self.commands.put, room_id, event))
+            since = data.get("next_batch") or since
+            if since:
+                await self.health.call("save the sync position", partial(self.store.put, "next_batch", since))
+            self.synced = True
+            self.last_sync_at = time.time()
+            LAST_SYNC.set(self.last_sync_at)
+            SYNC_LAG.set(0)
+
+    async def handle(self, data: dict[str, Any]) -> None:
+        """Invites, the state the answer carries into the cache, and a reconcile when something relevant moved."""
+        rooms = data.get("rooms") or {}
+        trigger = full = False
+        for room_id, room in (rooms.get("invite") or {}).items():
+            await self.invites.on_invite(RoomID(room_id), room)
+        for room_id, room in (rooms.get("join") or {}).items():
+            room_id = RoomID(room_id)
+            state = list(((room.get("state") or {}).get("events")) or [])
+            timeline = room.get("timeline") or {}
+            events = list(timeline.get("events") or [])
+            state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
+            # Also for a room whose first /state read is in flight: the cache keeps the delta for it.
+            if self.cache.update(room_id, state_events) and timeline.get("limited"):
+                full = True
+            # The bot's own changes are already in the cache (the executor applies them as it goes) and
+            # were planned together: they need no new plan. Everyone else's do.
+            relevant = [
+                e
+                for e in state_events
+                if e.get("type") in TRIGGER_TYPES
+                and not (e.get("sender") == self.matrix.user_id and e.get("type") in OWN_ECHOES)
+            ]
+            if relevant and room_id in self.cache:
+                trigger = True
+                if any(e.get("type") in ("m.space.child", "m.room.tombstone") for e in relevant):
+                    full = True
+        for room_id in rooms.get("leave") or {}:
+            self.cache.forget(RoomID(room_id))
+            self.observer.joined.discard(RoomID(room_id))
+        if full:
+            self.request_reconcile(full=True)
+        elif trigger:
+            self.request_reconcile(full=False)
+
+    def admin_commands_in(self, data: dict[str, Any]) -> list[tuple[RoomID, dict[str, Any]]]:
+        """Messages from others in the admin room, in timeline order: candidate commands."""
+        admin_room = self.admin_room()
+        if admin_room is None:
+            return []
+        room = ((data.get("rooms") or {}).get("join") or {}).get(admin_room)
+        if not isinstance(room, dict):
+            return []
+        events = (room.get("timeline") or {}).get("events") or []
+        return [
+            (admin_room, e)
+            for e in events
+            if isinstance(e, dict)
+            and e.get("type") == "m.room.message"
+            and isinstance(e.get("event_id"), str)
+            and e.get("sender") != self.matrix.user_id
+        ]
