@@ -87,7 +87,8 @@ async def _main(workdir: Path, scripted: bool) -> int:
         elif work.exception() is not None:
             demo.say("\n✗ the demo failed unexpectedly:")
             exc = work.exception()
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            assert exc is not None
+            traceback.print_exception(exc)
             code = 1
         else:
             code = work.result()
@@ -415,7 +416,7 @@ class Demo:
     async def _level(self, name: str, room: str) -> int:
         content = await self.mod.get_power_levels(self.rooms[room])
         users = content.get("users") or {}
-        return int(users.get(self.uid(name), content.get("users_default", 0)))
+        return int(users.get(self.uid(name), content.get("users_default") or 0) or 0)
 
     # endregion
 

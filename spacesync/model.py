@@ -93,8 +93,10 @@ class PowerLevels:
     @classmethod
     def from_content(cls, content: Mapping[str, Any] | None) -> PowerLevels:
         content = dict(content or {})
-        users_raw = content.get("users") if isinstance(content.get("users"), dict) else {}
-        events_raw = content.get("events") if isinstance(content.get("events"), dict) else {}
+        users_raw = content.get("users")
+        users_raw = users_raw if isinstance(users_raw, dict) else {}
+        events_raw = content.get("events")
+        events_raw = events_raw if isinstance(events_raw, dict) else {}
         return cls(
             users={UserID(k): _to_int(v, 0) for k, v in users_raw.items()},
             users_default=_to_int(content.get("users_default"), 0),
@@ -259,8 +261,9 @@ class Action:
     """Machine-readable origin: 'space_ban', 'on_leave', 'unban', 'power_levels', ..."""
     content: Mapping[str, Any] | None = None
     """Full state content to send, for state-writing actions."""
-    changes: Mapping[str, Any] = attrs.field(factory=dict)
-    """Per-key before/after, shown in `plan` (e.g. user id -> [before, after])."""
+    changes: Mapping[Any, tuple[Any, Any]] = attrs.field(factory=dict)
+    """Per-key before/after, shown in `plan`: user id -> (level before, after) for set_power_levels,
+    "child" -> (room before, after) for m.space.child. Keyed by UserID or str, hence Any."""
     ownership: Mapping[UserID, OwnedLevel | None] = attrs.field(factory=dict)
     """For set_power_levels: the ownership records to store (or drop, None) once it succeeds."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 
 import attrs
 
@@ -226,7 +227,7 @@ def _cycles(children: Mapping[RoomID, frozenset[RoomID]]) -> list[Finding]:
     return findings
 
 
-def _ancestors_of(parents: Mapping[RoomID, set[RoomID]], room_id: RoomID) -> set[RoomID]:
+def _ancestors_of(parents: Mapping[RoomID, AbstractSet[RoomID]], room_id: RoomID) -> set[RoomID]:
     seen: set[RoomID] = set()
     stack = [room_id]
     while stack:

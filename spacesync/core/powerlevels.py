@@ -72,8 +72,8 @@ def plan_power_levels(
     released: list[OwnedLevel] = []
     findings: list[Finding] = []
     owned_by_room: dict[RoomID, dict[UserID, OwnedLevel]] = {}
-    for (room_id, user_id), owned in snapshot.owned_levels.items():
-        owned_by_room.setdefault(room_id, {})[user_id] = owned
+    for (room_id, user_id), record in snapshot.owned_levels.items():
+        owned_by_room.setdefault(room_id, {})[user_id] = record
     for room_id in sorted(graph.managed):
         room = snapshot.rooms.get(room_id)
         if room is None or room.tombstone:

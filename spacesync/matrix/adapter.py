@@ -10,7 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import structlog
@@ -18,7 +18,8 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MUnknownToken
-from mautrix.types import RoomAlias, RoomID, UserID
+from mautrix.types import DeviceID, RoomAlias, RoomID, UserID
+from mautrix.util.logging import TraceLogger
 
 from ..metrics import RATELIMIT_WAIT
 from .http import SpacesyncHTTPAPI, retry_after_ms
@@ -96,9 +97,9 @@ class MatrixAdapter:
             self._token or saved_token or "",
             client_session=self.session,
             default_retry_count=0,
-            log=logging.getLogger("spacesync.http"),
+            log=cast(TraceLogger, logging.getLogger("spacesync.http")),
         )
-        self.client = ClientAPI(self.user_id, self._device_id, api=api)
+        self.client = ClientAPI(self.user_id, DeviceID(self._device_id), api=api)
         try:
             if api.token:
                 try:

@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Any
 
 import attrs
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 from ..model import Action, ActionKind, LeftBehind, OwnedLevel, RoomID, UserID
 
@@ -179,6 +179,7 @@ class Journal:
         ]
         if not rows:
             return 0
+        conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
             conflict = " ON CONFLICT (id) DO NOTHING RETURNING id" if claim else " RETURNING id"
             claimed = await conn.fetchval(
@@ -393,6 +394,7 @@ class Journal:
         )
 
     async def set_batch_status(self, batch_id: str, status: str, from_status: Status, to_status: Status) -> int:
+        conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute("UPDATE batch SET status=$1 WHERE id=$2", status, batch_id)
             count = await conn.fetchval(
