@@ -70,6 +70,26 @@ async def test_a_refused_kick_parks_once_and_retry_runs_it(world, make_user, sta
     assert not await bot.app.store.journal.parked()
 
 
+async def test_retry_of_one_batch_runs_its_parked_action(world, make_user, start_bot, fault_proxy):
+    space = await world.space("S")
+    blocked = await world.room(space, "Blocked")
+    user = await make_user("leaver")
+    for room in (space, blocked):
+        await user.client.join(room)
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url, executor={"max_failures": 1})
+    await ready(bot)
+    rule = fault_proxy.forbid(kick_path(blocked), method="POST", error="kicks are refused by a module")
+    await user.client.leave(space)
+    await wait_for(lambda: bot.app.store.journal.parked(), timeout=60, message="the refused kick was not parked")
+    batch = (await bot.app.store.journal.parked())[0].batch
+
+    rule.remove()
+    reply = await ask(world, bot, world.owner, f"!spacesync retry {batch}")
+    assert f"Retrying 1 parked action of batch {batch}" in reply, reply
+    await wait_for(lambda: left(world, blocked, user.user_id), timeout=30, message="retry <batch> did not kick")
+    assert not await bot.app.store.journal.parked()
+
+
 async def test_a_notice_meeting_429_waits_and_is_sent(world, start_bot, fault_proxy):
     space = await world.space("S")
     bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
