@@ -61,20 +61,25 @@ class MemberState:
     """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
 
 
-def _to_int(value: Any, default: int) -> int:
-    """Read a power level: integers, and the legacy strings ("50") older room versions allow."""
+def parse_level(value: Any) -> int | None:
+    """Read a power level: integers, and the legacy strings ("50") older room versions allow; None otherwise."""
     if isinstance(value, bool):
-        return default
+        return None
     if isinstance(value, int):
         return value
     if isinstance(value, str):
         try:
             return int(value.strip())
         except ValueError:
-            return default
+            return None
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    return default
+    return None
+
+
+def _to_int(value: Any, default: int) -> int:
+    level = parse_level(value)
+    return default if level is None else level
 
 
 @attrs.frozen

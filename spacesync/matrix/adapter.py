@@ -14,14 +14,15 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import structlog
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientSession, ClientTimeout
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
-from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MUnknownToken
+from mautrix.errors import MatrixRequestError, MForbidden, MUnknownToken
 from mautrix.types import DeviceID, RoomAlias, RoomID, UserID
 from mautrix.util.logging import TraceLogger
 
 from ..metrics import RATELIMIT_WAIT
+from .errors import TRANSPORT_ERRORS
 from .http import SpacesyncHTTPAPI, retry_after_ms
 
 log = structlog.get_logger("spacesync.matrix")
@@ -123,7 +124,7 @@ class MatrixAdapter:
                 self.client.device_id = resp.device_id
                 return await self._whoami()
             raise ConnectError("bot: no credential; set bot.access_token or bot.password")
-        except (TimeoutError, ClientError, MatrixConnectionError, OSError) as e:
+        except TRANSPORT_ERRORS as e:
             raise ConnectError(
                 f"homeserver.url: cannot reach {self.base_url} ({type(e).__name__}: {e}); "
                 "check the URL and that the homeserver is up"
