@@ -37,12 +37,6 @@ class SpaceGraph:
     Only these Spaces' memberships, bans and power levels apply to the room. A Space that merely
     lists a room (any Space admin can) gains no authority over it: the confused deputy.
     """
-    dominated: Mapping[RoomID, frozenset[RoomID]] = attrs.field(factory=dict)
-    """For a room on a cycle: the rooms every walk from a root reaches only through it.
-
-    Such a room lists them, directly or not, and they list it back: they are below it, not above
-    it, whatever the back edge says. Rooms on no cycle have no entry (no room is both above and below them).
-    """
 
     def descendants(self, room_id: RoomID) -> frozenset[RoomID]:
         """Every room reachable from `room_id` by walked edges, excluding itself."""
@@ -174,7 +168,6 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
         governing=governing,
         findings=tuple(_dedupe(findings)),
         authority=authority,
-        dominated=dominated,
     )
 
 
