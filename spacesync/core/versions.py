@@ -34,4 +34,3 @@ def features(room_version: str | None) -> VersionFeatures | None:
     if room_version is None:
         return _TABLE["1"]
     return _TABLE.get(room_version)
-
