@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from .testbed import MatrixRequestError, Synapse, TestClient, TestUser, free_port
+from .testing import Synapse, TestbedRequestError, TestClient, TestUser, free_port
 
 __all__ = ["run_demo"]
 
@@ -224,7 +224,7 @@ class Demo:
                 f"/_synapse/admin/v1/users/{quote(self.bot.user_id, safe='')}/override_ratelimit",
                 {"messages_per_second": 0, "burst_count": 0},
             )
-        except (MatrixRequestError, OSError) as e:
+        except (TestbedRequestError, OSError) as e:
             raise _Abort(f"cannot register the demo accounts: {e}") from e
         self.say(
             f"   ✓ accounts: {self.mod.user_id} (also the server's admin), {self.bot.user_id} (the bot, "
@@ -266,7 +266,7 @@ class Demo:
             await self.mod.invite(admin, bot)
             for room_id in self.rooms.values():
                 await self.bot.join(room_id)
-        except MatrixRequestError as e:
+        except TestbedRequestError as e:
             raise _Abort(f"cannot build the sample Space: {e}") from e
         self.say(
             f"     Demo Community  (Space, #demo:{SERVER_NAME})\n"
@@ -370,7 +370,7 @@ class Demo:
             for name in everyone:
                 for room in all_rooms:
                     await self.client(name).join(self.rooms[room], via=[SERVER_NAME])
-        except MatrixRequestError as e:
+        except TestbedRequestError as e:
             self.verdict(False, f"a join failed: {e}")
         else:
             await self._expect(self._memberships(everyone, all_rooms, "join"), timeout=10)
@@ -405,7 +405,7 @@ class Demo:
     async def _act(self, request: Awaitable[Any]) -> None:
         try:
             await request
-        except MatrixRequestError as e:
+        except TestbedRequestError as e:
             raise _Abort(f"the homeserver refused a step of the story: {e}") from e
 
     async def _remove_level(self, room_id: str, user_id: str) -> None:
@@ -465,7 +465,7 @@ class Demo:
             self._check_bot()
             try:
                 ok, text = await probe()
-            except MatrixRequestError as e:
+            except TestbedRequestError as e:
                 ok, text = False, f"cannot read the room state: {e}"
             elapsed = time.monotonic() - started
             if ok:

@@ -9,7 +9,7 @@ import time
 
 from spacesync.model import Action, ActionKind
 from spacesync.store import Status, Store
-from spacesync.testbed import wait_for
+from spacesync.testing import wait_for
 
 from .test_commands import ask, bot_notices, ready
 
