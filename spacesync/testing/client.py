@@ -275,9 +275,6 @@ class TestClient:
         }
         return await self.send_state(space_id, "m.space.child", content, state_key=child_id)
 
-    async def remove_child(self, space_id: str, child_id: str) -> str:
-        return await self.send_state(space_id, "m.space.child", {}, state_key=child_id)
-
     async def set_parent(
         self,
         child_id: str,
