@@ -14,7 +14,6 @@ import structlog
 from . import __version__
 from .config import Config, ConfigError, default_config_path, load_config
 from .logs import setup_logging
-from .matrix.errors import REQUEST_ERRORS
 from .model import Plan
 
 log = structlog.get_logger("spacesync")
@@ -134,6 +133,7 @@ async def _run(config: Config) -> int:
 async def _plan(config: Config, *, as_json: bool) -> int:
     from .engine.runtime import App
     from .matrix import ConnectError
+    from .matrix.errors import REQUEST_ERRORS
     from .store import StoreError
 
     app = App(config)
