@@ -28,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spacesync.testbed import Synapse, TestUser, wait_for
+from spacesync.testing import Synapse, TestUser, wait_for
 
 ROOM_VERSION = "10"
 SETUP_CONCURRENCY = 16

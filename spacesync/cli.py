@@ -10,8 +10,6 @@ import sys
 from collections.abc import Sequence
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from . import __version__
 from .config import Config, ConfigError, default_config_path, load_config
@@ -135,6 +133,7 @@ async def _run(config: Config) -> int:
 async def _plan(config: Config, *, as_json: bool) -> int:
     from .engine.runtime import App
     from .matrix import ConnectError
+    from .matrix.errors import REQUEST_ERRORS
     from .store import StoreError
 
     app = App(config)
@@ -147,7 +146,7 @@ async def _plan(config: Config, *, as_json: bool) -> int:
     except (ConnectError, StoreError) as e:
         print(f"spacesync: {e}", file=sys.stderr)
         return 1
-    except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
+    except REQUEST_ERRORS as e:
         print(
             f"spacesync: homeserver.url: {config.homeserver.url} failed while reading the Spaces "
             f"({type(e).__name__}: {getattr(e, 'message', None) or e}); check that it is up and try again",

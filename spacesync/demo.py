@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from .testbed import MatrixRequestError, Synapse, TestClient, TestUser, free_port
+from .testing import Synapse, TestbedRequestError, TestClient, TestUser, free_port
 
 __all__ = ["run_demo"]
 
@@ -87,7 +87,8 @@ async def _main(workdir: Path, scripted: bool) -> int:
         elif work.exception() is not None:
             demo.say("\n✗ the demo failed unexpectedly:")
             exc = work.exception()
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            assert exc is not None
+            traceback.print_exception(exc)
             code = 1
         else:
             code = work.result()
@@ -223,7 +224,7 @@ class Demo:
                 f"/_synapse/admin/v1/users/{quote(self.bot.user_id, safe='')}/override_ratelimit",
                 {"messages_per_second": 0, "burst_count": 0},
             )
-        except (MatrixRequestError, OSError) as e:
+        except (TestbedRequestError, OSError) as e:
             raise _Abort(f"cannot register the demo accounts: {e}") from e
         self.say(
             f"   ✓ accounts: {self.mod.user_id} (also the server's admin), {self.bot.user_id} (the bot, "
@@ -265,7 +266,7 @@ class Demo:
             await self.mod.invite(admin, bot)
             for room_id in self.rooms.values():
                 await self.bot.join(room_id)
-        except MatrixRequestError as e:
+        except TestbedRequestError as e:
             raise _Abort(f"cannot build the sample Space: {e}") from e
         self.say(
             f"     Demo Community  (Space, #demo:{SERVER_NAME})\n"
@@ -369,7 +370,7 @@ class Demo:
             for name in everyone:
                 for room in all_rooms:
                     await self.client(name).join(self.rooms[room], via=[SERVER_NAME])
-        except MatrixRequestError as e:
+        except TestbedRequestError as e:
             self.verdict(False, f"a join failed: {e}")
         else:
             await self._expect(self._memberships(everyone, all_rooms, "join"), timeout=10)
@@ -404,7 +405,7 @@ class Demo:
     async def _act(self, request: Awaitable[Any]) -> None:
         try:
             await request
-        except MatrixRequestError as e:
+        except TestbedRequestError as e:
             raise _Abort(f"the homeserver refused a step of the story: {e}") from e
 
     async def _remove_level(self, room_id: str, user_id: str) -> None:
@@ -415,7 +416,7 @@ class Demo:
     async def _level(self, name: str, room: str) -> int:
         content = await self.mod.get_power_levels(self.rooms[room])
         users = content.get("users") or {}
-        return int(users.get(self.uid(name), content.get("users_default", 0)))
+        return int(users.get(self.uid(name), content.get("users_default") or 0) or 0)
 
     # endregion
 
@@ -464,7 +465,7 @@ class Demo:
             self._check_bot()
             try:
                 ok, text = await probe()
-            except MatrixRequestError as e:
+            except TestbedRequestError as e:
                 ok, text = False, f"cannot read the room state: {e}"
             elapsed = time.monotonic() - started
             if ok:

@@ -61,20 +61,25 @@ class MemberState:
     """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
 
 
-def _to_int(value: Any, default: int) -> int:
-    """Read a power level: integers, and the legacy strings ("50") older room versions allow."""
+def parse_level(value: Any) -> int | None:
+    """Read a power level: integers, and the legacy strings ("50") older room versions allow; None otherwise."""
     if isinstance(value, bool):
-        return default
+        return None
     if isinstance(value, int):
         return value
     if isinstance(value, str):
         try:
             return int(value.strip())
         except ValueError:
-            return default
+            return None
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    return default
+    return None
+
+
+def _to_int(value: Any, default: int) -> int:
+    level = parse_level(value)
+    return default if level is None else level
 
 
 @attrs.frozen
@@ -93,8 +98,10 @@ class PowerLevels:
     @classmethod
     def from_content(cls, content: Mapping[str, Any] | None) -> PowerLevels:
         content = dict(content or {})
-        users_raw = content.get("users") if isinstance(content.get("users"), dict) else {}
-        events_raw = content.get("events") if isinstance(content.get("events"), dict) else {}
+        users_raw = content.get("users")
+        users_raw = users_raw if isinstance(users_raw, dict) else {}
+        events_raw = content.get("events")
+        events_raw = events_raw if isinstance(events_raw, dict) else {}
         return cls(
             users={UserID(k): _to_int(v, 0) for k, v in users_raw.items()},
             users_default=_to_int(content.get("users_default"), 0),
@@ -259,8 +266,9 @@ class Action:
     """Machine-readable origin: 'space_ban', 'on_leave', 'unban', 'power_levels', ..."""
     content: Mapping[str, Any] | None = None
     """Full state content to send, for state-writing actions."""
-    changes: Mapping[str, Any] = attrs.field(factory=dict)
-    """Per-key before/after, shown in `plan` (e.g. user id -> [before, after])."""
+    changes: Mapping[Any, tuple[Any, Any]] = attrs.field(factory=dict)
+    """Per-key before/after, shown in `plan`: user id -> (level before, after) for set_power_levels,
+    "child" -> (room before, after) for m.space.child. Keyed by UserID or str, hence Any."""
     ownership: Mapping[UserID, OwnedLevel | None] = attrs.field(factory=dict)
     """For set_power_levels: the ownership records to store (or drop, None) once it succeeds."""
 

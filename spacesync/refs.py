@@ -18,6 +18,8 @@ __all__ = [
     "parse_room_ref",
     "parse_user_ref",
     "refs_in_html",
+    "room_label",
+    "server_name",
     "split_server_name",
 ]
 
@@ -197,3 +199,14 @@ def _from_matrix_to(url: str) -> tuple[str, tuple[str, ...]] | None:
 
 def _via(query: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in parse_qs(query).get("via", []) if v.strip())
+
+
+def room_label(room_id: str, name: str | None) -> str:
+    """A room as people read it: 'Name (!id:server)', or the bare id when it has no name."""
+    return f"{name} ({room_id})" if name else str(room_id)
+
+
+def server_name(matrix_id: str) -> str | None:
+    """The server part of a Matrix id (after the first colon); None for ids without one (v12 room ids)."""
+    _, has_server, server = matrix_id.partition(":")
+    return server if has_server else None

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from spacesync.testbed import Synapse, TestUser
+from spacesync.testing import Synapse, TestUser
 
 PG_ADMIN_URL = os.environ.get("SPACESYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

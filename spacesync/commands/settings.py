@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..model import RoomID, UserID
 from ..refs import RefError
-from .format import Reply, code, line, listing, plural
+from .format import Line, Reply, code, line, listing, plural
 from .parser import user_arg
 from .registry import CommandError, Context, UsageError, command, expect, subcommand
 from .world import label, level, resolve, room_state, show_level
@@ -141,12 +141,12 @@ async def rooms(ctx: Context, args: list[str]) -> Reply:
     app = ctx.app
     if sub == "list":
         expect(rest, 0)
-        lines = []
+        lines: list[Line] = []
         for space_id, extra in sorted((await app.store.extra_rooms()).items()):
             space_t = label(app, space_id)[0]
             lines.extend(line(f"{label(app, r)[0]} — under {space_t}, added here") for r in sorted(extra))
-        for space in app.config.spaces:
-            lines.extend(line(f"{ref} — under {space.room}, in the config") for ref in space.extra_rooms)
+        for configured in app.config.spaces:
+            lines.extend(line(f"{ref} — under {configured.room}, in the config") for ref in configured.extra_rooms)
         return listing(
             plural(len(lines), "room opted in explicitly", "rooms opted in explicitly"),
             lines,

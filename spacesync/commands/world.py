@@ -11,7 +11,7 @@ from ..core.entitlement import user_level
 from ..core.graph import SpaceGraph, build_graph
 from ..matrix.state import parse_room_state
 from ..model import Plan, Policy, PowerLevels, RoomID, RoomState, Snapshot, UserID
-from ..refs import RefError, parse_room_ref
+from ..refs import RefError, parse_room_ref, room_label
 from .format import code, esc
 from .registry import CommandError
 
@@ -41,9 +41,7 @@ def room_name(app: App, room_id: RoomID, snapshot: Snapshot | None = None) -> st
 def label(app: App, room_id: RoomID, snapshot: Snapshot | None = None) -> tuple[str, str]:
     """A room as people read it: 'Name (!id:server)', in plain text and HTML."""
     name = room_name(app, room_id, snapshot)
-    if name:
-        return f"{name} ({room_id})", f"{esc(name)} {code(room_id)}"
-    return str(room_id), code(room_id)
+    return room_label(room_id, name), f"{esc(name)} {code(room_id)}" if name else code(room_id)
 
 
 async def resolve(app: App, text: str) -> RoomID:

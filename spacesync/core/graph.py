@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 
 import attrs
 
@@ -35,12 +36,6 @@ class SpaceGraph:
 
     Only these Spaces' memberships, bans and power levels apply to the room. A Space that merely
     lists a room (any Space admin can) gains no authority over it: the confused deputy.
-    """
-    dominated: Mapping[RoomID, frozenset[RoomID]] = attrs.field(factory=dict)
-    """For a room on a cycle: the rooms every walk from a root reaches only through it.
-
-    Such a room lists them, directly or not, and they list it back: they are below it, not above
-    it, whatever the back edge says. Rooms on no cycle have no entry (no room is both above and below them).
     """
 
     def descendants(self, room_id: RoomID) -> frozenset[RoomID]:
@@ -173,7 +168,6 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
         governing=governing,
         findings=tuple(_dedupe(findings)),
         authority=authority,
-        dominated=dominated,
     )
 
 
@@ -226,7 +220,7 @@ def _cycles(children: Mapping[RoomID, frozenset[RoomID]]) -> list[Finding]:
     return findings
 
 
-def _ancestors_of(parents: Mapping[RoomID, set[RoomID]], room_id: RoomID) -> set[RoomID]:
+def _ancestors_of(parents: Mapping[RoomID, AbstractSet[RoomID]], room_id: RoomID) -> set[RoomID]:
     seen: set[RoomID] = set()
     stack = [room_id]
     while stack:

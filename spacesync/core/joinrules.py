@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..model import Action, ActionKind, Finding, Membership, Policy, RoomID, RoomState, Snapshot
+from ..refs import server_name
 from .entitlement import Memberships, protection, user_level
 from .graph import RESTRICTED_RULES, SpaceGraph, policies_for
 from .versions import RECOMMENDED_VERSION, features
@@ -165,7 +166,7 @@ def _follow_upgrade(
         via = list(parent.children.get(room.room_id) or ())
         if not via:
             # v12 room ids carry no server name: fall back to the bot's own server.
-            via = [(new_id if ":" in new_id else policy.bot).split(":", 1)[-1]]
+            via = [server_name(new_id) or server_name(policy.bot) or policy.bot]
         if new_id not in parent.children:
             actions.append(
                 Action(

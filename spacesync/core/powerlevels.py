@@ -6,7 +6,19 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..model import Action, ActionKind, Finding, OwnedLevel, Policy, PowerLevels, RoomID, RoomState, Snapshot, UserID
+from ..model import (
+    Action,
+    ActionKind,
+    Finding,
+    OwnedLevel,
+    Policy,
+    PowerLevels,
+    RoomID,
+    RoomState,
+    Snapshot,
+    UserID,
+    parse_level,
+)
 from .entitlement import user_level, valid_user_id
 from .graph import SpaceGraph, policies_for
 from .versions import features
@@ -72,8 +84,8 @@ def plan_power_levels(
     released: list[OwnedLevel] = []
     findings: list[Finding] = []
     owned_by_room: dict[RoomID, dict[UserID, OwnedLevel]] = {}
-    for (room_id, user_id), owned in snapshot.owned_levels.items():
-        owned_by_room.setdefault(room_id, {})[user_id] = owned
+    for (room_id, user_id), record in snapshot.owned_levels.items():
+        owned_by_room.setdefault(room_id, {})[user_id] = record
     for room_id in sorted(graph.managed):
         room = snapshot.rooms.get(room_id)
         if room is None or room.tombstone:
@@ -295,8 +307,6 @@ _LEVEL_KEYS = frozenset(
 def int_level(value: Any) -> Any:
     """Legacy string levels ("50", allowed before room version 10) written back as integers; anything else kept."""
     if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return value
+        level = parse_level(value)
+        return value if level is None else level
     return value

@@ -34,7 +34,3 @@ def features(room_version: str | None) -> VersionFeatures | None:
     if room_version is None:
         return _TABLE["1"]
     return _TABLE.get(room_version)
-
-
-def is_known(room_version: str | None) -> bool:
-    return features(room_version) is not None

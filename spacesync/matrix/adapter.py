@@ -10,17 +10,19 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import structlog
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientSession, ClientTimeout
 from mautrix.api import Method, Path
 from mautrix.client import ClientAPI
-from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MUnknownToken
-from mautrix.types import RoomAlias, RoomID, UserID
+from mautrix.errors import MatrixRequestError, MForbidden, MUnknownToken
+from mautrix.types import DeviceID, RoomAlias, RoomID, UserID
+from mautrix.util.logging import TraceLogger
 
 from ..metrics import RATELIMIT_WAIT
+from .errors import TRANSPORT_ERRORS
 from .http import SpacesyncHTTPAPI, retry_after_ms
 
 log = structlog.get_logger("spacesync.matrix")
@@ -96,9 +98,9 @@ class MatrixAdapter:
             self._token or saved_token or "",
             client_session=self.session,
             default_retry_count=0,
-            log=logging.getLogger("spacesync.http"),
+            log=cast(TraceLogger, logging.getLogger("spacesync.http")),
         )
-        self.client = ClientAPI(self.user_id, self._device_id, api=api)
+        self.client = ClientAPI(self.user_id, DeviceID(self._device_id), api=api)
         try:
             if api.token:
                 try:
@@ -122,7 +124,7 @@ class MatrixAdapter:
                 self.client.device_id = resp.device_id
                 return await self._whoami()
             raise ConnectError("bot: no credential; set bot.access_token or bot.password")
-        except (TimeoutError, ClientError, MatrixConnectionError, OSError) as e:
+        except TRANSPORT_ERRORS as e:
             raise ConnectError(
                 f"homeserver.url: cannot reach {self.base_url} ({type(e).__name__}: {e}); "
                 "check the URL and that the homeserver is up"

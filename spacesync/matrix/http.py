@@ -9,6 +9,7 @@ from json import JSONDecodeError
 from aiohttp import ClientResponse, ContentTypeError
 from mautrix.api import HTTPAPI, Method
 from mautrix.errors import MatrixRequestError, make_request_error
+from mautrix.types import JSON
 from yarl import URL
 
 from ..metrics import REQUEST_LATENCY
@@ -29,7 +30,7 @@ class SpacesyncHTTPAPI(HTTPAPI):
         content,
         query_params: dict[str, str],
         headers: dict[str, str],
-    ) -> tuple[dict, ClientResponse]:
+    ) -> tuple[JSON, ClientResponse]:
         start = time.monotonic()
         status = "error"
         try:

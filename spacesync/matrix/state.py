@@ -22,7 +22,10 @@ def _via(content: Mapping[str, Any]) -> tuple[str, ...]:
 def _member(event: Mapping[str, Any]) -> MemberState | None:
     """One m.room.member event, or None when it is not one spacesync can read."""
     content = event.get("content")
-    membership = _MEMBERSHIPS.get(content.get("membership")) if isinstance(content, dict) else None
+    if not isinstance(content, dict):
+        return None
+    raw = content.get("membership")
+    membership = _MEMBERSHIPS.get(raw) if isinstance(raw, str) else None
     if membership is None:
         return None
     event_id, sender, ts = event.get("event_id"), event.get("sender"), event.get("origin_server_ts")
@@ -144,7 +147,7 @@ class StateCache:
     def __init__(self) -> None:
         self._state: dict[RoomID, dict[StateKey, dict[str, Any]]] = {}
         self._parsed: dict[RoomID, RoomState] = {}
-        self._during_read: dict[RoomID, list[dict[str, Any]]] = {}
+        self._during_read: dict[RoomID, list[Mapping[str, Any]]] = {}
 
     def begin_read(self, room_id: RoomID) -> None:
         """A /state read of the room starts now: keep the deltas that arrive until `replace`."""
@@ -164,7 +167,7 @@ class StateCache:
 
     def update(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> bool:
         """Apply state events (a /sync delta, the bot's own change); False when the room is not cached."""
-        events = [e for e in events if isinstance(e, dict)]
+        events = [e for e in events if isinstance(e, Mapping)]
         pending = self._during_read.get(room_id)
         if pending is not None:
             pending.extend(events)

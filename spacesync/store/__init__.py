@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 import structlog
-from mautrix.util.async_db import Database, Scheme
+from mautrix.util.async_db import Connection, Database, Scheme
 from mautrix.util.logging import TraceLogger
 
 from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
@@ -336,6 +336,7 @@ class Store:
 
     async def move_room_records(self, old: RoomID, new: RoomID) -> None:
         """After a room upgrade, the levels spacesync wrote in the old room are its own in the new one."""
+        conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO owned_level (room_id, user_id, written, previous, released)"

@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Any
 
 import attrs
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 from ..model import Action, ActionKind, LeftBehind, OwnedLevel, RoomID, UserID
 
@@ -131,6 +131,32 @@ _COLUMNS = "id, batch, body, status, attempts, error, created_at, not_before, fa
 EVICTION_KINDS = ("kick", "ban")
 
 
+_INSERT_JOURNAL = (
+    "INSERT INTO journal (batch, kind, room_id, target, space_id, cause, reason, body, status,"
+    " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+
+
+def _journal_rows(batch_id: str, actions: Iterable[Action], status: Status) -> list[tuple[Any, ...]]:
+    """The journal rows of actions joining a batch, in _INSERT_JOURNAL's column order."""
+    return [
+        (
+            batch_id,
+            a.kind.value,
+            a.room_id,
+            a.user_id or a.state_key or "",
+            a.space_id,
+            a.cause,
+            a.reason,
+            encode_action(a),
+            status.value,
+            now_ms(),
+            now_ms(),
+        )
+        for a in actions
+    ]
+
+
 class Journal:
     """Action entries and the batches that group them (one batch per trigger or reconcile)."""
 
@@ -161,24 +187,10 @@ class Journal:
         claim: bool = False,
     ) -> int:
         """Journal actions as a batch; with `claim`, an id already taken writes nothing and returns 0."""
-        rows = [
-            (
-                batch_id,
-                a.kind.value,
-                a.room_id,
-                a.user_id or a.state_key or "",
-                a.space_id,
-                a.cause,
-                a.reason,
-                encode_action(a),
-                status.value,
-                now_ms(),
-                now_ms(),
-            )
-            for a in actions
-        ]
+        rows = _journal_rows(batch_id, actions, status)
         if not rows:
             return 0
+        conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
             conflict = " ON CONFLICT (id) DO NOTHING RETURNING id" if claim else " RETURNING id"
             claimed = await conn.fetchval(
@@ -192,8 +204,7 @@ class Journal:
             if claimed is None:
                 return 0
             await conn.executemany(
-                "INSERT INTO journal (batch, kind, room_id, target, space_id, cause, reason, body, status,"
-                " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                _INSERT_JOURNAL,
                 rows,
             )
         return len(rows)
@@ -345,26 +356,10 @@ class Journal:
         return row["id"] if row is not None else None
 
     async def add_to_batch(self, batch_id: str, actions: Iterable[Action], status: Status) -> int:
-        rows = [
-            (
-                batch_id,
-                a.kind.value,
-                a.room_id,
-                a.user_id or a.state_key or "",
-                a.space_id,
-                a.cause,
-                a.reason,
-                encode_action(a),
-                status.value,
-                now_ms(),
-                now_ms(),
-            )
-            for a in actions
-        ]
+        rows = _journal_rows(batch_id, actions, status)
         if rows:
             await self.db.executemany(
-                "INSERT INTO journal (batch, kind, room_id, target, space_id, cause, reason, body, status,"
-                " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                _INSERT_JOURNAL,
                 rows,
             )
         return len(rows)
@@ -393,6 +388,7 @@ class Journal:
         )
 
     async def set_batch_status(self, batch_id: str, status: str, from_status: Status, to_status: Status) -> int:
+        conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute("UPDATE batch SET status=$1 WHERE id=$2", status, batch_id)
             count = await conn.fetchval(

@@ -1,5 +1,8 @@
-"""Test-bed helpers beyond the real servers themselves: proxies that inject faults in front of them."""
+"""The test bed: throwaway Synapse homeservers, a raw Matrix client, waiting, and fault-injecting proxies.
 
+Shipped in the package because `spacesync demo` runs on it; tests and benchmarks use it too."""
+
+from .client import JSON, TestbedRequestError, TestClient, TestUser
 from .faults import (
     DelayResponse,
     Drop,
@@ -12,8 +15,11 @@ from .faults import (
     Rule,
     TcpProxy,
 )
+from .homeserver import Synapse, free_port
+from .waiting import wait_for
 
 __all__ = [
+    "JSON",
     "DelayResponse",
     "Drop",
     "Fault",
@@ -23,5 +29,11 @@ __all__ = [
     "Respond",
     "Rewrite",
     "Rule",
+    "Synapse",
     "TcpProxy",
+    "TestClient",
+    "TestUser",
+    "TestbedRequestError",
+    "free_port",
+    "wait_for",
 ]

@@ -410,8 +410,8 @@ class FaultProxy:
     async def _apply(self, request: web.Request, entry: LoggedRequest, rule: Rule | None) -> web.Response | None:
         fault = rule.fault if rule is not None else None
         match fault:
-            case Respond(status=status, body=body, headers=headers):
-                extra = dict(headers)
+            case Respond(status=status, body=body, headers=canned):
+                extra = dict(canned)
                 if (
                     status == 429
                     and isinstance(body, dict)

@@ -13,8 +13,7 @@ import pytest
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
-from spacesync.testbed import Synapse, TestUser, wait_for
-from spacesync.testing import FaultProxy, TcpProxy
+from spacesync.testing import FaultProxy, Synapse, TcpProxy, TestUser, wait_for
 
 from ..conftest import PG_ADMIN_URL, unavailable
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from spacesync.commands import REFUSAL, REGISTRY, CommandHandler
 from spacesync.model import Action, ActionKind
 from spacesync.store import Status, Store
-from spacesync.testbed import TestUser, wait_for
+from spacesync.testing import TestUser, wait_for
 
 # region helpers
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from spacesync.store import Status, Store
-from spacesync.testbed import Synapse, TestUser, wait_for
+from spacesync.testing import Synapse, TestUser, wait_for
 
 from ..conftest import unavailable
 

@@ -6,7 +6,7 @@ import asyncio
 
 from spacesync.model import ActionKind
 from spacesync.store import Status
-from spacesync.testbed import wait_for
+from spacesync.testing import wait_for
 
 
 async def joined(client, room_id):

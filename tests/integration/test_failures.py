@@ -9,7 +9,7 @@ import time
 
 from spacesync.model import Action, ActionKind
 from spacesync.store import Status, Store
-from spacesync.testbed import wait_for
+from spacesync.testing import wait_for
 
 from .test_commands import ask, bot_notices, ready
 
@@ -67,6 +67,26 @@ async def test_a_refused_kick_parks_once_and_retry_runs_it(world, make_user, sta
     reply = await ask(world, bot, world.owner, "!spacesync retry all")
     assert "Retrying 1 parked action" in reply
     await wait_for(lambda: left(world, blocked, user.user_id), timeout=30, message="retry did not kick")
+    assert not await bot.app.store.journal.parked()
+
+
+async def test_retry_of_one_batch_runs_its_parked_action(world, make_user, start_bot, fault_proxy):
+    space = await world.space("S")
+    blocked = await world.room(space, "Blocked")
+    user = await make_user("leaver")
+    for room in (space, blocked):
+        await user.client.join(room)
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url, executor={"max_failures": 1})
+    await ready(bot)
+    rule = fault_proxy.forbid(kick_path(blocked), method="POST", error="kicks are refused by a module")
+    await user.client.leave(space)
+    await wait_for(lambda: bot.app.store.journal.parked(), timeout=60, message="the refused kick was not parked")
+    batch = (await bot.app.store.journal.parked())[0].batch
+
+    rule.remove()
+    reply = await ask(world, bot, world.owner, f"!spacesync retry {batch}")
+    assert f"Retrying 1 parked action of batch {batch}" in reply, reply
+    await wait_for(lambda: left(world, blocked, user.user_id), timeout=30, message="retry <batch> did not kick")
     assert not await bot.app.store.journal.parked()
 
 

@@ -13,8 +13,16 @@ import aiohttp
 import asyncpg
 import pytest
 
-from spacesync.testbed import MatrixRequestError, Synapse, TestClient, TestUser, free_port, wait_for
-from spacesync.testing import FaultProxy, TcpProxy
+from spacesync.testing import (
+    FaultProxy,
+    Synapse,
+    TcpProxy,
+    TestbedRequestError,
+    TestClient,
+    TestUser,
+    free_port,
+    wait_for,
+)
 
 from ..conftest import PG_ADMIN_URL
 from .conftest import Bot, World
@@ -94,12 +102,12 @@ async def test_server_errors_forbidden_and_method_filter(fault_proxy: FaultProxy
     fault_proxy.forbid(r"/rooms/[^/]+/send/", error="Not allowed here")
     async with through(fault_proxy, user) as client:
         for _ in range(2):
-            with pytest.raises(MatrixRequestError) as failed:
+            with pytest.raises(TestbedRequestError) as failed:
                 await client.whoami()
             assert (failed.value.status, failed.value.errcode) == (503, "M_UNKNOWN")
         assert (await client.whoami())["user_id"] == user.user_id
         room = await client.create_room(name="created")
-        with pytest.raises(MatrixRequestError) as forbidden:
+        with pytest.raises(TestbedRequestError) as forbidden:
             await client.send_text(room, "hello")
         assert (forbidden.value.status, forbidden.value.errcode) == (403, "M_FORBIDDEN")
     assert [r.status for r in fault_proxy.requests(WHOAMI)] == [503, 503, 200]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spacesync.testbed import wait_for
+from spacesync.testing import wait_for
 
 
 async def membership(world, room_id: str) -> str | None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from spacesync.testbed import wait_for
+from spacesync.testing import wait_for
 
 
 def allow_entry(room_id: str) -> dict[str, str]:

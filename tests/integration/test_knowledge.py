@@ -7,7 +7,7 @@ import asyncio
 import re
 import time
 
-from spacesync.testbed import wait_for
+from spacesync.testing import wait_for
 
 from .test_eviction import joined, wait_membership
 

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
 from spacesync.store import LEADER_LOCK_KEY, Store
-from spacesync.testbed import Synapse, TestUser, free_port, wait_for
+from spacesync.testing import Synapse, TestUser, free_port, wait_for
 from spacesync.web import start_web
 
 from ..conftest import unavailable

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from spacesync.store import Status
-from spacesync.testbed import MatrixRequestError, wait_for
+from spacesync.testing import TestbedRequestError, wait_for
 
 VERSIONS = ["10", "11", "12"]
 
@@ -200,7 +200,7 @@ async def test_v12_creators_never_enter_users(world, start_bot, make_user):
     create = await world.owner.client.get_state_event(space, "m.room.create")
     assert create is not None and create["room_version"] == "12"
     # Measured: Synapse refuses a v12 override or event that lists the creator.
-    with pytest.raises(MatrixRequestError) as refused:
+    with pytest.raises(TestbedRequestError) as refused:
         await world.owner.client.create_room(
             room_version="12", power_level_content_override={"users": {world.owner.user_id: 100}}
         )
@@ -263,7 +263,7 @@ async def test_malformed_user_id_in_the_space_is_skipped_with_a_warning(world, s
     bot = await start_bot([{"room": space}])
     content = await world.owner.client.get_power_levels(space)
     # Measured: Synapse refuses keys without "@" and ":" (400 "Not a valid user_id") but checks no more.
-    with pytest.raises(MatrixRequestError) as refused:
+    with pytest.raises(TestbedRequestError) as refused:
         await world.owner.client.send_state(
             space, "m.room.power_levels", {**content, "users": {**content["users"], "not-a-user": 50}}
         )

@@ -14,7 +14,7 @@ import pytest
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
-from spacesync.testbed import Synapse, TestUser, wait_for
+from spacesync.testing import Synapse, TestUser, wait_for
 
 ROOMS = 12  # more than rc_message's default burst of 10
 

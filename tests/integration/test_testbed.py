@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from mautrix.util.async_db import Database
 
-from spacesync.testbed import MatrixRequestError, Synapse, TestUser, wait_for
+from spacesync.testing import Synapse, TestbedRequestError, TestUser, wait_for
 
 MakeUser = Callable[..., Awaitable[TestUser]]
 
@@ -30,7 +30,7 @@ async def test_restricted_child_is_joinable_through_its_space(make_user: MakeUse
     await owner.client.add_child(space, child)
     await owner.client.set_parent(child, space)
 
-    with pytest.raises(MatrixRequestError) as refused:
+    with pytest.raises(TestbedRequestError) as refused:
         await guest.client.join(child)
     assert refused.value.status == 403
 

@@ -2,9 +2,9 @@
 
 from mautrix.util.async_db import Connection
 
-from . import upgrade_table
+from . import migration
 
 
-@upgrade_table.register(description="owned_level.released")
+@migration("owned_level.released")
 async def upgrade_v2(conn: Connection) -> None:
     await conn.execute("ALTER TABLE owned_level ADD COLUMN released BOOLEAN NOT NULL DEFAULT false")

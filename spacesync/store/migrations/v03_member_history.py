@@ -2,10 +2,10 @@
 
 from mautrix.util.async_db import Connection
 
-from . import upgrade_table
+from . import migration
 
 
-@upgrade_table.register(description="member_history")
+@migration("member_history")
 async def upgrade_v3(conn: Connection) -> None:
     # One row per (Space, user): the last membership event spacesync saw, whether a `leave` replaced a
     # `join` (NULL: nobody could tell yet), and when spacesync first saw that event (grace periods).

@@ -3,10 +3,10 @@ made them fail; notices about them are sent once per action and reason."""
 
 from mautrix.util.async_db import Connection
 
-from . import upgrade_table
+from . import migration
 
 
-@upgrade_table.register(description="parked actions and backoff")
+@migration("parked actions and backoff")
 async def upgrade_v4(conn: Connection) -> None:
     await conn.execute("ALTER TABLE journal ADD COLUMN not_before BIGINT NOT NULL DEFAULT 0")
     await conn.execute("ALTER TABLE journal ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")

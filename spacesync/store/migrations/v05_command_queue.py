@@ -2,10 +2,10 @@
 
 from mautrix.util.async_db import Connection, Scheme
 
-from . import upgrade_table
+from . import migration
 
 
-@upgrade_table.register(description="command_queue")
+@migration("command_queue")
 async def upgrade_v5(conn: Connection, scheme: Scheme) -> None:
     serial = "INTEGER PRIMARY KEY" if scheme == Scheme.SQLITE else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
     await conn.execute(f"""

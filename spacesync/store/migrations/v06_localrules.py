@@ -2,9 +2,9 @@
 
 from mautrix.util.async_db import Connection
 
-from . import upgrade_table
+from . import migration
 
 
-@upgrade_table.register(description="batch.left_behind")
+@migration("batch.left_behind")
 async def upgrade_v6(conn: Connection) -> None:
     await conn.execute("ALTER TABLE batch ADD COLUMN left_behind TEXT")

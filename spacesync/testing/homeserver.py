@@ -1,0 +1,373 @@
+"""A throwaway Synapse homeserver run as a child process: its config, start and stop, and registration."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import aiohttp
+
+from .client import JSON, TestClient, TestUser, _matrix_request, _q
+
+__all__ = ["Synapse", "free_port"]
+
+_UNLIMITED: Final[Mapping[str, float]] = {"per_second": 100_000, "burst_count": 1_000_000}
+_START_TIMEOUT: Final = 60.0
+_STOP_TIMEOUT: Final = 10.0
+_LOG_TAIL_LINES: Final = 40
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ratelimit_config(lifted: bool) -> JSON:
+    unlimited = dict(_UNLIMITED)
+    config: JSON = {
+        "rc_registration": unlimited,
+        "rc_login": {"address": unlimited, "account": unlimited, "failed_attempts": unlimited},
+    }
+    if lifted:
+        config |= {
+            "rc_message": unlimited,
+            "rc_joins": {"local": unlimited, "remote": unlimited},
+            "rc_joins_per_room": unlimited,
+            "rc_invites": {"per_room": unlimited, "per_user": unlimited, "per_issuer": unlimited},
+            "rc_third_party_invite": unlimited,
+            "rc_admin_redaction": unlimited,
+            "rc_room_creation": unlimited,
+            "rc_presence": {"per_user": unlimited},
+            "rc_delayed_event_mgmt": unlimited,
+            "rc_reports": unlimited,
+            "rc_key_requests": unlimited,
+            "rc_3pid_validation": unlimited,
+            "rc_media_create": unlimited,
+            "rc_user_directory": unlimited,
+            "rc_profile": unlimited,
+            "rc_registration_token_validity": unlimited,
+        }
+    return config
+
+
+def _generate_signing_key() -> str:
+    try:
+        from signedjson.key import encode_signing_key_base64, generate_signing_key
+    except ImportError as exc:
+        raise RuntimeError("signedjson is missing: pip install matrix-synapse") from exc
+    key = generate_signing_key(f"a_{secrets.token_hex(2)}")
+    return f"{key.alg} {key.version} {encode_signing_key_base64(key)}"
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Finaliser: make sure a homeserver does not outlive its owner."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while process.poll() is None:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+class Synapse:
+    """A throwaway Synapse homeserver (SQLite, loopback only) run as a child process."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        server_name: str = "localhost",
+        port: int | None = None,
+        lifted_ratelimits: bool = True,
+        default_room_version: str = "10",
+        log_level: str = "WARNING",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.server_name = server_name
+        self.lifted_ratelimits = lifted_ratelimits
+        self.default_room_version = default_room_version
+        self.log_level = log_level
+        self._port = port
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], Synapse] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._shared_secret = secrets.token_urlsafe(24)
+        self._signing_key: str | None = None
+        self._admin_token: str | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "homeserver.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        """Synapse's own log, at ``log_level``."""
+        return self.workdir / "homeserver.log"
+
+    @property
+    def console_log_path(self) -> Path:
+        """The child process's stdout and stderr (start-up errors end up here)."""
+        return self.workdir / "console.log"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the homeserver has not been started yet")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    async def __aenter__(self) -> Synapse:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # Process lifecycle
+
+    async def start(self) -> None:
+        """Write the config, start the homeserver and wait until it answers."""
+        if self.running:
+            raise RuntimeError(f"Synapse is already running (pid {self.pid})")
+        if importlib.util.find_spec("synapse") is None:
+            raise RuntimeError("matrix-synapse is not installed: pip install matrix-synapse")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._port is None:
+            self._port = free_port()
+        self._write_config()
+        with self.console_log_path.open("ab") as console:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        self._finalizer = weakref.finalize(self, _reap, self._process)
+        try:
+            await self._wait_until_ready()
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def stop(self) -> None:
+        """SIGTERM the homeserver and wait for it to exit (SIGKILL after 10 s)."""
+        await self._halt(signal.SIGTERM)
+
+    async def kill(self) -> None:
+        """SIGKILL the homeserver, as in a crash."""
+        await self._halt(signal.SIGKILL)
+
+    async def restart(self) -> None:
+        """Stop and start again on the same port with the same database."""
+        await self.stop()
+        await self.start()
+
+    async def _halt(self, sig: signal.Signals) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+            if not await _wait_exit(process, _STOP_TIMEOUT):
+                os.kill(process.pid, signal.SIGKILL)
+                await _wait_exit(process, _STOP_TIMEOUT)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._process = None
+
+    async def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _START_TIMEOUT
+        probe_timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=probe_timeout) as session:
+            while True:
+                returncode = self._process.poll()
+                if returncode is not None:
+                    raise RuntimeError(
+                        f"Synapse exited with status {returncode} while starting; "
+                        f"see {self.console_log_path}:\n{self._log_tail()}"
+                    )
+                try:
+                    async with session.get(f"{self.url}/_matrix/client/versions") as resp:
+                        if resp.status == 200:
+                            return
+                except (TimeoutError, aiohttp.ClientError):
+                    pass
+                if loop.time() >= deadline:
+                    raise RuntimeError(
+                        f"Synapse did not answer within {_START_TIMEOUT:g} s; "
+                        f"see {self.console_log_path} and {self.log_path}:\n{self._log_tail()}"
+                    )
+                await asyncio.sleep(0.05)
+
+    def _log_tail(self) -> str:
+        lines: list[str] = []
+        for path in (self.console_log_path, self.log_path):
+            if path.exists():
+                lines += path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+        return "\n".join(lines)
+
+    def _write_config(self) -> None:
+        if self._signing_key is None:
+            self._signing_key = _generate_signing_key()
+        log_config_path = self.workdir / "log.config"
+        log_config = {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "precise": {"format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s"}
+            },
+            "filters": {"context": {"()": "synapse.logging.context.LoggingContextFilter"}},
+            "handlers": {
+                "file": {
+                    "class": "logging.FileHandler",
+                    "filename": str(self.log_path),
+                    "formatter": "precise",
+                    "filters": ["context"],
+                    "encoding": "utf8",
+                }
+            },
+            "root": {"level": self.log_level, "handlers": ["file"]},
+        }
+        config: JSON = {
+            "server_name": self.server_name,
+            "report_stats": False,
+            "signing_key": self._signing_key,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "enable_media_repo": False,
+            "media_store_path": str(self.workdir / "media_store"),
+            "bcrypt_rounds": 4,
+            "registration_shared_secret": self._shared_secret,
+            "enable_registration": False,
+            "default_room_version": self.default_room_version,
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client"], "compress": False}],
+                }
+            ],
+            "database": {
+                "name": "sqlite3",
+                "args": {"database": str(self.workdir / "homeserver.db")},
+            },
+            "log_config": str(log_config_path),
+            **_ratelimit_config(self.lifted_ratelimits),
+        }
+        # JSON is valid YAML, so no YAML library is needed here.
+        log_config_path.write_text(json.dumps(log_config, indent=2))
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    # Admin API
+
+    async def _request(self, method: str, path: str, json_body: Any = None, *, token: str | None = None) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        return await _matrix_request(self._session, method, self.url + path, token=token, json_body=json_body)
+
+    async def _register_raw(self, localpart: str, password: str, admin: bool, displayname: str | None) -> JSON:
+        path = "/_synapse/admin/v1/register"
+        nonce: str = (await self._request("GET", path))["nonce"]
+        mac = hmac.new(self._shared_secret.encode(), digestmod=hashlib.sha1)
+        for part in (nonce, localpart, password):
+            mac.update(part.encode())
+            mac.update(b"\x00")
+        mac.update(b"admin" if admin else b"notadmin")
+        body: JSON = {
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": admin,
+            "mac": mac.hexdigest(),
+        }
+        if displayname is not None:
+            body["displayname"] = displayname
+        result: JSON = await self._request("POST", path, body)
+        return result
+
+    async def register(
+        self,
+        localpart: str,
+        *,
+        password: str | None = None,
+        admin: bool = False,
+        displayname: str | None = None,
+    ) -> TestUser:
+        """Register an account with the shared secret and return it with a ready client."""
+        password = password if password is not None else secrets.token_urlsafe(12)
+        result = await self._register_raw(localpart, password, admin, displayname)
+        return TestUser(
+            user_id=result["user_id"],
+            access_token=result["access_token"],
+            password=password,
+            device_id=result["device_id"],
+            client=TestClient(self.url, result["access_token"], result["user_id"]),
+        )
+
+    async def lift_ratelimit(self, user_id: str) -> None:
+        """Exempt one user from the message rate limit (admin ``override_ratelimit``)."""
+        if self._admin_token is None:
+            localpart = f"testbed_admin_{secrets.token_hex(4)}"
+            result = await self._register_raw(localpart, secrets.token_urlsafe(12), True, None)
+            self._admin_token = result["access_token"]
+        await self._request(
+            "POST",
+            f"/_synapse/admin/v1/users/{_q(user_id)}/override_ratelimit",
+            {"messages_per_second": 0, "burst_count": 0},
+            token=self._admin_token,
+        )
