@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..engine.events import ActionParked, BatchFinished, BatchHeld, Event, RoomsNeedAttention
 from ..matrix import StateCache
 from ..model import RoomID
+from ..refs import room_label
 from .format import Reply, line, listing
 from .notices import batch_summary, held_notice, parked_notice
 
@@ -22,7 +23,7 @@ class NoticeRenderer:
     def room_label(self, room_id: RoomID) -> str:
         """Name and id, for notices a moderator acts on by room."""
         room = self.cache.get(room_id)
-        return f"{room.name} ({room_id})" if room is not None and room.name else str(room_id)
+        return room_label(room_id, room.name if room is not None else None)
 
     def __call__(self, event: Event) -> Reply:
         match event:

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.errors import MatrixRequestError
 
 from ..matrix import MatrixAdapter
+from ..matrix.errors import REQUEST_ERRORS
 from ..model import RoomID
 from ..store import Store
 from ..store.journal import Entry
@@ -61,7 +61,7 @@ class Announcer:
             try:
                 await self.matrix.send_notice(admin_room, text, html, txn=txn)
                 return
-            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
+            except REQUEST_ERRORS as e:
                 transient = not isinstance(e, MatrixRequestError) or e.http_status >= 500 or e.http_status == 429
                 if not transient or attempt == NOTICE_ATTEMPTS:
                     log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")

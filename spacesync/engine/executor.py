@@ -12,12 +12,13 @@ from enum import Enum
 from typing import Any, TypeVar, cast
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.errors import MatrixRequestError
 
+from ..backoff import backoff
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
+from ..matrix.errors import TRANSPORT_ERRORS
 from ..metrics import ACTIONS
 from ..model import Action, ActionKind, Cause, PlacedBan, RoomState, UserID
 from ..store import Status, Store, unreachable
@@ -304,7 +305,7 @@ class Executor:
             if attempt >= self.max_attempts:
                 await self._finish(entry, Outcome.FAILED, error)
                 return
-            wait = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            wait = backoff(attempt - 1) * (0.5 + random.random())
             log.warning(
                 "action failed: retrying later",
                 action=action.kind.value,
@@ -328,7 +329,7 @@ class Executor:
         action = entry.action
         failures = entry.failures + 1
         if failures < self.max_failures:
-            wait = self.backoff_s * 2 ** (failures - 1)
+            wait = backoff(failures - 1, base=self.backoff_s, cap=300.0)
             log.warning(
                 "action refused: retrying later",
                 action=action.kind.value,
@@ -423,7 +424,7 @@ class Executor:
             if e.http_status >= 500 or e.http_status == 429:
                 raise Transient(f"{e.http_status} from the homeserver") from e
             raise
-        except (TimeoutError, ClientError, MatrixConnectionError, OSError) as e:
+        except TRANSPORT_ERRORS as e:
             raise Transient(f"{type(e).__name__ or 'timeout'}: {e}") from e
 
     async def _perform(self, action: Action) -> Outcome:

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import structlog
 
+from ..backoff import backoff
 from ..metrics import DATABASE_UP
 from ..store import unreachable
 
@@ -33,7 +34,7 @@ class DatabaseHealth:
                     raise
                 failures += 1
                 self.down(what, e)
-                await asyncio.sleep(min(10.0, 0.5 * 2 ** min(failures - 1, 5)))
+                await asyncio.sleep(backoff(failures - 1, cap=10.0))
                 continue
             self.back()
             return result

@@ -24,16 +24,15 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from ..matrix import MatrixAdapter
+from ..matrix.errors import REQUEST_ERRORS
 from ..model import Membership, MemberState, RoomID, RoomState, UserID
 from ..store import SeenMembership, Store
 
 log = structlog.get_logger("spacesync.history")
 
-LOOKUP_ERRORS = (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError, ValueError)
+LOOKUP_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
 RETRY_FAILED_LOOKUP_S = 300.0
 """A look-up that failed (event gone, server down) is tried again after this long, not on every plan."""
 

@@ -7,10 +7,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.errors import MatrixRequestError
 
 from ..matrix import MatrixAdapter
+from ..matrix.errors import REQUEST_ERRORS
 from ..model import RoomID, UserID
 from ..store import Store
 from .observer import Observer
@@ -56,7 +56,7 @@ class Invites:
             log.info("invite declined: not from an admin", room=room_id, inviter=inviter)
             try:
                 await self.matrix.leave(room_id)
-            except (MatrixRequestError, MatrixConnectionError, ClientError):
+            except REQUEST_ERRORS:
                 pass
             return
         self.pending[room_id] = UserID(inviter)

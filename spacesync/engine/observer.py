@@ -6,19 +6,21 @@ import asyncio
 import time
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.errors import MatrixRequestError
 
+from ..backoff import backoff
 from ..core.graph import RESTRICTED_RULES
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
+from ..matrix.errors import REQUEST_ERRORS, TRANSPORT_ERRORS
 from ..model import Policy, RoomID, Snapshot
+from ..refs import server_name
 from ..store import Store
 from .history import MemberHistory
 
 log = structlog.get_logger("spacesync.observer")
 
 READ_ATTEMPTS = 3
-READ_ERRORS = (MatrixRequestError, MatrixConnectionError, ClientError, asyncio.TimeoutError, OSError, ValueError)
+READ_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
 
 
 def describe_error(error: BaseException) -> str:
@@ -149,12 +151,12 @@ class Observer:
                 self.requests += 1
                 if attempt == READ_ATTEMPTS or not (e.http_status == 429 or e.http_status >= 500):
                     raise
-                wait = min(30.0, (retry_after_ms(e) or 1000) / 1000) if e.http_status == 429 else 0.5 * 2**attempt
-            except (TimeoutError, ClientError, MatrixConnectionError, OSError):
+                wait = min(30.0, (retry_after_ms(e) or 1000) / 1000) if e.http_status == 429 else backoff(attempt)
+            except TRANSPORT_ERRORS:
                 self.requests += 1
                 if attempt == READ_ATTEMPTS:
                     raise
-                wait = 0.5 * 2**attempt
+                wait = backoff(attempt)
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -172,7 +174,7 @@ class Observer:
         for room_id in pending:
             if room_id in upgrades or room_id in extra:
                 old = upgrades.get(room_id, room_id)
-                opted[room_id] = [old.split(":", 1)[1]] if ":" in old else []
+                opted[room_id] = [server] if (server := server_name(old)) else []
         for root in sorted({s.room_id for s in policy.spaces} & self.joined):
             if not set(pending) - set(opted):
                 break
@@ -180,7 +182,7 @@ class Observer:
                 room_id = RoomID(entry["room_id"])
                 allowed = set(entry.get("allowed_room_ids") or ())
                 if room_id in pending and entry.get("join_rule") in RESTRICTED_RULES and allowed & managed_spaces:
-                    opted.setdefault(room_id, [root.split(":", 1)[1]] if ":" in root else [])
+                    opted.setdefault(room_id, [server] if (server := server_name(root)) else [])
         for room_id, via in sorted(opted.items()):
             self._join_attempted.add(room_id)
             try:

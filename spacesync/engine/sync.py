@@ -11,10 +11,11 @@ from functools import partial
 from typing import Any
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError, MUnknownToken
+from mautrix.errors import MUnknownToken
 
+from ..backoff import backoff
 from ..matrix import MatrixAdapter, StateCache
+from ..matrix.errors import REQUEST_ERRORS
 from ..metrics import LAST_SYNC, SYNC_LAG
 from ..model import RoomID
 from ..store import Store
@@ -98,10 +99,10 @@ class SyncLoop:
                 data = await self.matrix.sync(since, 30000 if long_poll else 0, SYNC_FILTER)
             except MUnknownToken as e:
                 raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
-            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
+            except REQUEST_ERRORS as e:
                 failures += 1
                 self.homeserver_up = False
-                wait = min(30.0, 0.5 * 2 ** min(failures, 6))
+                wait = backoff(failures)
                 if failures == 1:
                     log.warning("homeserver unreachable: retrying with backoff", error=f"{type(e).__name__}: {e}")
                 else:

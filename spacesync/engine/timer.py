@@ -6,10 +6,9 @@ import asyncio
 import time
 
 import structlog
-from aiohttp import ClientError
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from ..config import Config
+from ..matrix.errors import REQUEST_ERRORS
 from ..metrics import JOURNAL_DEPTH
 from ..store import Store, unreachable
 from .executor import Executor
@@ -70,7 +69,7 @@ class ReconcileTimer:
                     await self.invites.accept()
                 if result.recheck_soon:
                     asyncio.get_running_loop().call_later(CLOCK_MARGIN_MS / 1000 + 0.5, self._trigger.set)
-            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, OSError) as e:
+            except REQUEST_ERRORS as e:
                 log.warning("reconcile failed: retrying soon", error=f"{type(e).__name__}: {e}")
                 next_full = time.monotonic() + 10
                 continue
