@@ -315,6 +315,14 @@ class OwnedLevel:
     `written`; once the Space asks for something else, the record is dropped and mirroring resumes."""
 
 
+class FindingArea(str, Enum):
+    """Which part of the planner a finding comes from, and so which view (`joinrules`, `powerlevels`) shows it."""
+
+    MEMBERSHIP = "membership"
+    JOIN_RULES = "joinrules"
+    POWER_LEVELS = "powerlevels"
+
+
 @attrs.frozen
 class Finding:
     """Something a moderator should know about a room, which the planner will not act on."""
@@ -322,6 +330,7 @@ class Finding:
     room_id: RoomID
     code: str
     message: str
+    area: FindingArea = FindingArea.MEMBERSHIP
 
     def __str__(self) -> str:
         return f"{self.room_id}: {self.message}"

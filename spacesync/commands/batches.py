@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..core.powerlevels import record_before
 from ..model import Action, ActionKind, Membership, RoomID, RoomState, UserID
 from ..store import Status
-from ..store.journal import Batch
+from ..store.journal import Batch, BatchStatus
 from .format import Reply, code, compose, esc, line, listing, plural
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
@@ -36,7 +36,7 @@ async def _batch_id(app: App, text: str) -> str:
 
 
 async def _held_ids(app: App) -> list[str]:
-    return [b.id for b in await app.store.journal.batches(status="held", limit=20) if b.counts.get("held")]
+    return [b.id for b in await app.store.journal.batches(status=BatchStatus.HELD, limit=20) if b.counts.get("held")]
 
 
 async def _known_batch(app: App, batch: str) -> Batch:
@@ -50,7 +50,7 @@ async def _known_batch(app: App, batch: str) -> Batch:
 
 async def _held_batch(app: App, batch: str, verb: str) -> Batch:
     info = await _known_batch(app, batch)
-    if info.status != "held" or not info.counts.get("held"):
+    if info.status != BatchStatus.HELD or not info.counts.get("held"):
         raise CommandError(f"Batch {batch} is not held (it is {info.status}): nothing to {verb}")
     return info
 
@@ -84,7 +84,9 @@ async def batch(ctx: Context, args: list[str]) -> Reply:
                 f"{esc(error)} — {esc(action.reason)}",
             )
         )
-    next_step = {"held": f" Decide with '!spacesync confirm {batch_id}' or '!spacesync cancel {batch_id}'."}
+    next_step = {
+        BatchStatus.HELD.value: f" Decide with '!spacesync confirm {batch_id}' or '!spacesync cancel {batch_id}'."
+    }
     parked = info.counts.get(Status.PARKED.value, 0)
     retry_hint = (
         (
@@ -168,7 +170,7 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     entries = await app.store.journal.batch_entries(batch)
     done = [e for e in entries if e.status is Status.DONE]
     if not done:
-        hint = f" (it is held: '!spacesync cancel {batch}' drops it)" if info.status == "held" else ""
+        hint = f" (it is held: '!spacesync cancel {batch}' drops it)" if info.status == BatchStatus.HELD else ""
         raise CommandError(f"Batch {batch} has no completed actions to undo{hint}")
     for other in await app.store.journal.batches(limit=500):
         if other.trigger == f"undo {batch}":

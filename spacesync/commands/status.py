@@ -11,6 +11,7 @@ from ..core.planner import plan as make_plan
 from ..model import Action, ActionKind, Finding, FindingCode, Membership, Plan, RoomID
 from ..refs import RefError
 from ..store import AuditRecord, Status
+from ..store.journal import BatchStatus
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
 from .parser import count_arg, room_arg, user_arg
 from .registry import CommandError, Context, command, expect
@@ -21,24 +22,12 @@ if TYPE_CHECKING:
 
 FAMILY = "status"
 
-JOIN_RULE_CODES = frozenset({"allow_missing", "not_restricted", "invite_kept", "join_rule", "version", "upgraded"})
-POWER_LEVEL_CODES = frozenset({"invalid_user", "changed_by_hand", "above_bot", "restricted_locally"})
 JOIN_RULE_KINDS = frozenset({ActionKind.SET_JOIN_RULES, ActionKind.SET_SPACE_CHILD, ActionKind.INVITE})
 
 
 def finding_family(finding: Finding) -> str:
-    """'joinrules', 'powerlevels' or 'membership': which view a finding belongs to."""
-    if finding.code in JOIN_RULE_CODES:
-        return "joinrules"
-    if finding.code in POWER_LEVEL_CODES:
-        return "powerlevels"
-    message = finding.message
-    if finding.code in ("no_power", "unknown_version"):
-        if "join rule" in message or "m.space.child" in message:
-            return "joinrules"
-        if "power level" in message:
-            return "powerlevels"
-    return "membership"
+    """'joinrules', 'powerlevels' or 'membership': which view a finding belongs to (the planner part it came from)."""
+    return finding.area.value
 
 
 def _level(value: object) -> str:
@@ -89,7 +78,7 @@ def _check_space_syntax(args: list[str]) -> None:
 
 
 async def _held_batches(app: App) -> list[str]:
-    return [b.id for b in await app.store.journal.batches(status="held", limit=50) if b.counts.get("held")]
+    return [b.id for b in await app.store.journal.batches(status=BatchStatus.HELD, limit=50) if b.counts.get("held")]
 
 
 # region status
@@ -327,7 +316,7 @@ async def sync(ctx: Context, args: list[str]) -> Reply:
         info = await app.store.journal.batch(batch)
         if info is None:
             continue
-        if info.status == "held":
+        if info.status == BatchStatus.HELD:
             n = info.counts.get("held", 0)
             lines.append(
                 line(

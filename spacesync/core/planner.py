@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
+
 from ..model import (
     Action,
     ActionKind,
     Finding,
+    FindingArea,
     LeftBehind,
     Membership,
     OnLeave,
@@ -33,7 +36,13 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     # A room that could not be read, or that answers to a Space that could not be read, gets no state
     # writes: its levels, join rules and children are known only as they were (unknown is not absent).
     waits = unsure_rooms(snapshot, graph)
-    findings = list(graph.findings) + membership.findings + pl_findings + jr_findings + malformed_findings(snapshot)
+    findings = (
+        list(graph.findings)
+        + membership.findings
+        + [attrs.evolve(f, area=FindingArea.POWER_LEVELS) for f in pl_findings]
+        + [attrs.evolve(f, area=FindingArea.JOIN_RULES) for f in jr_findings]
+        + malformed_findings(snapshot)
+    )
     return Plan(
         actions=tuple(membership.actions + [a for a in jr_actions + pl_actions if a.room_id not in waits]),
         findings=tuple(dict.fromkeys(findings)),

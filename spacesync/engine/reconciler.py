@@ -17,7 +17,7 @@ from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACE
 from ..model import EVICTIONS, Action, ActionKind, FindingCode, LeftBehind, Membership, Plan, Policy, RoomID, UserID
 from ..refs import RoomRef
 from ..store import Status, Store
-from ..store.journal import now_ms
+from ..store.journal import BatchStatus, now_ms
 from .events import BatchHeld, Listener, RoomsNeedAttention
 from .executor import Executor, fingerprint
 from .guard import guard
@@ -333,7 +333,7 @@ class Reconciler:
             held = [e for e in await self.store.journal.batch_entries(batch) if e.status is Status.HELD]
             stale = [e.id for e in held if e.action.key not in still_wanted]
             await self.store.journal.set_statuses(stale, Status.CANCELLED)
-            count = await self.store.journal.set_batch_status(batch, "released", Status.HELD, Status.PENDING)
+            count = await self.store.journal.set_batch_status(batch, BatchStatus.RELEASED, Status.HELD, Status.PENDING)
         if stale:
             log.info("held actions no longer planned: dropped", batch=batch, dropped=len(stale))
         self.executor.wake()
@@ -360,7 +360,7 @@ class Reconciler:
         return len(entries)
 
     async def cancel(self, batch: str) -> int:
-        count = await self.store.journal.set_batch_status(batch, "cancelled", Status.HELD, Status.CANCELLED)
+        count = await self.store.journal.set_batch_status(batch, BatchStatus.CANCELLED, Status.HELD, Status.CANCELLED)
         HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
         return count
 

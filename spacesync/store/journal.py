@@ -15,6 +15,16 @@ from mautrix.util.async_db import Connection, Database
 from ..model import Action, ActionKind, LeftBehind, OwnedLevel, RoomID, UserID
 
 
+class BatchStatus(str, Enum):
+    """A batch's own status (its entries have theirs, `Status`)."""
+
+    OPEN = "open"
+    HELD = "held"
+    RELEASED = "released"
+    """Held, then confirmed by a moderator."""
+    CANCELLED = "cancelled"
+
+
 class Status(str, Enum):
     PENDING = "pending"
     HELD = "held"
@@ -198,7 +208,7 @@ class Journal:
                 batch_id,
                 trigger,
                 space_id,
-                "held" if status is Status.HELD else "open",
+                (BatchStatus.HELD if status is Status.HELD else BatchStatus.OPEN).value,
                 now_ms(),
             )
             if claimed is None:
@@ -339,7 +349,7 @@ class Journal:
             Status.RUNNING.value,
             Status.DONE.value,
             since_ms,
-            "released",
+            BatchStatus.RELEASED.value,
         )
         return {r["target"] for r in rows}
 
@@ -387,10 +397,10 @@ class Journal:
             entry_id,
         )
 
-    async def set_batch_status(self, batch_id: str, status: str, from_status: Status, to_status: Status) -> int:
+    async def set_batch_status(self, batch_id: str, status: BatchStatus, from_status: Status, to_status: Status) -> int:
         conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute("UPDATE batch SET status=$1 WHERE id=$2", status, batch_id)
+            await conn.execute("UPDATE batch SET status=$1 WHERE id=$2", status.value, batch_id)
             count = await conn.fetchval(
                 "SELECT COUNT(*) FROM journal WHERE batch=$1 AND status=$2", batch_id, from_status.value
             )
@@ -453,8 +463,8 @@ class Journal:
         )
         return [r["id"] for r in rows]
 
-    async def batches(self, status: str | None = None, limit: int = 20) -> list[Batch]:
-        if status:
+    async def batches(self, status: BatchStatus | None = None, limit: int = 20) -> list[Batch]:
+        if status is not None:
             rows = await self.db.fetch(
                 "SELECT id FROM batch WHERE status=$1 ORDER BY created_at DESC LIMIT $2", status, limit
             )

@@ -712,3 +712,17 @@ def test_the_batch_notice_names_the_rooms_where_an_eviction_could_not_happen():
     assert "1 left in place" in reply.text.splitlines()[0]
     assert "&lt;b&gt;weak&lt;/b&gt;" in reply.html and "<b>weak" not in reply.html
     assert "(needs &quot;50&quot;)" in reply.html
+
+
+def test_findings_say_which_part_of_the_planner_they_come_from():
+    from spacesync.model import FindingArea
+
+    snap = snapshot(
+        space("root", children=["x"], members={"gone": LEAVE}, levels={"mod": 50}),
+        child("x", join_rule="invite", allow=[], parents=["root"], members={"gone": JOIN}, bot_level=0),
+    )
+    p = plan(snap, policy(SpacePolicy(rid("root"), enforce_join_rules=True)))
+    areas = {(f.code, f.area) for f in p.findings if f.room_id == rid("x")}
+    assert ("protected", FindingArea.MEMBERSHIP) in areas, areas  # the leaver is at the bot's level
+    assert ("no_power", FindingArea.POWER_LEVELS) in areas, areas  # cannot raise mod
+    assert ("invite_kept", FindingArea.JOIN_RULES) in areas, areas  # the invite room is only reported
