@@ -205,6 +205,22 @@ async def still_joined(client: Any, rooms: list[str], user_id: str) -> list[str]
     return [r for r, m in zip(rooms, members) if user_id in m]
 
 
+async def each_kicked_once(world: Any, rooms: list[str], user: Any, db_url: str, why: Any) -> None:
+    """Wait until the user is out of every room, then check each was kicked exactly once and the journal is clean.
+    `why()` gives the failure message (the processes' logs)."""
+
+    async def all_out() -> bool:
+        return not await still_joined(world.owner.client, rooms, user.user_id)
+
+    try:
+        await wait_for(all_out, timeout=60)
+    except TimeoutError:
+        raise AssertionError(why()) from None
+    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
+    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
+    await check_journal(db_url, rooms)
+
+
 async def check_journal(db_url: str, rooms: list[str]) -> None:
     """Nothing left open, and per room at most one kick that the homeserver accepted ("done").
 
@@ -428,17 +444,7 @@ async def test_standby_takes_over_after_kill_9_and_finishes_exactly_once(
     took_over = time.monotonic() - killed_at
     assert took_over <= 15
 
-    async def all_out() -> bool:
-        return not await still_joined(world.owner.client, rooms, user.user_id)
-
-    try:
-        await wait_for(all_out, timeout=60)
-    except TimeoutError:
-        raise AssertionError(f"the standby did not finish; its log:\n{second.log()}") from None
-    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
-    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
-
-    await check_journal(pg_url, rooms)
+    await each_kicked_once(world, rooms, user, pg_url, lambda: f"the standby did not finish; its log:\n{second.log()}")
 
     second.signal(signal.SIGTERM)
     assert await second.wait_exit(15) == 0, second.log()
@@ -579,16 +585,9 @@ async def test_database_blip_mid_batch_under_active_and_standby(
             f"no single leader after the blip\nfirst:\n{first.log()}\nsecond:\n{second.log()}"
         ) from None
 
-    async def all_out() -> bool:
-        return not await still_joined(world.owner.client, rooms, user.user_id)
-
-    try:
-        await wait_for(all_out, timeout=60)
-    except TimeoutError:
-        raise AssertionError(f"the batch did not finish\nfirst:\n{first.log()}\nsecond:\n{second.log()}") from None
-    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
-    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
-    await check_journal(pg_url, rooms)
+    await each_kicked_once(
+        world, rooms, user, pg_url, lambda: f"the batch did not finish\nfirst:\n{first.log()}\nsecond:\n{second.log()}"
+    )
     for p in (first, second):
         assert p.proc is not None and p.proc.poll() is None, f"{p.name} exited:\n{p.log()}"
         assert "Traceback" not in p.log(1000), p.log(1000)
@@ -660,16 +659,13 @@ async def test_sigterm_mid_batch_exits_cleanly_and_a_restart_finishes(world, syn
     again = processes(tmp_path, "again", config).start()
     await wait_ready(again.port, 200, timeout=60)
 
-    async def all_out() -> bool:
-        return not await still_joined(world.owner.client, rooms, user.user_id)
-
-    try:
-        await wait_for(all_out, timeout=60)
-    except TimeoutError:
-        raise AssertionError(f"the restarted bot did not finish; its log:\n{again.log()}") from None
-    counts = await kicks_by_room(world.owner.client, rooms, world.bot.user_id, user.user_id)
-    assert counts == {r: 1 for r in rooms}, {r: n for r, n in counts.items() if n != 1}
-    await check_journal(config["database"]["url"], rooms)
+    await each_kicked_once(
+        world,
+        rooms,
+        user,
+        config["database"]["url"],
+        lambda: f"the restarted bot did not finish; its log:\n{again.log()}",
+    )
     again.signal(signal.SIGTERM)
     assert await again.wait_exit(15) == 0, again.log()
 
