@@ -471,7 +471,9 @@ async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_agai
     conn = await asyncpg.connect(pg_url)
     try:
         holders = await conn.fetch(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY
+            "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory'"
+            " AND l.granted AND l.objid = $1 AND d.datname = current_database()",
+            LEADER_LOCK_KEY,
         )
         assert len(holders) == 1, holders
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
@@ -694,7 +696,9 @@ async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synaps
         conn = await asyncpg.connect(pg_url)
         try:
             holders = await conn.fetch(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1", LEADER_LOCK_KEY
+                "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory'"
+                " AND l.granted AND l.objid = $1 AND d.datname = current_database()",
+                LEADER_LOCK_KEY,
             )
             assert len(holders) == 1, holders
             assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
