@@ -1,0 +1,154 @@
+"""The encrypted admin room against the real Synapse, with matrix-nio (its own Olm/Megolm implementation,
+vodozemac) playing the moderators: commands in, replies out, all end-to-end encrypted."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nio import AsyncClient, AsyncClientConfig, MegolmEvent, RoomMessageNotice, RoomSendResponse, SyncResponse
+
+from spacesync.commands import REFUSAL
+from spacesync.testing import Synapse, TestUser, wait_for
+
+from .conftest import World
+
+ENCRYPTION = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+class Moderator:
+    """A user on a real end-to-end-encrypting client (matrix-nio), with its e2e store in a directory."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.notices: list[RoomMessageNotice] = []
+        self.undecryptable: list[MegolmEvent] = []
+
+    @classmethod
+    async def log_in(cls, synapse: Synapse, user: TestUser, store: Path) -> Moderator:
+        store.mkdir(parents=True, exist_ok=True)
+        device_id = (await user.client.whoami())["device_id"]
+        client = AsyncClient(
+            synapse.url,
+            user.user_id,
+            device_id=device_id,
+            store_path=str(store),
+            config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
+        )
+        client.restore_login(user.user_id, device_id, user.access_token)
+        moderator = cls(client)
+        await moderator.sync()
+        return moderator
+
+    async def sync(self) -> None:
+        """One /sync, with the key upload, query and claim a client does between them."""
+        if self.client.should_upload_keys:
+            await self.client.keys_upload()
+        response = await self.client.sync(timeout=300, full_state=self.client.next_batch is None)
+        assert isinstance(response, SyncResponse), response
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+        for room in response.rooms.join.values():
+            for event in room.timeline.events:
+                if isinstance(event, RoomMessageNotice):
+                    self.notices.append(event)
+                elif isinstance(event, MegolmEvent):
+                    self.undecryptable.append(event)
+
+    async def send(self, room_id: str, text: str) -> str:
+        await self.sync()
+        response = await self.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": text}, ignore_unverified_devices=True
+        )
+        assert isinstance(response, RoomSendResponse), response
+        return response.event_id
+
+    async def reply_to(self, event_id: str, timeout: float = 30) -> RoomMessageNotice:
+        """The bot's notice answering `event_id`, decrypted by this client."""
+
+        async def found() -> RoomMessageNotice | None:
+            await self.sync()
+            for notice in self.notices:
+                relates = notice.source.get("content", {}).get("m.relates_to") or {}
+                if (relates.get("m.in_reply_to") or {}).get("event_id") == event_id:
+                    return notice
+            return None
+
+        return await wait_for(found, timeout=timeout, interval=0.2, message=f"no decrypted reply to {event_id}")
+
+    async def ask(self, room_id: str, text: str) -> str:
+        notice = await self.reply_to(await self.send(room_id, text))
+        assert notice.decrypted, "the reply was not encrypted"
+        assert notice.source["content"].get("format") == "org.matrix.custom.html"
+        return notice.body
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+@pytest.fixture
+async def moderators(synapse: Synapse, tmp_path: Path):
+    """`await moderator(user)`: that user on matrix-nio; all closed at the end."""
+    made: list[Moderator] = []
+
+    async def make(user: TestUser, name: str = "") -> Moderator:
+        moderator = await Moderator.log_in(synapse, user, tmp_path / f"nio-{name or secrets.token_hex(3)}")
+        made.append(moderator)
+        return moderator
+
+    yield make
+    for moderator in made:
+        await moderator.close()
+
+
+async def encrypted_admin_room(world: World) -> str:
+    """The admin room as Element makes it: private, encrypted from the start."""
+    room_id = await world.owner.client.create_room(
+        name="admin",
+        join_rule="invite",
+        initial_state=[ENCRYPTION],
+        power_level_content_override=world._levels(),
+    )
+    await world.owner.client.invite(room_id, world.bot.user_id)
+    await world.bot.client.join(room_id)
+    return room_id
+
+
+def crypto_bot(world: World, admin_room: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "admin_room": admin_room,
+        "bot_options": {"pickle_key": "k" * 32},
+        **extra,
+    }
+
+
+async def bot_events(world: World, room_id: str) -> list[dict[str, Any]]:
+    """Every non-state event the bot sent into the room, as the homeserver stores it."""
+    events = await world.owner.client.messages(room_id, limit=200)
+    return [e for e in events if e.get("sender") == world.bot.user_id and "state_key" not in e]
+
+
+async def test_encrypted_command_gets_encrypted_reply_and_non_admin_is_refused(world, start_bot, make_user, moderators):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    bot = await start_bot([{"room": space}], **crypto_bot(world, admin_room))
+    await wait_for(lambda: bot.app.synced, timeout=20)
+    assert bot.app.crypto.ready
+
+    owner = await moderators(world.owner, "owner")
+    body = await owner.ask(admin_room, "!spacesync status")
+    assert "State: running" in body
+
+    mallory = await make_user("mallory")
+    await world.owner.client.invite(admin_room, mallory.user_id)
+    await mallory.client.join(admin_room)
+    intruder = await moderators(mallory, "mallory")
+    assert await intruder.ask(admin_room, "!ss pause") == REFUSAL
+
+    # Everything the bot said here went out encrypted: nothing readable by the homeserver.
+    sent = await bot_events(world, admin_room)
+    assert len(sent) >= 2
+    assert {e["type"] for e in sent} == {"m.room.encrypted"}
+    assert not owner.undecryptable  # (mallory cannot read what was said before she joined, as it should be)
