@@ -15,6 +15,7 @@ from spacesync.testing import Synapse, TestUser, wait_for
 
 from .conftest import World
 
+PICKLE_KEY = "a-test-pickle-key-of-32-chars-xx"
 ENCRYPTION = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
 
 
@@ -119,7 +120,7 @@ async def encrypted_admin_room(world: World) -> str:
 def crypto_bot(world: World, admin_room: str, **extra: Any) -> dict[str, Any]:
     return {
         "admin_room": admin_room,
-        "bot_options": {"pickle_key": "k" * 32},
+        "bot_options": {"pickle_key": PICKLE_KEY},
         **extra,
     }
 
@@ -152,3 +153,81 @@ async def test_encrypted_command_gets_encrypted_reply_and_non_admin_is_refused(w
     assert len(sent) >= 2
     assert {e["type"] for e in sent} == {"m.room.encrypted"}
     assert not owner.undecryptable  # (mallory cannot read what was said before she joined, as it should be)
+
+
+async def test_restart_keeps_the_device_and_the_conversation_goes_on(world, start_bot, moderators):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    bot = await start_bot([{"room": space}], **crypto_bot(world, admin_room))
+    owner = await moderators(world.owner, "owner")
+    assert "State: running" in await owner.ask(admin_room, "!spacesync status")
+    machine = bot.app.crypto.machine
+    assert machine is not None and machine.account is not None
+    device, identity = bot.app.matrix.client.device_id, machine.account.identity_key
+    await bot.stop()
+
+    again = await start_bot([{"room": space}], bot_options={"pickle_key": PICKLE_KEY})
+    await wait_for(lambda: again.app.synced, timeout=20)
+    machine = again.app.crypto.machine
+    assert machine is not None and machine.account is not None
+    # The same device with the same keys, read back from the database: nothing new to verify.
+    assert again.app.matrix.client.device_id == device
+    assert machine.account.identity_key == identity
+    devices = await world.bot.client.request("GET", "/_matrix/client/v3/devices")
+    assert [d["device_id"] for d in devices["devices"]] == [device]
+    # The Megolm session the moderator shared before the restart still decrypts their next command.
+    assert "State: running" in await owner.ask(admin_room, "!ss status")
+    assert not owner.undecryptable
+    assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
+
+
+async def test_held_batch_notice_is_encrypted_and_confirm_works_in_an_encrypted_managed_room(
+    world, start_bot, make_user, moderators
+):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    # A managed room that is itself encrypted: spacesync only reads and writes its state, never encrypted.
+    room = await world.owner.client.create_room(
+        name="General",
+        join_rule="restricted",
+        allow=[space],
+        initial_state=[ENCRYPTION],
+        power_level_content_override=world._levels(),
+    )
+    await world.owner.client.add_child(space, room)
+    await world.bot.client.join(room)
+    users = []
+    for i in range(2):
+        user = await make_user(f"member{i}")
+        await user.client.join(space)
+        await user.client.join(room)
+        users.append(user)
+    bot = await start_bot([{"room": space, "max_evictions_without_confirmation": 1}], **crypto_bot(world, admin_room))
+    await wait_for(lambda: bot.app.synced, timeout=20)
+    owner = await moderators(world.owner, "owner")
+    await owner.ask(admin_room, "!ss pause")  # both leaves must reach one plan
+    for user in users:
+        await user.client.leave(space)
+    await owner.ask(admin_room, "!ss resume")
+
+    async def held() -> str | None:
+        batches = await bot.app.store.journal.batches(status="held")
+        return batches[0].id if batches else None
+
+    batch = await wait_for(held, timeout=20)
+
+    async def held_notice() -> RoomMessageNotice | None:
+        await owner.sync()
+        return next((n for n in owner.notices if batch in n.body and "relates_to" not in str(n.source)), None)
+
+    notice = await wait_for(held_notice, timeout=20)
+    assert notice.decrypted
+    assert f"Confirmed batch {batch}" in await owner.ask(admin_room, f"!ss confirm {batch}")
+
+    async def evicted() -> bool:
+        members = await world.owner.client.joined_members(room)
+        return not any(u.user_id in members for u in users)
+
+    await wait_for(evicted, timeout=20)
+    assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
+    assert not owner.undecryptable
