@@ -213,6 +213,9 @@ class App:
             await self.crypto.start()
         except CryptoError as e:
             log.error(str(e))
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
+            self.crypto.problem = f"encryption: could not upload the bot's keys ({type(e).__name__}: {e}); restart"
+            log.error(self.crypto.problem)
         self.admin_room = await self.reconciler.resolve(self.config.admin.room)
         if self.admin_room is None:
             log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))

@@ -4,16 +4,21 @@ vodozemac) playing the moderators: commands in, replies out, all end-to-end encr
 from __future__ import annotations
 
 import secrets
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from nio import AsyncClient, AsyncClientConfig, MegolmEvent, RoomMessageNotice, RoomSendResponse, SyncResponse
 
 from spacesync.commands import REFUSAL
 from spacesync.testing import Synapse, TestUser, wait_for
+from spacesync.testing.homeserver import free_port
+from spacesync.web import make_app
 
 from .conftest import World
+from .test_operations import Process, config_dict, wait_ready
 
 PICKLE_KEY = "a-test-pickle-key-of-32-chars-xx"
 ENCRYPTION = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
@@ -102,6 +107,20 @@ async def moderators(synapse: Synapse, tmp_path: Path):
     yield make
     for moderator in made:
         await moderator.close()
+
+
+@pytest.fixture
+async def instances():
+    """`spacesync run` child processes, killed at the end."""
+    started: list[Process] = []
+
+    def make(tmp_path: Path, name: str, config: dict[str, Any]) -> Process:
+        started.append(Process(tmp_path, name, config))
+        return started[-1]
+
+    yield make
+    for process in started:
+        process.reap()
 
 
 async def encrypted_admin_room(world: World) -> str:
@@ -231,3 +250,59 @@ async def test_held_batch_notice_is_encrypted_and_confirm_works_in_an_encrypted_
     await wait_for(evicted, timeout=20)
     assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
     assert not owner.undecryptable
+
+
+async def test_takeover_on_postgres_keeps_answering_encrypted(world, synapse, pg_url, tmp_path, instances, moderators):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    base = config_dict(synapse, world.bot, admin_room, pg_url, space)
+    base["bot"]["pickle_key"] = PICKLE_KEY
+    first = instances(tmp_path, "first", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(first.port, 200, timeout=60)
+    second = instances(tmp_path, "second", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
+    await wait_ready(second.port, 503, timeout=60, reason="standing by")
+    owner = await moderators(world.owner, "owner")
+    assert "State: running" in await owner.ask(admin_room, "!spacesync status")
+
+    first.signal(signal.SIGKILL)
+    assert await first.wait_exit(10) == -signal.SIGKILL
+    await wait_ready(second.port, 200, timeout=30)
+    # The standby is the same device: the moderator's session and the bot's outbound session carry over.
+    try:
+        assert "State: running" in await owner.ask(admin_room, "!ss status")
+    except TimeoutError:
+        raise AssertionError(f"the new leader does not answer; its log:\n{second.log(60)}") from None
+    assert not owner.undecryptable
+    devices = await world.bot.client.request("GET", "/_matrix/client/v3/devices")
+    assert len(devices["devices"]) == 1
+    assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
+
+
+async def test_wrong_pickle_key_is_said_in_the_log_on_ready_and_once_in_the_room(world, start_bot, moderators, capsys):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    bot = await start_bot([{"room": space}], **crypto_bot(world, admin_room))
+    assert bot.app.crypto.ready
+    await bot.stop()
+    capsys.readouterr()
+
+    wrong = await start_bot([{"room": space}], bot_options={"pickle_key": "another-key-entirely-0123456789"})
+    assert not wrong.app.crypto.ready
+    assert "bot.pickle_key does not open the crypto store" in (wrong.app.crypto.problem or "")
+    out = capsys.readouterr().out
+    assert "pickle_key does not open the crypto store" in out
+    line = next(x for x in out.splitlines() if "cannot read or answer" in x)
+    assert admin_room in line
+    assert PICKLE_KEY not in out and "another-key-entirely" not in out
+
+    async with TestClient(TestServer(make_app(wrong.app))) as http:
+        response = await http.get("/ready")
+        assert response.status == 503
+        assert any("pickle_key" in r for r in (await response.json())["reasons"])
+
+    # One notice says so (it cannot be encrypted); commands get no plaintext answers.
+    owner = await moderators(world.owner, "owner")
+    await owner.send(admin_room, "!ss status")
+    await wait_for(lambda: wrong.app.synced, timeout=20)
+    plain = [e for e in await bot_events(world, admin_room) if e["type"] != "m.room.encrypted"]
+    assert len(plain) == 1 and "cannot use encryption" in plain[0]["content"]["body"]
