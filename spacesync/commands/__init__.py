@@ -28,7 +28,7 @@ from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageEr
 if TYPE_CHECKING:
     from .services import Services as App
 
-__all__ = ["REFUSAL", "REGISTRY", "CommandHandler", "Registry", "Reply"]
+__all__ = ["REFUSAL", "REGISTRY", "UNVERIFIED_REFUSAL", "CommandHandler", "Registry", "Reply"]
 
 log = structlog.get_logger("spacesync.commands")
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from nio import AsyncClient, AsyncClientConfig, MegolmEvent, RoomMessageNotice, RoomSendResponse, SyncResponse
 
-from spacesync.commands import REFUSAL
+from spacesync.commands import REFUSAL, UNVERIFIED_REFUSAL
 from spacesync.testing import Synapse, TestUser, wait_for
 from spacesync.testing.homeserver import free_port
 from spacesync.web import make_app
@@ -306,3 +306,14 @@ async def test_wrong_pickle_key_is_said_in_the_log_on_ready_and_once_in_the_room
     await wait_for(lambda: wrong.app.synced, timeout=20)
     plain = [e for e in await bot_events(world, admin_room) if e["type"] != "m.room.encrypted"]
     assert len(plain) == 1 and "cannot use encryption" in plain[0]["content"]["body"]
+
+
+async def test_unverified_device_is_refused_when_verification_is_required(world, start_bot, moderators):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    bot = await start_bot(
+        [{"room": space}], admin={"room": admin_room, "require_verified_device": True}, **crypto_bot(world, admin_room)
+    )
+    owner = await moderators(world.owner, "owner")  # an admin, on a device nobody cross-signed
+    assert await owner.ask(admin_room, "!ss pause") == UNVERIFIED_REFUSAL
+    assert not bot.app.reconciler.paused
