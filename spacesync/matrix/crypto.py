@@ -83,6 +83,20 @@ class _RoomStateStore(MemoryStateStore):
         ]
 
 
+class _PacedAPI:
+    """The HTTP API as OlmMachine's client sees it: every request goes through the adapter, so key uploads,
+    queries, claims and to-device messages get spacesync's timeouts and 429 handling."""
+
+    def __init__(self, matrix: MatrixAdapter) -> None:
+        self._matrix = matrix
+
+    async def request(self, method: Any, path: Any, content: Any = None, query_params: Any = None, **_: Any) -> Any:
+        return await self._matrix.request(method, path, content, dict(query_params or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._matrix.api, name)
+
+
 def _crypto_logger() -> TraceLogger:
     previous = logging.getLoggerClass()
     logging.setLoggerClass(TraceLogger)
@@ -108,6 +122,7 @@ class Crypto:
         self._pending: dict[str, tuple[float, dict[str, Any]]] = {}
         """Encrypted admin-room events whose room key has not arrived yet: event id -> (first seen, event)."""
         self._reported: set[str] = set()
+        self.key_wait_s = UNDECRYPTABLE_AFTER_S
 
     @property
     def ready(self) -> bool:
@@ -138,7 +153,7 @@ class Crypto:
                 f"the crypto store holds device {saved} but the bot is logged in as device {device_id}; "
                 f"log in with device {saved} (bot.device_id) or see docs/deployment.md to start a new device"
             )
-        crypto_client = _CryptoClient(client.mxid, device_id, api=client.api)
+        crypto_client = _CryptoClient(client.mxid, device_id, api=cast(Any, _PacedAPI(self.matrix)))
         machine = OlmMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=_crypto_logger())
         try:
             await machine.load()
@@ -285,7 +300,7 @@ class Crypto:
                     room = data["rooms"].setdefault("join", {}).setdefault(admin_room, {})
                     events = room.setdefault("timeline", {}).setdefault("events", [])
                 events.append(decrypted)
-            elif now - seen > UNDECRYPTABLE_AFTER_S:
+            elif now - seen >= self.key_wait_s:
                 del self._pending[event_id]
                 await self.undecryptable(admin_room, raw, "its room key never arrived")
 

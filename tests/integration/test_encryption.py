@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nio import AsyncClient, AsyncClientConfig, MegolmEvent, RoomMessageNotice, RoomSendResponse, SyncResponse
 
 from spacesync.commands import REFUSAL, UNVERIFIED_REFUSAL
+from spacesync.store import Store
 from spacesync.testing import Synapse, TestUser, wait_for
 from spacesync.testing.homeserver import free_port
 from spacesync.web import make_app
@@ -317,3 +318,50 @@ async def test_unverified_device_is_refused_when_verification_is_required(world,
     owner = await moderators(world.owner, "owner")  # an admin, on a device nobody cross-signed
     assert await owner.ask(admin_room, "!ss pause") == UNVERIFIED_REFUSAL
     assert not bot.app.reconciler.paused
+
+
+async def test_password_login_logs_in_again_as_the_stored_device(world, start_bot, moderators, tmp_path):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    password_login = {"access_token": None, "password": world.bot.password, "pickle_key": PICKLE_KEY}
+    bot = await start_bot([{"room": space}], admin_room=admin_room, bot_options=password_login)
+    assert bot.app.crypto.ready
+    device = bot.app.matrix.client.device_id
+    assert device != world.bot.device_id  # a login of its own
+    await bot.stop()
+    # The saved token is gone (expired, logged out): the bot logs in again, as the device its keys belong to.
+    store = Store(f"sqlite:{tmp_path}/bot.db")
+    await store.start()
+    await store.db.execute("DELETE FROM kv WHERE key LIKE 'access_token:%'")
+    await store.stop()
+
+    again = await start_bot([{"room": space}], bot_options=password_login)
+    assert again.app.crypto.ready, again.app.crypto.problem
+    assert again.app.matrix.client.device_id == device
+    owner = await moderators(world.owner, "owner")
+    assert "State: running" in await owner.ask(admin_room, "!ss status")
+
+
+async def test_undecryptable_command_gets_one_log_line_and_an_encrypted_reply(world, start_bot, moderators, capsys):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    bot = await start_bot([{"room": space}], **crypto_bot(world, admin_room))
+    bot.app.crypto.key_wait_s = 0  # no room key will ever come for this one
+    owner = await moderators(world.owner, "owner")
+    capsys.readouterr()
+    garbled = await world.owner.client.send_event(
+        admin_room,
+        "m.room.encrypted",
+        {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "ciphertext": "AwgAEhAAAAAAAAAAAAAAAAAAAAAA",
+            "session_id": "no-such-session",
+            "sender_key": "no-such-key",
+            "device_id": "NOSUCHDEVICE",
+        },
+    )
+    notice = await owner.reply_to(garbled)
+    assert notice.decrypted and "could not decrypt" in notice.body
+    lines = [x for x in capsys.readouterr().out.splitlines() if "cannot decrypt a message in the admin room" in x]
+    assert len(lines) == 1 and admin_room in lines[0] and garbled in lines[0]
+    assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
