@@ -36,6 +36,8 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 from mautrix.util.logging import TraceLogger
 
+from .errors import REQUEST_ERRORS
+
 if TYPE_CHECKING:
     from .adapter import MatrixAdapter
 
@@ -363,11 +365,16 @@ class Crypto:
             raise CryptoError(self.problem or "encryption: not configured (bot.pickle_key)")
         etype = EventType.find(event_type)
         try:
-            encrypted = await machine.encrypt_megolm_event(room_id, etype, content)
-        except EncryptionError:
-            members = await self.state_store.get_members(room_id)
-            await machine.share_group_session(room_id, members)
-            encrypted = await machine.encrypt_megolm_event(room_id, etype, content)
+            try:
+                encrypted = await machine.encrypt_megolm_event(room_id, etype, content)
+            except EncryptionError:
+                members = await self.state_store.get_members(room_id)
+                await machine.share_group_session(room_id, members)
+                encrypted = await machine.encrypt_megolm_event(room_id, etype, content)
+        except REQUEST_ERRORS:
+            raise
+        except Exception as e:  # olm or the store: nothing is sent rather than plaintext
+            raise CryptoError(f"encryption: could not encrypt for {room_id}: {type(e).__name__}: {e}") from e
         return cast(dict[str, Any], encrypted.serialize())
 
     # endregion
