@@ -256,6 +256,8 @@ class App:
         self.executor.ready.clear()
         if not self.logged_in:
             await self._log_in()
+        else:
+            await self.health.call("read the bot's encryption keys", self.crypto.reload)
         await self.health.call("read pending invites", self.invites.load)
         if self.commands.handler is None:
             self._admin_commands = AdminCommands(self)

@@ -171,6 +171,11 @@ class Crypto:
         identity_key = machine.account.identity_key if machine.account else None
         log.info("end-to-end encryption ready", device_id=device_id, identity_key=identity_key)
 
+    async def reload(self) -> None:
+        """Read the Olm account again: another instance may have led (and uploaded keys) meanwhile."""
+        if self.machine is not None:
+            await self.machine.load()
+
     def _fail(self, message: str) -> None:
         self.state, self.problem = CryptoState.BROKEN, f"encryption: {message}"
         raise CryptoError(self.problem)
