@@ -2,7 +2,7 @@
 # spacesync in a container: the bot only (no Synapse, no test tools).
 #   docker build -t spacesync .
 #   docker run -d --name spacesync -v "$PWD/data:/data" -p 127.0.0.1:9090:9090 spacesync
-# /data holds config.yaml (and the SQLite database, if you use SQLite). In config.yaml set
+# /data holds config.yaml (and the SQLite database with the bot's encryption keys, if you use SQLite). In config.yaml set
 #   web: {listen: "0.0.0.0:9090"}
 # or the health check, Prometheus and `docker run -p` cannot reach the endpoints. See docs/deployment.md.
 #
@@ -19,9 +19,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY spacesync ./spacesync
 # Build spacesync's own wheel, then install it with binary wheels only: no compiler is needed (or present),
-# and matrix-synapse (a test/demo extra) is not installed.
+# and matrix-synapse (a test/demo extra) is not installed. python-olm (end-to-end encryption) comes as a
+# manylinux wheel too; the import check fails the build if the encryption dependencies are missing.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/spacesync/bin/pip install --only-binary=:all: /wheels/spacesync-*.whl \
+ && /opt/spacesync/bin/python -c "import olm, mautrix.crypto" \
  && /opt/spacesync/bin/spacesync --version
 
 # --- final: the venv on a clean slim image, run as an unprivileged user ---

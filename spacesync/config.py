@@ -89,6 +89,8 @@ class BotConfig:
     access_token: str | None = attrs.field(default=None, repr=_redacted)
     password: str | None = attrs.field(default=None, repr=_redacted)
     device_id: str | None = None
+    pickle_key: str | None = attrs.field(default=None, repr=_redacted)
+    """Encrypts the crypto store's keys at rest; without it the bot cannot use encrypted rooms."""
 
 
 @attrs.frozen
@@ -118,6 +120,8 @@ class AdminConfig:
     room: RoomRef
     users: frozenset[UserID] = frozenset()
     min_power_level: int = 50
+    require_verified_device: bool = False
+    """Refuse encrypted commands from devices the bot has not seen verified (cross-signed by their owner)."""
 
 
 @attrs.frozen
@@ -523,6 +527,8 @@ _TOP = _section(
                     "password": _optional_secret,
                     "password_file": _optional_string,
                     "device_id": _optional_string,
+                    "pickle_key": _optional_secret,
+                    "pickle_key_file": _optional_string,
                 }
             ),
             {},
@@ -537,6 +543,7 @@ _TOP = _section(
                     ),
                     "users": _Key(_user_set, []),
                     "min_power_level": _Key(_integer(), 50),
+                    "require_verified_device": _Key(_boolean, False),
                 },
                 AdminConfig,
             ),
@@ -620,6 +627,20 @@ def _credentials(bot: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | 
     return (secret, None) if key.startswith("access_token") else (None, secret)
 
 
+def _pickle_key(bot: Mapping[str, Any]) -> str | None:
+    """The crypto store's pickle key, from bot.pickle_key or bot.pickle_key_file (not both)."""
+    if bot["pickle_key"] is not None and bot["pickle_key_file"] is not None:
+        _fail("bot", "pickle_key and pickle_key_file are both set; keep one")
+    if bot["pickle_key_file"] is not None:
+        return _read_secret_file(bot["pickle_key_file"], "bot.pickle_key_file")
+    key = bot["pickle_key"]
+    if key is not None and len(key) < 16:
+        _fail(
+            "bot.pickle_key", "too short; use a random string of at least 16 characters (e.g. `openssl rand -hex 32`)"
+        )
+    return key
+
+
 def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 600.0) -> SpaceConfig:
     fields = dict(values)
     fields["join_rules_enforce"] = fields.pop("join_rules")
@@ -638,7 +659,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         top["database"] = DatabaseConfig(_database_url(env[ENV_DATABASE_URL], ENV_DATABASE_URL))
     bot = top["bot"]
     access_token, password = _credentials(bot, env)
-    top["bot"] = BotConfig(bot["user_id"], access_token, password, bot["device_id"])
+    top["bot"] = BotConfig(bot["user_id"], access_token, password, bot["device_id"], _pickle_key(bot))
     top["web"] = top["web"]["listen"]
     top["spaces"] = tuple(
         _space(s, top["max_evictions_without_confirmation"], top["guard_window"]) for s in top["spaces"]

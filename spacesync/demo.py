@@ -261,6 +261,10 @@ class Demo:
                 room_version=ROOM_VERSION,
                 preset="private_chat",
                 power_level_content_override={"users": {mod: 100, bot: 50}},
+                # Encrypted, as Element makes every private room: the bot talks end-to-end encrypted there.
+                initial_state=[
+                    {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+                ],
             )
             self.rooms["admin"], self.names[admin] = admin, "spacesync admin"
             await self.mod.invite(admin, bot)
@@ -275,7 +279,8 @@ class Demo:
             f" (its moderators made bob {ROOM_LOCAL_LEVEL} here)\n"
             "     └── Projects     (Space) restricted to Demo Community\n"
             "         └── project-x  restricted to Projects\n"
-            '   and "spacesync admin", where the bot reports. The bot is in every room at power level 100.'
+            '   and "spacesync admin" (end-to-end encrypted), where the bot reports. '
+            "The bot is in every room at power level 100."
         )
 
     async def _create(
@@ -311,7 +316,7 @@ class Demo:
         bot = self.users["bot"]
         data = {
             "homeserver": {"url": self.synapse.url},
-            "bot": {"user_id": bot.user_id, "access_token": bot.access_token},
+            "bot": {"user_id": bot.user_id, "access_token": bot.access_token, "pickle_key": secrets.token_hex(32)},
             "database": {"url": f"sqlite:{(self.workdir / 'spacesync.db').resolve()}"},
             "admin": {"room": self.rooms["admin"], "users": [self.uid("moderator")]},
             "spaces": [

@@ -28,6 +28,8 @@ def make_app(app: App) -> web.Application:
             problems.append("homeserver unreachable")
         elif not app.synced:
             problems.append("no /sync answer yet")
+        if app.crypto.problem:
+            problems.append(app.crypto.problem)
         if not await app.store.ping():
             problems.append("database unreachable")
         if problems:

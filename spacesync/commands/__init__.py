@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ..matrix.crypto import DECRYPTED_KEY
 from ..model import RoomID, UserID
 from ..refs import RefError
 from ..store import unreachable
@@ -27,11 +28,15 @@ from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageEr
 if TYPE_CHECKING:
     from .services import Services as App
 
-__all__ = ["REFUSAL", "REGISTRY", "CommandHandler", "Registry", "Reply"]
+__all__ = ["REFUSAL", "REGISTRY", "UNVERIFIED_REFUSAL", "CommandHandler", "Registry", "Reply"]
 
 log = structlog.get_logger("spacesync.commands")
 
 REFUSAL = "Sorry, only spacesync admins can use commands here."
+UNVERIFIED_REFUSAL = (
+    "Sorry, this command came from a device you have not verified, and admin.require_verified_device is set: "
+    "verify this device (cross-sign it from one of your verified sessions) and send the command again."
+)
 INTERRUPTED = (
     "⚠ This command was cut short (spacesync stopped, or another instance took over) and is not run "
     f"again: check with '{PREFIX} status' and send it again if it is still needed."
@@ -95,8 +100,18 @@ class CommandHandler:
             log.warning("command refused: not an admin", sender=sender, event_id=event_id)
             await self._reply(room_id, event_id, Reply.plain(REFUSAL))
             return
+        if app.config.admin.require_verified_device and not self._verified(event):
+            log.warning("command refused: unverified device", sender=sender, event_id=event_id)
+            await self._reply(room_id, event_id, Reply.plain(UNVERIFIED_REFUSAL))
+            return
         reply = await self.run(room_id, event_id, user, text)
         await self._reply(room_id, event_id, reply)
+
+    @staticmethod
+    def _verified(event: Mapping[str, Any]) -> bool:
+        """Sent encrypted from a device its owner verified (a plaintext message has no device to trust)."""
+        info = event.get(DECRYPTED_KEY)
+        return isinstance(info, Mapping) and info.get("verified") is True
 
     async def run(self, room_id: RoomID, event_id: str, sender: UserID, text: str) -> Reply:
         """Parse and execute one admin's command text; every outcome is a reply."""

@@ -11,6 +11,7 @@ import structlog
 from mautrix.errors import MatrixRequestError
 
 from ..matrix import MatrixAdapter
+from ..matrix.crypto import CryptoError
 from ..matrix.errors import REQUEST_ERRORS
 from ..model import RoomID
 from ..store import Store
@@ -60,6 +61,9 @@ class Announcer:
         for attempt in range(1, NOTICE_ATTEMPTS + 1):
             try:
                 await self.matrix.send_notice(admin_room, text, html, txn=txn)
+                return
+            except CryptoError as e:  # an encrypted room and no way to encrypt: never plaintext
+                log.warning("could not post to the admin room", admin_room=str(admin_room), error=str(e))
                 return
             except REQUEST_ERRORS as e:
                 transient = not isinstance(e, MatrixRequestError) or e.http_status >= 500 or e.http_status == 429

@@ -17,6 +17,7 @@ from ..commands.render import NoticeRenderer
 from ..config import Config
 from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
+from ..matrix.crypto import Crypto, CryptoError
 from ..matrix.state import parse_room_state
 from ..metrics import IS_LEADER
 from ..model import RoomID, UserID
@@ -63,6 +64,8 @@ class App:
             device_id=config.bot.device_id,
             request_timeout=config.homeserver.request_timeout,
         )
+        self.crypto = Crypto(self.matrix, self.store.db, config.bot.pickle_key)
+        self.matrix.crypto = self.crypto
         self.cache = StateCache()
         self.health = DatabaseHealth()
         self.leadership = Leadership(config, self.store)
@@ -112,6 +115,7 @@ class App:
             admin_room=lambda: self.admin_room,
             request_reconcile=self.request_reconcile,
         )
+        self.sync.handlers.append(lambda data: self.crypto.on_sync(data, self.admin_room))
         self._admin_commands: AdminCommands | None = None
         self.logged_in = False
         self._stopping = asyncio.Event()
@@ -181,6 +185,11 @@ class App:
         saved = await self.health.call(
             "read the access token", lambda: self.store.get(f"access_token:{self.config.bot.user_id}")
         )
+        if self.config.bot.password and not self.config.bot.device_id:
+            # A new login keeps the device the crypto store belongs to.
+            device = await self.health.call("read the bot's device", self.crypto.saved_device_id)
+            if device:
+                self.matrix.set_device_id(device)
         try:
             token = await self.matrix.connect(saved_token=saved)
         except ConnectError as e:
@@ -200,9 +209,43 @@ class App:
             spaces=[str(s.room) for s in self.config.spaces],
             dry_run=self.config.dry_run,
         )
+        try:
+            await self.crypto.start()
+        except CryptoError as e:
+            log.error(str(e))
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
+            self.crypto.problem = f"encryption: could not upload the bot's keys ({type(e).__name__}: {e}); restart"
+            log.error(self.crypto.problem)
         self.admin_room = await self.reconciler.resolve(self.config.admin.room)
         if self.admin_room is None:
             log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
+        else:
+            await self._admin_room_encryption(self.admin_room)
+
+    async def _admin_room_encryption(self, room_id: RoomID) -> None:
+        """Learn whether the admin room is encrypted; if it is and encryption cannot work, say so once."""
+        try:
+            await self.crypto.load_room(room_id, await self.matrix.room_state(room_id))
+        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError) as e:
+            log.warning("could not read the admin room's state", admin_room=str(room_id), error=str(e))
+            return
+        if not await self.crypto.encrypted(room_id) or self.crypto.ready:
+            return
+        why = self.crypto.problem or "encryption: off; set bot.pickle_key (see docs/deployment.md)"
+        self.crypto.problem = why
+        log.error(
+            "the admin room is encrypted and the bot cannot read or answer there", admin_room=str(room_id), why=why
+        )
+        try:
+            await self.matrix.send_notice(
+                room_id,
+                "⚠ This room is encrypted and I cannot use encryption, so I cannot read or answer commands here. "
+                "The operator finds why in my log; docs/deployment.md says how to set encryption up.",
+                plaintext_ok=True,
+                txn=f"spacesync-crypto-{self.matrix.client.device_id if self.matrix.client else ''}",
+            )
+        except Exception as e:
+            log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
 
     async def _lead(self) -> bool:
         """Act until stop() (False) or until the lock can no longer be confirmed (True)."""
@@ -213,6 +256,8 @@ class App:
         self.executor.ready.clear()
         if not self.logged_in:
             await self._log_in()
+        else:
+            await self.health.call("read the bot's encryption keys", self.crypto.reload)
         await self.health.call("read pending invites", self.invites.load)
         if self.commands.handler is None:
             self._admin_commands = AdminCommands(self)

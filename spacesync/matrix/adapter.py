@@ -22,6 +22,7 @@ from mautrix.types import DeviceID, RoomAlias, RoomID, UserID
 from mautrix.util.logging import TraceLogger
 
 from ..metrics import RATELIMIT_WAIT
+from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
 from .http import SpacesyncHTTPAPI, retry_after_ms
 
@@ -84,6 +85,12 @@ class MatrixAdapter:
         self.client: ClientAPI | None = None
         self._hierarchy_lock = asyncio.Lock()
         self._last_hierarchy = 0.0
+        self.crypto: Crypto | None = None
+        """Encrypts what is posted into encrypted rooms; without it nothing is posted there."""
+
+    def set_device_id(self, device_id: str) -> None:
+        """The device a password login asks for (the one the crypto store belongs to)."""
+        self._device_id = device_id
 
     @property
     def api(self) -> SpacesyncHTTPAPI:
@@ -142,6 +149,8 @@ class MatrixAdapter:
         who = await self.request(Method.GET, Path.v3.account.whoami)
         if who.get("user_id") != self.user_id:
             raise ConnectError(f"bot.user_id: the token belongs to {who.get('user_id')}, not {self.user_id}")
+        if isinstance(who.get("device_id"), str):
+            self.client.device_id = DeviceID(who["device_id"])
         return self.api.token
 
     async def close(self) -> None:
@@ -291,16 +300,30 @@ class MatrixAdapter:
         return data.get("event_id", "")
 
     async def send_notice(
-        self, room_id: RoomID, body: str, html: str | None = None, reply_to: str | None = None, txn: str | None = None
+        self,
+        room_id: RoomID,
+        body: str,
+        html: str | None = None,
+        reply_to: str | None = None,
+        txn: str | None = None,
+        *,
+        plaintext_ok: bool = False,
     ) -> str:
-        """A notice; sending again with the same `txn` cannot post it twice."""
+        """A notice; sending again with the same `txn` cannot post it twice. In an encrypted room it is sent
+        encrypted, or not at all (CryptoError) unless `plaintext_ok` (only for saying that encryption fails)."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
         if html:
             content.update(format="org.matrix.custom.html", formatted_body=html)
         if reply_to:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
         txn = txn or self.api.get_txn_id()
-        data = await self.request(Method.PUT, Path.v3.rooms[room_id].send["m.room.message"][txn], content=content)
+        event_type = "m.room.message"
+        if self.crypto is not None and await self.crypto.encrypted(room_id):
+            if self.crypto.ready:
+                content, event_type = await self.crypto.encrypt(room_id, event_type, content), "m.room.encrypted"
+            elif not plaintext_ok:
+                raise CryptoError(f"{room_id} is encrypted and {self.crypto.problem or 'encryption is off'}")
+        data = await self.request(Method.PUT, Path.v3.rooms[room_id].send[event_type][txn], content=content)
         return data.get("event_id", "")
 
     # endregion

@@ -125,7 +125,7 @@ def bot_config(
 ) -> dict[str, Any]:
     return {
         "homeserver": {"url": synapse.url},
-        "bot": {"user_id": bot.user_id, "access_token": bot.access_token},
+        "bot": {"user_id": bot.user_id, "access_token": bot.access_token, **extra.pop("bot_options", {})},
         "database": {"url": db_url},
         "admin": {"room": admin_room, "users": extra.pop("admins", [])},
         "spaces": spaces,

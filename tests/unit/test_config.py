@@ -389,3 +389,21 @@ def test_missing_and_empty_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_default_config_path() -> None:
     assert default_config_path({}) == Path("config.yaml")
     assert default_config_path({"SPACESYNC_CONFIG": "/etc/spacesync.yaml"}) == Path("/etc/spacesync.yaml")
+
+
+def test_pickle_key_from_config_or_file_never_shown(tmp_path: Path) -> None:
+    assert config().bot.pickle_key is None
+    assert config().admin.require_verified_device is False
+    key = "0123456789abcdef-pickle"
+    cfg = config(bot={**MINIMAL["bot"], "pickle_key": key})
+    assert cfg.bot.pickle_key == key and key not in repr(cfg)
+    key_file = tmp_path / "pickle"
+    key_file.write_text(key + "\n")
+    assert config(bot={**MINIMAL["bot"], "pickle_key_file": str(key_file)}).bot.pickle_key == key
+    both = error(bot={**MINIMAL["bot"], "pickle_key": key, "pickle_key_file": str(key_file)})
+    assert both == "bot: pickle_key and pickle_key_file are both set; keep one"
+    short = error(bot={**MINIMAL["bot"], "pickle_key": "short"})
+    assert short.startswith("bot.pickle_key: too short") and "short'" not in short
+    missing = error(bot={**MINIMAL["bot"], "pickle_key_file": str(tmp_path / "nope")})
+    assert missing.startswith("bot.pickle_key_file: no such file")
+    assert config(admin={**MINIMAL["admin"], "require_verified_device": True}).admin.require_verified_device
