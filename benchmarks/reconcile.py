@@ -71,7 +71,8 @@ async def child(config_path: str) -> int:
         for label in ("cold", "warm", "warm"):
             requests = request_count()
             started = time.monotonic()
-            plan, batches = await app.reconciler.reconcile("benchmark", refresh=True)
+            result = await app.reconciler.reconcile("benchmark", refresh=True)
+            plan, batches = result.plan, result.batches
             runs.append(
                 {
                     "run": label,
