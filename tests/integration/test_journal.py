@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spacesync.model import Action, ActionKind, RoomID, UserID
 from spacesync.store import Status, Store
-from spacesync.store.journal import now_ms
+from spacesync.store.journal import BatchStatus, now_ms
 
 SPACE = RoomID("!space:example.org")
 ROOM = RoomID("!room:example.org")
@@ -71,7 +71,7 @@ async def test_the_guard_window_and_the_open_held_batch(db_url):
         assert {e.action.user_id for e in await journal.batch_entries("h1")} == {"@c:example.org", "@d:example.org"}
 
         # Confirmed by a moderator from a held batch: not counted again.
-        await journal.set_batch_status("h1", "released", Status.HELD, Status.PENDING)
+        await journal.set_batch_status("h1", BatchStatus.RELEASED, Status.HELD, Status.PENDING)
         assert await journal.open_held_batch(SPACE) is None
         assert await journal.evicted_users_since(SPACE, start - 1000) == {"@a:example.org", "@b:example.org"}
     finally:

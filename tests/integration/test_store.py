@@ -6,7 +6,7 @@ import pytest
 
 from spacesync.model import Action, ActionKind, OwnedLevel, PlacedBan, RoomID, UserID
 from spacesync.store import Status, Store
-from spacesync.store.journal import BATCH_ID_CHARS, BatchIdExhausted, now_ms
+from spacesync.store.journal import BATCH_ID_CHARS, BatchIdExhausted, BatchStatus, now_ms
 from spacesync.store.migrations import upgrade_table
 
 ROOM = RoomID("!room:example.org")
@@ -58,10 +58,10 @@ async def test_journal_lifecycle(db_url):
         assert await store.journal.done_keys_since(now_ms() - 60_000) == {kick.key}
         assert await store.journal.done_keys_since(now_ms() + 60_000) == set()
         assert await store.journal.depth() == {"pending": 1, "held": 1}
-        assert await store.journal.set_batch_status("b2", "released", Status.HELD, Status.PENDING) == 1
+        assert await store.journal.set_batch_status("b2", BatchStatus.RELEASED, Status.HELD, Status.PENDING) == 1
         batch = await store.journal.batch("b2")
         assert batch is not None and batch.status == "released" and batch.counts == {"pending": 1}
-        assert await store.journal.set_batch_status("b2", "cancelled", Status.HELD, Status.CANCELLED) == 0
+        assert await store.journal.set_batch_status("b2", BatchStatus.CANCELLED, Status.HELD, Status.CANCELLED) == 0
         assert (await store.journal.batch_entries("b1"))[0].attempts == 1
         assert await store.journal.cancel_evictions_of(MOD) == 1
         assert [e.status for e in await store.journal.batch_entries("b2")] == [Status.CANCELLED]
