@@ -15,6 +15,7 @@ from .faults import (
     Rule,
     TcpProxy,
 )
+from .federation import FederatedPair, wait_until_federating
 from .homeserver import Synapse, free_port
 from .waiting import wait_for
 
@@ -24,6 +25,7 @@ __all__ = [
     "Drop",
     "Fault",
     "FaultProxy",
+    "FederatedPair",
     "Hang",
     "LoggedRequest",
     "Respond",
@@ -36,4 +38,5 @@ __all__ = [
     "TestbedRequestError",
     "free_port",
     "wait_for",
+    "wait_until_federating",
 ]

@@ -1,0 +1,169 @@
+"""A Space that spans two really federating homeservers: the Space on B, rooms on A and B, the bot on A.
+
+One world (and one running bot) is shared by the tests: each test makes its own users, so their
+effects do not overlap. Memberships are checked in both servers' views of a room."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from spacesync.config import parse_config
+from spacesync.engine.runtime import App
+from spacesync.testing import FederatedPair, Synapse, TestUser, wait_for
+
+from .conftest import Bot, bot_config
+
+VERSION = "12"
+
+
+@dataclass
+class Fed:
+    """Two servers, an owner (moderator) on each, the bot on A, and a v12 Space on B with rooms on both."""
+
+    pair: FederatedPair
+    owner_a: TestUser
+    owner_b: TestUser
+    bot_user: TestUser
+    space: str
+    room_a: str
+    room_b: str
+    admin_room: str
+    bot: Bot
+    users: list[TestUser]
+
+    @property
+    def a(self) -> Synapse:
+        return self.pair.a
+
+    @property
+    def b(self) -> Synapse:
+        return self.pair.b
+
+    async def user(self, server: Synapse, name: str) -> TestUser:
+        user = await server.register(f"{name}_{secrets.token_hex(4)}")
+        await server.lift_ratelimit(user.user_id)
+        self.users.append(user)
+        return user
+
+    async def views(self, room_id: str, user_id: str) -> tuple[str | None, str | None]:
+        """The user's membership in the room as server A and as server B see it."""
+        on_a = (await self.owner_a.client.members(room_id)).get(user_id)
+        on_b = (await self.owner_b.client.members(room_id)).get(user_id)
+        return on_a, on_b
+
+    async def wait_views(self, rooms: list[str], user_id: str, expected: str | None, timeout: float = 30.0) -> None:
+        """Wait until both servers agree the user's membership is `expected` in every room."""
+
+        async def reached() -> bool:
+            for room in rooms:
+                if await self.views(room, user_id) != (expected, expected):
+                    return False
+            return True
+
+        await wait_for(reached, timeout=timeout, message=f"{user_id} not {expected} on both servers in {rooms}")
+
+    async def join_all(self, user: TestUser, rooms: list[str]) -> None:
+        """Join the rooms in order, routed through the server of each room's creator."""
+        for room in rooms:
+            await user.client.join(room, via=[self.b.server_name, self.a.server_name])
+            await self.wait_views([room], user.user_id, "join")
+
+
+def levels(*users: str, **extra: Any) -> dict[str, Any]:
+    return {"users": dict.fromkeys(users, 100), **extra}
+
+
+async def create_space(owner: TestUser, bot: TestUser, name: str) -> str:
+    """A v12 Space (the creator has unlimited power and is not listed in `users`)."""
+    return await owner.client.create_space(
+        name=name, room_version=VERSION, join_rule="public", power_level_content_override=levels(bot.user_id)
+    )
+
+
+async def create_child(owner: TestUser, bot: TestUser, space: str, name: str, *, others: tuple[str, ...] = ()) -> str:
+    """A v12 room restricted to the Space, with the bot (and `others`) at 100."""
+    return await owner.client.create_room(
+        name=name,
+        room_version=VERSION,
+        join_rule="restricted",
+        allow=[space],
+        power_level_content_override=levels(bot.user_id, *others),
+    )
+
+
+@pytest.fixture(scope="module")
+async def fed(federation: FederatedPair, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fed]:
+    a, b = federation.a, federation.b
+    suffix = secrets.token_hex(3)
+    owner_a = await a.register(f"owner_a_{suffix}")
+    owner_b = await b.register(f"owner_b_{suffix}")
+    bot_user = await a.register(f"bot_{suffix}")
+    for server, user in ((a, owner_a), (b, owner_b), (a, bot_user)):
+        await server.lift_ratelimit(user.user_id)
+
+    space = await create_space(owner_b, bot_user, "federated space")
+    # owner_a moderates the Space too: a v12 creator cannot be listed, so B's owner raises A's.
+    await owner_b.client.set_user_level(space, owner_a.user_id, 100)
+    room_b = await create_child(owner_b, bot_user, space, "room on B", others=(owner_a.user_id,))
+    await owner_b.client.add_child(space, room_b, via=[b.server_name])
+    room_a = await create_child(owner_a, bot_user, space, "room on A", others=(owner_b.user_id,))
+    await owner_b.client.add_child(space, room_a, via=[a.server_name])
+    # remote joins into each room first, then the local ones (see the notes on racing joins)
+    for user in (owner_a, bot_user):
+        await user.client.join(space, via=[b.server_name])
+        await user.client.join(room_b, via=[b.server_name])
+    await owner_b.client.join(room_a, via=[a.server_name])
+    await bot_user.client.join(room_a)
+    admin_room = await owner_a.client.create_room(name="admin", join_rule="invite", invite=[bot_user.user_id])
+    await bot_user.client.join(admin_room)
+
+    raw = bot_config(
+        a,
+        bot_user,
+        admin_room,
+        f"sqlite:{tmp_path_factory.mktemp('fedbot')}/bot.db",
+        [{"room": space, "join_rules": "enforce"}],
+        admins=[owner_a.user_id, owner_b.user_id],
+    )
+    app = App(parse_config(raw))
+    bot = Bot(app, asyncio.create_task(app.run()))
+    world = Fed(federation, owner_a, owner_b, bot_user, space, room_a, room_b, admin_room, bot, [])
+    try:
+        await bot.idle(60)
+        yield world
+    finally:
+        await bot.stop()
+        for user in (owner_a, owner_b, bot_user, *world.users):
+            await user.client.close()
+
+
+async def test_two_servers_federate_with_the_documented_settings(federation: FederatedPair) -> None:
+    a, b = federation.a, federation.b
+    assert a.server_name == f"127.0.0.1:{a.federation_port}" and b.server_name == f"127.0.0.1:{b.federation_port}"
+    config = json.loads(a.config_path.read_text())
+    assert config["federation_verify_certificates"] is False
+    assert config["ip_range_blacklist"] == [] and config["federation_ip_range_blacklist"] == []
+    assert config["trusted_key_servers"] == []
+    assert set(config["federation_domain_whitelist"]) == {a.server_name, b.server_name}
+    assert any(listener.get("tls") and listener["port"] == a.federation_port for listener in config["listeners"])
+    # a user of A really joins a room of B, and B sees the join
+    host = await b.register(f"host_{secrets.token_hex(4)}")
+    guest = await a.register(f"guest_{secrets.token_hex(4)}")
+    try:
+        room = await host.client.create_room(name="probe", join_rule="public")
+        await guest.client.join(room, via=[b.server_name])
+        await wait_for(lambda: _joined(host, room, guest.user_id), timeout=30)
+    finally:
+        await host.client.close()
+        await guest.client.close()
+
+
+async def _joined(viewer: TestUser, room: str, user_id: str) -> bool:
+    return user_id in await viewer.client.joined_members(room)
