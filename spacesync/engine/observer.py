@@ -10,6 +10,7 @@ from mautrix.errors import MatrixRequestError
 
 from ..backoff import backoff
 from ..core.graph import RESTRICTED_RULES
+from ..core.routing import declared_via, hierarchy_via, member_servers, via_servers
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..matrix.errors import REQUEST_ERRORS, TRANSPORT_ERRORS
 from ..model import Policy, RoomID, Snapshot
@@ -174,15 +175,16 @@ class Observer:
         for room_id in pending:
             if room_id in upgrades or room_id in extra:
                 old = upgrades.get(room_id, room_id)
-                opted[room_id] = [server] if (server := server_name(old)) else []
+                opted[room_id] = self.via_for(room_id, [old], [])
         for root in sorted({s.room_id for s in policy.spaces} & self.joined):
             if not set(pending) - set(opted):
                 break
-            for entry in await self._hierarchy_of(root, policy):
+            entries = await self._hierarchy_of(root, policy)
+            for entry in entries:
                 room_id = RoomID(entry["room_id"])
                 allowed = set(entry.get("allowed_room_ids") or ())
                 if room_id in pending and entry.get("join_rule") in RESTRICTED_RULES and allowed & managed_spaces:
-                    opted.setdefault(room_id, [server] if (server := server_name(root)) else [])
+                    opted.setdefault(room_id, self.via_for(room_id, [root, *allowed], entries))
         for room_id, via in sorted(opted.items()):
             self._join_attempted.add(room_id)
             try:
@@ -191,6 +193,22 @@ class Observer:
                 log.info("joined opted-in room", room=room_id)
             except MatrixRequestError as e:
                 log.warning("could not join opted-in room", room=room_id, error=getattr(e, "message", str(e)))
+
+    def via_for(self, room_id: RoomID, related: list[RoomID], entries: list[dict]) -> list[str]:
+        """Servers to join `room_id` through: the `via` of the Spaces' m.space.child entries and of the
+        hierarchy answer, then the servers of the members of related rooms (its Spaces, its predecessor),
+        never only the room id's server part (v12 ids have none)."""
+        cached = (self.cache.get(r) for r in self.cache.rooms())
+        parents = [state for state in cached if state is not None and room_id in state.children]
+        related_states = [self.cache.get(r) for r in related]
+        return via_servers(
+            room_id,
+            declared_via(room_id, parents),
+            hierarchy_via(room_id, entries),
+            *(member_servers(state) for state in related_states),
+            *(member_servers(state) for state in parents),
+            [server for r in related if (server := server_name(r))],
+        )
 
     async def _hierarchy_of(self, root: RoomID, policy: Policy) -> list[dict]:
         """The hierarchy below a root, fetched at most once per walk."""

@@ -167,3 +167,15 @@ async def test_two_servers_federate_with_the_documented_settings(federation: Fed
 
 async def _joined(viewer: TestUser, room: str, user_id: str) -> bool:
     return user_id in await viewer.client.joined_members(room)
+
+
+async def test_v12_child_created_on_the_other_server_after_start_is_joined(fed: Fed) -> None:
+    # v12 room ids carry no server name: only the m.space.child `via` says where the room lives
+    room = await create_child(fed.owner_b, fed.bot_user, fed.space, "late room on B")
+    assert ":" not in room
+    await fed.owner_b.client.add_child(fed.space, room, via=[fed.b.server_name])
+
+    await wait_for(lambda: _joined(fed.owner_b, room, fed.bot_user.user_id), timeout=45)
+    await wait_for(lambda: room in fed.bot.app.observer.joined, timeout=30)
+    await fed.bot.reconcile()
+    assert fed.bot.app.observer.cache.get(room) is not None  # read, hence managed from now on
