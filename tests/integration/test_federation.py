@@ -179,3 +179,60 @@ async def test_v12_child_created_on_the_other_server_after_start_is_joined(fed: 
     await wait_for(lambda: room in fed.bot.app.observer.joined, timeout=30)
     await fed.bot.reconcile()
     assert fed.bot.app.observer.cache.get(room) is not None  # read, hence managed from now on
+
+
+async def test_members_of_both_servers_who_leave_the_space_are_evicted_from_rooms_on_both(fed: Fed) -> None:
+    on_b = await fed.user(fed.b, "leaver_b")
+    on_a = await fed.user(fed.a, "leaver_a")
+    stays = await fed.user(fed.b, "stays_b")
+    for user in (on_b, on_a, stays):
+        await fed.join_all(user, [fed.space, fed.room_b, fed.room_a])
+
+    await on_b.client.leave(fed.space)
+    await on_a.client.leave(fed.space)
+
+    for user in (on_b, on_a):
+        await fed.wait_views([fed.room_a, fed.room_b], user.user_id, "leave")
+    await fed.bot.idle(60)
+    assert await fed.views(fed.room_a, stays.user_id) == ("join", "join")
+    assert await fed.views(fed.room_b, stays.user_id) == ("join", "join")
+
+
+async def test_space_ban_by_a_moderator_on_the_other_server_reaches_rooms_on_both(fed: Fed) -> None:
+    target_a = await fed.user(fed.a, "banned_a")
+    target_b = await fed.user(fed.b, "banned_b")
+    for user in (target_a, target_b):
+        await fed.join_all(user, [fed.space, fed.room_b, fed.room_a])
+
+    # owner_b moderates the Space from B; the bot lives on A
+    await fed.owner_b.client.ban(fed.space, target_a.user_id, reason="spam")
+    await fed.owner_b.client.ban(fed.space, target_b.user_id, reason="spam")
+
+    for user in (target_a, target_b):
+        await fed.wait_views([fed.room_a, fed.room_b], user.user_id, "ban")
+
+
+async def _level(viewer: TestUser, room: str, user_id: str) -> int | None:
+    levels = await viewer.client.get_power_levels(room)
+    level = (levels.get("users") or {}).get(user_id)
+    return level if isinstance(level, int) else None
+
+
+async def test_remote_users_space_power_is_mirrored_and_the_remote_creator_is_left_alone(fed: Fed) -> None:
+    mod_b = await fed.user(fed.b, "mod_b")
+    await fed.join_all(mod_b, [fed.space, fed.room_b, fed.room_a])
+
+    await fed.owner_b.client.set_user_level(fed.space, mod_b.user_id, 50)
+
+    async def mirrored() -> bool:
+        for room in (fed.room_a, fed.room_b):
+            for viewer in (fed.owner_a, fed.owner_b):
+                if await _level(viewer, room, mod_b.user_id) != 50:
+                    return False
+        return True
+
+    await wait_for(mirrored, timeout=45, message="the Space level of a user of B was not mirrored on both servers")
+    await fed.bot.idle(60)
+    # owner_b created the Space and room_b in room version 12: unlimited power, never written into `users`
+    for viewer in (fed.owner_a, fed.owner_b):
+        assert await _level(viewer, fed.room_b, fed.owner_b.user_id) is None
