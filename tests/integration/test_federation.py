@@ -236,3 +236,58 @@ async def test_remote_users_space_power_is_mirrored_and_the_remote_creator_is_le
     # owner_b created the Space and room_b in room version 12: unlimited power, never written into `users`
     for viewer in (fed.owner_a, fed.owner_b):
         assert await _level(viewer, fed.room_b, fed.owner_b.user_id) is None
+
+
+async def test_public_rooms_on_both_servers_opted_in_by_parent_become_restricted(fed: Fed) -> None:
+    rooms = []
+    for owner, server in ((fed.owner_a, fed.a), (fed.owner_b, fed.b)):
+        room = await owner.client.create_room(
+            name=f"public room on {server.server_name}",
+            room_version=VERSION,
+            join_rule="public",
+            power_level_content_override=levels(fed.bot_user.user_id),
+        )
+        other = fed.owner_b if owner is fed.owner_a else fed.owner_a
+        await other.client.join(room, via=[server.server_name])
+        await fed.bot_user.client.join(room, via=[server.server_name])
+        # the room opts in by naming the Space (on B) as its parent; the Space lists it with the room's server
+        await owner.client.set_parent(room, fed.space, via=[fed.b.server_name])
+        await fed.owner_b.client.add_child(fed.space, room, via=[server.server_name])
+        rooms.append(room)
+
+    async def restricted() -> bool:
+        for room in rooms:
+            for viewer in (fed.owner_a, fed.owner_b):
+                rule = await viewer.client.get_state_event(room, "m.room.join_rules")
+                allow = [entry.get("room_id") for entry in (rule or {}).get("allow") or ()]
+                if (rule or {}).get("join_rule") != "restricted" or fed.space not in allow:
+                    return False
+        return True
+
+    await wait_for(restricted, timeout=45, message="public rooms opted in to the Space were not restricted")
+
+
+async def test_an_upgrade_on_the_other_server_is_followed_and_the_space_re_pointed(fed: Fed) -> None:
+    old = await create_child(fed.owner_b, fed.bot_user, fed.space, "to be upgraded")
+    await fed.owner_b.client.set_parent(old, fed.space, via=[fed.b.server_name])
+    await fed.owner_b.client.add_child(fed.space, old, via=[fed.b.server_name])
+    await wait_for(lambda: _joined(fed.owner_b, old, fed.bot_user.user_id), timeout=45)
+    await wait_for(lambda: old in fed.bot.app.observer.joined, timeout=30)
+    await fed.bot.reconcile()
+
+    new = await fed.owner_b.client.upgrade_room(old, VERSION)
+    assert ":" not in new  # a v12 id: the bot must route its join by other means
+
+    await wait_for(lambda: _joined(fed.owner_b, new, fed.bot_user.user_id), timeout=60)
+
+    async def re_pointed() -> bool:
+        for viewer in (fed.owner_a, fed.owner_b):
+            child = await viewer.client.get_state_event(fed.space, "m.space.child", new)
+            gone = await viewer.client.get_state_event(fed.space, "m.space.child", old)
+            if not (child or {}).get("via") or (gone or {}).get("via"):
+                return False
+        return True
+
+    await wait_for(re_pointed, timeout=60, message="the Space's child entry was not moved to the upgraded room")
+    child = await fed.owner_b.client.get_state_event(fed.space, "m.space.child", new)
+    assert fed.b.server_name in (child or {})["via"]
