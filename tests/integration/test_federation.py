@@ -291,3 +291,41 @@ async def test_an_upgrade_on_the_other_server_is_followed_and_the_space_re_point
     await wait_for(re_pointed, timeout=60, message="the Space's child entry was not moved to the upgraded room")
     child = await fed.owner_b.client.get_state_event(fed.space, "m.space.child", new)
     assert fed.b.server_name in (child or {})["via"]
+
+
+async def _ask(fed: Fed, user: TestUser, text: str, timeout: float = 30) -> str:
+    """Send a command to the admin room (on A) and return the bot's reply."""
+    await wait_for(lambda: fed.bot.app.synced and fed.bot.app.command_handler is not None, timeout=20)
+    event_id = await user.client.send_text(fed.admin_room, text)
+
+    async def reply() -> str | None:
+        for event in await fed.owner_a.client.messages(fed.admin_room, limit=50):
+            content = event.get("content") or {}
+            target = ((content.get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id")
+            if event.get("sender") == fed.bot_user.user_id and target == event_id:
+                body: str = content.get("body", "")
+                return body
+        return None
+
+    return await wait_for(reply, timeout=timeout, interval=0.2, message=f"no reply to {text!r}")
+
+
+async def test_a_remote_admin_names_remote_rooms_and_users_in_commands(fed: Fed) -> None:
+    if fed.owner_b.user_id not in await fed.owner_a.client.joined_members(fed.admin_room):
+        await fed.owner_a.client.invite(fed.admin_room, fed.owner_b.user_id)
+        await fed.owner_b.client.join(fed.admin_room, via=[fed.a.server_name])
+    member = await fed.user(fed.b, "member_b")
+    await fed.join_all(member, [fed.space, fed.room_b, fed.room_a])
+    await fed.bot.reconcile()
+
+    whois = await _ask(fed, fed.owner_b, f"!ss whois {member.user_id}")
+    assert fed.room_b in whois and fed.room_a in whois, whois
+
+    # a user id whose server part is an IP literal with a port
+    assert "is exempt" in await _ask(fed, fed.owner_b, f"!ss exempt add {member.user_id}")
+    await member.client.leave(fed.space)
+    await _ask(fed, fed.owner_b, "!ss sync")
+    await fed.bot.idle(60)
+    assert await fed.views(fed.room_b, member.user_id) == ("join", "join")
+    assert "no longer exempt" in await _ask(fed, fed.owner_b, f"!ss exempt remove {member.user_id}")
+    await fed.wait_views([fed.room_a, fed.room_b], member.user_id, "leave")
