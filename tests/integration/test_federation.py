@@ -16,7 +16,7 @@ import pytest
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
-from spacesync.testing import FederatedPair, Synapse, TestUser, wait_for
+from spacesync.testing import FederatedPair, Synapse, TestUser, wait_for, wait_until_federating
 
 from .conftest import Bot, bot_config
 
@@ -329,3 +329,57 @@ async def test_a_remote_admin_names_remote_rooms_and_users_in_commands(fed: Fed)
     assert await fed.views(fed.room_b, member.user_id) == ("join", "join")
     assert "no longer exempt" in await _ask(fed, fed.owner_b, f"!ss exempt remove {member.user_id}")
     await fed.wait_views([fed.room_a, fed.room_b], member.user_id, "leave")
+
+
+def _findings(fed: Fed, code: str) -> set[str]:
+    plan = fed.bot.app.reconciler.last_plan
+    return {f.room_id for f in plan.findings if f.code == code} if plan is not None else set()
+
+
+async def test_a_stopped_server_is_reported_nothing_is_evicted_by_mistake_and_all_resumes(fed: Fed) -> None:
+    """Runs last in this module: it stops B and starts it again.
+
+    The bot reads through A, which keeps serving its own copy of B's rooms while B is down: that copy
+    may be stale, but it is never empty, so the members of B stay. What cannot work without B (joining
+    a room only B is in) is reported as unreachable and done once B is back."""
+    stays_b = await fed.user(fed.b, "stays_b")
+    leaver_a = await fed.user(fed.a, "leaver_a")
+    for user in (stays_b, leaver_a):
+        await fed.join_all(user, [fed.space, fed.room_b, fed.room_a])
+    only_on_b = await create_child(fed.owner_b, fed.bot_user, fed.space, "only on B")
+    await fed.bot.reconcile()
+
+    await fed.b.stop()
+    try:
+        # Made on A while B is down: a child that only B can let the bot into, and a leave.
+        await fed.owner_a.client.add_child(fed.space, only_on_b, via=[fed.b.server_name])
+        await leaver_a.client.leave(fed.space)
+
+        async def evicted_on_a() -> bool:
+            for room in (fed.room_a, fed.room_b):
+                if (await fed.owner_a.client.members(room)).get(leaver_a.user_id) != "leave":
+                    return False
+            return True
+
+        await wait_for(evicted_on_a, timeout=45, message="the leaver was not evicted while B was down")
+        await fed.bot.reconcile()
+        assert only_on_b in _findings(fed, "unreachable"), fed.bot.app.reconciler.last_plan
+        assert only_on_b not in fed.bot.app.observer.joined
+        for room in (fed.room_a, fed.room_b, fed.space):
+            assert (await fed.owner_a.client.members(room)).get(stays_b.user_id) == "join"
+    finally:
+        await fed.b.start()
+    await wait_until_federating(fed.a, fed.b)
+
+    # B catches up with the kick made while it was down, and the bot gets into B's room.
+    await fed.wait_views([fed.room_b], leaver_a.user_id, "leave", timeout=60)
+
+    async def joined_only_on_b() -> bool:
+        await fed.bot.reconcile()
+        return await _joined(fed.owner_b, only_on_b, fed.bot_user.user_id)
+
+    await wait_for(joined_only_on_b, timeout=90, interval=2, message="the bot did not join B's room after B returned")
+    await fed.bot.reconcile()
+    assert only_on_b not in _findings(fed, "unreachable")
+    for room in (fed.room_a, fed.room_b):
+        assert await fed.views(room, stays_b.user_id) == ("join", "join")
