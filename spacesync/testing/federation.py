@@ -33,7 +33,7 @@ from .client import TestbedRequestError, TestUser
 from .homeserver import Synapse, free_port
 from .waiting import wait_for
 
-__all__ = ["FederatedPair", "wait_until_federating"]
+__all__ = ["FederatedPair", "join_when_allowed", "wait_until_federating"]
 
 _FEDERATION_TIMEOUT = 60.0
 
@@ -133,3 +133,20 @@ async def wait_until_federating(first: Synapse, second: Synapse, *, timeout: flo
     finally:
         await one.client.close()
         await two.client.close()
+
+
+async def join_when_allowed(user: TestUser, room_id: str, via: list[str], *, timeout: float = 30.0) -> str:
+    """Join a restricted room on another server, retrying while that server cannot yet vouch for the user.
+
+    A server that has just joined the allowed Space holds only partial state there (faster joins) and
+    refuses restricted joins it cannot check ("You do not belong to any of the required rooms") until the
+    full state has arrived: a few seconds on loopback."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await user.client.join(room_id, via=via)
+        except TestbedRequestError as exc:
+            if exc.status != 403 or loop.time() >= deadline:
+                raise
+        await asyncio.sleep(0.25)

@@ -16,7 +16,7 @@ import pytest
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
-from spacesync.testing import FederatedPair, Synapse, TestUser, wait_for, wait_until_federating
+from spacesync.testing import FederatedPair, Synapse, TestUser, join_when_allowed, wait_for, wait_until_federating
 
 from .conftest import Bot, bot_config
 
@@ -72,7 +72,7 @@ class Fed:
     async def join_all(self, user: TestUser, rooms: list[str]) -> None:
         """Join the rooms in order, routed through the server of each room's creator."""
         for room in rooms:
-            await user.client.join(room, via=[self.b.server_name, self.a.server_name])
+            await join_when_allowed(user, room, [self.b.server_name, self.a.server_name])
             await self.wait_views([room], user.user_id, "join")
 
 
@@ -119,7 +119,10 @@ async def fed(federation: FederatedPair, tmp_path_factory: pytest.TempPathFactor
     for user in (owner_a, bot_user):
         await user.client.join(space, via=[b.server_name])
         await user.client.join(room_b, via=[b.server_name])
-    await owner_b.client.join(room_a, via=[a.server_name])
+    # A's first joins are partial-state joins: /members answers once A holds the full state, and only
+    # then can A vouch for B's users joining the restricted room on A
+    await owner_a.client.members(space)
+    await join_when_allowed(owner_b, room_a, [a.server_name])
     await bot_user.client.join(room_a)
     admin_room = await owner_a.client.create_room(name="admin", join_rule="invite", invite=[bot_user.user_id])
     await bot_user.client.join(admin_room)
