@@ -86,5 +86,5 @@ class Invites:
                 log.warning("could not join after invite", room=room_id, error=getattr(e, "message", str(e)))
                 continue
             log.info("joined after an admin's invite", room=room_id, inviter=inviter)
-            self.observer.joined.add(room_id)
+            self.observer.joined_now(room_id)
             self.request_reconcile(full=True)

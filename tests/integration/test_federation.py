@@ -180,8 +180,9 @@ async def test_v12_child_created_on_the_other_server_after_start_is_joined(fed: 
 
     await wait_for(lambda: _joined(fed.owner_b, room, fed.bot_user.user_id), timeout=45)
     await wait_for(lambda: room in fed.bot.app.observer.joined, timeout=30)
-    await fed.bot.reconcile()
-    assert fed.bot.app.observer.cache.get(room) is not None  # read, hence managed from now on
+    # read (hence managed) once the homeserver holds its full state: /sync then shows it
+    await wait_for(lambda: fed.bot.app.observer.cache.get(room) is not None, timeout=30)
+    assert room not in fed.bot.app.observer.awaiting_full_state
 
 
 async def test_members_of_both_servers_who_leave_the_space_are_evicted_from_rooms_on_both(fed: Fed) -> None:
