@@ -16,6 +16,7 @@ import pytest
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
+from spacesync.store import Status
 from spacesync.testing import FederatedPair, Synapse, TestUser, join_when_allowed, wait_for, wait_until_federating
 
 from .conftest import Bot, bot_config
@@ -295,6 +296,35 @@ async def test_an_upgrade_on_the_other_server_is_followed_and_the_space_re_point
     await wait_for(re_pointed, timeout=60, message="the Space's child entry was not moved to the upgraded room")
     child = await fed.owner_b.client.get_state_event(fed.space, "m.space.child", new)
     assert fed.b.server_name in (child or {})["via"]
+
+
+async def test_a_remote_v12_creator_who_leaves_the_space_is_never_acted_on(fed: Fed) -> None:
+    creator = await fed.user(fed.b, "creator_b")
+    member = await fed.user(fed.b, "member_b")
+    for user in (creator, member):
+        await join_when_allowed(user, fed.space, [fed.b.server_name])
+    room = await create_child(creator, fed.bot_user, fed.space, "a creator's room on B")
+    await fed.owner_b.client.add_child(fed.space, room, via=[fed.b.server_name])
+    await wait_for(lambda: fed.bot.app.observer.cache.get(room) is not None, timeout=45)
+    for user in (fed.owner_a, fed.owner_b, member):
+        await join_when_allowed(user, room, [fed.b.server_name])
+    await fed.wait_views([room], member.user_id, "join")
+
+    await creator.client.leave(fed.space)
+    await member.client.leave(fed.space)
+
+    # the member is evicted from the creator's room; the creator (unlimited power in v12) is left alone
+    await fed.wait_views([room], member.user_id, "leave")
+    await fed.bot.reconcile()
+    assert await fed.views(room, creator.user_id) == ("join", "join")
+    plan = fed.bot.app.reconciler.last_plan
+    assert plan is not None and not [a for a in plan.actions if a.user_id == creator.user_id]
+    journaled = await fed.bot.app.store.journal.by_status(*Status)
+    assert not [e for e in journaled if e.action.user_id == creator.user_id], "an action against a v12 creator"
+    kicks = [e for e in journaled if e.action.user_id == member.user_id and e.action.room_id == room]
+    assert kicks, "the member's eviction was journaled (so the journal is the right place to look)"
+    for viewer in (fed.owner_a, fed.owner_b):
+        assert await _level(viewer, room, creator.user_id) is None
 
 
 async def _ask(fed: Fed, user: TestUser, text: str, timeout: float = 30) -> str:
