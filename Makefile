@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## run the bot against a throwaway local Synapse with a sample Space (Ctrl-C to stop)
-	$(BIN)/spacesync demo
+	$(BIN)/spacesync demo $(DEMO_ARGS)
 
 lint: $(STAMP)  ## formatting, lint and types: ruff over the whole tree, mypy over spacesync
 	$(BIN)/ruff format --check spacesync tests benchmarks

@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--workdir", default=".demo", help="where the throwaway homeserver lives (default .demo)")
     demo.add_argument("--scripted", action="store_true", help="run the story once and exit (no waiting)")
+    demo.add_argument(
+        "--federated",
+        action="store_true",
+        help="two federating homeservers: the Space on the second, rooms on both, the bot on the first",
+    )
     return parser
 
 
@@ -77,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(args.workdir, scripted=args.scripted)
+        return run_demo(args.workdir, scripted=args.scripted, federated=args.federated)
     try:
         config = _load(args.config)
     except ConfigError as e:

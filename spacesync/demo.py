@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from .testing import Synapse, TestbedRequestError, TestClient, TestUser, free_port
+from .testing import FederatedPair, Synapse, TestbedRequestError, TestClient, TestUser, free_port, join_when_allowed
 
 __all__ = ["run_demo"]
 
@@ -39,8 +39,11 @@ class _Abort(Exception):
     """The demo cannot go on (the homeserver or the bot is gone); the message says why."""
 
 
-def run_demo(workdir: str, scripted: bool = False) -> int:
+def run_demo(workdir: str, scripted: bool = False, federated: bool = False) -> int:
     """Run the demo in `workdir` (created, and removed at the end). Returns the process exit code.
+
+    Federated: two homeservers that federate over loopback, the Space on the second, its rooms on both,
+    the bot on the first (a test bed's settings: see spacesync.testing.federation).
 
     Interactive: tell the story, then keep everything running until SIGINT/SIGTERM, clean up, exit 0.
     Scripted: tell the story and exit 0 if every step succeeded, 1 otherwise.
@@ -48,13 +51,13 @@ def run_demo(workdir: str, scripted: bool = False) -> int:
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        return asyncio.run(_main(Path(workdir), scripted))
+        return asyncio.run(_main(Path(workdir), scripted, federated))
     except KeyboardInterrupt:  # a Ctrl-C before the handlers were installed
         return 0 if not scripted else 1
 
 
-async def _main(workdir: Path, scripted: bool) -> int:
-    demo = Demo(workdir, out=sys.stdout)
+async def _main(workdir: Path, scripted: bool, federated: bool = False) -> int:
+    demo = Demo(workdir, out=sys.stdout, federated=federated)
     problem = demo.claim_workdir()
     if problem:
         print(f"spacesync demo: {problem}", file=sys.stderr)
@@ -104,13 +107,21 @@ async def _main(workdir: Path, scripted: bool) -> int:
 class Demo:
     """The throwaway world (homeserver, accounts, Space tree), the bot, and the story told against them."""
 
-    def __init__(self, workdir: Path, out: TextIO) -> None:
+    def __init__(self, workdir: Path, out: TextIO, federated: bool = False) -> None:
         self.workdir = workdir
         self.out = out
+        self.pair: FederatedPair | None = None
         # Absolute: Synapse runs with its own directory as the working directory.
-        self.synapse = Synapse(
-            workdir.resolve() / "synapse", server_name=SERVER_NAME, default_room_version=ROOM_VERSION
-        )
+        if federated:
+            self.pair = FederatedPair(workdir.resolve() / "synapse", default_room_version=ROOM_VERSION)
+            self.synapse = self.pair.a
+            """The bot's homeserver (the first)."""
+            self.space_server = self.pair.b
+            """Where the Space, its moderator and most of its rooms live (the second, when federated)."""
+        else:
+            self.synapse = self.space_server = Synapse(
+                workdir.resolve() / "synapse", server_name=SERVER_NAME, default_room_version=ROOM_VERSION
+            )
         self.users: dict[str, TestUser] = {}
         self.rooms: dict[str, str] = {}
         self.names: dict[str, str] = {}
@@ -175,7 +186,7 @@ class Demo:
             with contextlib.suppress(Exception):
                 await user.client.close()
         with contextlib.suppress(Exception):
-            await self.synapse.stop()
+            await (self.pair.stop() if self.pair is not None else self.synapse.stop())
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # endregion
@@ -202,24 +213,35 @@ class Demo:
         return 0
 
     async def start_homeserver(self) -> None:
-        self.say("\nStarting a throwaway Synapse on loopback …")
+        if self.pair is None:
+            self.say("\nStarting a throwaway Synapse on loopback …")
+        else:
+            self.say("\nStarting two throwaway Synapses on loopback that federate with each other …")
         try:
-            await self.synapse.start()
+            await (self.pair.start() if self.pair is not None else self.synapse.start())
         except (RuntimeError, OSError) as e:
             raise _Abort(f"cannot start Synapse: {e}") from e
-        (self.workdir / "synapse.pid").write_text(f"{self.synapse.pid}\n")
-        self.say(f"   ✓ {self.synapse.url} (server name {SERVER_NAME}, logs in {self.synapse.workdir})")
+        servers = [self.synapse] if self.pair is None else [self.pair.a, self.pair.b]
+        (self.workdir / "synapse.pid").write_text("".join(f"{server.pid}\n" for server in servers))
+        for server in servers:
+            self.say(f"   ✓ {server.url} (server name {server.server_name}, logs in {server.workdir})")
+        # bob lives on the bot's server; the moderator, alice and carol on the Space's.
+        homes = {"alice": self.space_server, "bob": self.synapse, "carol": self.space_server}
         try:
-            self.users["moderator"] = await self.synapse.register(
+            self.users["moderator"] = await self.space_server.register(
                 "moderator", password=self.moderator_password, admin=True, displayname="Moderator"
             )
+            if self.pair is not None:  # the host of the room on the bot's server, and that server's admin
+                self.users["host"] = await self.synapse.register(
+                    "host", password=self.moderator_password, admin=True, displayname="Host"
+                )
             self.users["bot"] = await self.synapse.register("spacesync", displayname="spacesync")
             for name in ("alice", "bob", "carol"):
-                self.users[name] = await self.synapse.register(
+                self.users[name] = await homes[name].register(
                     name, password=self.user_password, displayname=name.capitalize()
                 )
-            # The documented way to let the bot act at full speed (Synapse's admin API).
-            await self.mod.request(
+            # The documented way to let the bot act at full speed (Synapse's admin API on the bot's server).
+            await self.host.request(
                 "POST",
                 f"/_synapse/admin/v1/users/{quote(self.bot.user_id, safe='')}/override_ratelimit",
                 {"messages_per_second": 0, "burst_count": 0},
@@ -236,6 +258,16 @@ class Demo:
         return self.users["moderator"].client
 
     @property
+    def host(self) -> TestClient:
+        """An admin of the bot's server, who also creates the room that lives there (the moderator alone
+        on one server)."""
+        return self.users.get("host", self.users["moderator"]).client
+
+    @property
+    def via(self) -> list[str]:
+        return list(dict.fromkeys([self.space_server.server_name, self.synapse.server_name]))
+
+    @property
     def bot(self) -> TestClient:
         return self.users["bot"].client
 
@@ -248,12 +280,23 @@ class Demo:
     async def build_space(self) -> None:
         self.say("\nThe moderator builds a Space:")
         mod, bot = self.users["moderator"].user_id, self.users["bot"].user_id
+        host = self.host.user_id
         try:
             space = await self._create("Demo Community", space=True, join_rule="public", levels={mod: 100, bot: 100})
-            await self.mod.set_room_alias(space, f"#demo:{SERVER_NAME}")
+            await self.mod.set_room_alias(space, f"#demo:{self.space_server.server_name}")
+            if self.pair is not None:
+                # a restricted room on the bot's server admits the Space's members only once a user of that
+                # server, with invite power there, is in the Space to vouch for them
+                await self.host.join(space, via=self.via)
+                # (the join is a partial-state join at first; /members answers once the full state is in)
+                await self.host.members(space)
             for name in ("general", "random"):
-                extra = {self.uid("bob"): ROOM_LOCAL_LEVEL} if name == "random" else {}
-                await self._create(name, parent=space, levels={mod: 100, bot: 100, **extra})
+                extra = {self.uid("bob"): ROOM_LOCAL_LEVEL, host: 100} if name == "random" else {}
+                # random lives on the bot's server (the host creates it there); the rest on the Space's
+                creator = self.host if name == "random" else self.mod
+                await self._create(name, parent=space, levels={mod: 100, bot: 100, **extra}, creator=creator)
+            if self.pair is not None:
+                await join_when_allowed(self.users["moderator"], self.rooms["random"], self.via)
             projects = await self._create("Projects", parent=space, space=True, levels={mod: 100, bot: 100})
             await self._create("project-x", parent=projects, levels={mod: 100, bot: 100})
             admin = await self.mod.create_room(
@@ -269,11 +312,11 @@ class Demo:
             self.rooms["admin"], self.names[admin] = admin, "spacesync admin"
             await self.mod.invite(admin, bot)
             for room_id in self.rooms.values():
-                await self.bot.join(room_id)
+                await join_when_allowed(self.users["bot"], room_id, self.via)
         except TestbedRequestError as e:
             raise _Abort(f"cannot build the sample Space: {e}") from e
         self.say(
-            f"     Demo Community  (Space, #demo:{SERVER_NAME})\n"
+            f"     Demo Community  (Space, #demo:{self.space_server.server_name})\n"
             "     ├── general      restricted to Demo Community\n"
             "     ├── random       restricted to Demo Community"
             f" (its moderators made bob {ROOM_LOCAL_LEVEL} here)\n"
@@ -282,6 +325,11 @@ class Demo:
             '   and "spacesync admin" (end-to-end encrypted), where the bot reports. '
             "The bot is in every room at power level 100."
         )
+        if self.pair is not None:
+            self.say(
+                f"   random lives on {self.synapse.server_name} (the bot's server, with bob); the Space and the other\n"
+                f"   rooms on {self.space_server.server_name} (with the moderator, alice and carol)."
+            )
 
     async def _create(
         self,
@@ -291,8 +339,10 @@ class Demo:
         space: bool = False,
         join_rule: str = "restricted",
         levels: dict[str, int],
+        creator: TestClient | None = None,
     ) -> str:
-        room_id = await self.mod.create_room(
+        creator = creator or self.mod
+        room_id = await creator.create_room(
             name=name,
             room_version=ROOM_VERSION,
             space=space,
@@ -301,7 +351,7 @@ class Demo:
             power_level_content_override={"users": levels},
         )
         if parent:
-            await self.mod.add_child(parent, room_id)
+            await self.mod.add_child(parent, room_id, via=[creator.server_name])
         self.rooms[name] = room_id
         self.names[room_id] = name
         return room_id
@@ -374,7 +424,7 @@ class Demo:
         try:
             for name in everyone:
                 for room in all_rooms:
-                    await self.client(name).join(self.rooms[room], via=[SERVER_NAME])
+                    await join_when_allowed(self.users[name], self.rooms[room], self.via)
         except TestbedRequestError as e:
             self.verdict(False, f"a join failed: {e}")
         else:
@@ -500,8 +550,11 @@ class Demo:
         port = self.web_port
         self.say(
             "\nEverything keeps running so you can look around with any Matrix client (e.g. Element Desktop):\n"
-            f"  Homeserver  {self.synapse.url}\n"
-            f"  Moderator   user moderator ({self.uid('moderator')}), password {self.moderator_password}\n"
+            + "".join(
+                f"  Homeserver  {server.url} ({server.server_name})\n"
+                for server in dict.fromkeys([self.synapse, self.space_server])
+            )
+            + f"  Moderator   user moderator ({self.uid('moderator')}), password {self.moderator_password}\n"
             f"  Users       alice, bob and carol, password {self.user_password}\n"
             f"  Metrics     http://127.0.0.1:{port}/metrics  (health: /health, readiness: /ready)\n"
             f"  Config      {self.config_path}\n"
@@ -531,13 +584,18 @@ def _join(items: Iterable[str]) -> str:
 
 
 def _stop_stale_synapse(workdir: Path) -> None:
-    """SIGTERM a homeserver left running by an earlier demo that was killed (only if it is really ours)."""
+    """SIGTERM the homeservers left running by an earlier demo that was killed (only if really ours)."""
     try:
-        pid = int((workdir / "synapse.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        pids = [int(line) for line in (workdir / "synapse.pid").read_text().split()]
     except (OSError, ValueError):
         return
-    if "synapse.app.homeserver" in cmdline and str(workdir.resolve() / "synapse" / "homeserver.yaml") in cmdline:
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "synapse.app.homeserver" not in cmdline or str(workdir.resolve() / "synapse") not in cmdline:
+            continue
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
         for _ in range(100):

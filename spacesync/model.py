@@ -436,6 +436,8 @@ class FindingCode(str, Enum):
     CHANGED_BY_HAND = "changed_by_hand"
     ABOVE_BOT = "above_bot"
     RESTRICTED_LOCALLY = "restricted_locally"
+    PARTIAL_STATE = "partial_state"
+    """Joined over federation, its full state still on the way: not read, not acted in, waited for."""
 
     @property
     def family(self) -> FindingFamily:
@@ -444,6 +446,7 @@ class FindingCode(str, Enum):
 
 _FINDING_FAMILIES = {
     FindingCode.UNREACHABLE: FindingFamily.CANNOT_SEE,
+    FindingCode.PARTIAL_STATE: FindingFamily.CANNOT_SEE,
     FindingCode.UNCHECKED_ENTITLEMENT: FindingFamily.CANNOT_SEE,
     FindingCode.HISTORY_UNKNOWN: FindingFamily.CANNOT_SEE,
     FindingCode.NO_POWER: FindingFamily.CANNOT_ACT,

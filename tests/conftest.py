@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from spacesync.testing import Synapse, TestUser
+from spacesync.testing import FederatedPair, Synapse, TestUser
 
 PG_ADMIN_URL = os.environ.get("SPACESYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -56,6 +56,30 @@ async def synapse_default_limits(
     await _start_synapse(hs)
     yield hs
     await hs.stop()
+
+
+@pytest.fixture(scope="session")
+async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FederatedPair]:
+    """Two homeservers that federate with each other over loopback, started only by the tests that ask."""
+    pair = FederatedPair(tmp_path_factory.mktemp("federation"))
+    try:
+        await pair.start()
+    except (RuntimeError, OSError) as exc:
+        unavailable(f"cannot start two federating Synapses: {exc}")
+    yield pair
+    await pair.stop()
+
+
+@pytest.fixture(scope="session")
+def synapse_a(federation: FederatedPair) -> Synapse:
+    """The first federating homeserver (where the bot lives in the federation tests)."""
+    return federation.a
+
+
+@pytest.fixture(scope="session")
+def synapse_b(federation: FederatedPair) -> Synapse:
+    """The second federating homeserver (where the Spaces live in the federation tests)."""
+    return federation.b
 
 
 @pytest.fixture

@@ -111,7 +111,9 @@ def build_graph(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
             room = snapshot.rooms.get(room_id)
             if room is None:
                 reason = snapshot.unreachable.get(room_id, "the bot is not joined")
-                findings.append(Finding(room_id, "unreachable", f"cannot read the room ({reason})"))
+                # (a room joined a moment ago, still in partial state, is waited for: not a moderator's matter)
+                code = "partial_state" if reason.startswith("partial state") else "unreachable"
+                findings.append(Finding(room_id, code, f"cannot read the room ({reason})"))
                 continue
             if room_id in snapshot.unreachable:
                 findings.append(

@@ -8,6 +8,7 @@ from ..model import Action, ActionKind, Finding, Membership, Policy, RoomID, Roo
 from ..refs import server_name
 from .entitlement import Memberships, protection, user_level
 from .graph import RESTRICTED_RULES, SpaceGraph, policies_for
+from .routing import member_servers, via_servers
 from .versions import RECOMMENDED_VERSION, features
 
 _RESTRICTED_FOR = {"invite": "restricted", "public": "restricted", "knock": "knock_restricted"}
@@ -163,10 +164,14 @@ def _follow_upgrade(
                 Finding(parent_id, "no_power", f"cannot re-point m.space.child to {new_id} (needs {needed})")
             )
             continue
-        via = list(parent.children.get(room.room_id) or ())
-        if not via:
-            # v12 room ids carry no server name: fall back to the bot's own server.
-            via = [server_name(new_id) or server_name(policy.bot) or policy.bot]
+        # v12 room ids carry no server name: route by the old entry's via and where the members are.
+        via = via_servers(
+            new_id,
+            parent.children.get(room.room_id) or (),
+            member_servers(snapshot.rooms.get(new_id)),
+            member_servers(room),
+            fallback=[server_name(policy.bot) or policy.bot],
+        )
         if new_id not in parent.children:
             actions.append(
                 Action(

@@ -9,9 +9,11 @@ from typing import Any
 import structlog
 from mautrix.errors import MatrixRequestError
 
+from ..core.routing import via_servers
 from ..matrix import MatrixAdapter
 from ..matrix.errors import REQUEST_ERRORS
 from ..model import RoomID, UserID
+from ..refs import server_name
 from ..store import Store
 from .observer import Observer
 
@@ -75,10 +77,14 @@ class Invites:
             del self.pending[room_id]
             await self._save()
             try:
-                await self.matrix.join(room_id)
+                # the inviter's server is in the room; v12 room ids name none
+                inviter_server = [server] if (server := server_name(inviter)) else []
+                await self.matrix.join(
+                    room_id, via_servers(room_id, inviter_server, self.observer.via_for(room_id, [], []))
+                )
             except MatrixRequestError as e:
                 log.warning("could not join after invite", room=room_id, error=getattr(e, "message", str(e)))
                 continue
             log.info("joined after an admin's invite", room=room_id, inviter=inviter)
-            self.observer.joined.add(room_id)
+            self.observer.joined_now(room_id)
             self.request_reconcile(full=True)

@@ -10,6 +10,7 @@ from mautrix.errors import MatrixRequestError
 
 from ..backoff import backoff
 from ..core.graph import RESTRICTED_RULES
+from ..core.routing import declared_via, hierarchy_via, member_servers, via_servers
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..matrix.errors import REQUEST_ERRORS, TRANSPORT_ERRORS
 from ..model import Policy, RoomID, Snapshot
@@ -20,6 +21,9 @@ from .history import MemberHistory
 log = structlog.get_logger("spacesync.observer")
 
 READ_ATTEMPTS = 3
+PARTIAL_STATE_WAIT = 600.0
+"""How long a room joined over federation may stay out of /sync (partial state) before it is read anyway."""
+PARTIAL_STATE = "partial state: its homeserver is still fetching the room's full state after the join; waiting"
 READ_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
 
 
@@ -50,6 +54,13 @@ class Observer:
         self.known_managed: set[RoomID] = set()
         """Managed rooms as of the last plan: the Spaces whose restricted children the bot may join."""
         self._join_attempted: set[RoomID] = set()
+        self.in_sync: set[RoomID] = set()
+        """Joined rooms /sync has shown since the start (maintained by the sync loop)."""
+        self.awaiting_full_state: dict[RoomID, float] = {}
+        """Rooms the bot joined in this run that /sync has not shown yet, with when it joined. Synapse joins
+        remote rooms with partial state (faster joins): it leaves such a room out of /sync (the bot's filter
+        does not lazy-load members) until the full state has arrived, and holds /state reads of it until
+        then. Their membership is incomplete: they are reported, not read, and other rooms carry on."""
         self._hierarchy: dict[RoomID, list[dict]] = {}
         self.history = MemberHistory(matrix, store)
 
@@ -121,6 +132,10 @@ class Observer:
             self.cache.forget(room_id)
             unreachable[room_id] = "the bot is not joined: invite it or make the room restricted to the Space"
             return
+        if self.is_partial(room_id):
+            unreachable[room_id] = PARTIAL_STATE
+            log.info("room state partial: waiting for the homeserver's resync", room=room_id)
+            return
         if not refresh and room_id in self.cache:
             return
         async with self._sem:
@@ -174,23 +189,62 @@ class Observer:
         for room_id in pending:
             if room_id in upgrades or room_id in extra:
                 old = upgrades.get(room_id, room_id)
-                opted[room_id] = [server] if (server := server_name(old)) else []
+                opted[room_id] = self.via_for(room_id, [old], [])
         for root in sorted({s.room_id for s in policy.spaces} & self.joined):
             if not set(pending) - set(opted):
                 break
-            for entry in await self._hierarchy_of(root, policy):
+            entries = await self._hierarchy_of(root, policy)
+            for entry in entries:
                 room_id = RoomID(entry["room_id"])
                 allowed = set(entry.get("allowed_room_ids") or ())
                 if room_id in pending and entry.get("join_rule") in RESTRICTED_RULES and allowed & managed_spaces:
-                    opted.setdefault(room_id, [server] if (server := server_name(root)) else [])
+                    opted.setdefault(room_id, self.via_for(room_id, [root, *allowed], entries))
         for room_id, via in sorted(opted.items()):
             self._join_attempted.add(room_id)
             try:
                 await self.matrix.join(room_id, via or None)
-                self.joined.add(room_id)
+                self.joined_now(room_id)
                 log.info("joined opted-in room", room=room_id)
             except MatrixRequestError as e:
                 log.warning("could not join opted-in room", room=room_id, error=getattr(e, "message", str(e)))
+
+    def joined_now(self, room_id: RoomID) -> None:
+        """The bot has just joined: the room may hold partial state until /sync shows it."""
+        self.joined.add(room_id)
+        if room_id not in self.in_sync:
+            self.awaiting_full_state[room_id] = time.monotonic()
+
+    def shown_by_sync(self, room_id: RoomID) -> bool:
+        """/sync showed the joined room; True when it was waiting for its full state (now complete)."""
+        self.in_sync.add(room_id)
+        return self.awaiting_full_state.pop(room_id, None) is not None
+
+    def is_partial(self, room_id: RoomID) -> bool:
+        joined_at = self.awaiting_full_state.get(room_id)
+        if joined_at is None:
+            return False
+        if time.monotonic() - joined_at < PARTIAL_STATE_WAIT:
+            return True
+        # Waited long enough: read it (each read is bounded by its timeout, so this blocks nothing for long).
+        log.warning("room still absent from /sync after joining: reading its state anyway", room=room_id)
+        del self.awaiting_full_state[room_id]
+        return False
+
+    def via_for(self, room_id: RoomID, related: list[RoomID], entries: list[dict]) -> list[str]:
+        """Servers to join `room_id` through: the `via` of the Spaces' m.space.child entries and of the
+        hierarchy answer, then the servers of the members of related rooms (its Spaces, its predecessor),
+        never only the room id's server part (v12 ids have none)."""
+        cached = (self.cache.get(r) for r in self.cache.rooms())
+        parents = [state for state in cached if state is not None and room_id in state.children]
+        related_states = [self.cache.get(r) for r in related]
+        return via_servers(
+            room_id,
+            declared_via(room_id, parents),
+            hierarchy_via(room_id, entries),
+            *(member_servers(state) for state in related_states),
+            *(member_servers(state) for state in parents),
+            [server for r in related if (server := server_name(r))],
+        )
 
     async def _hierarchy_of(self, root: RoomID, policy: Policy) -> list[dict]:
         """The hierarchy below a root, fetched at most once per walk."""

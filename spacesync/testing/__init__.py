@@ -15,6 +15,7 @@ from .faults import (
     Rule,
     TcpProxy,
 )
+from .federation import FederatedPair, join_when_allowed, wait_until_federating
 from .homeserver import Synapse, free_port
 from .waiting import wait_for
 
@@ -24,6 +25,7 @@ __all__ = [
     "Drop",
     "Fault",
     "FaultProxy",
+    "FederatedPair",
     "Hang",
     "LoggedRequest",
     "Respond",
@@ -35,5 +37,7 @@ __all__ = [
     "TestUser",
     "TestbedRequestError",
     "free_port",
+    "join_when_allowed",
     "wait_for",
+    "wait_until_federating",
 ]

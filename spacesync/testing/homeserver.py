@@ -109,8 +109,16 @@ class Synapse:
         lifted_ratelimits: bool = True,
         default_room_version: str = "10",
         log_level: str = "WARNING",
+        federation_port: int | None = None,
+        federation_peers: list[str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.federation_port = federation_port
+        """With a port, the server federates over TLS on it and is named ``127.0.0.1:<port>``."""
+        self.federation_peers = list(federation_peers or [])
+        """Server names allowed to federate with this one (besides itself)."""
+        if federation_port is not None and server_name == "localhost":
+            server_name = f"127.0.0.1:{federation_port}"
         self.server_name = server_name
         self.lifted_ratelimits = lifted_ratelimits
         self.default_room_version = default_room_version
@@ -178,6 +186,8 @@ class Synapse:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self._port is None:
             self._port = free_port()
+        if self.federation_port is not None:
+            self._make_certificate()
         self._write_config()
         with self.console_log_path.open("ab") as console:
             self._process = subprocess.Popen(
@@ -258,6 +268,80 @@ class Synapse:
                 lines += path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
         return "\n".join(lines)
 
+    @property
+    def tls_certificate_path(self) -> Path:
+        return self.workdir / "federation.crt"
+
+    @property
+    def tls_private_key_path(self) -> Path:
+        return self.workdir / "federation.key"
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for IP 127.0.0.1, made once per workdir with ``openssl``."""
+        if self.tls_certificate_path.exists() and self.tls_private_key_path.exists():
+            return
+        command = [
+            "openssl", "req", "-x509", "-nodes", "-days", "7",
+            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(self.tls_private_key_path), "-out", str(self.tls_certificate_path),
+        ]  # fmt: skip
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+        except FileNotFoundError as exc:
+            raise RuntimeError("openssl is missing: install it to run a federating homeserver") from exc
+        except subprocess.CalledProcessError as exc:
+            stderr = exc.stderr.decode(errors="replace").strip()
+            raise RuntimeError(f"openssl could not make the federation certificate: {stderr}") from exc
+
+    def _federation_config(self) -> JSON:
+        """Settings that let two servers on loopback federate. Unsafe in production: see ``testing.federation``."""
+        if self.federation_port is None:
+            return {}
+        return {
+            "tls_certificate_path": str(self.tls_certificate_path),
+            "tls_private_key_path": str(self.tls_private_key_path),
+            "federation_verify_certificates": False,
+            "ip_range_blacklist": [],
+            "federation_ip_range_blacklist": [],
+            "federation_domain_whitelist": sorted({self.server_name, *self.federation_peers}),
+            "rc_federation": {
+                "window_size": 1000,
+                "sleep_limit": 1_000_000,
+                "sleep_delay": 0,
+                "reject_limit": 1_000_000,
+                "concurrent": 1_000_000,
+            },
+            "federation": {
+                "destination_min_retry_interval": "1s",
+                "destination_max_retry_interval": "5s",
+            },
+        }
+
+    def _listeners(self) -> list[JSON]:
+        listeners: list[JSON] = [
+            {
+                "port": self.port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": False,
+                "resources": [{"names": ["client"], "compress": False}],
+            }
+        ]
+        if self.federation_port is not None:
+            listeners.append(
+                {
+                    "port": self.federation_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": True,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["federation", "keys"], "compress": False}],
+                }
+            )
+        return listeners
+
     def _write_config(self) -> None:
         if self._signing_key is None:
             self._signing_key = _generate_signing_key()
@@ -292,22 +376,14 @@ class Synapse:
             "registration_shared_secret": self._shared_secret,
             "enable_registration": False,
             "default_room_version": self.default_room_version,
-            "listeners": [
-                {
-                    "port": self.port,
-                    "bind_addresses": ["127.0.0.1"],
-                    "type": "http",
-                    "tls": False,
-                    "x_forwarded": False,
-                    "resources": [{"names": ["client"], "compress": False}],
-                }
-            ],
+            "listeners": self._listeners(),
             "database": {
                 "name": "sqlite3",
                 "args": {"database": str(self.workdir / "homeserver.db")},
             },
             "log_config": str(log_config_path),
             **_ratelimit_config(self.lifted_ratelimits),
+            **self._federation_config(),
         }
         # JSON is valid YAML, so no YAML library is needed here.
         log_config_path.write_text(json.dumps(log_config, indent=2))

@@ -78,6 +78,31 @@ def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
+def test_federated_demo_spans_two_homeservers_and_succeeds(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        _demo(workdir, "--scripted", "--federated"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=140,
+    )
+    output = result.stdout
+    assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
+    servers = re.findall(r"server name (127\.0\.0\.1:\d+)", output)
+    assert len(set(servers)) == 2, output
+    # the moderator (and the Space) on the second server, the bot on the first
+    assert f"@moderator:{servers[1]}" in output and f"@spacesync:{servers[0]}" in output, output
+    assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
+    assert re.search(r"✓ carol is banned from general, random, Projects and project-x", output), output
+    assert "✗" not in output, output
+    assert "All 6 steps succeeded" in output
+    assert not workdir.exists(), "the demo must remove its work directory"
+
+
+@pytest.mark.timeout(150)
 def test_interactive_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     process = subprocess.Popen(
