@@ -232,9 +232,21 @@ class Policy:
     """Users exempt in every Space (added from the admin room)."""
     max_depth: int = 10
     max_rooms: int = 2000
+    reason_template: str = "{event} {space}"
+    """How kick and ban reasons read in users' clients: `{event}` (left, kicked from, banned in, removed from),
+    `{space}` (the Space's name, or "Space <room id>" when it has none) and `{space_id}`."""
 
     def space(self, room_id: RoomID) -> SpacePolicy | None:
         return next((s for s in self.spaces if s.room_id == room_id), None)
+
+
+REASON_FIELDS = ("event", "space", "space_id")
+"""The placeholders a reason template may use."""
+
+
+def render_reason(template: str, event: str, space_id: RoomID, space_name: str | None) -> str:
+    """A kick or ban reason a person can read: the Space by its name, never only by its room id."""
+    return template.format(event=event, space=space_name or f"Space {space_id}", space_id=space_id)
 
 
 class ActionKind(str, Enum):

@@ -16,6 +16,7 @@ from ..model import (
     RoomState,
     Snapshot,
     UserID,
+    render_reason,
 )
 from .entitlement import Memberships, entitled_by, entitlers, protection, user_level
 from .graph import SpaceGraph, build_graph, exempt_in, policies_for
@@ -303,7 +304,7 @@ class MembershipPlanner:
                             room_id=room_id,
                             user_id=user_id,
                             cause="space_ban",
-                            reason=f"banned in Space {space_id}",
+                            reason=self._reason("banned in", space_id),
                             space_id=self._root_for(room_id),
                         )
                     )
@@ -413,16 +414,20 @@ class MembershipPlanner:
                     changed = planned = True
         return planned
 
+    def _reason(self, event: str, space_id: RoomID) -> str:
+        room = self.snapshot.rooms.get(space_id)
+        return render_reason(self.policy.reason_template, event, space_id, room.name if room else None)
+
     def _leave_reason(self, user_id: UserID, left: list[RoomID]) -> str:
         space_id = left[0]
         if self.memberships.is_planned(space_id, user_id):
-            return f"removed from Space {space_id}"
+            return self._reason("removed from", space_id)
         state = self.snapshot.rooms[space_id].members[user_id]
         if state.membership is Membership.BAN:
-            return f"banned in Space {space_id}"
+            return self._reason("banned in", space_id)
         if state.sender and state.sender != user_id:
-            return f"kicked from Space {space_id}"
-        return f"left Space {space_id}"
+            return self._reason("kicked from", space_id)
+        return self._reason("left", space_id)
 
     def _lift_candidates(
         self,

@@ -162,6 +162,7 @@ class Reconciler:
             exempt=exempt,
             max_depth=self.config.walk.max_depth,
             max_rooms=self.config.walk.max_rooms,
+            reason_template=self.config.reason_template,
         )
 
     async def plan(self, *, refresh: bool = True) -> Plan:
