@@ -15,6 +15,7 @@ __all__ = [
     "EventID",
     "Finding",
     "LeftBehind",
+    "Lockdown",
     "MemberState",
     "Membership",
     "OnLeave",
@@ -175,6 +176,8 @@ class Snapshot:
     placed_bans: frozenset[PlacedBan] = frozenset()
     owned_levels: Mapping[tuple[RoomID, UserID], OwnedLevel] = attrs.field(factory=dict)
     now_ms: int = 0
+    lockdowns: Mapping[RoomID, Lockdown] = attrs.field(factory=dict)
+    """Rooms spacesync locked down and that still hold the rule it wrote: their join rules are left alone."""
 
     def known(self, room_id: RoomID) -> bool:
         """Read in this snapshot: neither missing nor stale."""
@@ -328,6 +331,18 @@ class OwnedLevel:
 
 
 @attrs.frozen
+class Lockdown:
+    """A room spacesync locked down, and the join rules it had before: unlock restores exactly them."""
+
+    room_id: RoomID
+    space_id: RoomID
+    previous: Mapping[str, Any]
+    """The m.room.join_rules content before the lockdown."""
+    written: str
+    """The join rule spacesync wrote (invite or knock): a room that no longer has it was changed by hand."""
+
+
+@attrs.frozen
 class Finding:
     """Something a moderator should know about a room, which the planner will not act on."""
 
@@ -397,6 +412,12 @@ class Cause(str, Enum):
     POWER_LEVELS = "power_levels"
     INVITE_MEMBERS = "invite_members"
     UNDO = "undo"
+    LOCKDOWN = "lockdown"
+    UNLOCK = "unlock"
+
+
+MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
+"""Actions a moderator asked for from the admin room: run as asked, never re-checked against the plan."""
 
 
 class FindingFamily(str, Enum):
@@ -439,6 +460,7 @@ class FindingCode(str, Enum):
     CHANGED_BY_HAND = "changed_by_hand"
     ABOVE_BOT = "above_bot"
     RESTRICTED_LOCALLY = "restricted_locally"
+    LOCKED_DOWN = "locked_down"
 
     @property
     def family(self) -> FindingFamily:
@@ -469,6 +491,7 @@ _FINDING_FAMILIES = {
     FindingCode.CHANGED_BY_HAND: FindingFamily.POWER_LEVELS,
     FindingCode.ABOVE_BOT: FindingFamily.POWER_LEVELS,
     FindingCode.RESTRICTED_LOCALLY: FindingFamily.POWER_LEVELS,
+    FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
 }
 
 

@@ -21,16 +21,25 @@ from ..model import (
 from .entitlement import Memberships, entitled_by, entitlers, protection, user_level
 from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
+from .lockdown import as_before_lockdown, lockdown_findings, locked_rooms
 from .powerlevels import plan_power_levels
 
 
 def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     """Everything that should change now, from the state alone."""
+    # A room spacesync locked down is planned as it was before (its allow list keeps it opted in); its join
+    # rules are left alone until it is unlocked, whatever join_rules: enforce would say.
+    locked = locked_rooms(snapshot)
+    snapshot = as_before_lockdown(snapshot)
     graph = build_graph(snapshot, policy)
     membership = MembershipPlanner(snapshot, policy, graph)
     membership.run()
     pl_actions, stale_levels, released_levels, pl_findings = plan_power_levels(snapshot, policy, graph)
     jr_actions, jr_findings = plan_join_rules(snapshot, policy, graph, membership.memberships)
+    jr_actions = [a for a in jr_actions if a.room_id not in locked or a.kind is not ActionKind.SET_JOIN_RULES]
+    jr_findings = [f for f in jr_findings if f.room_id not in locked] + lockdown_findings(
+        snapshot, locked & graph.managed
+    )
     # A room that could not be read, or that answers to a Space that could not be read, gets no state
     # writes: its levels, join rules and children are known only as they were (unknown is not absent).
     waits = unsure_rooms(snapshot, graph)

@@ -20,7 +20,7 @@ from ..core.powerlevels import apply_user_changes, int_level
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..matrix.errors import TRANSPORT_ERRORS
 from ..metrics import ACTIONS
-from ..model import Action, ActionKind, Cause, PlacedBan, RoomState, UserID
+from ..model import MODERATOR_CAUSES, Action, ActionKind, Cause, Lockdown, PlacedBan, RoomID, RoomState, UserID
 from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
 
@@ -183,7 +183,11 @@ class Executor:
         await self._idle.wait()
 
     def _needs_recheck(self, entry: Entry) -> bool:
-        if self.recheck is None or entry.action.cause == Cause.UNDO or (entry.id, entry.not_before) in self._rechecked:
+        if (
+            self.recheck is None
+            or entry.action.cause in MODERATOR_CAUSES
+            or (entry.id, entry.not_before) in self._rechecked
+        ):
             return False
         return entry.created_at < self.leader_since_ms or entry.not_before > 0
 
@@ -394,6 +398,14 @@ class Executor:
             )
         elif action.kind is ActionKind.UNBAN and action.user_id:
             await self.store.forget_ban(action.room_id, action.user_id)
+        elif action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.LOCKDOWN and action.space_id:
+            previous, _ = action.changes["join_rules"]
+            written = str((action.content or {}).get("join_rule"))
+            await self.store.set_lockdown(
+                action.room_id, Lockdown(action.room_id, action.space_id, dict(previous), written)
+            )
+        elif action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.UNLOCK:
+            await self.store.set_lockdown(action.room_id, None)
         membership = {
             ActionKind.KICK: "leave",
             ActionKind.BAN: "ban",
@@ -445,6 +457,8 @@ class Executor:
             return await self._set_power_levels(action)
         elif action.kind is ActionKind.SET_JOIN_RULES:
             content = dict(action.content or {})
+            if action.cause == Cause.UNLOCK and not await self._still_locked(action):
+                return Outcome.SKIPPED
             await self._call(lambda: m.put_state(room, "m.room.join_rules", content))
             self.cache.update(room, [{"type": "m.room.join_rules", "state_key": "", "content": content}])
         elif action.kind is ActionKind.SET_SPACE_CHILD:
@@ -470,6 +484,17 @@ class Executor:
         if not applied:
             return Outcome.SKIPPED
         return Outcome.DONE if changes else Outcome.ALREADY_DONE
+
+    async def _still_locked(self, action: Action) -> bool:
+        """Whether the room still holds the join rule the lockdown wrote; one changed by hand since is left alone
+        (and its record forgotten)."""
+        room = action.room_id
+        current = await self._call(lambda: self.matrix.state_event(room, "m.room.join_rules")) or {}
+        locked, _ = action.changes.get("join_rules", ({}, {}))
+        if current.get("join_rule") == dict(locked).get("join_rule"):
+            return True
+        await self.store.set_lockdown(RoomID(room), None)
+        return False
 
     def _banned_by_other(self, action: Action) -> bool:
         """Whether the state cache shows the target already banned, by someone other than spacesync.

@@ -111,6 +111,7 @@ class Observer:
             unreachable=unreachable,
             placed_bans=await self.store.placed_bans(),
             owned_levels=await self.store.owned_levels(),
+            lockdowns=await self.store.lockdowns(),
             now_ms=int(time.time() * 1000),
         )
 

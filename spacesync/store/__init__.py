@@ -16,7 +16,7 @@ import structlog
 from mautrix.util.async_db import Connection, Database, Scheme
 from mautrix.util.logging import TraceLogger
 
-from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
+from ..model import Action, Lockdown, OwnedLevel, PlacedBan, RoomID, UserID
 from .journal import Journal, Status, now_ms
 from .migrations import upgrade_table
 
@@ -304,6 +304,30 @@ class Store:
             owned.written,
             owned.previous,
             owned.released,
+        )
+
+    async def lockdowns(self) -> dict[RoomID, Lockdown]:
+        rows = await self.db.fetch("SELECT room_id, space_id, previous, written FROM lockdown")
+        return {
+            RoomID(r["room_id"]): Lockdown(
+                RoomID(r["room_id"]), RoomID(r["space_id"]), json.loads(r["previous"]), r["written"]
+            )
+            for r in rows
+        }
+
+    async def set_lockdown(self, room_id: RoomID, lockdown: Lockdown | None) -> None:
+        """Remember a room spacesync locked down (None: forget it, it was unlocked)."""
+        if lockdown is None:
+            await self.db.execute("DELETE FROM lockdown WHERE room_id=$1", room_id)
+            return
+        await self.db.execute(
+            "INSERT INTO lockdown (room_id, space_id, previous, written, locked_at) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (room_id) DO UPDATE SET space_id=excluded.space_id, written=excluded.written",
+            room_id,
+            lockdown.space_id,
+            json.dumps(dict(lockdown.previous)),
+            lockdown.written,
+            now_ms(),
         )
 
     async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:

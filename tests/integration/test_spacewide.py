@@ -1,0 +1,101 @@
+"""Space-wide moderation against the real Synapse: lockdown and unlock."""
+
+from __future__ import annotations
+
+from spacesync.testing import wait_for
+
+from .test_commands import ask, bot_notices, ready
+
+
+async def join_rules(world, room_id: str) -> dict:
+    return await world.owner.client.get_state_event(room_id, "m.room.join_rules") or {}
+
+
+async def wait_rule(world, rooms: list[str], rule: str, timeout: float = 20.0) -> None:
+    async def reached() -> bool:
+        rules = [(await join_rules(world, r)).get("join_rule") for r in rooms]
+        return all(r == rule for r in rules)
+
+    await wait_for(reached, timeout=timeout, message=f"not all of {rooms} are {rule}")
+
+
+async def test_lockdown_survives_enforce_and_unlock_restores_only_untouched_rooms(world, start_bot, make_user):
+    space = await world.space("Demo Community")
+    general = await world.room(space, "General")
+    knocking = await world.room(space, "Lobby", join_rule="knock_restricted")
+    touched = await world.room(space, "Touched")
+    alice = await make_user("alice")
+    for r in (space, general):
+        await alice.client.join(r)
+    before = {r: await join_rules(world, r) for r in (general, knocking, touched)}
+    bot = await start_bot([{"room": space, "join_rules": "enforce", "restrict_invite_rooms": True}])
+    await ready(bot)
+
+    body = await ask(world, bot, world.owner, "!ss lockdown")
+    assert "Lockdown of Demo Community" in body and "3 rooms switching to invite" in body
+    await wait_rule(world, [general, knocking, touched], "invite")
+
+    async def summary() -> str | None:
+        for event in await bot_notices(world, bot):
+            text = event["content"]["body"]
+            if text.startswith("Batch ") and "locked down (join rule invite) in 3 rooms" in text:
+                return text
+        return None
+
+    assert "!spacesync undo" in await wait_for(summary, timeout=15)
+
+    # join_rules: enforce (with restrict_invite_rooms) would restrict an invite room: a lockdown is not undone,
+    # and the locked rooms stay part of their Space: a departure is still evicted.
+    await bot.reconcile()
+    assert (await join_rules(world, general)).get("join_rule") == "invite"
+    assert any(f.code == "locked_down" for f in bot.app.reconciler.last_plan.findings)
+    await alice.client.leave(space)
+
+    async def evicted() -> bool:
+        return alice.user_id not in await world.owner.client.joined_members(general)
+
+    await wait_for(evicted, timeout=20)
+
+    # A moderator opens one room by hand meanwhile: unlock leaves it alone and says so.
+    await world.owner.client.set_join_rule(touched, "public")
+    await wait_for(lambda: _cached_rule(bot, touched, "public"), timeout=10)
+    body = await ask(world, bot, world.owner, f"!ss unlock {space}")
+    assert "restoring the join rules of 2 rooms" in body
+    assert "Touched" in body and "changed by hand since (now public), left alone" in body
+    await wait_rule(world, [general], "restricted")
+    await wait_rule(world, [knocking], "knock_restricted")
+    assert await join_rules(world, general) == before[general]
+    assert await join_rules(world, knocking) == before[knocking]
+    assert (await join_rules(world, touched)).get("join_rule") == "public"
+    await bot.idle()
+    assert await bot.app.store.lockdowns() == {}
+
+
+def _cached_rule(bot, room_id: str, rule: str) -> bool:
+    room = bot.app.cache.get(room_id)
+    return room is not None and room.join_rule == rule
+
+
+async def test_a_large_lockdown_is_held_and_its_undo_unlocks(world, start_bot):
+    space = await world.space("Big")
+    rooms = [await world.room(space, f"R{i}") for i in range(3)]
+    bot = await start_bot([{"room": space, "max_evictions_without_confirmation": 2}])
+    await ready(bot)
+
+    body = await ask(world, bot, world.owner, "!ss lockdown --knock")
+    assert "Held batch" in body and "lockdown of 3 rooms" in body and "over the limit of 2" in body
+    batch = body.split("Held batch ", 1)[1].split(":", 1)[0]
+    await bot.idle()
+    assert [(await join_rules(world, r)).get("join_rule") for r in rooms] == ["restricted"] * 3
+
+    assert "Confirmed batch" in await ask(world, bot, world.owner, f"!ss confirm {batch}")
+    await wait_rule(world, rooms, "knock")
+    await bot.idle()
+    assert set(await bot.app.store.lockdowns()) == set(rooms)
+
+    body = await ask(world, bot, world.owner, f"!ss undo {batch}")
+    assert "3 join-rule restores" in body
+    await wait_rule(world, rooms, "restricted")
+    await bot.idle()
+    assert await bot.app.store.lockdowns() == {}
+    assert "Nothing is locked down" in await ask(world, bot, world.owner, "!ss unlock")
