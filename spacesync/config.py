@@ -141,6 +141,7 @@ class SpaceConfig:
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
     guard_window: float = 600.0
+    server_acl: bool = False
 
     def to_policy(
         self,
@@ -174,6 +175,7 @@ class SpaceConfig:
             invite_members=self.invite_members,
             max_evictions_without_confirmation=self.max_evictions_without_confirmation,
             guard_window_s=self.guard_window,
+            server_acl=self.server_acl,
         )
 
 
@@ -516,6 +518,7 @@ _SPACE = _section(
         "invite_members": _Key(_boolean, False),
         "max_evictions_without_confirmation": _Key(_nullable(_max_evictions), None),
         "guard_window": _Key(_nullable(_guard_window), None),
+        "server_acl": _Key(_choice({"sync": True, "off": False}), "off"),
     }
 )
 

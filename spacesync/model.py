@@ -143,6 +143,8 @@ class RoomState:
     predecessor: RoomID | None = None
     """The room this one replaced (m.room.create `predecessor`): how an upgrade is verified."""
     name: str | None = None
+    server_acl: Mapping[str, Any] | None = None
+    """m.room.server_acl content, or None when the room has none."""
     malformed: int = 0
     """State events skipped because their content could not be read (wrong types, missing fields)."""
 
@@ -177,6 +179,8 @@ class Snapshot:
     owned_levels: Mapping[tuple[RoomID, UserID], OwnedLevel] = attrs.field(factory=dict)
     now_ms: int = 0
     lockdowns: Mapping[RoomID, Lockdown] = attrs.field(factory=dict)
+    owned_acl: Mapping[RoomID, frozenset[str]] = attrs.field(factory=dict)
+    """Server ACL deny entries spacesync added to each room (the rest of each ACL is the room's own)."""
     """Rooms spacesync locked down and that still hold the rule it wrote: their join rules are left alone."""
 
     def known(self, room_id: RoomID) -> bool:
@@ -218,6 +222,8 @@ class SpacePolicy:
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
     guard_window_s: float = 600.0
+    server_acl: bool = False
+    """Merge the Space's m.room.server_acl deny entries into its managed rooms."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
@@ -260,6 +266,7 @@ class ActionKind(str, Enum):
     SET_POWER_LEVELS = "set_power_levels"
     SET_JOIN_RULES = "set_join_rules"
     SET_SPACE_CHILD = "set_space_child"
+    SET_SERVER_ACL = "set_server_acl"
 
 
 EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
@@ -414,6 +421,7 @@ class Cause(str, Enum):
     UNDO = "undo"
     LOCKDOWN = "lockdown"
     UNLOCK = "unlock"
+    SERVER_ACL = "server_acl"
 
 
 MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
@@ -461,6 +469,7 @@ class FindingCode(str, Enum):
     ABOVE_BOT = "above_bot"
     RESTRICTED_LOCALLY = "restricted_locally"
     LOCKED_DOWN = "locked_down"
+    ACL_REFUSED = "acl_refused"
 
     @property
     def family(self) -> FindingFamily:
@@ -492,6 +501,7 @@ _FINDING_FAMILIES = {
     FindingCode.ABOVE_BOT: FindingFamily.POWER_LEVELS,
     FindingCode.RESTRICTED_LOCALLY: FindingFamily.POWER_LEVELS,
     FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
+    FindingCode.ACL_REFUSED: FindingFamily.CANNOT_ACT,
 }
 
 

@@ -23,6 +23,7 @@ from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
 from .lockdown import as_before_lockdown, lockdown_findings, locked_rooms
 from .powerlevels import plan_power_levels
+from .serveracl import plan_server_acl
 
 
 def plan(snapshot: Snapshot, policy: Policy) -> Plan:
@@ -40,6 +41,9 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     jr_findings = [f for f in jr_findings if f.room_id not in locked] + lockdown_findings(
         snapshot, locked & graph.managed
     )
+    acl_actions, acl_findings = plan_server_acl(snapshot, policy, graph)
+    jr_actions += acl_actions
+    jr_findings += acl_findings
     # A room that could not be read, or that answers to a Space that could not be read, gets no state
     # writes: its levels, join rules and children are known only as they were (unknown is not absent).
     waits = unsure_rooms(snapshot, graph)

@@ -17,6 +17,7 @@ from mautrix.errors import MatrixRequestError
 from ..backoff import backoff
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
+from ..core.serveracl import apply_acl_changes, owned_after
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..matrix.errors import TRANSPORT_ERRORS
 from ..metrics import ACTIONS
@@ -461,6 +462,13 @@ class Executor:
                 return Outcome.SKIPPED
             await self._call(lambda: m.put_state(room, "m.room.join_rules", content))
             self.cache.update(room, [{"type": "m.room.join_rules", "state_key": "", "content": content}])
+        elif action.kind is ActionKind.SET_SERVER_ACL:
+            current = await self._call(lambda: m.state_event(room, "m.room.server_acl"))
+            content = apply_acl_changes(current, action)
+            if content != current:
+                await self._call(lambda: m.put_state(room, "m.room.server_acl", content))
+                self.cache.update(room, [{"type": "m.room.server_acl", "state_key": "", "content": content}])
+            await self.store.set_owned_acl(room, owned_after(action))
         elif action.kind is ActionKind.SET_SPACE_CHILD:
             content = dict(action.content or {})
             key = action.state_key or ""

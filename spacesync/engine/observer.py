@@ -112,6 +112,7 @@ class Observer:
             placed_bans=await self.store.placed_bans(),
             owned_levels=await self.store.owned_levels(),
             lockdowns=await self.store.lockdowns(),
+            owned_acl=await self.store.owned_acl(),
             now_ms=int(time.time() * 1000),
         )
 

@@ -48,6 +48,7 @@ TRIGGER_TYPES = frozenset(
         "m.room.join_rules",
         "m.room.tombstone",
         "m.room.create",
+        "m.room.server_acl",
     }
 )
 OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})

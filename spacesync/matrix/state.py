@@ -124,6 +124,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         tombstone=RoomID(tombstone) if isinstance(tombstone, str) and tombstone.startswith("!") else None,
         predecessor=RoomID(predecessor_id) if isinstance(predecessor_id, str) else None,
         name=name if isinstance(name, str) else None,
+        server_acl=dict(content("m.room.server_acl")) if ("m.room.server_acl", "") in state else None,
         malformed=malformed,
     )
 

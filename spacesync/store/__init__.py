@@ -330,6 +330,20 @@ class Store:
             now_ms(),
         )
 
+    async def owned_acl(self) -> dict[RoomID, frozenset[str]]:
+        owned: dict[RoomID, set[str]] = {}
+        for r in await self.db.fetch("SELECT room_id, entry FROM owned_acl"):
+            owned.setdefault(RoomID(r["room_id"]), set()).add(r["entry"])
+        return {room_id: frozenset(entries) for room_id, entries in owned.items()}
+
+    async def set_owned_acl(self, room_id: RoomID, entries: frozenset[str]) -> None:
+        """The server ACL deny entries spacesync added to a room, as they are now."""
+        conn: Connection
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM owned_acl WHERE room_id=$1", room_id)
+            for entry in sorted(entries):
+                await conn.execute("INSERT INTO owned_acl (room_id, entry) VALUES ($1, $2)", room_id, entry)
+
     async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:
         rows = await self.db.fetch(
             "SELECT room_id, user_id, event_id, membership, was_joined, seen_at FROM member_history"
