@@ -142,6 +142,7 @@ class SpaceConfig:
     max_evictions_without_confirmation: int = 25
     guard_window: float = 600.0
     server_acl: bool = False
+    redact_on_ban: int = 0
 
     def to_policy(
         self,
@@ -176,6 +177,7 @@ class SpaceConfig:
             max_evictions_without_confirmation=self.max_evictions_without_confirmation,
             guard_window_s=self.guard_window,
             server_acl=self.server_acl,
+            redact_on_ban=self.redact_on_ban,
         )
 
 
@@ -519,6 +521,7 @@ _SPACE = _section(
         "max_evictions_without_confirmation": _Key(_nullable(_max_evictions), None),
         "guard_window": _Key(_nullable(_guard_window), None),
         "server_acl": _Key(_choice({"sync": True, "off": False}), "off"),
+        "redact_on_ban": _Key(_integer(0, 1000), 0),
     }
 )
 

@@ -60,6 +60,8 @@ class MemberState:
     """For a `leave`: the membership event it replaced (`unsigned.replaces_state`), when the homeserver said."""
     reason: str | None = None
     """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
+    redact_events: bool = False
+    """For a ban: MSC4293's `redact_events: true` (remove the user's messages along with them)."""
 
 
 def parse_level(value: Any) -> int | None:
@@ -224,6 +226,8 @@ class SpacePolicy:
     guard_window_s: float = 600.0
     server_acl: bool = False
     """Merge the Space's m.room.server_acl deny entries into its managed rooms."""
+    redact_on_ban: int = 0
+    """With each ban carried down from the Space, also redact the user's last N messages in the room."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..model import (
     Action,
     ActionKind,
@@ -319,6 +321,7 @@ class MembershipPlanner:
                             cause="space_ban",
                             reason=self._reason("banned in", space_id),
                             space_id=self._root_for(room_id),
+                            content=self._ban_extras(space_id, room_id, user_id),
                         )
                     )
                     planned = True
@@ -426,6 +429,18 @@ class MembershipPlanner:
                     )
                     changed = planned = True
         return planned
+
+    def _ban_extras(self, space_id: RoomID, room_id: RoomID, user_id: UserID) -> dict[str, Any] | None:
+        """What a carried-down ban sends besides its reason: MSC4293's redact_events when the Space ban asked for
+        it, and how many of the user's last messages to redact there (redact_on_ban)."""
+        extras: dict[str, Any] = {}
+        state = self.snapshot.rooms[space_id].members.get(user_id) if space_id in self.snapshot.rooms else None
+        if state is not None and state.membership is Membership.BAN and state.redact_events:
+            extras["redact_events"] = True
+        last = max((p.redact_on_ban for p in policies_for(self.graph, self.policy, room_id)), default=0)
+        if last:
+            extras["redact_last"] = last
+        return extras or None
 
     def _reason(self, event: str, space_id: RoomID) -> str:
         room = self.snapshot.rooms.get(space_id)

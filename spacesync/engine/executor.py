@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import random
@@ -20,7 +21,7 @@ from ..core.powerlevels import apply_user_changes, int_level
 from ..core.serveracl import apply_acl_changes, owned_after
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..matrix.errors import TRANSPORT_ERRORS
-from ..metrics import ACTIONS
+from ..metrics import ACTIONS, REDACTIONS
 from ..model import MODERATOR_CAUSES, Action, ActionKind, Cause, Lockdown, PlacedBan, RoomID, RoomState, UserID
 from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
@@ -449,7 +450,11 @@ class Executor:
             if self._banned_by_other(action):
                 # Banning again would replace a moderator's ban with one spacesync would later lift.
                 return Outcome.BANNED_BY_SOMEONE_ELSE
-            await self._call(lambda: m.ban(room, user, action.reason))
+            extras = action.content or {}
+            redact = extras.get("redact_events") is True
+            await self._call(lambda: m.ban(room, user, action.reason, redact_events=redact))
+            if isinstance(extras.get("redact_last"), int) and extras["redact_last"] > 0:
+                await self._redact_recent(action, extras["redact_last"])
         elif action.kind is ActionKind.UNBAN:
             await self._call(lambda: m.unban(room, user, action.reason))
         elif action.kind is ActionKind.INVITE:
@@ -492,6 +497,26 @@ class Executor:
         if not applied:
             return Outcome.SKIPPED
         return Outcome.DONE if changes else Outcome.ALREADY_DONE
+
+    async def _redact_recent(self, action: Action, last: int) -> None:
+        """The banned user's last messages in the room, redacted one by one: the adapter waits out each 429, so
+        a long run is paced by the server's limits. A failure stops the run; the ban stands either way."""
+        room, user = action.room_id, cast(UserID, action.user_id)
+        try:
+            events = await self._call(lambda: self.matrix.recent_messages_of(room, user, last))
+        except (Transient, MatrixRequestError) as e:
+            log.warning("could not read messages to redact", room=room, user=user, error=str(e))
+            REDACTIONS.labels(outcome="failed").inc()
+            return
+        for event_id in events:
+            try:
+                await self._call(functools.partial(self.matrix.redact, room, event_id, action.reason))
+            except (Transient, MatrixRequestError) as e:
+                log.warning("redaction failed", room=room, user=user, event_id=event_id, error=str(e))
+                REDACTIONS.labels(outcome="failed").inc()
+                return
+            REDACTIONS.labels(outcome="done").inc()
+        log.info("redacted with the ban", room=room, user=user, redacted=len(events))
 
     async def _still_locked(self, action: Action) -> bool:
         """Whether the room still holds the join rule the lockdown wrote; one changed by hand since is left alone

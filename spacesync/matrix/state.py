@@ -19,6 +19,10 @@ def _via(content: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(v for v in via if isinstance(v, str) and v)
 
 
+REDACT_EVENTS_UNSTABLE = "org.matrix.msc4293.redact_events"
+"""MSC4293's flag as Synapse 1.163 still names it (behind experimental_features: msc4293_enabled)."""
+
+
 def _member(event: Mapping[str, Any]) -> MemberState | None:
     """One m.room.member event, or None when it is not one spacesync can read."""
     content = event.get("content")
@@ -52,6 +56,8 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
         was_joined=was_joined,
         replaces=EventID(replaces) if replaces else None,
         reason=reason if isinstance(reason, str) else None,
+        redact_events=membership is Membership.BAN
+        and any(content.get(key) is True for key in ("redact_events", REDACT_EVENTS_UNSTABLE)),
     )
 
 

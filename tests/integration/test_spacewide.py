@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
+from spacesync.matrix.state import REDACT_EVENTS_UNSTABLE
+from spacesync.metrics import REGISTRY
 from spacesync.testing import wait_for
 
 from .test_commands import ask, bot_notices, ready
+from .test_eviction import wait_membership
 
 
 async def join_rules(world, room_id: str) -> dict:
@@ -159,3 +164,46 @@ async def test_server_acl_mirrors_space_entries_and_keeps_a_moderators_own(world
     for room in (own, bare):
         acl = await server_acl(world, room)
         assert bot_server not in acl["deny"] and "*" not in acl["deny"]
+
+
+async def redacted(world, room_id: str, event_id: str) -> bool:
+    path = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/{quote(event_id, safe='')}"
+    event = await world.owner.client.request("GET", path)
+    return not event.get("content") and "redacted_because" in (event.get("unsigned") or {})
+
+
+async def test_a_space_ban_carries_redact_events_and_redact_on_ban_removes_the_last_messages(
+    world, start_bot, make_user
+):
+    space = await world.space("Demo Community")
+    room = await world.room(space, "General")
+    flagged, plain = await make_user("flagged"), await make_user("plain")
+    sent: dict[str, list[str]] = {}
+    for user in (flagged, plain):
+        for r in (space, room):
+            await user.client.join(r)
+        sent[user.user_id] = [await user.client.send_text(room, f"spam {i}") for i in range(3)]
+    await start_bot([{"room": space, "redact_on_ban": 2}])
+    before = REGISTRY.get_sample_value("spacesync_redactions_total", {"outcome": "done"}) or 0.0
+
+    # MSC4293: the Space ban asks for the user's messages to go; the ban carried into the room asks the same.
+    ban_path = f"/_matrix/client/v3/rooms/{quote(space, safe='')}/ban"
+    body = {"user_id": flagged.user_id, "reason": "raid", REDACT_EVENTS_UNSTABLE: True}
+    await world.owner.client.request("POST", ban_path, body)
+    await wait_membership(world, [room], flagged.user_id, "ban")
+    ban = await world.owner.client.get_state_event(room, "m.room.member", flagged.user_id)
+    assert ban.get(REDACT_EVENTS_UNSTABLE) is True and ban.get("reason") == "banned in Demo Community"
+    for event_id in sent[flagged.user_id]:
+        await wait_for(lambda e=event_id: redacted(world, room, e), timeout=20, message=f"{event_id} not redacted")
+
+    # A plain Space ban: redact_on_ban 2 removes the last two messages in the room, and counts them.
+    await world.owner.client.ban(space, plain.user_id, reason="spam")
+    await wait_membership(world, [room], plain.user_id, "ban")
+    ban = await world.owner.client.get_state_event(room, "m.room.member", plain.user_id)
+    assert REDACT_EVENTS_UNSTABLE not in ban
+    first, *last = sent[plain.user_id]
+    for event_id in last:
+        await wait_for(lambda e=event_id: redacted(world, room, e), timeout=20, message=f"{event_id} not redacted")
+    assert not await redacted(world, room, first)
+    after = REGISTRY.get_sample_value("spacesync_redactions_total", {"outcome": "done"}) or 0.0
+    assert after - before >= 2
