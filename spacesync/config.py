@@ -143,6 +143,7 @@ class SpaceConfig:
     guard_window: float = 600.0
     server_acl: bool = False
     redact_on_ban: int = 0
+    refresh_via: bool = False
 
     def to_policy(
         self,
@@ -178,6 +179,7 @@ class SpaceConfig:
             guard_window_s=self.guard_window,
             server_acl=self.server_acl,
             redact_on_ban=self.redact_on_ban,
+            refresh_via=self.refresh_via,
         )
 
 
@@ -522,6 +524,7 @@ _SPACE = _section(
         "guard_window": _Key(_nullable(_guard_window), None),
         "server_acl": _Key(_choice({"sync": True, "off": False}), "off"),
         "redact_on_ban": _Key(_integer(0, 1000), 0),
+        "refresh_via": _Key(_boolean, False),
     }
 )
 

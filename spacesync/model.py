@@ -136,6 +136,8 @@ class RoomState:
     children: Mapping[RoomID, tuple[str, ...]] = attrs.field(factory=dict)
     """m.space.child state with a non-empty `via`: child room id -> via servers."""
     child_senders: Mapping[RoomID, UserID] = attrs.field(factory=dict)
+    child_content: Mapping[RoomID, Mapping[str, Any]] = attrs.field(factory=dict)
+    """The full m.space.child content per child (order, suggested), to rewrite `via` and keep the rest."""
     parents: Mapping[RoomID, UserID] = attrs.field(factory=dict)
     """m.space.parent state with a non-empty `via`: parent room id -> sender."""
     members: Mapping[UserID, MemberState] = attrs.field(factory=dict)
@@ -228,6 +230,8 @@ class SpacePolicy:
     """Merge the Space's m.room.server_acl deny entries into its managed rooms."""
     redact_on_ban: int = 0
     """With each ban carried down from the Space, also redact the user's last N messages in the room."""
+    refresh_via: bool = False
+    """Rewrite m.space.child `via` lists whose servers have no joined member left in the child."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
@@ -426,6 +430,7 @@ class Cause(str, Enum):
     LOCKDOWN = "lockdown"
     UNLOCK = "unlock"
     SERVER_ACL = "server_acl"
+    REFRESH_VIA = "refresh_via"
 
 
 MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
@@ -474,6 +479,7 @@ class FindingCode(str, Enum):
     RESTRICTED_LOCALLY = "restricted_locally"
     LOCKED_DOWN = "locked_down"
     ACL_REFUSED = "acl_refused"
+    UNROUTABLE_CHILD = "unroutable_child"
 
     @property
     def family(self) -> FindingFamily:
@@ -506,6 +512,7 @@ _FINDING_FAMILIES = {
     FindingCode.RESTRICTED_LOCALLY: FindingFamily.POWER_LEVELS,
     FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
     FindingCode.ACL_REFUSED: FindingFamily.CANNOT_ACT,
+    FindingCode.UNROUTABLE_CHILD: FindingFamily.STRUCTURE,
 }
 
 

@@ -26,6 +26,7 @@ from .joinrules import plan_join_rules, verified_upgrade
 from .lockdown import as_before_lockdown, lockdown_findings, locked_rooms
 from .powerlevels import plan_power_levels
 from .serveracl import plan_server_acl
+from .via import plan_via
 
 
 def plan(snapshot: Snapshot, policy: Policy) -> Plan:
@@ -44,8 +45,9 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         snapshot, locked & graph.managed
     )
     acl_actions, acl_findings = plan_server_acl(snapshot, policy, graph)
-    jr_actions += acl_actions
-    jr_findings += acl_findings
+    via_actions, via_findings = plan_via(snapshot, policy, graph)
+    jr_actions += acl_actions + via_actions
+    jr_findings += acl_findings + via_findings
     # A room that could not be read, or that answers to a Space that could not be read, gets no state
     # writes: its levels, join rules and children are known only as they were (unknown is not absent).
     waits = unsure_rooms(snapshot, graph)

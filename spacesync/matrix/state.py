@@ -89,6 +89,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
     )
     children: dict[RoomID, tuple[str, ...]] = {}
     child_senders: dict[RoomID, UserID] = {}
+    child_content: dict[RoomID, Mapping[str, Any]] = {}
     parents: dict[RoomID, UserID] = {}
     members: dict[UserID, MemberState] = {}
     for (event_type, key), event in state.items():
@@ -98,6 +99,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
                 if via and key.startswith("!"):
                     children[RoomID(key)] = via
                     child_senders[RoomID(key)] = UserID(str(event.get("sender", "")))
+                    child_content[RoomID(key)] = dict(event.get("content") or {})
             elif event_type == "m.space.parent":
                 if _via(event.get("content") or {}) and key.startswith("!"):
                     parents[RoomID(key)] = UserID(str(event.get("sender", "")))
@@ -124,6 +126,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         join_rules_content=dict(join_rules),
         children=children,
         child_senders=child_senders,
+        child_content=child_content,
         parents=parents,
         members=members,
         power_levels=PowerLevels.from_content(content("m.room.power_levels") or _default_levels(create)),

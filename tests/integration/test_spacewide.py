@@ -207,3 +207,31 @@ async def test_a_space_ban_carries_redact_events_and_redact_on_ban_removes_the_l
     assert not await redacted(world, room, first)
     after = REGISTRY.get_sample_value("spacesync_redactions_total", {"outcome": "done"}) or 0.0
     assert after - before >= 2
+
+
+async def test_unroutable_child_entries_are_reported_and_refreshed_keeping_order_and_suggested(
+    world, start_bot, tmp_path
+):
+    space = await world.space("Demo Community")
+    room = await world.room(space, "General")
+    stale = {"via": ["gone.example"], "order": "a1", "suggested": True}
+    await world.owner.client.send_state(space, "m.space.child", stale, state_key=room)
+    db = f"sqlite:{tmp_path}/via.db"
+
+    bot = await start_bot([{"room": space}], db_url=db)
+    await bot.reconcile()
+    found = [f for f in bot.app.reconciler.last_plan.findings if f.code == "unroutable_child"]
+    assert len(found) == 1 and room in found[0].message and "gone.example" in found[0].message
+    assert await world.owner.client.get_state_event(space, "m.space.child", room) == stale
+    await bot.stop()
+
+    bot = await start_bot([{"room": space, "refresh_via": True}], db_url=db)
+    server = world.bot.user_id.split(":", 1)[1]
+
+    async def refreshed() -> bool:
+        content = await world.owner.client.get_state_event(space, "m.space.child", room)
+        return content == {"via": [server], "order": "a1", "suggested": True}
+
+    await wait_for(refreshed, timeout=20, message="child entry not refreshed")
+    await bot.reconcile()
+    assert not [f for f in bot.app.reconciler.last_plan.findings if f.code == "unroutable_child"]
