@@ -144,6 +144,7 @@ class SpaceConfig:
     server_acl: bool = False
     redact_on_ban: int = 0
     refresh_via: bool = False
+    policy_server: bool = False
 
     def to_policy(
         self,
@@ -180,6 +181,7 @@ class SpaceConfig:
             server_acl=self.server_acl,
             redact_on_ban=self.redact_on_ban,
             refresh_via=self.refresh_via,
+            policy_server=self.policy_server,
         )
 
 
@@ -525,6 +527,7 @@ _SPACE = _section(
         "server_acl": _Key(_choice({"sync": True, "off": False}), "off"),
         "redact_on_ban": _Key(_integer(0, 1000), 0),
         "refresh_via": _Key(_boolean, False),
+        "policy_server": _Key(_choice({"sync": True, "off": False}), "off"),
     }
 )
 

@@ -149,6 +149,8 @@ class RoomState:
     name: str | None = None
     server_acl: Mapping[str, Any] | None = None
     """m.room.server_acl content, or None when the room has none."""
+    policy_servers: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    """Policy server state (MSC4284) by event type (m.room.policy, and the unstable name), non-empty only."""
     malformed: int = 0
     """State events skipped because their content could not be read (wrong types, missing fields)."""
 
@@ -184,6 +186,8 @@ class Snapshot:
     now_ms: int = 0
     lockdowns: Mapping[RoomID, Lockdown] = attrs.field(factory=dict)
     owned_acl: Mapping[RoomID, frozenset[str]] = attrs.field(factory=dict)
+    owned_policy: Mapping[tuple[RoomID, str], Mapping[str, Any]] = attrs.field(factory=dict)
+    """Policy server state spacesync wrote, by (room, event type): what it wrote."""
     """Server ACL deny entries spacesync added to each room (the rest of each ACL is the room's own)."""
     """Rooms spacesync locked down and that still hold the rule it wrote: their join rules are left alone."""
 
@@ -230,6 +234,8 @@ class SpacePolicy:
     """Merge the Space's m.room.server_acl deny entries into its managed rooms."""
     redact_on_ban: int = 0
     """With each ban carried down from the Space, also redact the user's last N messages in the room."""
+    policy_server: bool = False
+    """Mirror the Space's policy server (MSC4284) into managed rooms that have none of their own."""
     refresh_via: bool = False
     """Rewrite m.space.child `via` lists whose servers have no joined member left in the child."""
     """The mass-action guard counts the users evicted from this Space within this window."""
@@ -275,6 +281,8 @@ class ActionKind(str, Enum):
     SET_JOIN_RULES = "set_join_rules"
     SET_SPACE_CHILD = "set_space_child"
     SET_SERVER_ACL = "set_server_acl"
+    SET_POLICY_SERVER = "set_policy_server"
+    """state_key holds the event type (m.room.policy or its unstable name); the state key sent is empty."""
 
 
 EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
@@ -431,6 +439,7 @@ class Cause(str, Enum):
     UNLOCK = "unlock"
     SERVER_ACL = "server_acl"
     REFRESH_VIA = "refresh_via"
+    POLICY_SERVER = "policy_server"
 
 
 MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})

@@ -20,6 +20,7 @@ _DONE = {
     ActionKind.SET_JOIN_RULES: "restricted the join rule",
     ActionKind.SET_SPACE_CHILD: "re-pointed the Space's child",
     ActionKind.SET_SERVER_ACL: "updated the server ACL",
+    ActionKind.SET_POLICY_SERVER: "updated the policy server",
 }
 _TRIGGERS = {"sync": "after a change in a Space", "reconcile": "scheduled check", "command": "!spacesync sync"}
 NAMES_SHOWN = 5

@@ -24,6 +24,7 @@ from .entitlement import Memberships, entitled_by, entitlers, protection, user_l
 from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
 from .lockdown import as_before_lockdown, lockdown_findings, locked_rooms
+from .policyserver import plan_policy_server
 from .powerlevels import plan_power_levels
 from .serveracl import plan_server_acl
 from .via import plan_via
@@ -46,8 +47,9 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     )
     acl_actions, acl_findings = plan_server_acl(snapshot, policy, graph)
     via_actions, via_findings = plan_via(snapshot, policy, graph)
-    jr_actions += acl_actions + via_actions
-    jr_findings += acl_findings + via_findings
+    ps_actions, ps_findings = plan_policy_server(snapshot, policy, graph)
+    jr_actions += acl_actions + via_actions + ps_actions
+    jr_findings += acl_findings + via_findings + ps_findings
     # A room that could not be read, or that answers to a Space that could not be read, gets no state
     # writes: its levels, join rules and children are known only as they were (unknown is not absent).
     waits = unsure_rooms(snapshot, graph)

@@ -474,6 +474,8 @@ class Executor:
                 await self._call(lambda: m.put_state(room, "m.room.server_acl", content))
                 self.cache.update(room, [{"type": "m.room.server_acl", "state_key": "", "content": content}])
             await self.store.set_owned_acl(room, owned_after(action))
+        elif action.kind is ActionKind.SET_POLICY_SERVER:
+            return await self._set_policy_server(action)
         elif action.kind is ActionKind.SET_SPACE_CHILD:
             content = dict(action.content or {})
             key = action.state_key or ""
@@ -497,6 +499,24 @@ class Executor:
         if not applied:
             return Outcome.SKIPPED
         return Outcome.DONE if changes else Outcome.ALREADY_DONE
+
+    async def _set_policy_server(self, action: Action) -> Outcome:
+        """Write the policy server state only over what the plan saw (nothing, or spacesync's own write): a
+        room that set its own meanwhile keeps it."""
+        room, event_type = action.room_id, action.state_key or ""
+        before, after = action.changes["policy"]
+        current = await self._call(lambda: self.matrix.state_event(room, event_type)) or {}
+        if current == after:
+            await self.store.set_owned_policy(room, event_type, after or None)
+            return Outcome.ALREADY_DONE
+        if current != before:
+            await self.store.set_owned_policy(room, event_type, None)
+            return Outcome.SKIPPED
+        content = dict(after)
+        await self._call(lambda: self.matrix.put_state(room, event_type, content))
+        self.cache.update(room, [{"type": event_type, "state_key": "", "content": content}])
+        await self.store.set_owned_policy(room, event_type, after or None)
+        return Outcome.DONE
 
     async def _redact_recent(self, action: Action, last: int) -> None:
         """The banned user's last messages in the room, redacted one by one: the adapter waits out each 429, so

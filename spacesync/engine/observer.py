@@ -113,6 +113,7 @@ class Observer:
             owned_levels=await self.store.owned_levels(),
             lockdowns=await self.store.lockdowns(),
             owned_acl=await self.store.owned_acl(),
+            owned_policy=await self.store.owned_policy(),
             now_ms=int(time.time() * 1000),
         )
 

@@ -19,6 +19,8 @@ def _via(content: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(v for v in via if isinstance(v, str) and v)
 
 
+POLICY_TYPES = ("m.room.policy", "org.matrix.msc4284.policy")
+"""MSC4284's policy server state, under its stable and unstable names."""
 REDACT_EVENTS_UNSTABLE = "org.matrix.msc4293.redact_events"
 """MSC4293's flag as Synapse 1.163 still names it (behind experimental_features: msc4293_enabled)."""
 
@@ -134,6 +136,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         predecessor=RoomID(predecessor_id) if isinstance(predecessor_id, str) else None,
         name=name if isinstance(name, str) else None,
         server_acl=dict(content("m.room.server_acl")) if ("m.room.server_acl", "") in state else None,
+        policy_servers={t: dict(content(t)) for t in POLICY_TYPES if content(t)},
         malformed=malformed,
     )
 

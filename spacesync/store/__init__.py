@@ -344,6 +344,23 @@ class Store:
             for entry in sorted(entries):
                 await conn.execute("INSERT INTO owned_acl (room_id, entry) VALUES ($1, $2)", room_id, entry)
 
+    async def owned_policy(self) -> dict[tuple[RoomID, str], dict[str, Any]]:
+        rows = await self.db.fetch("SELECT room_id, event_type, written FROM owned_policy")
+        return {(RoomID(r["room_id"]), r["event_type"]): json.loads(r["written"]) for r in rows}
+
+    async def set_owned_policy(self, room_id: RoomID, event_type: str, written: Mapping[str, Any] | None) -> None:
+        """The policy server state spacesync wrote into a room (None: nothing of its own there any more)."""
+        if written is None:
+            await self.db.execute("DELETE FROM owned_policy WHERE room_id=$1 AND event_type=$2", room_id, event_type)
+            return
+        await self.db.execute(
+            "INSERT INTO owned_policy (room_id, event_type, written) VALUES ($1, $2, $3)"
+            " ON CONFLICT (room_id, event_type) DO UPDATE SET written=excluded.written",
+            room_id,
+            event_type,
+            json.dumps(dict(written)),
+        )
+
     async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:
         rows = await self.db.fetch(
             "SELECT room_id, user_id, event_id, membership, was_joined, seen_at FROM member_history"

@@ -235,3 +235,30 @@ async def test_unroutable_child_entries_are_reported_and_refreshed_keeping_order
     await wait_for(refreshed, timeout=20, message="child entry not refreshed")
     await bot.reconcile()
     assert not [f for f in bot.app.reconciler.last_plan.findings if f.code == "unroutable_child"]
+
+
+async def test_policy_server_is_mirrored_where_rooms_have_none_and_removed_only_where_spacesync_set_it(
+    world, start_bot
+):
+    space = await world.space("Demo Community")
+    bare = await world.room(space, "No policy")
+    own = await world.room(space, "Own policy")
+    client = world.owner.client
+    first = {"via": "policy.example", "public_keys": {"ed25519": "Zmlyc3Q"}}
+    theirs = {"via": "own.example", "public_keys": {"ed25519": "b3du"}}
+    await client.send_state(space, "m.room.policy", first)
+    await client.send_state(own, "m.room.policy", theirs)
+    bot = await start_bot([{"room": space, "policy_server": "sync"}])
+
+    async def policy_is(room_id: str, content: dict) -> bool:
+        return (await client.get_state_event(room_id, "m.room.policy") or {}) == content
+
+    await wait_for(lambda: policy_is(bare, first), timeout=20, message="policy server not mirrored")
+    second = {"via": "policy2.example", "public_keys": {"ed25519": "c2Vjb25k"}}
+    await client.send_state(space, "m.room.policy", second)
+    await wait_for(lambda: policy_is(bare, second), timeout=20, message="policy server change not followed")
+    await client.send_state(space, "m.room.policy", {})
+    await wait_for(lambda: policy_is(bare, {}), timeout=20, message="policy server not removed")
+    await bot.reconcile()
+    assert await policy_is(own, theirs), "a room's own policy server was touched"
+    assert await bot.app.store.owned_policy() == {}
