@@ -31,6 +31,7 @@ bench: $(STAMP)  ## benchmarks against a real Synapse; figures go to docs/benchm
 	$(BIN)/python benchmarks/eviction.py
 	$(BIN)/python benchmarks/reconcile.py
 	$(BIN)/python benchmarks/power_levels.py
+	$(BIN)/python benchmarks/lockdown.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

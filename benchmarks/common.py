@@ -314,7 +314,7 @@ SYNC_FILTER = json.dumps(
         "presence": {"types": []},
         "account_data": {"types": []},
         "room": {
-            "timeline": {"limit": 200, "types": ["m.room.member", "m.room.power_levels"]},
+            "timeline": {"limit": 200, "types": ["m.room.member", "m.room.power_levels", "m.room.join_rules"]},
             "state": {"types": []},
             "ephemeral": {"types": []},
             "account_data": {"types": []},

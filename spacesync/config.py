@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import string
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,7 +16,7 @@ import attrs
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from .model import OnLeave, RoomID, SpacePolicy, UserID
+from .model import REASON_FIELDS, OnLeave, RoomID, SpacePolicy, UserID, render_reason
 from .refs import RefError, RoomRef, parse_room_ref, parse_user_ref, split_server_name
 
 __all__ = [
@@ -144,6 +145,10 @@ class SpaceConfig:
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
     guard_window: float = 600.0
+    server_acl: bool = False
+    redact_on_ban: int = 0
+    refresh_via: bool = False
+    policy_server: bool = False
 
     def to_policy(
         self,
@@ -177,6 +182,10 @@ class SpaceConfig:
             invite_members=self.invite_members,
             max_evictions_without_confirmation=self.max_evictions_without_confirmation,
             guard_window_s=self.guard_window,
+            server_acl=self.server_acl,
+            redact_on_ban=self.redact_on_ban,
+            refresh_via=self.refresh_via,
+            policy_server=self.policy_server,
         )
 
 
@@ -221,6 +230,7 @@ class Config:
     walk: WalkConfig = WalkConfig()
     web: WebConfig | None = WebConfig("127.0.0.1", 9090)
     logging: LoggingConfig = LoggingConfig()
+    reason_template: str = "{event} {space}"
 
 
 # --- value readers: each takes (value, key path) and returns the typed value or raises ConfigError ---
@@ -322,6 +332,25 @@ def _duration(minimum: float = 0.0) -> Reader:
         return seconds
 
     return read
+
+
+def _reason_template(value: Any, path: str) -> str:
+    template = _string()(value, path)
+    fields = ", ".join("{" + f + "}" for f in REASON_FIELDS)
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        _fail(path, f"{exc}; write placeholders as {fields} and a literal brace as {{{{ or }}}}")
+    unknown = sorted(used - set(REASON_FIELDS))
+    if unknown:
+        _fail(path, f"unknown placeholder {{{unknown[0]}}}; use {fields}")
+    if "space" not in used and "space_id" not in used:
+        _fail(path, "names no Space; include {space} (its name) or {space_id}")
+    try:
+        render_reason(template, "left", RoomID("!x:example.org"), "Example")
+    except (IndexError, KeyError, ValueError, AttributeError) as exc:
+        _fail(path, f"cannot be filled in ({exc}); use plain placeholders {fields}")
+    return template
 
 
 def _nullable(reader: Reader) -> Reader:
@@ -499,6 +528,10 @@ _SPACE = _section(
         "invite_members": _Key(_boolean, False),
         "max_evictions_without_confirmation": _Key(_nullable(_max_evictions), None),
         "guard_window": _Key(_nullable(_guard_window), None),
+        "server_acl": _Key(_choice({"sync": True, "off": False}), "off"),
+        "redact_on_ban": _Key(_integer(0, 1000), 0),
+        "refresh_via": _Key(_boolean, False),
+        "policy_server": _Key(_choice({"sync": True, "off": False}), "off"),
     }
 )
 
@@ -554,6 +587,7 @@ _TOP = _section(
         "reconcile_interval": _Key(_duration(minimum=10), "1h"),
         "max_evictions_without_confirmation": _Key(_max_evictions, 25),
         "guard_window": _Key(_guard_window, "10m"),
+        "reason_template": _Key(_reason_template, "{event} {space}"),
         "executor": _Key(
             _section(
                 {

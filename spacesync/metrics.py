@@ -18,6 +18,12 @@ ACTIONS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+REDACTIONS = Counter(
+    "spacesync_redactions_total",
+    "Messages of banned users redacted along with a ban (redact_on_ban), by outcome (done, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 JOURNAL_DEPTH = Gauge(
     "spacesync_journal_depth",
     "Actions in the journal not yet finished, by status (pending, running, held).",

@@ -15,6 +15,7 @@ __all__ = [
     "EventID",
     "Finding",
     "LeftBehind",
+    "Lockdown",
     "MemberState",
     "Membership",
     "OnLeave",
@@ -59,6 +60,8 @@ class MemberState:
     """For a `leave`: the membership event it replaced (`unsigned.replaces_state`), when the homeserver said."""
     reason: str | None = None
     """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
+    redact_events: bool = False
+    """For a ban: MSC4293's `redact_events: true` (remove the user's messages along with them)."""
 
 
 def parse_level(value: Any) -> int | None:
@@ -133,6 +136,8 @@ class RoomState:
     children: Mapping[RoomID, tuple[str, ...]] = attrs.field(factory=dict)
     """m.space.child state with a non-empty `via`: child room id -> via servers."""
     child_senders: Mapping[RoomID, UserID] = attrs.field(factory=dict)
+    child_content: Mapping[RoomID, Mapping[str, Any]] = attrs.field(factory=dict)
+    """The full m.space.child content per child (order, suggested), to rewrite `via` and keep the rest."""
     parents: Mapping[RoomID, UserID] = attrs.field(factory=dict)
     """m.space.parent state with a non-empty `via`: parent room id -> sender."""
     members: Mapping[UserID, MemberState] = attrs.field(factory=dict)
@@ -142,6 +147,10 @@ class RoomState:
     predecessor: RoomID | None = None
     """The room this one replaced (m.room.create `predecessor`): how an upgrade is verified."""
     name: str | None = None
+    server_acl: Mapping[str, Any] | None = None
+    """m.room.server_acl content, or None when the room has none."""
+    policy_servers: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    """Policy server state (MSC4284) by event type (m.room.policy, and the unstable name), non-empty only."""
     malformed: int = 0
     """State events skipped because their content could not be read (wrong types, missing fields)."""
 
@@ -175,6 +184,12 @@ class Snapshot:
     placed_bans: frozenset[PlacedBan] = frozenset()
     owned_levels: Mapping[tuple[RoomID, UserID], OwnedLevel] = attrs.field(factory=dict)
     now_ms: int = 0
+    lockdowns: Mapping[RoomID, Lockdown] = attrs.field(factory=dict)
+    owned_acl: Mapping[RoomID, frozenset[str]] = attrs.field(factory=dict)
+    owned_policy: Mapping[tuple[RoomID, str], Mapping[str, Any]] = attrs.field(factory=dict)
+    """Policy server state spacesync wrote, by (room, event type): what it wrote."""
+    """Server ACL deny entries spacesync added to each room (the rest of each ACL is the room's own)."""
+    """Rooms spacesync locked down and that still hold the rule it wrote: their join rules are left alone."""
 
     def known(self, room_id: RoomID) -> bool:
         """Read in this snapshot: neither missing nor stale."""
@@ -215,6 +230,14 @@ class SpacePolicy:
     invite_members: bool = False
     max_evictions_without_confirmation: int = 25
     guard_window_s: float = 600.0
+    server_acl: bool = False
+    """Merge the Space's m.room.server_acl deny entries into its managed rooms."""
+    redact_on_ban: int = 0
+    """With each ban carried down from the Space, also redact the user's last N messages in the room."""
+    policy_server: bool = False
+    """Mirror the Space's policy server (MSC4284) into managed rooms that have none of their own."""
+    refresh_via: bool = False
+    """Rewrite m.space.child `via` lists whose servers have no joined member left in the child."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
@@ -232,9 +255,21 @@ class Policy:
     """Users exempt in every Space (added from the admin room)."""
     max_depth: int = 10
     max_rooms: int = 2000
+    reason_template: str = "{event} {space}"
+    """How kick and ban reasons read in users' clients: `{event}` (left, kicked from, banned in, removed from),
+    `{space}` (the Space's name, or "Space <room id>" when it has none) and `{space_id}`."""
 
     def space(self, room_id: RoomID) -> SpacePolicy | None:
         return next((s for s in self.spaces if s.room_id == room_id), None)
+
+
+REASON_FIELDS = ("event", "space", "space_id")
+"""The placeholders a reason template may use."""
+
+
+def render_reason(template: str, event: str, space_id: RoomID, space_name: str | None) -> str:
+    """A kick or ban reason a person can read: the Space by its name, never only by its room id."""
+    return template.format(event=event, space=space_name or f"Space {space_id}", space_id=space_id)
 
 
 class ActionKind(str, Enum):
@@ -245,6 +280,9 @@ class ActionKind(str, Enum):
     SET_POWER_LEVELS = "set_power_levels"
     SET_JOIN_RULES = "set_join_rules"
     SET_SPACE_CHILD = "set_space_child"
+    SET_SERVER_ACL = "set_server_acl"
+    SET_POLICY_SERVER = "set_policy_server"
+    """state_key holds the event type (m.room.policy or its unstable name); the state key sent is empty."""
 
 
 EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
@@ -324,6 +362,18 @@ class FindingArea(str, Enum):
 
 
 @attrs.frozen
+class Lockdown:
+    """A room spacesync locked down, and the join rules it had before: unlock restores exactly them."""
+
+    room_id: RoomID
+    space_id: RoomID
+    previous: Mapping[str, Any]
+    """The m.room.join_rules content before the lockdown."""
+    written: str
+    """The join rule spacesync wrote (invite or knock): a room that no longer has it was changed by hand."""
+
+
+@attrs.frozen
 class Finding:
     """Something a moderator should know about a room, which the planner will not act on."""
 
@@ -394,6 +444,15 @@ class Cause(str, Enum):
     POWER_LEVELS = "power_levels"
     INVITE_MEMBERS = "invite_members"
     UNDO = "undo"
+    LOCKDOWN = "lockdown"
+    UNLOCK = "unlock"
+    SERVER_ACL = "server_acl"
+    REFRESH_VIA = "refresh_via"
+    POLICY_SERVER = "policy_server"
+
+
+MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
+"""Actions a moderator asked for from the admin room: run as asked, never re-checked against the plan."""
 
 
 class FindingFamily(str, Enum):
@@ -438,6 +497,9 @@ class FindingCode(str, Enum):
     RESTRICTED_LOCALLY = "restricted_locally"
     PARTIAL_STATE = "partial_state"
     """Joined over federation, its full state still on the way: not read, not acted in, waited for."""
+    LOCKED_DOWN = "locked_down"
+    ACL_REFUSED = "acl_refused"
+    UNROUTABLE_CHILD = "unroutable_child"
 
     @property
     def family(self) -> FindingFamily:
@@ -469,6 +531,9 @@ _FINDING_FAMILIES = {
     FindingCode.CHANGED_BY_HAND: FindingFamily.POWER_LEVELS,
     FindingCode.ABOVE_BOT: FindingFamily.POWER_LEVELS,
     FindingCode.RESTRICTED_LOCALLY: FindingFamily.POWER_LEVELS,
+    FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
+    FindingCode.ACL_REFUSED: FindingFamily.CANNOT_ACT,
+    FindingCode.UNROUTABLE_CHILD: FindingFamily.STRUCTURE,
 }
 
 

@@ -6,10 +6,11 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from ..core.powerlevels import record_before
-from ..model import Action, ActionKind, Membership, RoomID, RoomState, UserID
+from ..model import Action, ActionKind, Cause, Membership, RoomID, RoomState, UserID
 from ..store import Status
 from ..store.journal import Batch, BatchStatus
 from .format import Reply, code, compose, esc, line, listing, plural
+from .lockdown import unlock_actions
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
 from .world import label, level, room_state, show_level
@@ -157,9 +158,10 @@ def _effective(room: RoomState, value: int | None) -> int:
     summary="revert what a finished batch did",
     help="Re-invites the users the batch kicked, unbans the users it banned, and restores the power "
     "levels it changed (only entries nobody changed since, and never above your own level in the "
-    "room). The reverse actions run as a new batch. Join-rule and m.space.child changes are not "
-    "undone. Users who are still not entitled are evicted again by the next reconcile once they "
-    "rejoin, unless you exempt them ('exempt add'); levels a Space still grants are written again. The "
+    "room), and unlocks the rooms a lockdown switched (those nobody changed since). The reverse actions run as a "
+    "new batch. Other join-rule and m.space.child changes are not undone. Users who are still not entitled "
+    "are evicted again by the next reconcile once they rejoin, unless you exempt them ('exempt add'); "
+    "levels a Space still grants are written again. The "
     "bot's records of the levels it wrote go back to what they were before the batch.",
 )
 async def undo(ctx: Context, args: list[str]) -> Reply:
@@ -219,6 +221,16 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
                         ownership=ownership,
                     )
                 )
+        elif action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.LOCKDOWN:
+            lock = (await app.store.lockdowns()).get(action.room_id)
+            if lock is None:
+                skipped.append(f"{room_t} is no longer locked down")
+                continue
+            unlocks, changed = unlock_actions(app, [lock], reason)
+            inverse.extend(unlocks)
+            for _, rule_now in changed:
+                await app.store.set_lockdown(action.room_id, None)
+                skipped.append(f"join rule in {room_t} changed by hand since (now {rule_now or 'unknown'}), left alone")
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
     if not inverse:
@@ -229,6 +241,7 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
         ActionKind.INVITE: "re-invite",
         ActionKind.UNBAN: "unban",
         ActionKind.SET_POWER_LEVELS: "power-level restore",
+        ActionKind.SET_JOIN_RULES: "join-rule restore",
     }
     summary = ", ".join(plural(n, names[k]) for k, n in kinds.items())
     parts: list[Reply | str] = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from ..model import EVICTIONS, Action, ActionKind, LeftBehind, RoomID, UserID
+from ..model import EVICTIONS, Action, ActionKind, Cause, LeftBehind, RoomID, UserID
 from ..store.journal import Entry, Status
 from .format import Line, Reply, code, esc, line, listing, one_line, plural
 
@@ -19,6 +19,8 @@ _DONE = {
     ActionKind.SET_POWER_LEVELS: "updated power levels",
     ActionKind.SET_JOIN_RULES: "restricted the join rule",
     ActionKind.SET_SPACE_CHILD: "re-pointed the Space's child",
+    ActionKind.SET_SERVER_ACL: "updated the server ACL",
+    ActionKind.SET_POLICY_SERVER: "updated the policy server",
 }
 _TRIGGERS = {"sync": "after a change in a Space", "reconcile": "scheduled check", "command": "!spacesync sync"}
 NAMES_SHOWN = 5
@@ -30,14 +32,21 @@ def _rooms(rooms: Sequence[RoomID], name: RoomName) -> str:
     return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
 
 
+def _verb(action: Action) -> str:
+    if action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.LOCKDOWN:
+        return f"locked down (join rule {(action.content or {}).get('join_rule')})"
+    if action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.UNLOCK:
+        return "restored the join rules from before the lockdown"
+    return _DONE.get(action.kind, action.kind.value)
+
+
 def _grouped(actions: Sequence[Action], name: RoomName) -> list[Line]:
     """One line per (what, whom): 'kicked @alice in 4 rooms: general, random, …'."""
-    groups: dict[tuple[ActionKind, UserID | None], list[RoomID]] = defaultdict(list)
+    groups: dict[tuple[ActionKind, UserID | None, str], list[RoomID]] = defaultdict(list)
     for action in actions:
-        groups[(action.kind, action.user_id)].append(action.room_id)
+        groups[(action.kind, action.user_id, _verb(action))].append(action.room_id)
     lines = []
-    for (kind, user), rooms in sorted(groups.items(), key=lambda g: (g[0][0].value, g[0][1] or "")):
-        verb = _DONE.get(kind, kind.value)
+    for (_kind, user, verb), rooms in sorted(groups.items(), key=lambda g: (g[0][0].value, g[0][1] or "", g[0][2])):
         where = f"in {plural(len(rooms), 'room')}: {_rooms(rooms, name)}"
         if user:
             lines.append(line(f"{verb} {user} {where}", f"{esc(verb)} {code(user)} {esc(where)}"))
@@ -80,7 +89,7 @@ def batch_summary(
     if len(left_behind) > NAMES_SHOWN:
         lines.append(line(f"… {len(left_behind) - NAMES_SHOWN} more left in place (!spacesync whois <user>)"))
     reply = listing(title, lines, hint=f"!spacesync batch {batch} lists them all")
-    if any(a.kind in EVICTIONS or a.kind is ActionKind.SET_POWER_LEVELS for a in done):
+    if any(a.kind in EVICTIONS or a.kind is ActionKind.SET_POWER_LEVELS or a.cause == Cause.LOCKDOWN for a in done):
         hint = f"Undo: !spacesync undo {batch}"
         reply = Reply(f"{reply.text}\n{hint}", f"{reply.html}<p>Undo: {code(f'!spacesync undo {batch}')}</p>")
     return reply

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 PREFIX = "!spacesync"
-FAMILY_ORDER = ("general", "status", "settings", "batches")
+FAMILY_ORDER = ("general", "status", "settings", "moderation", "batches")
 
 Handler = Callable[["Context", list[str]], Awaitable["Reply | str"]]
 

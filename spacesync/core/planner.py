@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ..model import (
@@ -19,20 +21,38 @@ from ..model import (
     RoomState,
     Snapshot,
     UserID,
+    render_reason,
 )
 from .entitlement import Memberships, entitled_by, entitlers, protection, user_level
 from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
+from .lockdown import as_before_lockdown, lockdown_findings, locked_rooms
+from .policyserver import plan_policy_server
 from .powerlevels import plan_power_levels
+from .serveracl import plan_server_acl
+from .via import plan_via
 
 
 def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     """Everything that should change now, from the state alone."""
+    # A room spacesync locked down is planned as it was before (its allow list keeps it opted in); its join
+    # rules are left alone until it is unlocked, whatever join_rules: enforce would say.
+    locked = locked_rooms(snapshot)
+    snapshot = as_before_lockdown(snapshot)
     graph = build_graph(snapshot, policy)
     membership = MembershipPlanner(snapshot, policy, graph)
     membership.run()
     pl_actions, stale_levels, released_levels, pl_findings = plan_power_levels(snapshot, policy, graph)
     jr_actions, jr_findings = plan_join_rules(snapshot, policy, graph, membership.memberships)
+    jr_actions = [a for a in jr_actions if a.room_id not in locked or a.kind is not ActionKind.SET_JOIN_RULES]
+    jr_findings = [f for f in jr_findings if f.room_id not in locked] + lockdown_findings(
+        snapshot, locked & graph.managed
+    )
+    acl_actions, acl_findings = plan_server_acl(snapshot, policy, graph)
+    via_actions, via_findings = plan_via(snapshot, policy, graph)
+    ps_actions, ps_findings = plan_policy_server(snapshot, policy, graph)
+    jr_actions += acl_actions + via_actions + ps_actions
+    jr_findings += acl_findings + via_findings + ps_findings
     # A room that could not be read, or that answers to a Space that could not be read, gets no state
     # writes: its levels, join rules and children are known only as they were (unknown is not absent).
     waits = unsure_rooms(snapshot, graph)
@@ -312,8 +332,9 @@ class MembershipPlanner:
                             room_id=room_id,
                             user_id=user_id,
                             cause="space_ban",
-                            reason=f"banned in Space {space_id}",
+                            reason=self._reason("banned in", space_id),
                             space_id=self._root_for(room_id),
+                            content=self._ban_extras(space_id, room_id, user_id),
                         )
                     )
                     planned = True
@@ -422,16 +443,32 @@ class MembershipPlanner:
                     changed = planned = True
         return planned
 
+    def _ban_extras(self, space_id: RoomID, room_id: RoomID, user_id: UserID) -> dict[str, Any] | None:
+        """What a carried-down ban sends besides its reason: MSC4293's redact_events when the Space ban asked for
+        it, and how many of the user's last messages to redact there (redact_on_ban)."""
+        extras: dict[str, Any] = {}
+        state = self.snapshot.rooms[space_id].members.get(user_id) if space_id in self.snapshot.rooms else None
+        if state is not None and state.membership is Membership.BAN and state.redact_events:
+            extras["redact_events"] = True
+        last = max((p.redact_on_ban for p in policies_for(self.graph, self.policy, room_id)), default=0)
+        if last:
+            extras["redact_last"] = last
+        return extras or None
+
+    def _reason(self, event: str, space_id: RoomID) -> str:
+        room = self.snapshot.rooms.get(space_id)
+        return render_reason(self.policy.reason_template, event, space_id, room.name if room else None)
+
     def _leave_reason(self, user_id: UserID, left: list[RoomID]) -> str:
         space_id = left[0]
         if self.memberships.is_planned(space_id, user_id):
-            return f"removed from Space {space_id}"
+            return self._reason("removed from", space_id)
         state = self.snapshot.rooms[space_id].members[user_id]
         if state.membership is Membership.BAN:
-            return f"banned in Space {space_id}"
+            return self._reason("banned in", space_id)
         if state.sender and state.sender != user_id:
-            return f"kicked from Space {space_id}"
-        return f"left Space {space_id}"
+            return self._reason("kicked from", space_id)
+        return self._reason("left", space_id)
 
     def _lift_candidates(
         self,

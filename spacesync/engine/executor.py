@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import random
@@ -17,10 +18,11 @@ from mautrix.errors import MatrixRequestError
 from ..backoff import backoff
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
+from ..core.serveracl import apply_acl_changes, owned_after
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..matrix.errors import TRANSPORT_ERRORS
-from ..metrics import ACTIONS
-from ..model import Action, ActionKind, Cause, PlacedBan, RoomState, UserID
+from ..metrics import ACTIONS, REDACTIONS
+from ..model import MODERATOR_CAUSES, Action, ActionKind, Cause, Lockdown, PlacedBan, RoomID, RoomState, UserID
 from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
 
@@ -183,7 +185,11 @@ class Executor:
         await self._idle.wait()
 
     def _needs_recheck(self, entry: Entry) -> bool:
-        if self.recheck is None or entry.action.cause == Cause.UNDO or (entry.id, entry.not_before) in self._rechecked:
+        if (
+            self.recheck is None
+            or entry.action.cause in MODERATOR_CAUSES
+            or (entry.id, entry.not_before) in self._rechecked
+        ):
             return False
         return entry.created_at < self.leader_since_ms or entry.not_before > 0
 
@@ -394,6 +400,14 @@ class Executor:
             )
         elif action.kind is ActionKind.UNBAN and action.user_id:
             await self.store.forget_ban(action.room_id, action.user_id)
+        elif action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.LOCKDOWN and action.space_id:
+            previous, _ = action.changes["join_rules"]
+            written = str((action.content or {}).get("join_rule"))
+            await self.store.set_lockdown(
+                action.room_id, Lockdown(action.room_id, action.space_id, dict(previous), written)
+            )
+        elif action.kind is ActionKind.SET_JOIN_RULES and action.cause == Cause.UNLOCK:
+            await self.store.set_lockdown(action.room_id, None)
         membership = {
             ActionKind.KICK: "leave",
             ActionKind.BAN: "ban",
@@ -436,7 +450,11 @@ class Executor:
             if self._banned_by_other(action):
                 # Banning again would replace a moderator's ban with one spacesync would later lift.
                 return Outcome.BANNED_BY_SOMEONE_ELSE
-            await self._call(lambda: m.ban(room, user, action.reason))
+            extras = action.content or {}
+            redact = extras.get("redact_events") is True
+            await self._call(lambda: m.ban(room, user, action.reason, redact_events=redact))
+            if isinstance(extras.get("redact_last"), int) and extras["redact_last"] > 0:
+                await self._redact_recent(action, extras["redact_last"])
         elif action.kind is ActionKind.UNBAN:
             await self._call(lambda: m.unban(room, user, action.reason))
         elif action.kind is ActionKind.INVITE:
@@ -445,8 +463,19 @@ class Executor:
             return await self._set_power_levels(action)
         elif action.kind is ActionKind.SET_JOIN_RULES:
             content = dict(action.content or {})
+            if action.cause == Cause.UNLOCK and not await self._still_locked(action):
+                return Outcome.SKIPPED
             await self._call(lambda: m.put_state(room, "m.room.join_rules", content))
             self.cache.update(room, [{"type": "m.room.join_rules", "state_key": "", "content": content}])
+        elif action.kind is ActionKind.SET_SERVER_ACL:
+            current = await self._call(lambda: m.state_event(room, "m.room.server_acl"))
+            content = apply_acl_changes(current, action)
+            if content != current:
+                await self._call(lambda: m.put_state(room, "m.room.server_acl", content))
+                self.cache.update(room, [{"type": "m.room.server_acl", "state_key": "", "content": content}])
+            await self.store.set_owned_acl(room, owned_after(action))
+        elif action.kind is ActionKind.SET_POLICY_SERVER:
+            return await self._set_policy_server(action)
         elif action.kind is ActionKind.SET_SPACE_CHILD:
             content = dict(action.content or {})
             key = action.state_key or ""
@@ -470,6 +499,55 @@ class Executor:
         if not applied:
             return Outcome.SKIPPED
         return Outcome.DONE if changes else Outcome.ALREADY_DONE
+
+    async def _set_policy_server(self, action: Action) -> Outcome:
+        """Write the policy server state only over what the plan saw (nothing, or spacesync's own write): a
+        room that set its own meanwhile keeps it."""
+        room, event_type = action.room_id, action.state_key or ""
+        before, after = action.changes["policy"]
+        current = await self._call(lambda: self.matrix.state_event(room, event_type)) or {}
+        if current == after:
+            await self.store.set_owned_policy(room, event_type, after or None)
+            return Outcome.ALREADY_DONE
+        if current != before:
+            await self.store.set_owned_policy(room, event_type, None)
+            return Outcome.SKIPPED
+        content = dict(after)
+        await self._call(lambda: self.matrix.put_state(room, event_type, content))
+        self.cache.update(room, [{"type": event_type, "state_key": "", "content": content}])
+        await self.store.set_owned_policy(room, event_type, after or None)
+        return Outcome.DONE
+
+    async def _redact_recent(self, action: Action, last: int) -> None:
+        """The banned user's last messages in the room, redacted one by one: the adapter waits out each 429, so
+        a long run is paced by the server's limits. A failure stops the run; the ban stands either way."""
+        room, user = action.room_id, cast(UserID, action.user_id)
+        try:
+            events = await self._call(lambda: self.matrix.recent_messages_of(room, user, last))
+        except (Transient, MatrixRequestError) as e:
+            log.warning("could not read messages to redact", room=room, user=user, error=str(e))
+            REDACTIONS.labels(outcome="failed").inc()
+            return
+        for event_id in events:
+            try:
+                await self._call(functools.partial(self.matrix.redact, room, event_id, action.reason))
+            except (Transient, MatrixRequestError) as e:
+                log.warning("redaction failed", room=room, user=user, event_id=event_id, error=str(e))
+                REDACTIONS.labels(outcome="failed").inc()
+                return
+            REDACTIONS.labels(outcome="done").inc()
+        log.info("redacted with the ban", room=room, user=user, redacted=len(events))
+
+    async def _still_locked(self, action: Action) -> bool:
+        """Whether the room still holds the join rule the lockdown wrote; one changed by hand since is left alone
+        (and its record forgotten)."""
+        room = action.room_id
+        current = await self._call(lambda: self.matrix.state_event(room, "m.room.join_rules")) or {}
+        locked, _ = action.changes.get("join_rules", ({}, {}))
+        if current.get("join_rule") == dict(locked).get("join_rule"):
+            return True
+        await self.store.set_lockdown(RoomID(room), None)
+        return False
 
     def _banned_by_other(self, action: Action) -> bool:
         """Whether the state cache shows the target already banned, by someone other than spacesync.

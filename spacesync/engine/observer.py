@@ -122,6 +122,9 @@ class Observer:
             unreachable=unreachable,
             placed_bans=await self.store.placed_bans(),
             owned_levels=await self.store.owned_levels(),
+            lockdowns=await self.store.lockdowns(),
+            owned_acl=await self.store.owned_acl(),
+            owned_policy=await self.store.owned_policy(),
             now_ms=int(time.time() * 1000),
         )
 

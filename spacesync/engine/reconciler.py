@@ -14,7 +14,19 @@ from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
 from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
-from ..model import EVICTIONS, Action, ActionKind, FindingCode, LeftBehind, Membership, Plan, Policy, RoomID, UserID
+from ..model import (
+    EVICTIONS,
+    MODERATOR_CAUSES,
+    Action,
+    ActionKind,
+    FindingCode,
+    LeftBehind,
+    Membership,
+    Plan,
+    Policy,
+    RoomID,
+    UserID,
+)
 from ..refs import RoomRef
 from ..store import Status, Store
 from ..store.journal import BatchStatus, now_ms
@@ -162,6 +174,7 @@ class Reconciler:
             exempt=exempt,
             max_depth=self.config.walk.max_depth,
             max_rooms=self.config.walk.max_rooms,
+            reason_template=self.config.reason_template,
         )
 
     async def plan(self, *, refresh: bool = True) -> Plan:
@@ -331,7 +344,7 @@ class Reconciler:
         async with self._lock:
             still_wanted = {a.key for a in (await self.plan(refresh=True)).actions}
             held = [e for e in await self.store.journal.batch_entries(batch) if e.status is Status.HELD]
-            stale = [e.id for e in held if e.action.key not in still_wanted]
+            stale = [e.id for e in held if e.action.key not in still_wanted and e.action.cause not in MODERATOR_CAUSES]
             await self.store.journal.set_statuses(stale, Status.CANCELLED)
             count = await self.store.journal.set_batch_status(batch, BatchStatus.RELEASED, Status.HELD, Status.PENDING)
         if stale:
@@ -364,10 +377,15 @@ class Reconciler:
         HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
         return count
 
-    async def enqueue(self, actions: list[Action], trigger: str) -> str | None:
-        """Journal actions chosen by a moderator (undo), outside the guard."""
+    async def enqueue(self, actions: list[Action], trigger: str, *, held: bool = False) -> str | None:
+        """Journal actions chosen by a moderator (undo, lockdown), outside the guard; `held` keeps them as one
+        batch for a moderator to confirm (never joined by the guard's held evictions)."""
         if not actions:
             return None
+        if held:
+            batch = await self.store.journal.add_new_batch(trigger, None, actions, Status.HELD)
+            HELD_ACTIONS.set(len(await self.store.journal.by_status(Status.HELD)))
+            return batch
         batch = await self.store.journal.add_new_batch(trigger, None, actions, Status.PENDING)
         self.executor.wake()
         return batch

@@ -48,6 +48,9 @@ TRIGGER_TYPES = frozenset(
         "m.room.join_rules",
         "m.room.tombstone",
         "m.room.create",
+        "m.room.server_acl",
+        "m.room.policy",
+        "org.matrix.msc4284.policy",
     }
 )
 OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})

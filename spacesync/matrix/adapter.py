@@ -286,8 +286,49 @@ class MatrixAdapter:
     async def kick(self, room_id: RoomID, user_id: UserID, reason: str = "") -> None:
         await self.request(Method.POST, Path.v3.rooms[room_id].kick, content={"user_id": user_id, "reason": reason})
 
-    async def ban(self, room_id: RoomID, user_id: UserID, reason: str = "") -> None:
-        await self.request(Method.POST, Path.v3.rooms[room_id].ban, content={"user_id": user_id, "reason": reason})
+    async def ban(self, room_id: RoomID, user_id: UserID, reason: str = "", *, redact_events: bool = False) -> None:
+        """`redact_events` (MSC4293) asks the server to redact the user's events too: sent under the stable name
+        and the unstable one Synapse reads today."""
+        content: dict[str, Any] = {"user_id": user_id, "reason": reason}
+        if redact_events:
+            content |= {"redact_events": True, "org.matrix.msc4293.redact_events": True}
+        await self.request(Method.POST, Path.v3.rooms[room_id].ban, content=content)
+
+    async def recent_messages_of(self, room_id: RoomID, user_id: UserID, limit: int, scan: int = 500) -> list[str]:
+        """Event ids of the user's last `limit` messages in the room (not state, not redacted), newest first,
+        looking back at most `scan` events."""
+        found: list[str] = []
+        start: str | None = None
+        seen = 0
+        while len(found) < limit and seen < scan:
+            query: dict[str, Any] = {"dir": "b", "limit": 100}
+            if start:
+                query["from"] = start
+            data = await self.request(Method.GET, Path.v3.rooms[room_id].messages, query=query, timeout=30)
+            chunk = data.get("chunk") or [] if isinstance(data, dict) else []
+            for event in chunk:
+                seen += 1
+                if (
+                    isinstance(event, dict)
+                    and event.get("sender") == user_id
+                    and "state_key" not in event
+                    and event.get("type") != "m.room.redaction"
+                    and event.get("content")
+                    and isinstance(event.get("event_id"), str)
+                ):
+                    found.append(event["event_id"])
+                    if len(found) >= limit:
+                        break
+            start = data.get("end") if isinstance(data, dict) else None
+            if not chunk or not start:
+                break
+        return found
+
+    async def redact(self, room_id: RoomID, event_id: str, reason: str = "") -> None:
+        txn = self.api.get_txn_id()
+        await self.request(
+            Method.PUT, Path.v3.rooms[room_id].redact[event_id][txn], content={"reason": reason} if reason else {}
+        )
 
     async def unban(self, room_id: RoomID, user_id: UserID, reason: str = "") -> None:
         await self.request(Method.POST, Path.v3.rooms[room_id].unban, content={"user_id": user_id, "reason": reason})

@@ -19,6 +19,12 @@ def _via(content: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(v for v in via if isinstance(v, str) and v)
 
 
+POLICY_TYPES = ("m.room.policy", "org.matrix.msc4284.policy")
+"""MSC4284's policy server state, under its stable and unstable names."""
+REDACT_EVENTS_UNSTABLE = "org.matrix.msc4293.redact_events"
+"""MSC4293's flag as Synapse 1.163 still names it (behind experimental_features: msc4293_enabled)."""
+
+
 def _member(event: Mapping[str, Any]) -> MemberState | None:
     """One m.room.member event, or None when it is not one spacesync can read."""
     content = event.get("content")
@@ -52,6 +58,8 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
         was_joined=was_joined,
         replaces=EventID(replaces) if replaces else None,
         reason=reason if isinstance(reason, str) else None,
+        redact_events=membership is Membership.BAN
+        and any(content.get(key) is True for key in ("redact_events", REDACT_EVENTS_UNSTABLE)),
     )
 
 
@@ -83,6 +91,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
     )
     children: dict[RoomID, tuple[str, ...]] = {}
     child_senders: dict[RoomID, UserID] = {}
+    child_content: dict[RoomID, Mapping[str, Any]] = {}
     parents: dict[RoomID, UserID] = {}
     members: dict[UserID, MemberState] = {}
     for (event_type, key), event in state.items():
@@ -92,6 +101,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
                 if via and key.startswith("!"):
                     children[RoomID(key)] = via
                     child_senders[RoomID(key)] = UserID(str(event.get("sender", "")))
+                    child_content[RoomID(key)] = dict(event.get("content") or {})
             elif event_type == "m.space.parent":
                 if _via(event.get("content") or {}) and key.startswith("!"):
                     parents[RoomID(key)] = UserID(str(event.get("sender", "")))
@@ -118,12 +128,15 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         join_rules_content=dict(join_rules),
         children=children,
         child_senders=child_senders,
+        child_content=child_content,
         parents=parents,
         members=members,
         power_levels=PowerLevels.from_content(content("m.room.power_levels") or _default_levels(create)),
         tombstone=RoomID(tombstone) if isinstance(tombstone, str) and tombstone.startswith("!") else None,
         predecessor=RoomID(predecessor_id) if isinstance(predecessor_id, str) else None,
         name=name if isinstance(name, str) else None,
+        server_acl=dict(content("m.room.server_acl")) if ("m.room.server_acl", "") in state else None,
+        policy_servers={t: dict(content(t)) for t in POLICY_TYPES if content(t)},
         malformed=malformed,
     )
 

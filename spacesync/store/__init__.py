@@ -16,7 +16,7 @@ import structlog
 from mautrix.util.async_db import Connection, Database, Scheme
 from mautrix.util.logging import TraceLogger
 
-from ..model import Action, OwnedLevel, PlacedBan, RoomID, UserID
+from ..model import Action, Lockdown, OwnedLevel, PlacedBan, RoomID, UserID
 from .journal import Journal, Status, now_ms
 from .migrations import upgrade_table
 
@@ -304,6 +304,61 @@ class Store:
             owned.written,
             owned.previous,
             owned.released,
+        )
+
+    async def lockdowns(self) -> dict[RoomID, Lockdown]:
+        rows = await self.db.fetch("SELECT room_id, space_id, previous, written FROM lockdown")
+        return {
+            RoomID(r["room_id"]): Lockdown(
+                RoomID(r["room_id"]), RoomID(r["space_id"]), json.loads(r["previous"]), r["written"]
+            )
+            for r in rows
+        }
+
+    async def set_lockdown(self, room_id: RoomID, lockdown: Lockdown | None) -> None:
+        """Remember a room spacesync locked down (None: forget it, it was unlocked)."""
+        if lockdown is None:
+            await self.db.execute("DELETE FROM lockdown WHERE room_id=$1", room_id)
+            return
+        await self.db.execute(
+            "INSERT INTO lockdown (room_id, space_id, previous, written, locked_at) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (room_id) DO UPDATE SET space_id=excluded.space_id, written=excluded.written",
+            room_id,
+            lockdown.space_id,
+            json.dumps(dict(lockdown.previous)),
+            lockdown.written,
+            now_ms(),
+        )
+
+    async def owned_acl(self) -> dict[RoomID, frozenset[str]]:
+        owned: dict[RoomID, set[str]] = {}
+        for r in await self.db.fetch("SELECT room_id, entry FROM owned_acl"):
+            owned.setdefault(RoomID(r["room_id"]), set()).add(r["entry"])
+        return {room_id: frozenset(entries) for room_id, entries in owned.items()}
+
+    async def set_owned_acl(self, room_id: RoomID, entries: frozenset[str]) -> None:
+        """The server ACL deny entries spacesync added to a room, as they are now."""
+        conn: Connection
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM owned_acl WHERE room_id=$1", room_id)
+            for entry in sorted(entries):
+                await conn.execute("INSERT INTO owned_acl (room_id, entry) VALUES ($1, $2)", room_id, entry)
+
+    async def owned_policy(self) -> dict[tuple[RoomID, str], dict[str, Any]]:
+        rows = await self.db.fetch("SELECT room_id, event_type, written FROM owned_policy")
+        return {(RoomID(r["room_id"]), r["event_type"]): json.loads(r["written"]) for r in rows}
+
+    async def set_owned_policy(self, room_id: RoomID, event_type: str, written: Mapping[str, Any] | None) -> None:
+        """The policy server state spacesync wrote into a room (None: nothing of its own there any more)."""
+        if written is None:
+            await self.db.execute("DELETE FROM owned_policy WHERE room_id=$1 AND event_type=$2", room_id, event_type)
+            return
+        await self.db.execute(
+            "INSERT INTO owned_policy (room_id, event_type, written) VALUES ($1, $2, $3)"
+            " ON CONFLICT (room_id, event_type) DO UPDATE SET written=excluded.written",
+            room_id,
+            event_type,
+            json.dumps(dict(written)),
         )
 
     async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:

@@ -371,6 +371,8 @@ class Synapse:
             "trusted_key_servers": [],
             "suppress_key_server_warning": True,
             "enable_media_repo": False,
+            # MSC4293: a ban's redact_events flag makes the server redact the banned user's events.
+            "experimental_features": {"msc4293_enabled": True},
             "media_store_path": str(self.workdir / "media_store"),
             "bcrypt_rounds": 4,
             "registration_shared_secret": self._shared_secret,

@@ -239,7 +239,28 @@ async def test_kick_from_space_kicks_from_children(world, start_bot, make_user):
     await bot.idle()
     records = [r for r in await bot.app.store.audit_log(10, target=user.user_id) if r.room_id == room]
     assert len(records) == 1 and records[0].outcome == "done" and records[0].kind == "kick"
-    assert records[0].reason == f"kicked from Space {space}"
+    assert records[0].reason == "kicked from S"
+
+
+async def test_reasons_name_the_space_in_the_member_event(world, start_bot, make_user):
+    """The reason users' clients show ("left Demo Community") comes from the configured template."""
+    space = await world.space("Demo Community")
+    room = await world.room(space, "General")
+    alice, bob = await make_user("alice"), await make_user("bob")
+    for user in (alice, bob):
+        for r in (space, room):
+            await user.client.join(r)
+    await start_bot([{"room": space}], reason_template="{event} {space} (automatic)")
+
+    await alice.client.leave(space)
+    await wait_membership(world, [room], alice.user_id, "leave")
+    event = await world.owner.client.get_state_event(room, "m.room.member", alice.user_id)
+    assert event.get("reason") == "left Demo Community (automatic)"
+
+    await world.owner.client.ban(space, bob.user_id, reason="spam")
+    await wait_membership(world, [room], bob.user_id, "ban")
+    event = await world.owner.client.get_state_event(room, "m.room.member", bob.user_id)
+    assert event.get("reason") == "banned in Demo Community (automatic)"
 
 
 # 6. Protected users

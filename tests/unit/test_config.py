@@ -81,6 +81,7 @@ def test_example_loads_with_every_key() -> None:
         "guard_window",
         "max_failures",
         "request_timeout",
+        "reason_template",
     ):
         assert f"{key}:" in text
 
@@ -238,6 +239,11 @@ def test_space_fields_and_policy() -> None:
         ),
         ({"logging": {"level": "loud"}}, "logging.level: 'loud' is not one of DEBUG, INFO, WARNING, ERROR"),
         ({"bot": {"user_id": "spacesync", "access_token": TOKEN}}, "bot.user_id: 'spacesync' is not a user"),
+        ({"reason_template": "{event} {room}"}, "reason_template: unknown placeholder {room}; use {event}, {space}"),
+        ({"reason_template": "{event} {space"}, "reason_template: expected '}' before end of string; write"),
+        ({"reason_template": "{event}"}, "reason_template: names no Space; include {space}"),
+        ({"reason_template": "{space:>5d}"}, "reason_template: cannot be filled in"),
+        ({"reason_template": 5}, "reason_template: expected a string, got 5"),
     ],
 )
 def test_errors_name_the_key(changes: dict[str, Any], expected: str) -> None:
@@ -245,6 +251,8 @@ def test_errors_name_the_key(changes: dict[str, Any], expected: str) -> None:
 
 
 def test_values_accepted() -> None:
+    assert config().reason_template == "{event} {space}"
+    assert config(reason_template="[mod] {event} {space} ({space_id})").reason_template.startswith("[mod]")
     assert config(web={"listen": "[::1]:9090"}).web == WebConfig("::1", 9090)
     assert config(web={"listen": None}).web is None
     assert config(web={"listen": ""}).web is None

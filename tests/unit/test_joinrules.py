@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import attrs
+
 from spacesync.core.planner import plan
-from spacesync.model import ActionKind, Policy, SpacePolicy
+from spacesync.model import ActionKind, Lockdown, Policy, SpacePolicy
 
 from .helpers import (
     BAN,
@@ -246,3 +248,17 @@ def test_repair_adds_only_managed_parents_never_other_roots():
     p = plan(snap, pol)
     assert kinds(p) == [("kick", rid("x"), uid("u"))]
     assert plan(apply_plan(snap, p), pol).actions == ()
+
+
+def test_a_locked_down_room_keeps_its_lockdown_and_its_space():
+    previous = {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": rid("root")}]}
+    locked = room("a", join_rule="invite", members={"u": JOIN})
+    base = snapshot(space("root", children=["a"], members={"u": LEAVE}), locked)
+    snap = attrs.evolve(base, lockdowns={rid("a"): Lockdown(rid("a"), rid("root"), previous, "invite")})
+    p = plan(snap, policy(ENFORCE_INVITE))
+    assert jr(p) == {}, "enforce undid the lockdown"
+    assert rid("a") in p.managed and kinds(p) == [("kick", rid("a"), uid("u"))]
+    assert (rid("a"), "locked_down") in codes(p)
+    # Changed by hand since (no longer the rule the lockdown wrote): planned as any other room.
+    opened = attrs.evolve(snap, rooms={**snap.rooms, rid("a"): attrs.evolve(locked, join_rule="public")})
+    assert (rid("a"), "locked_down") not in codes(plan(opened, policy(ENFORCE_INVITE)))

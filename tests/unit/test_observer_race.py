@@ -108,6 +108,15 @@ async def test_rooms_beyond_the_room_cap_are_unknown_not_absent():
         async def owned_levels(self) -> dict:
             return {}
 
+        async def lockdowns(self) -> dict:
+            return {}
+
+        async def owned_acl(self) -> dict:
+            return {}
+
+        async def owned_policy(self) -> dict:
+            return {}
+
     observer = Observer(World(), StateCache(), Store())  # type: ignore[arg-type]
     policy = Policy(bot="@bot:hs", spaces=(SpacePolicy(root),), max_rooms=3)  # type: ignore[arg-type]
     snapshot = await observer.observe(policy, refresh=True)

@@ -60,6 +60,18 @@ def test_user_who_left_the_space_is_kicked():
     assert_idempotent(snap, policy("root"), p)
 
 
+def test_reasons_name_the_space_by_its_name_through_the_template():
+    named = attrs.evolve(space("root", children=["x"], members={"gone": LEAVE}), name="Demo Community")
+    snap = snapshot(named, child("x", members={"gone": JOIN}))
+    assert plan(snap, policy("root")).actions[0].reason == "left Demo Community"
+    custom = Policy(bot=BOT, spaces=(SpacePolicy(rid("root")),), reason_template="{event} {space} [{space_id}]")
+    assert plan(snap, custom).actions[0].reason == f"left Demo Community [{rid('root')}]"
+    banned = attrs.evolve(named, members={"gone": member(BAN, sender="mod")})
+    assert plan(snapshot(banned, child("x", members={"gone": JOIN})), policy("root")).actions[0].reason == (
+        "banned in Demo Community"
+    )
+
+
 def test_user_who_never_was_in_the_space_is_left_alone():
     snap = snapshot(space("root", children=["x"]), child("x", members={"never": JOIN, "invited": JOIN}))
     assert plan(snap, policy("root")).actions == ()

@@ -27,4 +27,5 @@ from . import (  # noqa: E402,F401  (each registers itself)
     v04_parked,
     v05_command_queue,
     v06_localrules,
+    v07_spacewide,
 )
