@@ -221,6 +221,22 @@ async def each_kicked_once(world: Any, rooms: list[str], user: Any, db_url: str,
     await check_journal(db_url, rooms)
 
 
+async def terminate_leader_connection(pg_url: str) -> None:
+    """End the database connection that holds the leadership lock in this test's database (as a network
+    cut or a PostgreSQL restart would): exactly one must hold it."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        holders = await conn.fetch(
+            "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory'"
+            " AND l.granted AND l.objid = $1 AND d.datname = current_database()",
+            LEADER_LOCK_KEY,
+        )
+        assert len(holders) == 1, holders
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
+    finally:
+        await conn.close()
+
+
 async def check_journal(db_url: str, rooms: list[str]) -> None:
     """Nothing left open, and per room at most one kick that the homeserver accepted ("done").
 
@@ -468,17 +484,7 @@ async def test_active_instance_that_loses_its_lock_stands_by_and_takes_over_agai
     second = processes(tmp_path, "second", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
     await wait_ready(second.port, 503, timeout=60, reason="standing by")
 
-    conn = await asyncpg.connect(pg_url)
-    try:
-        holders = await conn.fetch(
-            "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory'"
-            " AND l.granted AND l.objid = $1 AND d.datname = current_database()",
-            LEADER_LOCK_KEY,
-        )
-        assert len(holders) == 1, holders
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
-    finally:
-        await conn.close()
+    await terminate_leader_connection(pg_url)
 
     await wait_ready(second.port, 200, timeout=15)
     await wait_ready(first.port, 503, timeout=15, reason="standing by")
@@ -693,17 +699,7 @@ async def test_no_action_is_sent_once_the_lock_cannot_be_confirmed(world, synaps
         await user.client.leave(space)
         await wait_for(lambda: limited.hits == 1, timeout=30, message="the kick never reached the homeserver")
 
-        conn = await asyncpg.connect(pg_url)
-        try:
-            holders = await conn.fetch(
-                "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory'"
-                " AND l.granted AND l.objid = $1 AND d.datname = current_database()",
-                LEADER_LOCK_KEY,
-            )
-            assert len(holders) == 1, holders
-            assert await conn.fetchval("SELECT pg_terminate_backend($1)", holders[0]["pid"])
-        finally:
-            await conn.close()
+        await terminate_leader_connection(pg_url)
         await wait_for(lambda: not app.leader, timeout=10, message="the lost lock went unnoticed")
         deadline = time.monotonic() + 30
         while not app.leader:
