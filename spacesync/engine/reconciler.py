@@ -48,6 +48,8 @@ ATTENTION = frozenset(
         FindingCode.UNCHECKED_ENTITLEMENT,
         FindingCode.HISTORY_UNKNOWN,
         FindingCode.MALFORMED,
+        FindingCode.UNROUTABLE_CHILD,
+        FindingCode.ACL_REFUSED,
     }
 )
 """Finding codes the admin room is told about once: rooms that need a moderator."""

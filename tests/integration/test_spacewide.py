@@ -223,6 +223,15 @@ async def test_unroutable_child_entries_are_reported_and_refreshed_keeping_order
     found = [f for f in bot.app.reconciler.last_plan.findings if f.code == "unroutable_child"]
     assert len(found) == 1 and room in found[0].message and "gone.example" in found[0].message
     assert await world.owner.client.get_state_event(space, "m.space.child", room) == stale
+
+    async def announced() -> bool:  # moderators hear of it once, from the periodic reconcile's findings
+        for event in await world.owner.client.messages(bot.app.admin_room, limit=30):
+            body = event.get("content", {}).get("body", "")
+            if event.get("sender") == world.bot.user_id and "need attention" in body and "gone.example" in body:
+                return True
+        return False
+
+    await wait_for(announced, timeout=15, message="the unroutable child was not announced")
     await bot.stop()
 
     bot = await start_bot([{"room": space, "refresh_via": True}], db_url=db)
