@@ -45,8 +45,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -54,6 +53,8 @@ import attrs
 import structlog
 from aiohttp import web
 from yarl import URL
+
+from .service import Service
 
 __all__ = [
     "DelayResponse",
@@ -207,7 +208,7 @@ class LoggedRequest:
 # HTTP proxy
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """A reverse proxy on 127.0.0.1 in front of `upstream` (a homeserver URL) that injects faults."""
 
     def __init__(self, upstream: str) -> None:
@@ -259,15 +260,6 @@ class FaultProxy:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     # Rules
 
@@ -477,7 +469,7 @@ class _Link:
         self.upstream.transport.abort()
 
 
-class TcpProxy:
+class TcpProxy(Service):
     """A TCP relay on 127.0.0.1 in front of `host:port` (e.g. PostgreSQL) that can cut and refuse."""
 
     def __init__(self, host: str = LOOPBACK, port: int = 5432) -> None:
@@ -525,15 +517,6 @@ class TcpProxy:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def cut(self) -> None:
         """Close every live connection, on both sides, at once (as a crashed server or network would)."""

@@ -27,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
-from types import TracebackType
 
 from .client import TestbedRequestError, TestUser
 from .homeserver import Synapse, free_port
+from .service import Service
 from .waiting import wait_for
 
 __all__ = ["FederatedPair", "join_when_allowed", "wait_until_federating"]
@@ -38,7 +38,7 @@ __all__ = ["FederatedPair", "join_when_allowed", "wait_until_federating"]
 _FEDERATION_TIMEOUT = 60.0
 
 
-class FederatedPair:
+class FederatedPair(Service):
     """Two homeservers, ``a`` and ``b``, that federate only with each other over loopback."""
 
     def __init__(self, workdir: Path, *, default_room_version: str = "10", log_level: str = "WARNING") -> None:
@@ -80,18 +80,6 @@ class FederatedPair:
 
     async def stop(self) -> None:
         await asyncio.gather(self.a.stop(), self.b.stop())
-
-    async def __aenter__(self) -> FederatedPair:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def _probe_join(host: TestUser, guest: TestUser) -> None:

@@ -16,12 +16,12 @@ import sys
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
 
 from .client import JSON, TestClient, TestUser, _matrix_request, _q
+from .service import Service
 
 __all__ = ["Synapse", "free_port"]
 
@@ -97,7 +97,7 @@ async def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:
     return True
 
 
-class Synapse:
+class Synapse(Service):
     """A throwaway Synapse homeserver (SQLite, loopback only) run as a child process."""
 
     def __init__(
@@ -162,18 +162,6 @@ class Synapse:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
-
-    async def __aenter__(self) -> Synapse:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # Process lifecycle
 
