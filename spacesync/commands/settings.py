@@ -183,7 +183,8 @@ async def rooms(ctx: Context, args: list[str]) -> Reply:
     if room_id == space:
         raise CommandError(f"{room_id} is the Space itself")
     await _require_power(ctx, room_id, "managing this room")
-    if room_id in (await app.store.extra_rooms()).get(space, set()):
+    space_policy = policy.space(space)
+    if space_policy is not None and room_id in space_policy.extra_rooms:  # added here, or in the config
         return Reply.plain(f"{label(app, room_id)[0]} is already opted in under {label(app, space)[0]}.")
     await app.store.add_extra_room(space, room_id, ctx.sender)
     app.request_reconcile(full=True)

@@ -253,6 +253,16 @@ async def test_read_commands(world, start_bot, make_user):
     assert "was not added" in await ask(world, bot, world.owner, f"!ss rooms remove {lobby}")
 
 
+async def test_a_room_in_the_config_extra_rooms_is_not_added_twice(world, start_bot, make_user):
+    space, room, _ = await community(world, make_user)
+    bot = await start_bot([{"room": space, "extra_rooms": [room]}])
+    await ready(bot)
+    assert "already opted in" in await ask(world, bot, world.owner, f"!ss rooms add {room}")
+    listed = await ask(world, bot, world.owner, "!ss rooms list")
+    assert "1 room opted in explicitly" in listed and "in the config" in listed, listed
+    assert await bot.app.store.extra_rooms() == {}
+
+
 async def test_exempt_keeps_a_leaver(world, start_bot, make_user):
     space, room, (user,) = await community(world, make_user)
     bot = await start_bot([{"room": space}])
