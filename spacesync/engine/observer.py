@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 from mautrix.errors import MatrixRequestError
@@ -21,9 +23,15 @@ from .history import MemberHistory
 log = structlog.get_logger("spacesync.observer")
 
 READ_ATTEMPTS = 3
+PARTIAL_STATE_PROBE = 3.0
+"""How long the first /state read of a freshly joined room is waited for before it counts as partial state."""
 PARTIAL_STATE_WAIT = 600.0
-"""How long a room joined over federation may stay out of /sync (partial state) before it is read anyway."""
+"""How long a room may stay in partial state before it is reported as a moderator's matter (still waited for)."""
 PARTIAL_STATE = "partial state: its homeserver is still fetching the room's full state after the join; waiting"
+PARTIAL_STATE_STUCK = (
+    "state still partial {minutes:.0f} min after the join: the homeserver's resync of the room has not ended "
+    "(a restart of the homeserver resumes a failed one); waiting"
+)
 READ_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
 
 
@@ -38,7 +46,14 @@ class Observer:
     """Breadth-first from the roots: read each joined room's state, follow Space children and allow lists."""
 
     def __init__(
-        self, matrix: MatrixAdapter, cache: StateCache, store: Store, *, max_seconds: float = 120, concurrency: int = 8
+        self,
+        matrix: MatrixAdapter,
+        cache: StateCache,
+        store: Store,
+        *,
+        max_seconds: float = 120,
+        concurrency: int = 8,
+        on_full_state: Callable[[RoomID], None] = lambda room_id: None,
     ) -> None:
         self.matrix = matrix
         self.cache = cache
@@ -54,13 +69,17 @@ class Observer:
         self.known_managed: set[RoomID] = set()
         """Managed rooms as of the last plan: the Spaces whose restricted children the bot may join."""
         self._join_attempted: set[RoomID] = set()
-        self.in_sync: set[RoomID] = set()
-        """Joined rooms /sync has shown since the start (maintained by the sync loop)."""
         self.awaiting_full_state: dict[RoomID, float] = {}
-        """Rooms the bot joined in this run that /sync has not shown yet, with when it joined. Synapse joins
-        remote rooms with partial state (faster joins): it leaves such a room out of /sync (the bot's filter
-        does not lazy-load members) until the full state has arrived, and holds /state reads of it until
-        then. Their membership is incomplete: they are reported, not read, and other rooms carry on."""
+        """Rooms the bot joined in this run whose full state has not been read yet, with when it joined.
+        Synapse joins remote rooms with partial state (faster joins) and holds every /state read of such a
+        room until its resync has fetched the full state. That held read is the signal, whatever the /sync
+        filter (an eager /sync leaves partial-state rooms out, a lazy-loading one shows them at once): the
+        first read runs in the background, a room whose read has not answered within PARTIAL_STATE_PROBE is
+        reported as partial state and neither read nor acted in, other rooms carry on, and the read's
+        answer fills the cache and, when the room was reported, asks for a new reconcile (`on_full_state`)."""
+        self.on_full_state = on_full_state
+        self._full_state_reads: dict[RoomID, asyncio.Task[None]] = {}
+        self._reported_partial: set[RoomID] = set()
         self._hierarchy: dict[RoomID, list[dict]] = {}
         self.history = MemberHistory(matrix, store)
 
@@ -133,12 +152,16 @@ class Observer:
         (and is listed in `unreachable`, which makes it stale): unknown is not absent."""
         if room_id not in self.joined:
             self.cache.forget(room_id)
+            self._stop_full_state_read(room_id)
             unreachable[room_id] = "the bot is not joined: invite it or make the room restricted to the Space"
             return
-        if self.is_partial(room_id):
-            unreachable[room_id] = PARTIAL_STATE
-            log.info("room state partial: waiting for the homeserver's resync", room=room_id)
-            return
+        if room_id in self.awaiting_full_state:
+            reason = await self.partial_state(room_id)
+            if reason is not None:
+                unreachable[room_id] = reason
+                return
+            if room_id in self.cache:  # the first read answered: that is this walk's read
+                return
         if not refresh and room_id in self.cache:
             return
         async with self._sem:
@@ -212,26 +235,78 @@ class Observer:
                 log.warning("could not join opted-in room", room=room_id, error=getattr(e, "message", str(e)))
 
     def joined_now(self, room_id: RoomID) -> None:
-        """The bot has just joined: the room may hold partial state until /sync shows it."""
+        """The bot has just joined: the room may hold partial state until its first /state read answers."""
         self.joined.add(room_id)
-        if room_id not in self.in_sync:
-            self.awaiting_full_state[room_id] = time.monotonic()
+        self._stop_full_state_read(room_id)
+        self.awaiting_full_state[room_id] = time.monotonic()
 
-    def shown_by_sync(self, room_id: RoomID) -> bool:
-        """/sync showed the joined room; True when it was waiting for its full state (now complete)."""
-        self.in_sync.add(room_id)
-        return self.awaiting_full_state.pop(room_id, None) is not None
+    async def partial_state(self, room_id: RoomID) -> str | None:
+        """Why a freshly joined room cannot be read yet (its state is partial), or None once its first
+        /state read has ended (answered, or failed: then the ordinary read reports the failure). The read
+        runs in the background and is waited for PARTIAL_STATE_PROBE at most, once."""
+        read = self._full_state_reads.get(room_id)
+        if read is None:
+            self.cache.begin_read(room_id)
+            read = self._full_state_reads[room_id] = asyncio.create_task(self._read_full_state(room_id))
+            await asyncio.wait([read], timeout=PARTIAL_STATE_PROBE)
+        if read.done():
+            self._full_state_reads.pop(room_id, None)
+            return None
+        self._reported_partial.add(room_id)
+        waited = time.monotonic() - self.awaiting_full_state[room_id]
+        if waited < PARTIAL_STATE_WAIT:
+            log.info("room state partial: waiting for the homeserver's resync", room=room_id)
+            return PARTIAL_STATE
+        log.warning("room state still partial: the homeserver's resync has not ended", room=room_id)
+        return PARTIAL_STATE_STUCK.format(minutes=waited / 60)
 
-    def is_partial(self, room_id: RoomID) -> bool:
-        joined_at = self.awaiting_full_state.get(room_id)
-        if joined_at is None:
-            return False
-        if time.monotonic() - joined_at < PARTIAL_STATE_WAIT:
-            return True
-        # Waited long enough: read it (each read is bounded by its timeout, so this blocks nothing for long).
-        log.warning("room still absent from /sync after joining: reading its state anyway", room=room_id)
-        del self.awaiting_full_state[room_id]
-        return False
+    async def _read_full_state(self, room_id: RoomID) -> None:
+        """The first /state read of a freshly joined room: Synapse answers it once the room's full state is
+        in. Read again after a timeout, a dropped connection, a 429 or a 5xx (a reverse proxy may give up on
+        the held read first); a final answer (403, 404) ends the wait and leaves the room to the ordinary
+        read, which reports it."""
+        attempt = 0
+        while True:
+            try:
+                events = await self.matrix.room_state(room_id)
+                self.requests += 1
+                self.cache.replace(room_id, events)
+                log.info("room state complete after the join", room=room_id)
+                break
+            except READ_ERRORS as e:
+                self.requests += 1
+                status = e.http_status if isinstance(e, MatrixRequestError) else None
+                if (status is not None and status != 429 and status < 500) or isinstance(e, ValueError):
+                    self.cache.end_read(room_id)
+                    log.warning("room state unreadable after the join", room=room_id, error=describe_error(e))
+                    break
+                attempt += 1
+                await asyncio.sleep(backoff(attempt))
+        self._full_state_reads.pop(room_id, None)
+        self.awaiting_full_state.pop(room_id, None)
+        if room_id in self._reported_partial:  # (else the walk that started the read is still using it)
+            self._reported_partial.discard(room_id)
+            self.on_full_state(room_id)
+
+    def _stop_full_state_read(self, room_id: RoomID) -> None:
+        read = self._full_state_reads.pop(room_id, None)
+        if read is not None and not read.done():
+            read.cancel()
+            self.cache.end_read(room_id)
+        self.awaiting_full_state.pop(room_id, None)
+        self._reported_partial.discard(room_id)
+
+    async def close(self) -> None:
+        """Cancel the background reads of freshly joined rooms (their rooms stay awaited: read at the next walk)."""
+        reads = [read for read in self._full_state_reads.values() if not read.done()]
+        for read in reads:
+            read.cancel()
+        for read in reads:
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+        for room_id in self._full_state_reads:
+            self.cache.end_read(room_id)
+        self._full_state_reads.clear()
 
     def via_for(self, room_id: RoomID, related: list[RoomID], entries: list[dict]) -> list[str]:
         """Servers to join `room_id` through: the `via` of the Spaces' m.space.child entries and of the

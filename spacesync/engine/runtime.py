@@ -79,6 +79,7 @@ class App:
             self.store,
             max_seconds=config.walk.max_seconds,
             concurrency=config.executor.concurrency,
+            on_full_state=lambda room_id: self.request_reconcile(full=True),
         )
         self.executor = Executor(
             self.store,
@@ -300,6 +301,7 @@ class App:
         """Cancel the loops, letting in-flight actions finish (bounded). Unfinished entries stay journaled."""
         self.executor.stop()
         await _cancel([t for t in self._tasks if t.get_name() != "executor"])
+        await self.observer.close()
         executor = next((t for t in self._tasks if t.get_name() == "executor"), None)
         if executor is not None:
             try:

@@ -145,8 +145,6 @@ class SyncLoop:
             await self.invites.on_invite(RoomID(room_id), room)
         for room_id, room in (rooms.get("join") or {}).items():
             room_id = RoomID(room_id)
-            if self.observer.shown_by_sync(room_id):  # its full state has arrived: read it now
-                full = True
             state = list(((room.get("state") or {}).get("events")) or [])
             timeline = room.get("timeline") or {}
             events = list(timeline.get("events") or [])
@@ -169,7 +167,6 @@ class SyncLoop:
         for room_id in rooms.get("leave") or {}:
             self.cache.forget(RoomID(room_id))
             self.observer.joined.discard(RoomID(room_id))
-            self.observer.in_sync.discard(RoomID(room_id))
         if full:
             self.request_reconcile(full=True)
         elif trigger:

@@ -43,8 +43,10 @@ import contextlib
 import json
 import math
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -211,13 +213,16 @@ class LoggedRequest:
 class FaultProxy(Service):
     """A reverse proxy on 127.0.0.1 in front of `upstream` (a homeserver URL) that injects faults."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, port: int = 0, tls: tuple[Path, Path] | None = None) -> None:
+        """`port`: where to listen (0: any free port). `tls`: a certificate and its key, to serve HTTPS (in
+        front of a federation listener); an ``https`` upstream's certificate is then not checked."""
         self.upstream = upstream.rstrip("/")
+        self.tls = tls
         self.log: list[LoggedRequest] = []
         self._rules: list[Rule] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._port: int | None = None
+        self._port: int | None = port or None
         self._handlers: set[asyncio.Task[Any]] = set()
 
     @property
@@ -228,7 +233,7 @@ class FaultProxy(Service):
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
     @property
     def in_flight(self) -> int:
@@ -243,7 +248,11 @@ class FaultProxy(Service):
         # Cancel the handler when the client goes away, so a hung request does not outlive it.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, 0)
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+        site = web.TCPSite(self._runner, LOOPBACK, self._port or 0, ssl_context=context)
         await site.start()
         self._port = self._runner.addresses[0][1]
         log.debug("fault proxy started", url=self.url, upstream=self.upstream)
@@ -445,7 +454,7 @@ class FaultProxy(Service):
         url = URL(self.upstream + request.raw_path, encoded=True)
         try:
             async with self._session.request(
-                request.method, url, headers=headers, data=body or None, allow_redirects=False
+                request.method, url, headers=headers, data=body or None, allow_redirects=False, ssl=False
             ) as upstream:
                 answer = await upstream.read()
                 reply = _end_to_end(upstream.headers)

@@ -20,6 +20,12 @@ throwaway servers on one machine can talk to each other:
 - ``destination_min_retry_interval: 1s`` / ``destination_max_retry_interval: 5s``: a real
   server backs off for minutes to days so that it does not hammer a server that is down; here
   a stopped peer must be usable again within seconds of its restart.
+
+With ``front_b=True``, B's federation endpoint as A sees it is a `FaultProxy` (``pair.b_front``)
+that terminates TLS with B's certificate and forwards to B's own federation listener: B is named
+after the proxy's port, so every request from A to B passes it, and a test can hold or fail chosen
+federation requests (e.g. the ``/state_ids/`` reads with which A resyncs a partial-state join).
+The proxy passes everything through until a rule says otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import secrets
 from pathlib import Path
 
 from .client import TestbedRequestError, TestUser
+from .faults import FaultProxy
 from .homeserver import Synapse, free_port
 from .service import Service
 from .waiting import wait_for
@@ -41,11 +48,15 @@ _FEDERATION_TIMEOUT = 60.0
 class FederatedPair(Service):
     """Two homeservers, ``a`` and ``b``, that federate only with each other over loopback."""
 
-    def __init__(self, workdir: Path, *, default_room_version: str = "10", log_level: str = "WARNING") -> None:
-        port_a, port_b = free_port(), free_port()
-        while port_b == port_a:
-            port_b = free_port()
-        name_a, name_b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+    def __init__(
+        self, workdir: Path, *, default_room_version: str = "10", log_level: str = "WARNING", front_b: bool = False
+    ) -> None:
+        ports: list[int] = []
+        while len(ports) < (3 if front_b else 2):
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        port_a, port_b = ports[:2]
+        name_a, name_b = f"127.0.0.1:{port_a}", f"127.0.0.1:{ports[-1]}"
         self.a = Synapse(
             Path(workdir) / "a",
             federation_port=port_a,
@@ -55,11 +66,17 @@ class FederatedPair(Service):
         )
         self.b = Synapse(
             Path(workdir) / "b",
+            server_name=name_b,
             federation_port=port_b,
             federation_peers=[name_a],
             default_room_version=default_room_version,
             log_level=log_level,
         )
+        self.b_front: FaultProxy | None = None
+        """With `front_b`: the proxy that is B's federation endpoint for A (see the module's notes)."""
+        if front_b:
+            tls = (self.b.tls_certificate_path, self.b.tls_private_key_path)
+            self.b_front = FaultProxy(f"https://127.0.0.1:{port_b}", port=ports[-1], tls=tls)
 
     @property
     def servers(self) -> tuple[Synapse, Synapse]:
@@ -73,6 +90,8 @@ class FederatedPair(Service):
             await self.stop()
             raise errors[0]
         try:
+            if self.b_front is not None:  # after B's start, which makes the certificate it serves
+                await self.b_front.start()
             await wait_until_federating(self.a, self.b, timeout=timeout)
         except BaseException:
             await self.stop()
@@ -80,6 +99,8 @@ class FederatedPair(Service):
 
     async def stop(self) -> None:
         await asyncio.gather(self.a.stop(), self.b.stop())
+        if self.b_front is not None:
+            await self.b_front.stop()
 
 
 async def _probe_join(host: TestUser, guest: TestUser) -> None:

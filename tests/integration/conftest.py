@@ -135,6 +135,18 @@ def bot_config(
     }
 
 
+async def start_remote_bot(
+    server: Synapse, admin: TestUser, bot: TestUser, space: str, db_dir: Path, **extra: Any
+) -> tuple[Bot, str]:
+    """The bot on `server` for a Space (`join_rules: enforce`) that may live on another server, with an
+    admin room that `admin` makes on `server`. Returns the running bot and the admin room."""
+    admin_room = await admin.client.create_room(name="admin", join_rule="invite", invite=[bot.user_id])
+    await bot.client.join(admin_room)
+    spaces = [{"room": space, "join_rules": "enforce"}]
+    app = App(parse_config(bot_config(server, bot, admin_room, f"sqlite:{db_dir}/bot.db", spaces, **extra)))
+    return Bot(app, asyncio.create_task(app.run())), admin_room
+
+
 @pytest.fixture
 async def world(synapse: Synapse, make_user: Callable[..., Awaitable[TestUser]]) -> World:
     owner = await make_user("owner")

@@ -5,7 +5,6 @@ effects do not overlap. Memberships are checked in both servers' views of a room
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -14,12 +13,10 @@ from typing import Any
 
 import pytest
 
-from spacesync.config import parse_config
-from spacesync.engine.runtime import App
 from spacesync.store import Status
 from spacesync.testing import FederatedPair, Synapse, TestUser, join_when_allowed, wait_for, wait_until_federating
 
-from .conftest import Bot, bot_config
+from .conftest import Bot, start_remote_bot
 
 VERSION = "12"
 
@@ -125,19 +122,10 @@ async def fed(federation: FederatedPair, tmp_path_factory: pytest.TempPathFactor
     await owner_a.client.members(space)
     await join_when_allowed(owner_b, room_a, [a.server_name])
     await bot_user.client.join(room_a)
-    admin_room = await owner_a.client.create_room(name="admin", join_rule="invite", invite=[bot_user.user_id])
-    await bot_user.client.join(admin_room)
-
-    raw = bot_config(
-        a,
-        bot_user,
-        admin_room,
-        f"sqlite:{tmp_path_factory.mktemp('fedbot')}/bot.db",
-        [{"room": space, "join_rules": "enforce"}],
-        admins=[owner_a.user_id, owner_b.user_id],
+    admins = [owner_a.user_id, owner_b.user_id]
+    bot, admin_room = await start_remote_bot(
+        a, owner_a, bot_user, space, tmp_path_factory.mktemp("fedbot"), admins=admins
     )
-    app = App(parse_config(raw))
-    bot = Bot(app, asyncio.create_task(app.run()))
     world = Fed(federation, owner_a, owner_b, bot_user, space, room_a, room_b, admin_room, bot, [])
     try:
         await bot.idle(60)
