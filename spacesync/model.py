@@ -124,7 +124,8 @@ class Members(Mapping[UserID, MemberState]):
         return Membership.JOIN if isinstance(entry, int) else entry.membership
 
     def joined(self) -> frozenset[UserID]:
-        return frozenset(u for u, e in self._entries.items() if isinstance(e, int) or e.membership is Membership.JOIN)
+        join = Membership.JOIN
+        return frozenset([u for u, e in self._entries.items() if isinstance(e, int) or e.membership is join])
 
     def tag(self, user_id: UserID) -> str | None:
         """Names the user's current membership event: its id, or for a compact join `crc32:` and the CRC-32
