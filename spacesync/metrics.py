@@ -86,3 +86,9 @@ DATABASE_UP = Gauge(
     registry=REGISTRY,
 )
 DATABASE_UP.set(1)
+STATE_ROOMS = Gauge("spacesync_state_rooms", "Rooms whose state the state cache holds.", registry=REGISTRY)
+STATE_MEMBER_ENTRIES = Gauge(
+    "spacesync_state_member_entries",
+    "Memberships (one per room and user) the state cache holds.",
+    registry=REGISTRY,
+)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import attrs
 from mautrix.types import EventID, RoomID, UserID
@@ -17,6 +17,7 @@ __all__ = [
     "LeftBehind",
     "Lockdown",
     "MemberState",
+    "Members",
     "Membership",
     "OnLeave",
     "OwnedLevel",
@@ -62,6 +63,97 @@ class MemberState:
     """The event's `reason`: how a homeserver's copy of a ban (a room upgrade) is told from a new ban."""
     redact_events: bool = False
     """For a ban: MSC4293's `redact_events: true` (remove the user's messages along with them)."""
+
+
+JOINED = MemberState(Membership.JOIN)
+"""What a compact join reads as: only its membership is kept (see `Members`)."""
+
+_T = TypeVar("_T")
+
+
+class Members(Mapping[UserID, MemberState]):
+    """A room's members, compact: one dict per room whose values are either a full MemberState or, for a join
+    whose details no decision reads, an int: a stable CRC-32 of the join's event id (-1 without one).
+
+    A compact join reads as the shared `JOINED` (its membership only). Leaves, bans, invites and knocks, and
+    every member of a room kept in detail (a Space), are full MemberStates. The dict is never changed once
+    handed to a Members: the state cache copies it before it changes a room someone may still hold.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[UserID, int | MemberState]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, user_id: UserID) -> MemberState:
+        entry = self._entries[user_id]
+        return JOINED if isinstance(entry, int) else entry
+
+    @overload
+    def get(self, user_id: UserID, /) -> MemberState | None: ...
+    @overload
+    def get(self, user_id: UserID, /, default: MemberState | _T) -> MemberState | _T: ...
+    def get(self, user_id: UserID, /, default: Any = None) -> Any:
+        entry = self._entries.get(user_id)
+        if entry is None:
+            return default
+        return JOINED if isinstance(entry, int) else entry
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._entries
+
+    def __iter__(self) -> Iterator[UserID]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> ItemsView[UserID, MemberState]:
+        return _MemberItems(self)
+
+    def values(self) -> ValuesView[MemberState]:
+        return _MemberValues(self)
+
+    def __repr__(self) -> str:
+        return f"Members({len(self._entries)} entries)"
+
+    def membership(self, user_id: UserID) -> Membership | None:
+        entry = self._entries.get(user_id)
+        if entry is None:
+            return None
+        return Membership.JOIN if isinstance(entry, int) else entry.membership
+
+    def joined(self) -> frozenset[UserID]:
+        join = Membership.JOIN
+        return frozenset([u for u, e in self._entries.items() if isinstance(e, int) or e.membership is join])
+
+    def tag(self, user_id: UserID) -> str | None:
+        """Names the user's current membership event: its id, or for a compact join `crc32:` and the CRC-32
+        of its id (stable across restarts, so fit for fingerprints that are stored)."""
+        entry = self._entries.get(user_id)
+        if entry is None:
+            return None
+        if isinstance(entry, int):
+            return None if entry < 0 else f"crc32:{entry:08x}"
+        return entry.event_id
+
+    def _pairs(self) -> Iterator[tuple[UserID, MemberState]]:
+        for user_id, entry in self._entries.items():
+            yield user_id, (JOINED if isinstance(entry, int) else entry)
+
+
+class _MemberItems(ItemsView[UserID, MemberState]):
+    _mapping: Members
+
+    def __iter__(self) -> Iterator[tuple[UserID, MemberState]]:
+        return self._mapping._pairs()
+
+
+class _MemberValues(ValuesView[MemberState]):
+    _mapping: Members
+
+    def __iter__(self) -> Iterator[MemberState]:
+        return (state for _, state in self._mapping._pairs())
 
 
 def parse_level(value: Any) -> int | None:
@@ -159,7 +251,16 @@ class RoomState:
         return state.membership if state else Membership.LEAVE
 
     def joined(self) -> frozenset[UserID]:
+        if isinstance(self.members, Members):
+            return self.members.joined()
         return frozenset(u for u, m in self.members.items() if m.membership is Membership.JOIN)
+
+    def member_tag(self, user_id: UserID) -> str | None:
+        """Names the user's current membership event (`Members.tag`): what a parked action's fingerprint holds."""
+        if isinstance(self.members, Members):
+            return self.members.tag(user_id)
+        state = self.members.get(user_id)
+        return state.event_id if state else None
 
     @property
     def creators(self) -> frozenset[UserID]:

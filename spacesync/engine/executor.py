@@ -74,7 +74,7 @@ def fingerprint(action: Action, room: RoomState | None) -> str:
         "join_rules": dict(room.join_rules_content),
         "version": room.room_version,
         "tombstone": room.tombstone,
-        "member": [member.membership.value, member.event_id] if member is not None else None,
+        "member": [member.membership.value, room.member_tag(action.user_id)] if member and action.user_id else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -86,6 +86,7 @@ class Observer:
     async def observe(self, policy: Policy, *, refresh: bool) -> Snapshot:
         """A snapshot of every room reachable from the roots. `refresh` re-reads state; else the cache serves."""
         deadline = time.monotonic() + self.max_seconds
+        self.cache.keep_detail(s.room_id for s in policy.spaces)  # their membership history needs every event id
         if refresh or not self.joined:
             self.joined = await self.matrix.joined_rooms()
             self.requests += 1

@@ -1,11 +1,15 @@
-"""Raw room state (as /state and /sync return it) kept per room and read into model.RoomState."""
+"""Room state (as /state and /sync return it) kept per room, compact, and read into model.RoomState."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..model import EventID, Membership, MemberState, PowerLevels, RoomID, RoomState, UserID
+import attrs
+
+from ..metrics import STATE_MEMBER_ENTRIES, STATE_ROOMS
+from ..model import EventID, Members, Membership, MemberState, PowerLevels, RoomID, RoomState, UserID
 
 StateKey = tuple[str, str]
 
@@ -25,8 +29,9 @@ REDACT_EVENTS_UNSTABLE = "org.matrix.msc4293.redact_events"
 """MSC4293's flag as Synapse 1.163 still names it (behind experimental_features: msc4293_enabled)."""
 
 
-def _member(event: Mapping[str, Any]) -> MemberState | None:
-    """One m.room.member event, or None when it is not one spacesync can read."""
+def _member(event: Mapping[str, Any], user: Callable[[str], str] = str) -> MemberState | None:
+    """One m.room.member event, or None when it is not one spacesync can read. `user` gives the sender's id
+    (the state cache's shared copy of it)."""
     content = event.get("content")
     if not isinstance(content, dict):
         return None
@@ -53,7 +58,7 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
     return MemberState(
         membership=membership,
         event_id=EventID(event_id) if event_id else None,
-        sender=UserID(sender) if sender else None,
+        sender=UserID(user(sender)) if sender else None,
         ts=ts,
         was_joined=was_joined,
         replaces=EventID(replaces) if replaces else None,
@@ -63,13 +68,38 @@ def _member(event: Mapping[str, Any]) -> MemberState | None:
     )
 
 
+_MALFORMED = (AttributeError, TypeError, ValueError, KeyError)
+"""What reading one event with malformed content raises: the event is skipped and counted."""
+
+
 def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]]) -> RoomState:
-    """Read the state events of one room into a RoomState.
+    """Read the state events of one room into a RoomState, every member in full detail.
 
     Each event is read on its own: one with malformed content (wrong types, a list where an object
     belongs) is skipped and counted in `malformed`, and the rest of the room is read as usual.
+    (StateCache keeps members compact instead, and reads the rest of the room with the same code.)
     """
+    members: dict[UserID, MemberState] = {}
     malformed = 0
+    for (event_type, key), event in state.items():
+        if event_type == "m.room.member" and key.startswith("@"):
+            try:
+                member = _member(event)
+            except _MALFORMED:
+                malformed += 1
+                continue
+            if member is not None:
+                members[UserID(key)] = member
+    return _room_state(room_id, state, members, malformed)
+
+
+def _room_state(
+    room_id: RoomID,
+    state: Mapping[StateKey, Mapping[str, Any]],
+    members: Mapping[UserID, MemberState],
+    malformed: int,
+) -> RoomState:
+    """Everything but the members read from the room's state; `members` and their `malformed` count as given."""
 
     def content(event_type: str, key: str = "") -> Mapping[str, Any]:
         event = state.get((event_type, key))
@@ -93,7 +123,6 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
     child_senders: dict[RoomID, UserID] = {}
     child_content: dict[RoomID, Mapping[str, Any]] = {}
     parents: dict[RoomID, UserID] = {}
-    members: dict[UserID, MemberState] = {}
     for (event_type, key), event in state.items():
         try:
             if event_type == "m.space.child":
@@ -102,14 +131,9 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
                     children[RoomID(key)] = via
                     child_senders[RoomID(key)] = UserID(str(event.get("sender", "")))
                     child_content[RoomID(key)] = dict(event.get("content") or {})
-            elif event_type == "m.space.parent":
-                if _via(event.get("content") or {}) and key.startswith("!"):
-                    parents[RoomID(key)] = UserID(str(event.get("sender", "")))
-            elif event_type == "m.room.member" and key.startswith("@"):
-                member = _member(event)
-                if member is not None:
-                    members[UserID(key)] = member
-        except (AttributeError, TypeError, ValueError, KeyError):
+            elif event_type == "m.space.parent" and _via(event.get("content") or {}) and key.startswith("!"):
+                parents[RoomID(key)] = UserID(str(event.get("sender", "")))
+        except _MALFORMED:
             malformed += 1
     tombstone = content("m.room.tombstone").get("replacement_room")
     predecessor = create_content.get("predecessor")
@@ -122,7 +146,7 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
         additional_creators=frozenset(UserID(u) for u in extra if isinstance(u, str))
         if isinstance(extra, list)
         else frozenset(),
-        is_space=create_content.get("type") == "m.space",
+        is_space=_is_space(create_content),
         join_rule=join_rules.get("join_rule") if isinstance(join_rules.get("join_rule"), str) else None,
         allow=allow,
         join_rules_content=dict(join_rules),
@@ -141,10 +165,114 @@ def parse_room_state(room_id: RoomID, state: Mapping[StateKey, Mapping[str, Any]
     )
 
 
+def _is_space(create_content: Mapping[str, Any]) -> bool:
+    return create_content.get("type") == "m.space"
+
+
 def _default_levels(create: Mapping[str, Any]) -> dict[str, Any]:
     """Without m.room.power_levels, the creator has 100 and everyone else 0 (the spec's defaults)."""
     sender = create.get("sender")
     return {"users": {sender: 100}, "state_default": 0, "kick": 50, "ban": 50} if isinstance(sender, str) else {}
+
+
+READ_TYPES = frozenset(
+    {
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.power_levels",
+        "m.room.tombstone",
+        "m.room.name",
+        "m.room.server_acl",
+        "m.space.child",
+        "m.space.parent",
+        *POLICY_TYPES,
+    }
+)
+"""The state besides memberships that `_room_state` reads: the only other state events the cache keeps."""
+
+_KEPT_FIELDS = ("type", "state_key", "sender", "content")
+PRUNE_USERS_AT = 4096
+"""The cache's table of user ids is first pruned at this size, then whenever it doubles."""
+
+
+class _Room:
+    """One cached room: the state events it reads besides memberships, and its members compact (`Members`)."""
+
+    __slots__ = ("bad", "base", "detail", "members", "shared", "state", "users", "view")
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = users
+        """The cache's one copy of each user id, shared by every room."""
+        self.state: dict[StateKey, dict[str, Any]] = {}
+        self.members: dict[UserID, int | MemberState] = {}
+        self.bad: set[UserID] = set()
+        """Users whose current membership event is malformed (counted in `malformed`, as parse_room_state does)."""
+        self.detail = False
+        """Every member kept as a full MemberState: a Space, or a room the cache was told needs detail."""
+        self.shared = False
+        """`members` is held by a RoomState handed out: copy it before changing it."""
+        self.base: RoomState | None = None
+        """The room read without its members, until its other state changes."""
+        self.view: RoomState | None = None
+        """The RoomState `get` hands out, until the room changes."""
+
+    def is_space(self) -> bool:
+        create = self.state.get(("m.room.create", ""))
+        content = create.get("content") if create is not None else None
+        return isinstance(content, dict) and _is_space(content)
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        key, event_type = event.get("state_key"), event.get("type")
+        if not isinstance(key, str) or not isinstance(event_type, str):
+            return
+        if event_type == "m.room.member":
+            if key.startswith("@"):  # parse_room_state reads no other member key
+                self.set_member(key, event)
+        elif event_type in READ_TYPES:
+            self.state[(event_type, key)] = {k: event[k] for k in _KEPT_FIELDS if k in event}
+            self.base = self.view = None
+
+    def set_member(self, key: str, event: Mapping[str, Any]) -> None:
+        user_id = UserID(self.user(key))
+        try:
+            member = _member(event, self.user)
+        except _MALFORMED:
+            member, malformed = None, True
+        else:
+            malformed = False
+        if self.shared:  # copy-on-write: a RoomState handed out earlier never changes under its holder
+            self.members = dict(self.members)
+            self.shared = False
+        if malformed:
+            self.bad.add(user_id)
+        else:
+            self.bad.discard(user_id)
+        if member is None:
+            self.members.pop(user_id, None)
+        elif member.membership is Membership.JOIN and not self.detail:
+            self.members[user_id] = _crc(member.event_id) if member.event_id else -1
+        else:
+            self.members[user_id] = member
+        self.view = None
+
+    def user(self, user_id: str) -> str:
+        """One string per user, however many rooms they are in."""
+        return self.users.setdefault(user_id, user_id)
+
+    def get(self, room_id: RoomID) -> RoomState:
+        if self.view is None:
+            if self.base is None:
+                self.base = _room_state(room_id, self.state, {}, 0)
+            self.shared = True
+            self.view = attrs.evolve(
+                self.base, members=Members(self.members), malformed=self.base.malformed + len(self.bad)
+            )
+        return self.view
+
+
+def _crc(event_id: str) -> int:
+    """A compact join's stand-in for its event id: stable across restarts (unlike hash())."""
+    return zlib.crc32(event_id.encode("utf-8", "surrogatepass"))
 
 
 class StateCache:
@@ -155,12 +283,29 @@ class StateCache:
     applied again over the read's answer when it lands (`replace`). Re-applying a delta the answer
     already holds changes nothing, and a newer event than the delta reaches /sync after it, so the
     cache ends at the newest state either way: no update is lost, even for a room read the first time.
+
+    Kept compact (big communities hold a million memberships): no raw membership event is kept, each
+    is read as it is applied; a join outside Spaces keeps only its membership and a hash of its event id
+    (`Members`); other state is kept only for the event types the planner reads (`READ_TYPES`).
     """
 
     def __init__(self) -> None:
-        self._state: dict[RoomID, dict[StateKey, dict[str, Any]]] = {}
-        self._parsed: dict[RoomID, RoomState] = {}
+        self._rooms: dict[RoomID, _Room] = {}
         self._during_read: dict[RoomID, list[Mapping[str, Any]]] = {}
+        self._detailed: frozenset[RoomID] = frozenset()
+        self._entries = 0
+        self._users: dict[str, str] = {}
+        self._prune_at = PRUNE_USERS_AT
+
+    def keep_detail(self, room_ids: Iterable[RoomID]) -> None:
+        """These rooms (the configured roots) keep every member in full, like Spaces do: the membership history
+        records their join event ids. One cached without that detail is dropped, so it is read again in full."""
+        wanted = frozenset(room_ids)
+        for room_id in wanted - self._detailed:
+            room = self._rooms.get(room_id)
+            if room is not None and not room.detail:
+                self.forget(room_id)
+        self._detailed = wanted
 
     def begin_read(self, room_id: RoomID) -> None:
         """A /state read of the room starts now: keep the deltas that arrive until `replace`."""
@@ -173,10 +318,23 @@ class StateCache:
     def replace(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> RoomState:
         """The room's full state from a /state read, with the deltas that arrived during the read on top."""
         during = self._during_read.pop(room_id, [])
-        self._state[room_id] = {}
-        self._apply(room_id, events)
-        self._apply(room_id, during)
-        return self.get(room_id)  # type: ignore[return-value]
+        events = list(events)
+        room = _Room(self._users)
+        old = self._rooms.get(room_id)
+        self._rooms[room_id] = room
+        self._entries -= len(old.members) if old is not None else 0
+        # The room's other state first: whether it is a Space decides how its members are kept.
+        for event in events:
+            if event.get("type") != "m.room.member":
+                room.apply(event)
+        room.detail = room.is_space() or room_id in self._detailed
+        for event in events:
+            if event.get("type") == "m.room.member":
+                room.apply(event)
+        self._entries += len(room.members)
+        self._apply(room_id, room, during)
+        self._count()
+        return room.get(room_id)
 
     def update(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> bool:
         """Apply state events (a /sync delta, the bot's own change); False when the room is not cached."""
@@ -184,33 +342,56 @@ class StateCache:
         pending = self._during_read.get(room_id)
         if pending is not None:
             pending.extend(events)
-        if room_id not in self._state:
+        room = self._rooms.get(room_id)
+        if room is None:
             return False
-        self._apply(room_id, events)
+        self._apply(room_id, room, events)
+        self._count()
         return True
 
-    def _apply(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> None:
-        room = self._state[room_id]
+    def _apply(self, room_id: RoomID, room: _Room, events: Iterable[Mapping[str, Any]]) -> None:
+        before = len(room.members)
         for event in events:
-            key = event.get("state_key")
-            if isinstance(key, str) and isinstance(event.get("type"), str):
-                room[(event["type"], key)] = dict(event)
-        self._parsed.pop(room_id, None)
+            room.apply(event)
+            if event.get("type") == "m.room.create":
+                room.detail = room.is_space() or room_id in self._detailed
+        self._entries += len(room.members) - before
+
+    def _count(self) -> None:
+        if len(self._users) > self._prune_at:
+            self._prune_users()
+        STATE_ROOMS.set(len(self._rooms))
+        STATE_MEMBER_ENTRIES.set(self._entries)
+
+    def _prune_users(self) -> None:
+        """Drop the user ids no cached room holds any more: the table keeps at most twice as many as in use."""
+        live: dict[str, str] = {}
+        for room in self._rooms.values():
+            for user_id, entry in room.members.items():
+                live[user_id] = user_id
+                if isinstance(entry, MemberState) and entry.sender:
+                    live.setdefault(entry.sender, entry.sender)
+        self._users.clear()  # in place: every room holds this table
+        self._users.update(live)
+        self._prune_at = max(PRUNE_USERS_AT, 2 * len(live))
 
     def forget(self, room_id: RoomID) -> None:
-        self._state.pop(room_id, None)
-        self._parsed.pop(room_id, None)
+        room = self._rooms.pop(room_id, None)
+        if room is not None:
+            self._entries -= len(room.members)
+            self._count()
 
     def __contains__(self, room_id: object) -> bool:
-        return room_id in self._state
+        return room_id in self._rooms
 
     def get(self, room_id: RoomID) -> RoomState | None:
-        if room_id not in self._state:
-            return None
-        parsed = self._parsed.get(room_id)
-        if parsed is None:
-            parsed = self._parsed[room_id] = parse_room_state(room_id, self._state[room_id])
-        return parsed
+        room = self._rooms.get(room_id)
+        return room.get(room_id) if room is not None else None
 
     def rooms(self) -> list[RoomID]:
-        return list(self._state)
+        return list(self._rooms)
+
+    @property
+    def member_entries(self) -> int:
+        """Memberships held, over every cached room."""
+        return self._entries
