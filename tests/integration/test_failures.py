@@ -11,7 +11,7 @@ from spacesync.model import Action, ActionKind
 from spacesync.store import Status, Store
 from spacesync.testing import wait_for
 
-from .test_commands import ask, bot_notices, ready
+from .test_commands import ask, bot_notices, one_at_a_time_behind, ready
 
 
 def kick_path(room_id: str) -> str:
@@ -241,13 +241,7 @@ async def _contains(users, user_id: str) -> bool:
 
 async def test_queued_kicks_dropped_by_an_exemption_are_never_sent(world, make_user, start_bot, fault_proxy):
     """The executor holds queued entries in memory between journal reads: one cancelled meanwhile must not run."""
-    space = await world.space("S")
-    rooms = [await world.room(space, f"R{i}") for i in range(3)]
-    user = await make_user("leaver")
-    for room in (space, *rooms):
-        await user.client.join(room)
-    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url, executor={"concurrency": 1})
-    await ready(bot)
+    space, user, bot = await one_at_a_time_behind(world, make_user, start_bot, fault_proxy)
     held = fault_proxy.hang(r"/kick$", method="POST")
     await user.client.leave(space)
     await wait_for(lambda: held.hits == 1, timeout=20)  # one kick on the wire, two queued behind it
