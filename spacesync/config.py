@@ -189,9 +189,14 @@ class SpaceConfig:
         )
 
 
+DEFAULT_CONCURRENCY = 32
+"""Actions in flight at once: near a homeserver's own floor when the bot's rate limits are lifted; while the
+homeserver answers 429, the executor sends one at a time whatever this says."""
+
+
 @attrs.frozen
 class ExecutorConfig:
-    concurrency: int = 8
+    concurrency: int = DEFAULT_CONCURRENCY
     max_attempts: int = 8
     max_failures: int = 3
 
@@ -591,7 +596,7 @@ _TOP = _section(
         "executor": _Key(
             _section(
                 {
-                    "concurrency": _Key(_integer(1, 64), 8),
+                    "concurrency": _Key(_integer(1, 64), DEFAULT_CONCURRENCY),
                     "max_attempts": _Key(_integer(1, 100), 8),
                     "max_failures": _Key(_integer(1, 100), 3),
                 },

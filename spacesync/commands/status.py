@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..core.entitlement import entitlers, protection
 from ..core.planner import plan as make_plan
+from ..engine.executor import Estimate
 from ..model import Action, ActionKind, Finding, FindingCode, Membership, Plan, RoomID
 from ..refs import RefError
 from ..store import AuditRecord, Status
@@ -84,12 +85,32 @@ async def _held_batches(app: App) -> list[str]:
 # region status
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def queue_text(estimate: Estimate | None) -> str | None:
+    """'Queue: 40 actions, expected to finish in ~3 min (at 0.2/s)'; None when nothing is queued."""
+    if estimate is None:
+        return None
+    head = f"Queue: {plural(estimate.queued, 'action')}"
+    paused = f"; rate-limited for another {_duration(estimate.paused_s)}" if estimate.paused_s >= 0.5 else ""
+    if estimate.seconds is None or estimate.rate is None:
+        return f"{head}, finish time not known yet (none completed in the last minute){paused}"
+    rate = f"{estimate.rate:.1f}" if estimate.rate >= 1 else f"{estimate.rate:.2g}"
+    return f"{head}, expected to finish in ~{_duration(estimate.seconds)} (at {rate}/s){paused}"
+
+
 @command(
     "status",
     family=FAMILY,
     summary="what the bot manages and what it is doing",
     help="Shows the managed Spaces; how many rooms are managed, listed but not opted in, or unreachable "
-    "(as of the last reconcile); pending, held and parked actions with their batch ids; when the last "
+    "(as of the last reconcile); pending, held and parked actions with their batch ids; how long the queued "
+    "actions are expected to take at the recent rate; when the last "
     "reconcile ran and how long it took; the time spent waiting on homeserver rate limits; and "
     "whether the bot is paused or in dry-run mode.",
 )
@@ -139,6 +160,9 @@ async def status(ctx: Context, args: list[str]) -> Reply:
             f"{depth.get('held', 0)} held, {depth.get('parked', 0)} parked"
         )
     )
+    queue = queue_text(app.executor.estimate(depth.get("pending", 0) + depth.get("running", 0)))
+    if queue is not None:
+        lines.append(line(queue))
     if depth.get("parked"):
         parked = await app.store.journal.parked(limit=200)
         by_batch = sorted({e.batch for e in parked})
@@ -567,4 +591,4 @@ async def powerlevels(ctx: Context, args: list[str]) -> Reply:
 # endregion
 
 
-__all__ = ["action_line", "finding_family", "finding_line", "put_out_by"]
+__all__ = ["action_line", "finding_family", "finding_line", "put_out_by", "queue_text"]

@@ -8,10 +8,12 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from typing import Any, TypeVar, cast
 
+import attrs
 import structlog
 from mautrix.errors import MatrixRequestError
 
@@ -52,6 +54,13 @@ _EXPECTED_MEMBERSHIP: dict[ActionKind, set[str | None]] = {
 
 
 RECHECK_RETRY_S = 5.0
+DISPATCH_WINDOW = 5000
+"""Runnable entries read from the journal at once and put in order of impact; more wait for the next read."""
+RATE_WINDOW_S = 60.0
+"""Completions over this many seconds give the rate an expected finish time is computed from."""
+RATE_LIMITED_HOLD_S = 30.0
+"""After the homeserver last answered a write with 429, this long: one entry in flight at a time. More would
+only wait out the same pause together and then meet another 429 all at once, but for one."""
 
 
 class Transient(Exception):
@@ -83,9 +92,62 @@ def _describe(e: MatrixRequestError) -> str:
     return f"{e.http_status} {getattr(e, 'errcode', '') or ''}: {getattr(e, 'message', '') or e}"
 
 
+def _write_paused_until(matrix: MatrixAdapter) -> float:
+    """Until when (monotonic) the adapter's last 429 on a write (kick, ban, state) held writes back; 0: never."""
+    until = getattr(matrix, "_paused_until", None)
+    return float(until.get("write", 0.0)) if isinstance(until, dict) else 0.0
+
+
+def _paused_s(matrix: MatrixAdapter) -> float:
+    """How much longer a 429 holds the adapter's writes back."""
+    return max(0.0, _write_paused_until(matrix) - time.monotonic())
+
+
 def refusal_reason(error: str) -> str:
     """The code part of an error ('403 M_FORBIDDEN'): one notice per action and reason."""
     return error.split(":", 1)[0].strip()
+
+
+def _urgent(action: Action) -> bool:
+    """Bans and lockdowns keep people out: they go before everything else when entries have to wait."""
+    return action.kind is ActionKind.BAN or action.cause == Cause.LOCKDOWN.value
+
+
+def impact_order(entries: Sequence[Entry], cache: StateCache) -> list[Entry]:
+    """Entries in the order to start them when not all can run at once: bans and lockdowns first, then by
+    room: Spaces before other rooms, then rooms with the most joined members first (from the state cache;
+    rooms it does not hold last), ties by room id. Entries about the same room and target keep their
+    journal order (an unban queued after a ban never overtakes it): such a group takes its place from its
+    first entry. Deterministic for the same entries and cache."""
+    first: dict[tuple[str, str], bool] = {}
+    rank: dict[str, tuple[bool, int, str]] = {}
+    for entry in sorted(entries, key=lambda e: e.id):
+        action = entry.action
+        first.setdefault((action.room_id, action.user_id or action.state_key or ""), _urgent(action))
+        if action.room_id not in rank:
+            room = cache.get(action.room_id)
+            members = len(room.joined()) if room is not None else -1
+            rank[action.room_id] = (not (room is not None and room.is_space), -members, action.room_id)
+
+    def key(entry: Entry) -> tuple[bool, bool, int, str, int]:
+        action = entry.action
+        urgent = first[(action.room_id, action.user_id or action.state_key or "")]
+        return (not urgent, *rank[action.room_id], entry.id)
+
+    return sorted(entries, key=key)
+
+
+@attrs.frozen
+class Estimate:
+    """When the queued actions are expected to be done, from the recent completion rate."""
+
+    queued: int
+    rate: float | None
+    """Actions per second over the last minute; None before any completed."""
+    seconds: float | None
+    """None when there is no rate to go by yet."""
+    paused_s: float = 0.0
+    """The homeserver's rate limit holds requests back this much longer."""
 
 
 class Executor:
@@ -98,7 +160,7 @@ class Executor:
         matrix: MatrixAdapter,
         cache: StateCache,
         *,
-        concurrency: int = 8,
+        concurrency: int = 32,
         max_attempts: int = 8,
         max_failures: int = 3,
         backoff_s: float = 2.0,
@@ -125,7 +187,15 @@ class Executor:
         self.may_act = may_act
         """Asked before each entry starts: an instance that cannot confirm it leads must send nothing."""
         self._wake = asyncio.Event()
+        self._refill = True
+        """Read the runnable entries from the journal again before starting more (new work, a backoff ended)."""
+        self._queue: list[Entry] = []
+        """Runnable entries read from the journal, in order of impact, not yet started."""
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight_batches: dict[int, str] = {}
+        self._completed: deque[float] = deque()
+        """When entries finished (monotonic), over the last RATE_WINDOW_S: the rate the queue drains at."""
+        self._busy_since: float | None = None
         self._rechecked: set[tuple[int, int]] = set()
         """(entry, its not_before) re-checked by this instance: checked again after its next backoff."""
         self._reported: set[str] = set()
@@ -139,6 +209,8 @@ class Executor:
         return self.matrix.ratelimit_wait_s
 
     def wake(self) -> None:
+        """New or released entries in the journal: read it again."""
+        self._refill = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -148,15 +220,16 @@ class Executor:
     def resume(self) -> None:
         """Start entries again (after leadership came back)."""
         self._stopping = False
-        self._wake.set()
+        self.wake()
 
     async def run_forever(self) -> None:
+        due: int | None = None
         try:
             while True:
                 self._wake.clear()
                 try:
-                    await self.dispatch()
-                    due = await self.store.journal.next_due()
+                    if await self.dispatch():
+                        due = await self.store.journal.next_due()
                     self._db_down = False
                 except Exception as e:  # the journal keeps every entry: look again shortly
                     if unreachable(e):
@@ -167,13 +240,14 @@ class Executor:
                         self._db_down = True
                     else:
                         log.error("executor dispatch failed: retrying", error=f"{type(e).__name__}: {e}", exc_info=True)
+                    self._refill = True
                     await asyncio.sleep(5)
                     continue
                 timeout = None if due is None else max(0.05, (due - now_ms()) / 1000)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
+                except TimeoutError:  # a backoff ended
+                    self._refill = True
         finally:
             # Stopping: entries still in flight stay journaled (running) and are re-checked at the next start.
             tasks = list(self._inflight.values())
@@ -193,14 +267,45 @@ class Executor:
             return False
         return entry.created_at < self.leader_since_ms or entry.not_before > 0
 
-    async def dispatch(self) -> None:
-        """Start runnable entries up to the concurrency limit; each wakes the loop when it ends."""
+    async def dispatch(self) -> bool:
+        """Start runnable entries up to the concurrency limit, in order of impact; each wakes the loop when it
+        ends. The journal is read again only when something new may be runnable (`wake`, a backoff ended, an
+        entry backed off): True when it was."""
         if self._stopping:
-            return
-        free = self.concurrency - len(self._inflight)
+            return False
+        free = self.in_flight_limit() - len(self._inflight)
         if free <= 0:
-            return
-        entries = [e for e in await self.store.journal.runnable() if e.id not in self._inflight]
+            return False
+        refilled = self._refill
+        if refilled:
+            self._refill = False
+            try:
+                self._queue = await self._runnable()
+            except BaseException:
+                self._refill = True
+                raise
+        started, self._queue = self._queue[:free], self._queue[free:]
+        for entry in started:
+            if self._stopping:
+                self._refill = True
+                break
+            self._idle.clear()
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
+            self._inflight_batches[entry.id] = entry.batch
+            self._inflight[entry.id] = asyncio.create_task(self._run(entry), name=f"entry-{entry.id}")
+        return refilled
+
+    def in_flight_limit(self) -> int:
+        """`concurrency`, or 1 while the homeserver rate-limits writes (RATE_LIMITED_HOLD_S): entries then go
+        one at a time, in order of impact, at the pace the homeserver allows."""
+        if _write_paused_until(self.matrix) > time.monotonic() - RATE_LIMITED_HOLD_S:
+            return 1
+        return self.concurrency
+
+    async def _runnable(self) -> list[Entry]:
+        """The journal's runnable entries not in flight, re-checked where needed, in order of impact."""
+        entries = [e for e in await self.store.journal.runnable(limit=DISPATCH_WINDOW) if e.id not in self._inflight]
         stale = [e for e in entries if self._needs_recheck(e)]
         if stale:
             skip = {e.id for e in stale}
@@ -213,7 +318,7 @@ class Executor:
                         entries=len(stale),
                         error=f"{type(error).__name__}: {error}",
                     )
-                    asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self._wake.set)
+                    asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self.wake)
                 else:
                     for entry in stale:
                         if entry.action.key in wanted:
@@ -222,16 +327,12 @@ class Executor:
                         else:
                             await self._drop(entry)
             entries = [e for e in entries if e.id not in skip]
-        for entry in entries[:free]:
-            if self._stopping:
-                break
-            self._idle.clear()
-            self._inflight[entry.id] = asyncio.create_task(self._run(entry), name=f"entry-{entry.id}")
+        return impact_order(entries, self.cache)
 
     async def _run(self, entry: Entry) -> None:
         try:
             await self.run_entry(entry)
-            if not self._stopping:
+            if not self._stopping and not self._batch_busy(entry):
                 await self._report(entry.batch)
         except Exception as e:  # the entry stays journaled (running): tried again after a pause, never in a loop
             if unreachable(e):  # a database outage: one line, the runtime reports the outage itself
@@ -239,11 +340,45 @@ class Executor:
             else:
                 log.error("entry errored", entry=entry.id, error=f"{type(e).__name__}: {e}", exc_info=True)
             await asyncio.sleep(RECHECK_RETRY_S)
+            self._refill = True
         finally:
             self._inflight.pop(entry.id, None)
+            self._inflight_batches.pop(entry.id, None)
             if not self._inflight:
                 self._idle.set()
+                if not self._queue:
+                    self._busy_since = None
             self._wake.set()
+
+    def _batch_busy(self, entry: Entry) -> bool:
+        """Whether another entry of the batch is in flight: it asks about the batch when it ends, so the journal
+        is not asked after every entry of a big batch."""
+        return any(b == entry.batch for i, b in self._inflight_batches.items() if i != entry.id)
+
+    def _completed_one(self) -> None:
+        self._completed.append(time.monotonic())
+        self._forget_old_completions()
+
+    def _forget_old_completions(self) -> float:
+        now = time.monotonic()
+        while self._completed and self._completed[0] < now - RATE_WINDOW_S:
+            self._completed.popleft()
+        return now
+
+    def estimate(self, queued: int) -> Estimate | None:
+        """When `queued` open actions are expected to be done: at the rate entries completed over the last
+        minute (or since the executor got busy, if later), after any rate-limit pause still running. None
+        when nothing is queued."""
+        if queued <= 0:
+            return None
+        now = self._forget_old_completions()
+        paused = _paused_s(self.matrix)
+        since = max(self._busy_since if self._busy_since is not None else now, now - RATE_WINDOW_S)
+        done = sum(1 for t in self._completed if t >= since)
+        if not done:
+            return Estimate(queued, None, None, paused)
+        rate = done / max(1.0, now - since)
+        return Estimate(queued, rate, paused + queued / rate, paused)
 
     async def _report(self, batch: str) -> None:
         if self.on_batch_done is None or batch in self._reported or await self._batch_open(batch):
@@ -268,6 +403,7 @@ class Executor:
             await self._finish(entry, Outcome.ALREADY_DONE, None)
             return
         await self.store.journal.set_status(entry.id, Status.CANCELLED, Outcome.NO_LONGER_NEEDED.value)
+        self._completed_one()
         await self.store.audit(action, Outcome.NO_LONGER_NEEDED.value, journal_id=entry.id, batch=entry.batch)
         ACTIONS.labels(kind=action.kind.value, outcome="cancelled").inc()
         log.info(
@@ -287,7 +423,8 @@ class Executor:
         if self.may_act is not None and not await self.may_act():
             self.stop()  # the entry stays journaled for whichever instance leads
             return
-        await self.store.journal.set_status(entry.id, Status.RUNNING, entry.error, attempt=True)
+        if not await self.store.journal.claim(entry.id, entry.error):
+            return  # finished, cancelled or held since it was read
         attempt = entry.attempts + 1
         try:
             if recovered and await self._already_done(action):
@@ -329,6 +466,7 @@ class Executor:
 
     async def _back_off(self, entry: Entry, error: str, wait: float, *, refused: bool) -> None:
         await self.store.journal.back_off(entry.id, error, now_ms() + int(wait * 1000), refused=refused)
+        self._refill = True  # the next due time changed
 
     async def _refused(self, entry: Entry, error: str) -> None:
         """The homeserver refused (403, 400, 404, a module's veto): back off, then park."""
@@ -348,6 +486,7 @@ class Executor:
             await self._back_off(entry, error, wait, refused=True)
             return
         await self.store.journal.park(entry.id, error, fingerprint(action, self.cache.get(action.room_id)))
+        self._completed_one()
         await self.store.audit(
             action, Outcome.PARKED.value, journal_id=entry.id, batch=entry.batch, detail={"error": error}
         )
@@ -376,6 +515,7 @@ class Executor:
             action, outcome.value, journal_id=entry.id, batch=entry.batch, detail={"error": error} if error else None
         )
         await self.store.journal.set_status(entry.id, status, error)
+        self._completed_one()
         ACTIONS.labels(kind=action.kind.value, outcome=outcome.value).inc()
         context: dict[str, Any] = {"error": error} if error else {}
         if action.changes and action.kind is ActionKind.SET_POWER_LEVELS:

@@ -246,6 +246,20 @@ class Journal:
         )
         return [Entry.from_row(r) for r in rows]
 
+    async def claim(self, entry_id: int, error: str | None) -> bool:
+        """Mark a runnable entry running (one more attempt); False when it is no longer runnable (finished,
+        cancelled or held since it was read), so it must not run."""
+        claimed = await self.db.fetchval(
+            "UPDATE journal SET status=$1, error=$2, updated_at=$3, attempts=attempts + 1"
+            " WHERE id=$4 AND status IN ($1, $5) RETURNING id",
+            Status.RUNNING.value,
+            error,
+            now_ms(),
+            entry_id,
+            Status.PENDING.value,
+        )
+        return claimed is not None
+
     async def next_due(self) -> int | None:
         """The earliest time (ms) a backing-off entry may run, if any is waiting."""
         value = await self.db.fetchval(

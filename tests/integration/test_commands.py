@@ -53,6 +53,19 @@ async def ready(bot) -> None:
     await wait_for(lambda: bot.app.synced and bot.app.command_handler is not None, timeout=20)
 
 
+async def one_at_a_time_behind(world, make_user, start_bot, fault_proxy):
+    """A Space with three rooms and a leaver in all of them; the bot runs one action at a time, through the
+    fault proxy. Returns the Space, the leaver and the bot."""
+    space = await world.space("S")
+    rooms = [await world.room(space, f"R{i}") for i in range(3)]
+    user = await make_user("leaver")
+    for room in (space, *rooms):
+        await user.client.join(room)
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url, executor={"concurrency": 1})
+    await ready(bot)
+    return space, user, bot
+
+
 async def ask(world, bot, user: TestUser, text: str, html: str | None = None) -> str:
     event_id = await user.client.send_text(bot.app.admin_room, text, html=html)
     content = await reply_for(world, bot, event_id)
@@ -551,3 +564,28 @@ async def test_v12_admin_room_creator_is_an_admin(world, start_bot, make_user):
 
 
 # endregion
+
+
+async def test_status_shows_the_expected_finish_of_a_queue_and_nothing_without_one(
+    world, start_bot, make_user, fault_proxy
+):
+    space, user, bot = await one_at_a_time_behind(world, make_user, start_bot, fault_proxy)
+    assert "Queue:" not in await ask(world, bot, world.owner, "!ss status")
+
+    # The first kick goes through; the next one hangs, so one is running and one waits behind it.
+    fault_proxy.delay_response(r"/kick$", 0.0, method="POST", times=1)
+    fault_proxy.hang(r"/kick$", method="POST")
+    await user.client.leave(space)
+
+    async def one_done() -> bool:
+        records = await bot.app.store.audit_log(10, target=user.user_id)
+        return any(r.outcome == "done" for r in records)
+
+    await wait_for(one_done, timeout=20)
+    status = await ask(world, bot, world.owner, "!ss status")
+    assert "Actions: 1 pending, 1 running" in status
+    assert re.search(r"Queue: 2 actions, expected to finish in ~\d+ s \(at [\d.]+/s\)", status), status
+
+    fault_proxy.clear()  # the held kick is forwarded; the last one follows
+    await bot.idle()
+    assert "Queue:" not in await ask(world, bot, world.owner, "!ss status")

@@ -562,3 +562,28 @@ async def test_the_batch_notice_names_a_room_where_the_kick_could_not_happen(wor
     whois = await ask(world, bot, world.owner, f"!ss whois {user.user_id}")
     assert "not kicked: the bot lacks the power to kick there (needs 50)" in whois, whois
     assert f"No kick power ({stays_in}): join" in whois
+
+
+async def test_queued_kicks_reach_the_subspace_then_the_biggest_rooms_first(world, start_bot, make_user):
+    """One at a time (concurrency 1), so every kick but the first waits in the queue: the subspace goes first,
+    then the rooms by joined members, most first, whatever their room ids."""
+    space = await world.space("S")
+    sub = await world.space("T", parent=space)
+    rooms = {size: await world.room(space, f"R{size}") for size in (0, 3, 1, 2)}
+    user = await make_user("leaver")
+    crowd = [await make_user(f"member{i}") for i in range(3)]
+    for r in (space, sub, *rooms.values()):
+        await user.client.join(r)
+    for member in crowd:
+        await member.client.join(space)
+    for size, room in rooms.items():
+        for member in crowd[:size]:
+            await member.client.join(room)
+    bot = await start_bot([{"room": space}], executor={"concurrency": 1})
+
+    await user.client.leave(space)
+    await wait_membership(world, [sub, *rooms.values()], user.user_id, "leave", timeout=30)
+    await bot.idle()
+    records = await bot.app.store.audit_log(20, target=user.user_id)
+    kicked = [r.room_id for r in reversed(records) if r.kind == "kick" and r.outcome == "done"]
+    assert kicked == [sub, rooms[3], rooms[2], rooms[1], rooms[0]]

@@ -11,7 +11,7 @@ from spacesync.model import Action, ActionKind
 from spacesync.store import Status, Store
 from spacesync.testing import wait_for
 
-from .test_commands import ask, bot_notices, ready
+from .test_commands import ask, bot_notices, one_at_a_time_behind, ready
 
 
 def kick_path(room_id: str) -> str:
@@ -237,3 +237,20 @@ async def test_a_slow_exodus_is_held_after_the_limit_in_one_batch(world, make_us
 
 async def _contains(users, user_id: str) -> bool:
     return user_id in await users
+
+
+async def test_queued_kicks_dropped_by_an_exemption_are_never_sent(world, make_user, start_bot, fault_proxy):
+    """The executor holds queued entries in memory between journal reads: one cancelled meanwhile must not run."""
+    space, user, bot = await one_at_a_time_behind(world, make_user, start_bot, fault_proxy)
+    held = fault_proxy.hang(r"/kick$", method="POST")
+    await user.client.leave(space)
+    await wait_for(lambda: held.hits == 1, timeout=20)  # one kick on the wire, two queued behind it
+
+    reply = await ask(world, bot, world.owner, f"!ss exempt add {user.user_id}")
+    assert "2 queued or held evictions against them dropped" in reply
+    held.remove()  # the kick already sent goes through
+    await bot.idle()
+    await asyncio.sleep(0.5)  # room for a wrongly started kick to show up
+    assert held.hits == 1 and fault_proxy.count(r"/kick$", method="POST") == 1
+    records = await bot.app.store.audit_log(10, target=user.user_id)
+    assert [r.outcome for r in records if r.kind == "kick"] == ["done"]

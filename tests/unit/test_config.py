@@ -92,7 +92,7 @@ def test_defaults() -> None:
     assert cfg.database.sqlite_path == Path("spacesync.db")
     assert cfg.admin.min_power_level == 50 and cfg.admin.users == frozenset()
     assert cfg.dry_run is False and cfg.max_evictions_without_confirmation == 25
-    assert (cfg.executor.concurrency, cfg.executor.max_attempts, cfg.executor.max_failures) == (8, 8, 3)
+    assert (cfg.executor.concurrency, cfg.executor.max_attempts, cfg.executor.max_failures) == (32, 8, 3)
     assert cfg.guard_window == 600.0 and cfg.spaces[0].guard_window == 600.0
     assert cfg.homeserver.request_timeout == 30.0
 
