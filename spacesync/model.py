@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from enum import Enum
 from typing import Any, TypeVar, overload
@@ -30,6 +31,8 @@ __all__ = [
     "Snapshot",
     "SpacePolicy",
     "UserID",
+    "canonical",
+    "canonical_tag",
 ]
 
 
@@ -68,22 +71,47 @@ class MemberState:
 JOINED = MemberState(Membership.JOIN)
 """What a compact join reads as: only its membership is kept (see `Members`)."""
 
+
+def canonical(state: MemberState) -> MemberState:
+    """A membership outside Spaces and roots as decisions read it: its membership, sender and, for a leave,
+    `was_joined`; for a ban also its reason and `redact_events`. The event id, `ts` (display only), `replaces`
+    and `seen_ms` (read by the membership history, for Spaces and roots only) are dropped."""
+    ban = state.membership is Membership.BAN
+    return MemberState(
+        state.membership,
+        sender=state.sender,
+        was_joined=state.was_joined if state.membership is Membership.LEAVE else None,
+        reason=state.reason if ban else None,
+        redact_events=ban and state.redact_events,
+    )
+
+
+def canonical_tag(state: MemberState) -> str:
+    """Names a canonical entry by its fields, stable across restarts. It stands in for the event id in a parked
+    action's fingerprint: a new event with the same fields (a second leave after a rejoin, a ban sent again
+    alike) leaves it as it was, so the action is not planned again for it; no decision could change then."""
+    return json.dumps([state.membership.value, state.sender, state.was_joined, state.reason, state.redact_events])
+
+
 _T = TypeVar("_T")
 
 
 class Members(Mapping[UserID, MemberState]):
-    """A room's members, compact: one dict per room whose values are either a full MemberState or, for a join
+    """A room's members, compact: one dict per room whose values are either a MemberState or, for a join
     whose details no decision reads, an int: a stable CRC-32 of the join's event id (-1 without one).
 
-    A compact join reads as the shared `JOINED` (its membership only). Leaves, bans, invites and knocks, and
-    every member of a room kept in detail (a Space), are full MemberStates. The dict is never changed once
-    handed to a Members: the state cache copies it before it changes a room someone may still hold.
+    A compact join reads as the shared `JOINED` (its membership only). In a compact room (`compact`: neither a
+    Space nor a configured root) a leave, ban, invite or knock is *canonical*: only the fields decisions read
+    there (`canonical`), the event id, timestamp and `replaces` dropped, one object shared by every equal entry.
+    A room kept in detail holds every member as the full MemberState. The dict is never changed once handed to
+    a Members: the state cache copies it before it changes a room someone may still hold.
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_compact", "_entries")
 
-    def __init__(self, entries: Mapping[UserID, int | MemberState]) -> None:
+    def __init__(self, entries: Mapping[UserID, int | MemberState], *, compact: bool = False) -> None:
         self._entries = entries
+        self._compact = compact
 
     def __getitem__(self, user_id: UserID) -> MemberState:
         entry = self._entries[user_id]
@@ -128,14 +156,15 @@ class Members(Mapping[UserID, MemberState]):
         return frozenset([u for u, e in self._entries.items() if isinstance(e, int) or e.membership is join])
 
     def tag(self, user_id: UserID) -> str | None:
-        """Names the user's current membership event: its id, or for a compact join `crc32:` and the CRC-32
-        of its id (stable across restarts, so fit for fingerprints that are stored)."""
+        """Names the user's current membership event: its id; for a compact join `crc32:` and the CRC-32 of its
+        id; for a canonical entry its canonical fields (`canonical_tag`). Stable across restarts, so fit for
+        fingerprints that are stored."""
         entry = self._entries.get(user_id)
         if entry is None:
             return None
         if isinstance(entry, int):
             return None if entry < 0 else f"crc32:{entry:08x}"
-        return entry.event_id
+        return canonical_tag(entry) if self._compact else entry.event_id
 
     def _pairs(self) -> Iterator[tuple[UserID, MemberState]]:
         for user_id, entry in self._entries.items():

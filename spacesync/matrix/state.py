@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from ..metrics import STATE_MEMBER_ENTRIES, STATE_ROOMS
-from ..model import EventID, Members, Membership, MemberState, PowerLevels, RoomID, RoomState, UserID
+from ..model import EventID, Members, Membership, MemberState, PowerLevels, RoomID, RoomState, UserID, canonical
 
 StateKey = tuple[str, str]
 
@@ -192,17 +192,19 @@ READ_TYPES = frozenset(
 
 _KEPT_FIELDS = ("type", "state_key", "sender", "content")
 PRUNE_USERS_AT = 4096
-"""The cache's table of user ids is first pruned at this size, then whenever it doubles."""
+"""The cache's tables (user ids, canonical memberships) are first pruned at this size, then whenever one doubles."""
 
 
 class _Room:
     """One cached room: the state events it reads besides memberships, and its members compact (`Members`)."""
 
-    __slots__ = ("bad", "base", "detail", "members", "shared", "state", "users", "view")
+    __slots__ = ("bad", "base", "detail", "members", "shared", "state", "states", "users", "view")
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], states: dict[MemberState, MemberState]) -> None:
         self.users = users
         """The cache's one copy of each user id, shared by every room."""
+        self.states = states
+        """The cache's one copy of each canonical membership (`model.canonical`), shared by every compact room."""
         self.state: dict[StateKey, dict[str, Any]] = {}
         self.members: dict[UserID, int | MemberState] = {}
         self.bad: set[UserID] = set()
@@ -249,10 +251,13 @@ class _Room:
             self.bad.discard(user_id)
         if member is None:
             self.members.pop(user_id, None)
-        elif member.membership is Membership.JOIN and not self.detail:
+        elif self.detail:
+            self.members[user_id] = member
+        elif member.membership is Membership.JOIN:
             self.members[user_id] = _crc(member.event_id) if member.event_id else -1
         else:
-            self.members[user_id] = member
+            member = canonical(member)
+            self.members[user_id] = self.states.setdefault(member, member)
         self.view = None
 
     def user(self, user_id: str) -> str:
@@ -265,7 +270,9 @@ class _Room:
                 self.base = _room_state(room_id, self.state, {}, 0)
             self.shared = True
             self.view = attrs.evolve(
-                self.base, members=Members(self.members), malformed=self.base.malformed + len(self.bad)
+                self.base,
+                members=Members(self.members, compact=not self.detail),
+                malformed=self.base.malformed + len(self.bad),
             )
         return self.view
 
@@ -285,7 +292,8 @@ class StateCache:
     cache ends at the newest state either way: no update is lost, even for a room read the first time.
 
     Kept compact (big communities hold a million memberships): no raw membership event is kept, each
-    is read as it is applied; a join outside Spaces keeps only its membership and a hash of its event id
+    is read as it is applied; outside Spaces and roots a join keeps only its membership and a hash of its event
+    id, and any other membership only the fields decisions read there, one shared object per distinct value
     (`Members`); other state is kept only for the event types the planner reads (`READ_TYPES`).
     """
 
@@ -295,7 +303,9 @@ class StateCache:
         self._detailed: frozenset[RoomID] = frozenset()
         self._entries = 0
         self._users: dict[str, str] = {}
+        self._states: dict[MemberState, MemberState] = {}
         self._prune_at = PRUNE_USERS_AT
+        self._prune_states_at = PRUNE_USERS_AT
 
     def keep_detail(self, room_ids: Iterable[RoomID]) -> None:
         """These rooms (the configured roots) keep every member in full, like Spaces do: the membership history
@@ -319,7 +329,7 @@ class StateCache:
         """The room's full state from a /state read, with the deltas that arrived during the read on top."""
         during = self._during_read.pop(room_id, [])
         events = list(events)
-        room = _Room(self._users)
+        room = _Room(self._users, self._states)
         old = self._rooms.get(room_id)
         self._rooms[room_id] = room
         self._entries -= len(old.members) if old is not None else 0
@@ -358,22 +368,30 @@ class StateCache:
         self._entries += len(room.members) - before
 
     def _count(self) -> None:
-        if len(self._users) > self._prune_at:
-            self._prune_users()
+        if len(self._users) > self._prune_at or len(self._states) > self._prune_states_at:
+            self._prune()
         STATE_ROOMS.set(len(self._rooms))
         STATE_MEMBER_ENTRIES.set(self._entries)
 
-    def _prune_users(self) -> None:
-        """Drop the user ids no cached room holds any more: the table keeps at most twice as many as in use."""
+    def _prune(self) -> None:
+        """Drop the user ids and canonical memberships no cached room holds any more: each table keeps at most
+        twice as many as in use."""
         live: dict[str, str] = {}
+        states: dict[MemberState, MemberState] = {}
         for room in self._rooms.values():
             for user_id, entry in room.members.items():
                 live[user_id] = user_id
-                if isinstance(entry, MemberState) and entry.sender:
-                    live.setdefault(entry.sender, entry.sender)
-        self._users.clear()  # in place: every room holds this table
+                if isinstance(entry, MemberState):
+                    if entry.sender:
+                        live.setdefault(entry.sender, entry.sender)
+                    if not room.detail:
+                        states.setdefault(entry, entry)
+        self._users.clear()  # in place: every room holds these tables
         self._users.update(live)
+        self._states.clear()
+        self._states.update(states)
         self._prune_at = max(PRUNE_USERS_AT, 2 * len(live))
+        self._prune_states_at = max(PRUNE_USERS_AT, 2 * len(states))
 
     def forget(self, room_id: RoomID) -> None:
         room = self._rooms.pop(room_id, None)

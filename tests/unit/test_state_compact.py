@@ -1,8 +1,10 @@
 """The compact state cache: what it hands out reads as `parse_room_state` over the same events, decisions and all.
 
-Members are kept compact (a join outside Spaces keeps its membership and a hash of its event id), so the
-comparison is member by member: compact joins by membership, every other entry in full. The planner must
-make the same plan from either, and a RoomState handed out never changes under its holder.
+Members are kept compact outside Spaces and roots (a join keeps its membership and a hash of its event id; a
+leave, ban, invite or knock the fields decisions read there, shared), so the comparison is member by member:
+compact joins by membership, other compact entries by every field a decision reads, entries of Spaces and
+roots in full. The planner must make the same plan from either, and a RoomState handed out never changes
+under its holder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,6 +42,7 @@ from spacesync.model import (
     Snapshot,
     SpacePolicy,
     UserID,
+    canonical_tag,
 )
 
 from .test_properties import SETTINGS
@@ -247,9 +251,25 @@ def histories(draw: Any) -> tuple[list[RoomID], list[tuple[Any, ...]]]:
 # --- comparison -----------------------------------------------------------------------------------------
 
 
+def decided_by(state: MemberState) -> tuple[Any, ...]:
+    """Every field of a membership a decision reads outside Spaces and roots: `was_joined` (entitlement, allow-list
+    rooms), `sender` (whose ban or kick it was), a ban's `reason` and `redact_events` (upgrades, carried bans),
+    `seen_ms` (grace periods)."""
+    ban = state.membership is Membership.BAN
+    return (
+        state.membership,
+        state.sender,
+        state.was_joined,
+        state.seen_ms,
+        state.reason if ban else None,
+        state.redact_events,
+    )
+
+
 def assert_same_room(got: RoomState, want: RoomState, detailed: bool) -> None:
     """`got` reads as `want` for every decision: all but the members equal, each member equal in full except
-    compact joins (outside Spaces and detailed rooms), which keep their membership and a hash of their event id."""
+    outside Spaces and detailed rooms: joins keep their membership and a hash of their event id, other entries
+    every field a decision reads (`decided_by`) and nothing else, and are named by those fields."""
     assert attrs.evolve(got, members={}) == attrs.evolve(want, members={})
     assert set(got.members) == set(want.members) and len(got.members) == len(want.members)
     assert dict(got.members.items()).keys() == want.members.keys()
@@ -260,11 +280,36 @@ def assert_same_room(got: RoomState, want: RoomState, detailed: bool) -> None:
             assert mine == MemberState(Membership.JOIN)
             crc = zlib.crc32(expected.event_id.encode("utf-8", "surrogatepass")) if expected.event_id else None
             assert got.member_tag(user_id) == (f"crc32:{crc:08x}" if crc is not None else None)
+        elif not (detailed or want.is_space):
+            assert decided_by(mine) == decided_by(expected), user_id
+            ban = expected.membership is Membership.BAN
+            kept = MemberState(
+                expected.membership,
+                sender=expected.sender,
+                was_joined=expected.was_joined,
+                seen_ms=expected.seen_ms,
+                reason=expected.reason if ban else None,
+                redact_events=expected.redact_events,
+            )
+            assert mine == kept, "nothing else is kept"
+            assert got.member_tag(user_id) == canonical_tag(mine)
         else:
             assert mine == expected, user_id
             assert got.member_tag(user_id) == want.member_tag(user_id) == expected.event_id
     assert got.joined() == want.joined()
     assert got.membership(UserID("@nobody:hs")) is Membership.LEAVE and got.members.get(UserID("@nobody:hs")) is None
+
+
+def assert_equal_entries_shared(cache: StateCache, detailed: list[RoomID]) -> None:
+    """Equal non-join entries of compact rooms are one object, whichever room holds them."""
+    seen: dict[MemberState, MemberState] = {}
+    for room_id in cache.rooms():
+        room = cache.get(room_id)
+        if room_id in detailed or room.is_space:
+            continue
+        for entry in room.members.values():
+            if entry.membership is not Membership.JOIN:
+                assert seen.setdefault(entry, entry) is entry
 
 
 def frozen_view(room: RoomState) -> tuple[Any, ...]:
@@ -314,6 +359,7 @@ def test_the_compact_cache_reads_as_the_full_parse_and_plans_the_same(history, d
     assert sorted(cache.rooms()) == sorted(reference.state)
     for room_id in cache.rooms():
         assert_same_room(cache.get(room_id), reference.get(room_id), room_id in detailed)
+    assert_equal_entries_shared(cache, detailed)
     assert cache.member_entries == sum(len(reference.get(r).members) for r in reference.state)
     bans = [(r, u) for r in cache.rooms() for u in USERS if cache.get(r).membership(u) is Membership.BAN]
     picked = data.draw(st.lists(st.sampled_from(bans), max_size=3)) if bans else []
@@ -376,6 +422,83 @@ def test_joins_are_compact_outside_spaces_and_full_in_spaces_and_roots():
     assert root in cache
 
 
+def test_other_memberships_keep_what_decisions_read_outside_spaces_and_roots_one_object_each():
+    space = {**CREATE, "content": {"room_version": "10", "type": "m.space"}}
+    other = RoomID("!other:hs")
+    joined = {"prev_content": {"membership": "join"}, "replaces_state": "$0"}
+    kick = {**_member("@a:hs", "leave", "$1", unsigned=joined), "sender": "@mod:hs", "origin_server_ts": 5}
+    kick["content"] = {"membership": "leave", "reason": "bye"}
+    ban = {**_member("@b:hs", "ban", "$2"), "sender": "@mod:hs", "content": {"membership": "ban", "reason": "spam"}}
+    ban["content"]["redact_events"] = True
+    events = [kick, ban, _member("@c:hs", "leave", "$3", unsigned=joined), _member("@d:hs", "invite", "$4")]
+    cache = StateCache()
+    cache.replace(ROOM, [CREATE, *events])
+    cache.replace(other, [CREATE, *({**e, "event_id": f"{e['event_id']}-other"} for e in events)])
+    cache.replace(RoomID("!space:hs"), [space, *events])
+    here, there, full = cache.get(ROOM), cache.get(other), cache.get(RoomID("!space:hs"))
+    assert here.members["@a:hs"] == MemberState(Membership.LEAVE, sender=UserID("@mod:hs"), was_joined=True)
+    assert here.members["@b:hs"] == MemberState(
+        Membership.BAN, sender=UserID("@mod:hs"), reason="spam", redact_events=True
+    ), "a ban keeps its reason and redact_events: an upgrade's copy and a carried ban read them"
+    assert here.members["@d:hs"] == MemberState(Membership.INVITE, sender=UserID("@d:hs"))
+    for user_id in ("@a:hs", "@b:hs", "@c:hs", "@d:hs"):
+        assert here.members[user_id] is there.members[user_id], "one object for equal entries, in every room"
+        assert (
+            here.member_tag(UserID(user_id))
+            == there.member_tag(UserID(user_id))
+            == canonical_tag(here.members[user_id])
+        )
+    assert full.members["@a:hs"].event_id == "$1" and full.members["@a:hs"].replaces == "$0", "a Space keeps all"
+    assert full.members["@a:hs"].ts == 5 and full.member_tag(UserID("@a:hs")) == "$1"
+
+
+def test_a_parked_action_fingerprint_follows_what_decisions_read_of_other_memberships():
+    ban = Action(ActionKind.BAN, ROOM, UserID("@a:hs"))
+
+    def fp(event_id: str, sender: str = "@a:hs", prev: str = "join") -> str:
+        cache = StateCache()
+        leave = {**_member("@a:hs", "leave", event_id, unsigned={"prev_content": {"membership": prev}})}
+        cache.replace(ROOM, [CREATE, {**leave, "sender": sender}])
+        return fingerprint(ban, cache.get(ROOM))
+
+    assert fp("$1") != fp("$2", sender="@mod:hs"), "left or kicked: a new fingerprint"
+    assert fp("$1") != fp("$3", prev="invite"), "a departure or a declined invite: a new fingerprint"
+    assert fp("$1") == fp("$4"), "a leave alike to the last (after a rejoin) reads the same: no new plan"
+
+
+def test_a_ban_carried_over_an_upgrade_plans_the_same_from_compact_rooms():
+    """The homeserver's copy of the bot's ban is told by its sender and reason, read from compact rooms."""
+    old, new = RoomID("!old:hs"), RoomID("!new:hs")
+    space = [
+        {**CREATE, "content": {"room_version": "10", "type": "m.space"}},
+        {"type": "m.space.child", "state_key": old, "sender": BOT, "content": {"via": ["hs"]}},
+        {**_member("@u:hs", "ban", "$s"), "sender": BOT},
+    ]
+    bot_ban = {**_member("@u:hs", "ban", "$b"), "sender": BOT, "content": {"membership": "ban", "reason": "spam"}}
+    levels = {"type": "m.room.power_levels", "state_key": "", "sender": BOT, "content": {"users": {BOT: 100}}}
+    parent = {"type": "m.space.parent", "state_key": SPACE, "sender": BOT, "content": {"via": ["hs"]}}
+    old_room = [CREATE, levels, parent, _member(BOT, "join", "$j"), bot_ban]
+    old_room.append({"type": "m.room.tombstone", "state_key": "", "sender": BOT, "content": {"replacement_room": new}})
+    create = {**CREATE, "sender": "@owner:hs", "content": {"room_version": "10", "predecessor": {"room_id": old}}}
+    placed = frozenset({PlacedBan(old, UserID("@u:hs"), "space_ban")})
+    carried = []
+    for reason in ("spam", "another"):
+        copy = {**bot_ban, "event_id": "$c", "sender": "@owner:hs", "content": {"membership": "ban", "reason": reason}}
+        cache, reference = StateCache(), RawStateCache()
+        for room_id, events in (
+            (SPACE, space),
+            (old, old_room),
+            (new, [create, levels, _member(BOT, "join", "$k"), copy]),
+        ):
+            cache.replace(room_id, events)
+            reference.replace(room_id, events)
+        rooms = {r: cache.get(r) for r in (SPACE, old, new)}
+        got = plan(Snapshot(rooms=rooms, placed_bans=placed), POLICY)
+        assert got == plan(Snapshot(rooms={r: reference.get(r) for r in rooms}, placed_bans=placed), POLICY)
+        carried.append([(a.room_id, a.user_id) for a in got.actions if a.kind is ActionKind.BAN])
+    assert carried == [[(new, "@u:hs")], []], "the copy (same reason) is banned over, a moderator's ban is not"
+
+
 def test_one_string_per_user_and_users_no_room_holds_are_dropped(monkeypatch):
     monkeypatch.setattr(state, "PRUNE_USERS_AT", 10)
     cache = StateCache()
@@ -391,6 +514,19 @@ def test_one_string_per_user_and_users_no_room_holds_are_dropped(monkeypatch):
     assert next(iter(cache.get(RoomID("!r2:hs")).members)) is key
     cache.replace(ROOM, [CREATE, _member("@a:hs", "join", "$1")])
     assert next(iter(cache.get(ROOM).members)) is key, "a user still held keeps their one copy"
+
+
+def test_memberships_no_room_holds_are_dropped(monkeypatch):
+    monkeypatch.setattr(state, "PRUNE_USERS_AT", 10)
+    cache = StateCache()
+    kept = {**_member("@a:hs", "leave", "$1"), "sender": "@mod:hs"}
+    cache.replace(RoomID("!r2:hs"), [CREATE, kept])
+    held = cache.get(RoomID("!r2:hs")).members["@a:hs"]
+    for batch in range(5):  # 150 distinct leaves come and go, never more than 31 at once
+        cache.replace(ROOM, [CREATE, *(_member(f"@u{batch}-{i}:hs", "leave", f"$u{i}") for i in range(30))])
+    assert len(cache._states) <= 2 * 31, "those gone from every room are dropped once the table doubled"
+    cache.replace(ROOM, [CREATE, {**kept, "event_id": "$2"}])
+    assert cache.get(ROOM).members["@a:hs"] is held, "one still held stays the one copy"
 
 
 def test_a_parked_action_fingerprint_follows_a_compact_join_event():
@@ -437,7 +573,26 @@ def test_gauges_count_rooms_and_member_entries():
     assert (sample("spacesync_state_rooms"), sample("spacesync_state_member_entries")) == (1, 1)
 
 
-def _community(rooms: int, members: int, users: int) -> Iterable[tuple[RoomID, list[dict[str, Any]]]]:
+MODERATORS = ["@mod1:hs", "@mod2:hs", "@c:hs"]
+
+
+def _departed(user: str, n: int, rnd: random.Random) -> dict[str, Any]:
+    """A past member: most left, some were kicked or banned (by a moderator, with a reason), a few invited."""
+    event_id, kind = f"${rnd.getrandbits(172):043x}", rnd.random()
+    unsigned = {"prev_content": {"membership": "join"}, "replaces_state": f"${rnd.getrandbits(172):043x}"}
+    if kind < 0.8:
+        return _member(user, "leave", event_id, unsigned=unsigned)
+    event = _member(user, "leave" if kind < 0.88 else "ban" if kind < 0.94 else "invite", event_id)
+    event["sender"] = rnd.choice(MODERATORS)
+    if kind < 0.94:
+        event["content"]["reason"] = rnd.choice(["spam", "abuse", "banned in the Space"])
+        event["unsigned"] = unsigned
+    return event
+
+
+def _community(
+    rooms: int, members: int, users: int, departed: float = 0.0
+) -> Iterable[tuple[RoomID, list[dict[str, Any]]]]:
     rnd = random.Random(7)
     for i in range(rooms):
         events = [
@@ -446,22 +601,28 @@ def _community(rooms: int, members: int, users: int) -> Iterable[tuple[RoomID, l
         ]
         for n in rnd.sample(range(users), members):
             user = f"@user{n}:server{n % 37}.example.org"
-            event = _member(user, "join", f"${rnd.getrandbits(172):043x}", origin_server_ts=1700000000000 + n)
-            event["content"]["displayname"] = f"User {n}"
+            if rnd.random() < departed:
+                event = _departed(user, n, rnd)
+            else:
+                event = _member(user, "join", f"${rnd.getrandbits(172):043x}")
+                event["content"]["displayname"] = f"User {n}"
+            event["origin_server_ts"] = 1700000000000 + n
             event["room_id"] = f"!r{i}:hs"
             events.append(event)
         yield RoomID(f"!r{i}:hs"), events
 
 
-def test_bytes_per_member_entry_stay_small():
-    """50 rooms of 400 members among 2,000 users: the cache holds each membership in well under 150 bytes
-    (keeping every raw event took about 1,100)."""
+@pytest.mark.parametrize("departed", [0.0, 0.5])
+def test_bytes_per_member_entry_stay_small(departed):
+    """50 rooms of 400 members among 2,000 users, all joined or half of them past members (left, kicked, banned,
+    invited): the cache holds each membership in well under 150 bytes (keeping every raw event took about
+    1,100)."""
     gc.collect()
     tracemalloc.start()
     try:
         start = tracemalloc.get_traced_memory()[0]
         cache = StateCache()
-        for room_id, events in _community(50, 400, 2000):
+        for room_id, events in _community(50, 400, 2000, departed):
             cache.replace(room_id, events)
         del events
         views = [cache.get(r) for r in cache.rooms()]
@@ -470,5 +631,7 @@ def test_bytes_per_member_entry_stay_small():
     finally:
         tracemalloc.stop()
     assert len(views) == 50 and cache.member_entries == 50 * 400
+    past = sum(1 for view in views for s in view.members.values() if s.membership is not Membership.JOIN)
+    assert abs(past - departed * 50 * 400) < 1000
     per_entry = used / cache.member_entries
     assert per_entry < 150, f"{per_entry:.0f} bytes per member entry"
