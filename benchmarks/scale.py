@@ -45,6 +45,7 @@ import aiohttp
 from common import (
     admin_room,
     bounded,
+    build_space,
     homeserver,
     in_flight,
     print_machine,
@@ -367,6 +368,16 @@ async def floor(world: World, concurrency: int, rounds: int = 2) -> dict[str, fl
     return best
 
 
+async def sample_member(world: World) -> str:
+    """One user's member event in the first child, as /state returns it (to compare the servers' shapes)."""
+    async with aiohttp.ClientSession() as session:
+        url = f"{world.url}/_matrix/client/v3/rooms/{q(world.children[0])}/state"
+        async with session.get(url, headers={"Authorization": f"Bearer {world.owner_token}"}) as resp:
+            state = await resp.json()
+    event = next(e for e in state if e["type"] == "m.room.member" and e["state_key"] not in (world.owner, world.bot))
+    return json.dumps(event, separators=(",", ":"))
+
+
 # endregion
 
 
@@ -381,6 +392,10 @@ async def measure(
         print(f"[{label}] bot started (pid {bot.pid}); waiting for its first full reconcile")
         i, line = await bot.wait_log(reconciled("reconcile"), TIMEOUT)
         cold = bot.since_start(line)
+        print(f"[{label}] first full reconcile {cold:.1f} s after the start; peak RSS so far {mib(bot.peak_rss)}")
+        # Start-up ends once the initial /sync is in and the bot is idle: what that answer triggers is start-up.
+        await wait_records(hs, mark, lambda r: r[4] == "sync (initial)", TIMEOUT)
+        await bot.quiet()
         startup = await hs.bot_since(mark)
         initial = [r for r in startup if r[4] == "sync (initial)"]
         out["cold_start_s"] = cold
@@ -393,9 +408,6 @@ async def measure(
             "done_after_s": (initial[0][2] - bot.started) if initial else None,
         }
         out["peak_rss_startup"] = bot.peak_rss
-        print(f"[{label}] first full reconcile {cold:.1f} s after the start; peak RSS so far {mib(bot.peak_rss)}")
-
-        await bot.quiet()
         out["steady_rss"] = bot.sample()
         out["bytes_per_entry"] = (out["steady_rss"] - empty_rss) / max(1, world.member_entries)
 
@@ -502,7 +514,7 @@ async def synthetic_world(rooms: int, members: int, users: int, exodus: int, see
     bot_token, owner_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     args = ["serve", "--rooms", str(rooms), "--members", str(members), "--users", str(users), "--seed", str(seed)]
     started = time.monotonic()
-    async with HomeserverProcess(*args, "--bot-token", bot_token, "--owner-token", owner_token) as hs:
+    async with HomeserverProcess(*args, f"--bot-token={bot_token}", f"--owner-token={owner_token}") as hs:
         info = await hs.call("GET", "/_bench/info")
         leaver = await hs.call("GET", "/_bench/user", index=0) if users else {"user_id": "", "rooms": []}
         exodus_users = [
@@ -543,24 +555,7 @@ async def synapse_world(rooms: int, members: int, users: int, exodus: int, seed:
         owner = bench.owner.client
         accounts = await bounded((bench.synapse.register(f"user{i:05d}") for i in range(users)), 8)
         print(f"setup: {users} users registered in {time.monotonic() - started:.1f} s")
-        space = await owner.create_space(
-            name="bench", room_version="10", join_rule="public", power_level_content_override=bench.levels()
-        )
-        await bench.bot.client.join(space)
-
-        async def child(i: int) -> str:
-            room = await owner.create_room(
-                name=f"bench-{i}",
-                room_version="10",
-                join_rule="restricted",
-                allow=[space],
-                power_level_content_override=bench.levels(),
-            )
-            await owner.add_child(space, room)
-            await bench.bot.client.join(room)
-            return room
-
-        children = await bounded((child(i) for i in range(rooms)), 8)
+        space, children = await build_space(bench, rooms)
         admin = await admin_room(bench)
         await bounded((u.client.join(space) for u in accounts), 16)
         picker = random.Random(seed + 1)
@@ -572,12 +567,19 @@ async def synapse_world(rooms: int, members: int, users: int, exodus: int, seed:
         leaver_rooms = [room for u, room in joins if u is leaver]
 
         async def leave(who: list[str]) -> None:
-            await bounded((by_id[u].client.leave(space) for u in who), 16)
+            # The bot's /sync is held meanwhile, so it sees every leave in one answer (as on the synthetic server).
+            await proxy.call("POST", "/_bench/hold_sync")
+            try:
+                await bounded((by_id[u].client.leave(space) for u in who), 16)
+            finally:
+                await proxy.call("POST", "/_bench/release_sync")
 
         async def say(body: str) -> None:
             await owner.send_text(admin, body)
 
-        async with HomeserverProcess("proxy", "--upstream", bench.url, "--bot-token", bench.bot.access_token) as proxy:
+        async with HomeserverProcess(
+            "proxy", f"--upstream={bench.url}", f"--bot-token={bench.bot.access_token}"
+        ) as proxy:
             try:
                 yield World(
                     url=proxy.url,
@@ -626,8 +628,8 @@ async def run_one(
             f"[{kind}] world: {len(world.children)} rooms x {args.members} members of {args.users} users, "
             f"{world.member_entries} member entries; leaver in {len(world.leaver_rooms)} rooms"
         )
-        base = floor(world, args.concurrency)
-        fl = await base
+        fl = await floor(world, args.concurrency)
+        print(f"[{kind}] a member event as /state shows it: {await sample_member(world)}")
         print(f"[{kind}] floor: a plain client reads {fl['rooms']} rooms' state in {fl['seconds']:.2f} s")
         workdir = tmp / kind
         workdir.mkdir()

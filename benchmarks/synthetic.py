@@ -918,8 +918,14 @@ class SyntheticServer:
 
 # region the recording proxy
 def proxy_app(upstream: str, recorder: Recorder) -> web.Application:
-    """Forwards everything to `upstream` and records it as the synthetic server does."""
+    """Forwards everything to `upstream` and records it as the synthetic server does.
+
+    `POST /_bench/hold_sync` holds the bot's /sync until `POST /_bench/release_sync`: an answer that arrives
+    meanwhile is dropped and the same request (same `since`) is sent again after the release, so what
+    happened in between reaches the bot in one answer, as an injected change does on the synthetic server."""
     state: dict[str, ClientSession] = {}
+    released = asyncio.Event()
+    released.set()
 
     async def start(_: web.Application) -> None:
         state["session"] = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
@@ -927,21 +933,35 @@ def proxy_app(upstream: str, recorder: Recorder) -> web.Application:
     async def stop(_: web.Application) -> None:
         await state["session"].close()
 
+    async def hold(_: web.Request) -> web.Response:
+        released.clear()
+        return web.json_response({})
+
+    async def release(_: web.Request) -> web.Response:
+        released.set()
+        return web.json_response({"t": time.monotonic()})
+
     async def forward(request: web.Request) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         body = await request.read() if request.can_read_body else None
-        async with state["session"].request(
-            request.method, upstream + request.raw_path, headers=headers, data=body
-        ) as resp:
-            data = await resp.read()
-            hop = ("content-length", "transfer-encoding", "connection")
-            keep = {k: v for k, v in resp.headers.items() if k.lower() not in hop}
-            return web.Response(status=resp.status, body=data, headers=keep)
+        gated = request.raw_path.split("?")[0].endswith("/sync") and recorder.who(request) == "bot"
+        while True:
+            if gated:
+                await released.wait()
+            async with state["session"].request(
+                request.method, upstream + request.raw_path, headers=headers, data=body
+            ) as resp:
+                data = await resp.read()
+                if gated and not released.is_set():
+                    continue  # held meanwhile: ask again, with the same since, after the release
+                hop = ("content-length", "transfer-encoding", "connection")
+                keep = {k: v for k, v in resp.headers.items() if k.lower() not in hop}
+                return web.Response(status=resp.status, body=data, headers=keep)
 
     app = web.Application(middlewares=[recorder.middleware], client_max_size=64 * 1024 * 1024)
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
-    app.add_routes(recorder.routes())
+    app.add_routes([*recorder.routes(), web.post("/_bench/hold_sync", hold), web.post("/_bench/release_sync", release)])
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 
