@@ -746,6 +746,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--exodus", type=int, default=None, help="users leaving at once (default users / 10, 30..1000)")
     parser.add_argument("--concurrency", type=int, default=8, help="executor.concurrency, and the floor's (default 8)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=3600, help="give up on any one wait after this many seconds")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 100 rooms x 100 members")
     parser.add_argument(
         "--synapse", action="store_true", help="also build the world on a real Synapse (default 100 x 100) and compare"
@@ -760,6 +761,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("need rooms >= 1, 1 <= members <= users, and exodus < users")
     if not 1 <= args.concurrency <= 64:
         parser.error("--concurrency must be 1..64")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    global TIMEOUT
+    TIMEOUT = args.timeout
     return args
 
 

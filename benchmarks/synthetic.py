@@ -945,15 +945,18 @@ def proxy_app(upstream: str, recorder: Recorder) -> web.Application:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         body = await request.read() if request.can_read_body else None
         gated = request.raw_path.split("?")[0].endswith("/sync") and recorder.who(request) == "bot"
+        path = request.raw_path
         while True:
             if gated:
                 await released.wait()
-            async with state["session"].request(
-                request.method, upstream + request.raw_path, headers=headers, data=body
-            ) as resp:
+            async with state["session"].request(request.method, upstream + path, headers=headers, data=body) as resp:
                 data = await resp.read()
                 if gated and not released.is_set():
-                    continue  # held meanwhile: ask again, with the same since, after the release
+                    # Held meanwhile: ask again, with the same since, after the release. Synapse keeps a /sync
+                    # answer for its (since, timeout, ...) for a while: another timeout gets a fresh one.
+                    timeout = "1" if request.query.get("timeout") == "0" else "0"
+                    path = str(request.rel_url.update_query(timeout=timeout))
+                    continue
                 hop = ("content-length", "transfer-encoding", "connection")
                 keep = {k: v for k, v in resp.headers.items() if k.lower() not in hop}
                 return web.Response(status=resp.status, body=data, headers=keep)

@@ -83,7 +83,7 @@ def test_a_small_scale_run_reaches_its_plan_evicts_the_leaver_and_holds_the_exod
         [
             sys.executable,
             str(BENCHMARKS / "scale.py"),
-            *("--rooms", "20", "--members", "30", "--users", "300", "--exodus", "30"),
+            *("--rooms", "20", "--members", "30", "--users", "300", "--exodus", "30", "--timeout", "30"),
         ],
         capture_output=True,
         text=True,
