@@ -218,9 +218,12 @@ class Room:
         return event.membership if event else None
 
     def state_bytes(self) -> bytes:
-        """The /state answer, kept until the state changes."""
+        """The /state answer, kept until the state changes. Synapse formats these events for the legacy
+        client API: with a top-level `age` and `user_id` besides what /sync shows."""
         if self._state_bytes is None:
-            self._state_bytes = b"[" + b",".join(e.full(self.room_id) for e in self.state.values()) + b"]"
+            head = b'{"room_id":"' + self.room_id.encode() + b'","age":1000,"user_id":"'
+            events = (head + e.sender.encode() + b'",' + e.frag[1:] for e in self.state.values())
+            self._state_bytes = b"[" + b",".join(events) + b"]"
         return self._state_bytes
 
     def add(self, event: Event) -> None:
