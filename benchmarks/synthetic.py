@@ -12,15 +12,17 @@ compact JSON. /sync honours the filter (inline JSON or an uploaded filter id) as
 spacesync can ask of it: `room.timeline.limit`, `room.timeline.types`/`not_types`, `room.state.types`/
 `not_types`, `room.state.lazy_load_members`, `room.rooms`/`not_rooms`; without lazy loading an initial
 sync carries every room's full state. Incremental /sync long-polls (`timeout`) and returns what happened
-since `since`, limited (with the skipped state changes in `state`) beyond the timeline limit. Kicks, bans,
-state writes and notices change the world and come back through /sync.
+since `since`, limited (with the skipped state changes in `state`) beyond the timeline limit, and a room
+the syncing user left or was kicked from under `rooms.leave`. Kicks, bans, state writes and notices change
+the world and come back through /sync.
 
 `proxy` forwards every request to a real homeserver and records it the same way, so the benchmark's
 request counts compare one to one.
 
 Both record every request (`/_bench/requests`): method, endpoint class, whether the bot made it, status,
 response bytes, start and end (CLOCK_MONOTONIC, the same clock in every process). `/_bench/*` is the
-benchmark's own control API (world facts, injected leaves and messages); the bot never calls it.
+benchmark's own control API (world facts, injected leaves and messages; through the proxy, holding the
+bot's /sync); the bot never calls it.
 
 Each /state answer is kept serialised per room until the room's state changes, so serving 1000 rooms of
 1000 members costs the server little CPU next to the bot it measures. Benchmark-only code.
@@ -601,7 +603,7 @@ class SyntheticServer:
         since = request.query.get("since")
         world = self.world
         if since is None:
-            rooms = [(room, room.history) for room in world.rooms.values() if room.membership(user) == "join"]
+            rooms = [(room, room.history, "join") for room in world.rooms.values() if room.membership(user) == "join"]
             return await self._write(request, user, flt, rooms, initial=True, since=0)
         try:
             since_pos = int(since.lstrip("s"))
@@ -621,8 +623,8 @@ class SyntheticServer:
                 pass
         return await self._write(request, user, flt, changed, initial=False, since=since_pos)
 
-    def _since(self, since: int, user: str) -> list[tuple[Room, list[Event]]]:
-        """Per room the user is joined to (or was, up to the change), its events after `since`."""
+    def _since(self, since: int, user: str) -> list[tuple[Room, list[Event], str]]:
+        """Per room the user is joined to, or has left since `since`, its events after `since` and its section."""
         log = self.world.log
         lo, hi = 0, len(log)
         while lo < hi:  # first entry after `since`
@@ -636,10 +638,13 @@ class SyntheticServer:
             by_room.setdefault(room.room_id, room)
         out = []
         for room in by_room.values():
-            if room.membership(user) != "join":
-                continue
             events = [e for e in room.history[-(len(log) - lo) :] if e.pos > since]
-            out.append((room, events))
+            if room.membership(user) == "join":
+                out.append((room, events, "join"))
+                continue
+            own = [i for i, e in enumerate(events) if e.type == "m.room.member" and e.key == user]
+            if own:  # left, kicked or banned meanwhile: the room shows under `leave`, up to that event
+                out.append((room, events[: own[-1] + 1], "leave"))
         return out
 
     async def _write(
@@ -647,7 +652,7 @@ class SyntheticServer:
         request: web.Request,
         user: str,
         flt: Filter,
-        rooms: list[tuple[Room, list[Event]]],
+        rooms: list[tuple[Room, list[Event], str]],
         *,
         initial: bool,
         since: int,
@@ -663,15 +668,22 @@ class SyntheticServer:
 
         next_batch = f"s{self.world.pos}"
         await out(b'{"next_batch":"' + next_batch.encode() + b'"')
-        first = True
-        for room, events in rooms:
-            if not flt.room_ok(room.room_id):
+        sections = {
+            name: [(room, events) for room, events, section in rooms if section == name and flt.room_ok(room.room_id)]
+            for name in ("join", "leave")
+        }
+        opened = False
+        for name, entries in sections.items():
+            if not entries:
                 continue
-            chunk = self._room_sync(room, events, user, flt, initial=initial, since=since)
-            await out((b',"rooms":{"join":{' if first else b",") + chunk)
-            first = False
-        if not first:
-            await out(b"}}")
+            await out((b"," if opened else b',"rooms":{') + b'"' + name.encode() + b'":{')
+            opened = True
+            for i, (room, events) in enumerate(entries):
+                chunk = self._room_sync(room, events, user, flt, initial=initial, since=since)
+                await out((b"," if i else b"") + chunk)  # one room at a time: the answer is streamed
+            await out(b"}")
+        if opened:
+            await out(b"}")
         await out(
             b',"device_one_time_keys_count":{"signed_curve25519":0},'
             b'"org.matrix.msc2732.device_unused_fallback_key_types":[],"device_unused_fallback_key_types":[]}'

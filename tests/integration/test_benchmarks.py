@@ -72,6 +72,17 @@ async def test_the_synthetic_homeserver_honours_the_sync_filter() -> None:
             (event,) = later["rooms"]["join"][room]["timeline"]["events"]
             assert event["state_key"] == member and event["content"]["membership"] == "leave"
             assert event["unsigned"]["prev_content"]["membership"] == "join"
+            # The bot kicked out of a room: the room shows under `leave`, no longer under `join`.
+            async with http.post(
+                f"{url}/_matrix/client/v3/rooms/{quote(room)}/kick",
+                json={"user_id": info["bot"]},
+                headers={"Authorization": "Bearer O"},
+            ) as resp:
+                assert resp.status == 200
+            gone = await sync({"room": {"timeline": {"limit": 10}}}, since=later["next_batch"])
+            assert room not in gone["rooms"].get("join", {})
+            (event,) = gone["rooms"]["leave"][room]["timeline"]["events"]
+            assert event["state_key"] == info["bot"] and event["sender"] == info["owner"]
     finally:
         proc.terminate()
         await proc.wait()
