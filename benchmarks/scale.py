@@ -483,7 +483,7 @@ async def measure(
             "held_actions": held_line.get("actions"),
             "held_users": held_line.get("users"),
             "kicks_sent": len(kicks_of(exodus_records)),
-            "requests": by_class([r for r in exodus_records if r[1] <= held[2]]),
+            "classes": by_class([r for r in exodus_records if r[1] <= held[2]]),
             "cpu_s": bot.cpu_s() - cpu,
         }
         print(
@@ -711,15 +711,13 @@ def report(args: argparse.Namespace, result: dict[str, Any], fl: dict[str, float
 def compare(synthetic: dict[str, Any], synapse: dict[str, Any]) -> None:
     """The bot's requests per endpoint class on both homeservers, phase by phase."""
     rows = []
-    for phase, key in (("start-up", "startup"), ("no-op reconcile", "noop"), ("exodus", "exodus")):
-        a = (
-            synthetic[key]["classes"]
-            if key == "noop"
-            else synthetic[key]
-            if key == "startup"
-            else synthetic[key]["requests"]
-        )
-        b = synapse[key]["classes"] if key == "noop" else synapse[key] if key == "startup" else synapse[key]["requests"]
+    phases: dict[str, Callable[[dict[str, Any]], dict[str, dict[str, float]]]] = {
+        "start-up": lambda r: r["startup"],
+        "no-op reconcile": lambda r: r["noop"]["classes"],
+        "exodus": lambda r: r["exodus"]["classes"],
+    }
+    for phase, classes in phases.items():
+        a, b = classes(synthetic), classes(synapse)
         for cls in sorted(set(a) | set(b)):
             ra, rb = a.get(cls, {}), b.get(cls, {})
             rows.append(
