@@ -27,11 +27,12 @@ test: $(STAMP) lint  ## lint, then the whole suite: unit, property and integrati
 test-fast: $(STAMP)  ## the pure core only
 	$(BIN)/pytest -q tests/unit
 
-bench: $(STAMP)  ## benchmarks against a real Synapse; figures go to docs/benchmarks.md by hand
+bench: $(STAMP)  ## benchmarks (a real Synapse; scale.py a synthetic homeserver); figures go to docs/benchmarks.md by hand
 	$(BIN)/python benchmarks/eviction.py
 	$(BIN)/python benchmarks/reconcile.py
 	$(BIN)/python benchmarks/power_levels.py
 	$(BIN)/python benchmarks/lockdown.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info
