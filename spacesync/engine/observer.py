@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
 import time
+from collections.abc import Callable
 
 import structlog
 from mautrix.errors import MatrixRequestError
@@ -22,7 +25,9 @@ log = structlog.get_logger("spacesync.observer")
 
 READ_ATTEMPTS = 3
 PARTIAL_STATE_WAIT = 600.0
-"""How long a room joined over federation may stay out of /sync (partial state) before it is read anyway."""
+"""How long the first /state read of a room joined in this run is waited for (a room joined over federation
+is in partial state until its homeserver has fetched the full state, and Synapse holds /state reads of it
+until then); a read that does not finish by then is tried again as an ordinary read."""
 PARTIAL_STATE = "partial state: its homeserver is still fetching the room's full state after the join; waiting"
 READ_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
 
@@ -38,7 +43,14 @@ class Observer:
     """Breadth-first from the roots: read each joined room's state, follow Space children and allow lists."""
 
     def __init__(
-        self, matrix: MatrixAdapter, cache: StateCache, store: Store, *, max_seconds: float = 120, concurrency: int = 8
+        self,
+        matrix: MatrixAdapter,
+        cache: StateCache,
+        store: Store,
+        *,
+        max_seconds: float = 120,
+        concurrency: int = 8,
+        reread_interval: float = 86400.0,
     ) -> None:
         self.matrix = matrix
         self.cache = cache
@@ -54,19 +66,64 @@ class Observer:
         self.known_managed: set[RoomID] = set()
         """Managed rooms as of the last plan: the Spaces whose restricted children the bot may join."""
         self._join_attempted: set[RoomID] = set()
-        self.in_sync: set[RoomID] = set()
-        """Joined rooms /sync has shown since the start (maintained by the sync loop)."""
         self.awaiting_full_state: dict[RoomID, float] = {}
-        """Rooms the bot joined in this run that /sync has not shown yet, with when it joined. Synapse joins
-        remote rooms with partial state (faster joins): it leaves such a room out of /sync (the bot's filter
-        does not lazy-load members) until the full state has arrived, and holds /state reads of it until
-        then. Their membership is incomplete: they are reported, not read, and other rooms carry on."""
+        """Rooms the bot joined in this run whose first /state read has not answered yet, with when it joined.
+        Synapse joins remote rooms with partial state (faster joins) and holds /state reads of such a room
+        until the full state has arrived (a lazy-loading /sync shows the room meanwhile, so /sync is no sign).
+        Their membership is incomplete: they are reported, not read by the walk, and other rooms carry on;
+        the held read itself (a probe) fills the cache when it answers and asks for a full reconcile."""
+        self._probes: dict[RoomID, asyncio.Task[None]] = {}
+        self.on_full_state: Callable[[], None] | None = None
+        """Called when a probe has read a newly joined room: a full reconcile should plan with it."""
+        self.reread_interval = reread_interval
+        self.stale: dict[RoomID, float] = {}
+        """Rooms whose cached state may miss changes (a gappy /sync timeline, a failed read, an answer that
+        could not be handled), with when (monotonic) that was found: the next full reconcile reads them
+        whatever their age. Only a read that started after that clears it."""
+        self.last_read: dict[RoomID, float] = {}
+        """When (monotonic) each room's state was last read whole from /state."""
+        self._reread_asked = 1
+        self._reread_done = 0
+        self._last_slice = time.monotonic()
+        self._slice_due = 0.0
+        self.last_walk_reads = 0
+        """Rooms read from /state by the last walk."""
         self._hierarchy: dict[RoomID, list[dict]] = {}
         self.history = MemberHistory(matrix, store)
 
-    async def observe(self, policy: Policy, *, refresh: bool) -> Snapshot:
-        """A snapshot of every room reachable from the roots. `refresh` re-reads state; else the cache serves."""
+    def reread_all(self) -> None:
+        """Read every room at the next full reconcile (a start, a takeover, a homeserver back after an outage:
+        what happened meanwhile may be in no /sync answer)."""
+        self._reread_asked += 1
+
+    def mark_stale(self, room_id: RoomID) -> None:
+        self.stale[room_id] = time.monotonic()
+
+    def _rereads(self, everything: bool) -> set[RoomID] | None:
+        """The rooms a full reconcile reads again (None: all of them). Besides the stale ones and those never
+        read, a rolling slice: the longest unread, as many as the time since the last slice is a share of
+        reread_interval, and any older than reread_interval. So every room is read at least once per
+        reread_interval, spread evenly, and a no-op reconcile reads few rooms."""
+        now = time.monotonic()
+        if everything or self._reread_done < self._reread_asked:
+            self._last_slice = now
+            return None
+        oldest = sorted(self.last_read, key=self.last_read.__getitem__)
+        # Fractions of a room carry over, so the slices add up to every room per reread_interval.
+        self._slice_due += len(oldest) * (now - self._last_slice) / self.reread_interval
+        self._last_slice = now
+        count = min(len(oldest), math.floor(self._slice_due + 1e-9))
+        self._slice_due = max(0.0, self._slice_due - count) if count < len(oldest) else 0.0
+        overdue = {r for r in oldest[count:] if now - self.last_read[r] >= self.reread_interval}
+        return set(oldest[:count]) | overdue | self.stale.keys()
+
+    async def observe(self, policy: Policy, *, refresh: bool, everything: bool = True) -> Snapshot:
+        """A snapshot of every room reachable from the roots. `refresh` re-reads state (every room, or with
+        `everything` False the stale ones and a rolling slice of the rest); else the cache serves."""
         deadline = time.monotonic() + self.max_seconds
+        asked = self._reread_asked
+        rereads = self._rereads(everything) if refresh else set()
+        self.last_walk_reads = 0
         if refresh or not self.joined:
             self.joined = await self.matrix.joined_rooms()
             self.requests += 1
@@ -93,7 +150,9 @@ class Observer:
                 break
             if refresh and self.auto_join:
                 await self._auto_join(policy, [r for r in level if r not in self.joined], upgrades)
-            await asyncio.gather(*(self._load(r, refresh, unreachable) for r in level))
+            await asyncio.gather(
+                *(self._load(r, refresh and (rereads is None or r in rereads), unreachable) for r in level)
+            )
             frontier = []
             if depth >= policy.max_depth:
                 break
@@ -113,6 +172,11 @@ class Observer:
                         upgrades[room.tombstone] = room_id
             depth += 1
         self.seen = visited
+        if refresh:
+            if rereads is None:
+                self._reread_done = max(self._reread_done, asked)
+            for room_id in set(self.last_read) - self.joined:
+                del self.last_read[room_id]
         # Rooms that could not be read this time keep their last known state (stale): see Snapshot.
         rooms = {r: state for r in visited if (state := self.cache.get(r)) is not None}
         roots = {s.room_id for s in policy.spaces}
@@ -142,11 +206,13 @@ class Observer:
         if not refresh and room_id in self.cache:
             return
         async with self._sem:
+            started = time.monotonic()
             self.cache.begin_read(room_id)
             try:
                 events = await self._read_state(room_id)
             except READ_ERRORS as e:
                 self.cache.end_read(room_id)
+                self.mark_stale(room_id)
                 unreachable[room_id] = f"state unreadable: {describe_error(e)}"
                 log.warning(
                     "room state unreadable",
@@ -155,7 +221,14 @@ class Observer:
                     kept_last_known=room_id in self.cache,
                 )
                 return
-            self.cache.replace(room_id, events)
+            self._read_done(room_id, events, started)
+
+    def _read_done(self, room_id: RoomID, events: list[dict], started: float) -> None:
+        self.cache.replace(room_id, events)
+        self.last_read[room_id] = started
+        if room_id in self.stale and self.stale[room_id] <= started:
+            del self.stale[room_id]
+        self.last_walk_reads += 1
 
     async def _read_state(self, room_id: RoomID) -> list[dict]:
         """GET /state, tried again after a 429 (its retry_after_ms) or a 5xx, timeout or dropped connection
@@ -212,26 +285,50 @@ class Observer:
                 log.warning("could not join opted-in room", room=room_id, error=getattr(e, "message", str(e)))
 
     def joined_now(self, room_id: RoomID) -> None:
-        """The bot has just joined: the room may hold partial state until /sync shows it."""
+        """The bot has just joined: the room may hold partial state until its first /state read answers."""
         self.joined.add(room_id)
-        if room_id not in self.in_sync:
-            self.awaiting_full_state[room_id] = time.monotonic()
+        if room_id in self._probes:
+            return
+        self.awaiting_full_state[room_id] = time.monotonic()
+        # Not metered with the walk that joined (an empty context): it may answer long after.
+        self._probes[room_id] = asyncio.get_running_loop().create_task(
+            self._probe(room_id), context=contextvars.Context()
+        )
 
-    def shown_by_sync(self, room_id: RoomID) -> bool:
-        """/sync showed the joined room; True when it was waiting for its full state (now complete)."""
-        self.in_sync.add(room_id)
-        return self.awaiting_full_state.pop(room_id, None) is not None
+    async def _probe(self, room_id: RoomID) -> None:
+        """The first read of a newly joined room, held by the homeserver while the room is in partial state."""
+        started = time.monotonic()
+        self.cache.begin_read(room_id)
+        read = False
+        try:
+            events = await self.matrix.room_state(room_id, timeout=PARTIAL_STATE_WAIT)
+            self._read_done(room_id, events, started)
+            read = True
+        except Exception as e:  # any failure: an ordinary read at the next reconcile tries again
+            self.mark_stale(room_id)
+            log.warning(
+                "newly joined room unreadable: read at the next reconcile", room=room_id, error=describe_error(e)
+            )
+        finally:
+            if not read:
+                self.cache.end_read(room_id)
+            self.awaiting_full_state.pop(room_id, None)
+            self._probes.pop(room_id, None)
+        if room_id in self.joined and self.on_full_state is not None:
+            self.on_full_state()
+
+    def left(self, room_id: RoomID) -> None:
+        """The bot is no longer in the room."""
+        self.joined.discard(room_id)
+        self.awaiting_full_state.pop(room_id, None)
+        probe = self._probes.pop(room_id, None)
+        if probe is not None:
+            probe.cancel()
+        self.stale.pop(room_id, None)
+        self.last_read.pop(room_id, None)
 
     def is_partial(self, room_id: RoomID) -> bool:
-        joined_at = self.awaiting_full_state.get(room_id)
-        if joined_at is None:
-            return False
-        if time.monotonic() - joined_at < PARTIAL_STATE_WAIT:
-            return True
-        # Waited long enough: read it (each read is bounded by its timeout, so this blocks nothing for long).
-        log.warning("room still absent from /sync after joining: reading its state anyway", room=room_id)
-        del self.awaiting_full_state[room_id]
-        return False
+        return room_id in self.awaiting_full_state
 
     def via_for(self, room_id: RoomID, related: list[RoomID], entries: list[dict]) -> list[str]:
         """Servers to join `room_id` through: the `via` of the Spaces' m.space.child entries and of the

@@ -79,7 +79,9 @@ class App:
             self.store,
             max_seconds=config.walk.max_seconds,
             concurrency=config.executor.concurrency,
+            reread_interval=config.reread_interval,
         )
+        self.observer.on_full_state = lambda: self.request_reconcile(full=True)
         self.executor = Executor(
             self.store,
             self.matrix,
@@ -114,6 +116,7 @@ class App:
             self.commands,
             admin_room=lambda: self.admin_room,
             request_reconcile=self.request_reconcile,
+            initial_sync_timeout=config.homeserver.initial_sync_timeout,
         )
         self.sync.handlers.append(lambda data: self.crypto.on_sync(data, self.admin_room))
         self._admin_commands: AdminCommands | None = None
