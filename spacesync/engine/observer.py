@@ -30,6 +30,8 @@ is in partial state until its homeserver has fetched the full state, and Synapse
 until then); a read that does not finish by then is tried again as an ordinary read."""
 PARTIAL_STATE = "partial state: its homeserver is still fetching the room's full state after the join; waiting"
 READ_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
+POSITION_WAIT = 120.0
+"""How long a walk that reads every room waits for the first /sync answer after a start (see `positioned`)."""
 
 
 def describe_error(error: BaseException) -> str:
@@ -88,6 +90,10 @@ class Observer:
         self._slice_due = 0.0
         self.last_walk_reads = 0
         """Rooms read from /state by the last walk."""
+        self.positioned: asyncio.Event | None = None
+        """Set by the sync loop once its first answer after a start is handled. A room read before that answer
+        may have changed between the read and the answer with nothing telling of it (a first /sync carries no
+        changes), so a walk that reads every room first waits for it (bounded by POSITION_WAIT)."""
         self._hierarchy: dict[RoomID, list[dict]] = {}
         self.history = MemberHistory(matrix, store)
 
@@ -120,6 +126,12 @@ class Observer:
     async def observe(self, policy: Policy, *, refresh: bool, everything: bool = True) -> Snapshot:
         """A snapshot of every room reachable from the roots. `refresh` re-reads state (every room, or with
         `everything` False the stale ones and a rolling slice of the rest); else the cache serves."""
+        everything = everything or self._reread_done < self._reread_asked
+        if refresh and everything and self.positioned is not None and not self.positioned.is_set():
+            try:
+                await asyncio.wait_for(self.positioned.wait(), POSITION_WAIT)
+            except TimeoutError:
+                log.info("reading every room before the first /sync answer: rooms it shows gaps in are read again")
         deadline = time.monotonic() + self.max_seconds
         asked = self._reread_asked
         rereads = self._rereads(everything) if refresh else set()

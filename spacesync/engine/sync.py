@@ -116,10 +116,11 @@ class SyncLoop:
         self.last_sync_at: float | None = None
 
     async def run(self) -> None:
-        since = await self.health.call("read the sync position", lambda: self.store.get("next_batch"))
         # What happened while this instance did not follow /sync (down, standing by) is in no answer: every
-        # room is read from /state once.
+        # room is read from /state once, after the first answer has fixed the position to follow from.
         self.observer.reread_all()
+        positioned = self.observer.positioned = asyncio.Event()
+        since = await self.health.call("read the sync position", lambda: self.store.get("next_batch"))
         failures = 0
         while True:
             try:
@@ -170,6 +171,7 @@ class SyncLoop:
             if since:
                 await self.health.call("save the sync position", partial(self.store.put, "next_batch", since))
             self.synced = True
+            positioned.set()
             self.last_sync_at = time.time()
             LAST_SYNC.set(self.last_sync_at)
             SYNC_LAG.set(0)
