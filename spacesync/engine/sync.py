@@ -72,9 +72,6 @@ FIRST_SYNC_FILTER = sync_filter(1)
 at the start anyway, and commands sent before it are not run."""
 PROGRESS_EVERY = 30.0
 """While a slow first /sync is waited for, a progress line this often."""
-SYNC_PACE = 0.15
-"""While the bot's own actions are in flight, the pause before the next long-poll: the echoes of those
-actions then come back in fewer, larger answers. Never applied when nothing is in flight."""
 OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})
 """The bot's own changes of these kinds come back through /sync already applied to the cache."""
 
@@ -128,8 +125,6 @@ class SyncLoop:
                 # homeserver back up, or a new leader, is ready at once, not after a quiet 30 s long-poll.
                 long_poll = since and not failures and self.synced
                 if long_poll:
-                    if self.matrix.writes_in_flight:
-                        await asyncio.sleep(SYNC_PACE)
                     data = await self.matrix.sync(since, 30000, SYNC_FILTER)
                 elif not self.synced:
                     data = await self.first_sync(since)

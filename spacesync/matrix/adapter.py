@@ -88,8 +88,6 @@ class MatrixAdapter:
         self._last_hierarchy = 0.0
         self.crypto: Crypto | None = None
         """Encrypts what is posted into encrypted rooms; without it nothing is posted there."""
-        self.writes_in_flight = 0
-        """Actions (kicks, bans, state writes, ...) sent and not yet answered."""
 
     def set_device_id(self, device_id: str) -> None:
         """The device a password login asks for (the one the crypto store belongs to)."""
@@ -183,8 +181,6 @@ class MatrixAdapter:
             if again and kind != "read" and self.may_send is not None and not await self.may_send():
                 raise LostLeadership()
             again = True
-            writing = kind != "read"
-            self.writes_in_flight += writing
             try:
                 return await asyncio.wait_for(
                     self.api.request(method, path, content=content, query_params=query or {}, retry_count=0),
@@ -198,8 +194,6 @@ class MatrixAdapter:
                     log.warning("rate limited beyond the wait budget: giving up on this request", path=str(path))
                     raise
                 self._pause(kind, wait)
-            finally:
-                self.writes_in_flight -= writing
 
     def _pause(self, kind: str, wait: float) -> None:
         """Hold requests of one class for `wait` seconds; count only time not already paused."""
