@@ -82,6 +82,8 @@ class HomeserverConfig:
     url: str
     request_timeout: float = 30.0
     """Every request but the /sync long-poll gives up after this long (and is retried where it matters)."""
+    initial_sync_timeout: float = 600.0
+    """The first /sync after a start (or a recovery) may build a large answer: it is waited for this long."""
 
 
 @attrs.frozen
@@ -206,6 +208,8 @@ class WalkConfig:
     max_depth: int = 10
     max_rooms: int = 2000
     max_seconds: float = 120.0
+    concurrency: int = 8
+    """Room states read at once: each answer is parsed whole, so this bounds the walk's peak memory."""
 
 
 @attrs.frozen
@@ -229,6 +233,8 @@ class Config:
     spaces: tuple[SpaceConfig, ...] = ()
     dry_run: bool = False
     reconcile_interval: float = 3600.0
+    reread_interval: float = 86400.0
+    """Every room's full state is read again at least this often (a slice at each periodic reconcile)."""
     max_evictions_without_confirmation: int = 25
     guard_window: float = 600.0
     executor: ExecutorConfig = ExecutorConfig()
@@ -549,6 +555,7 @@ _TOP = _section(
                         _http_url, hint='set it to your homeserver\'s client URL, e.g. "https://matrix.example.org"'
                     ),
                     "request_timeout": _Key(_duration(minimum=1), "30s"),
+                    "initial_sync_timeout": _Key(_duration(minimum=1), "10m"),
                 },
                 HomeserverConfig,
             ),
@@ -590,6 +597,7 @@ _TOP = _section(
         "spaces": _Key(_list_of(_SPACE), []),
         "dry_run": _Key(_boolean, False),
         "reconcile_interval": _Key(_duration(minimum=10), "1h"),
+        "reread_interval": _Key(_duration(minimum=10), "24h"),
         "max_evictions_without_confirmation": _Key(_max_evictions, 25),
         "guard_window": _Key(_guard_window, "10m"),
         "reason_template": _Key(_reason_template, "{event} {space}"),
@@ -610,6 +618,7 @@ _TOP = _section(
                     "max_depth": _Key(_integer(1, 100), 10),
                     "max_rooms": _Key(_integer(1), 2000),
                     "max_seconds": _Key(_duration(minimum=1), 120),
+                    "concurrency": _Key(_integer(1, 64), 8),
                 },
                 WalkConfig,
             ),

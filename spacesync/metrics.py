@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from . import __version__
 
 disable_created_metrics()  # no *_created series: they double the exposition and nobody alerts on them
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
 
 BUILD = Info("spacesync_build", "The running spacesync version.", registry=REGISTRY)
 BUILD.info({"version": __version__})
@@ -66,6 +75,22 @@ REQUEST_LATENCY = Histogram(
     "Latency of homeserver requests, by method and outcome class.",
     ["method", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 35),
+    registry=REGISTRY,
+)
+BYTES_READ = Counter(
+    "spacesync_bytes_read_total",
+    "Bytes of homeserver answers read, by request kind (sync, state, joined_rooms, hierarchy, other).",
+    ["kind"],
+    registry=REGISTRY,
+)
+RECONCILE_BYTES = Gauge(
+    "spacesync_reconcile_bytes_read",
+    "Bytes of homeserver answers the last full reconcile read (state, joined rooms, hierarchy).",
+    registry=REGISTRY,
+)
+RECONCILE_REQUESTS = Gauge(
+    "spacesync_reconcile_requests",
+    "Homeserver requests the last full reconcile made to read the world.",
     registry=REGISTRY,
 )
 MANAGED_SPACES = Gauge("spacesync_managed_spaces", "Root Spaces under management.", registry=REGISTRY)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import math
 import time
 from collections.abc import Callable
 
@@ -33,6 +35,8 @@ PARTIAL_STATE_STUCK = (
     "(a restart of the homeserver resumes a failed one); waiting"
 )
 READ_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, ValueError)
+POSITION_WAIT = 120.0
+"""How long a walk that reads every room waits for the first /sync answer after a start (see `positioned`)."""
 
 
 def describe_error(error: BaseException) -> str:
@@ -53,6 +57,7 @@ class Observer:
         *,
         max_seconds: float = 120,
         concurrency: int = 8,
+        reread_interval: float = 86400.0,
         on_full_state: Callable[[RoomID], None] = lambda room_id: None,
     ) -> None:
         self.matrix = matrix
@@ -80,13 +85,66 @@ class Observer:
         self.on_full_state = on_full_state
         self._full_state_reads: dict[RoomID, asyncio.Task[None]] = {}
         self._reported_partial: set[RoomID] = set()
+        self.reread_interval = reread_interval
+        self.stale: dict[RoomID, float] = {}
+        """Rooms whose cached state may miss changes (a gappy /sync timeline, a failed read, an answer that
+        could not be handled), with when (monotonic) that was found: the next full reconcile reads them
+        whatever their age. Only a read that started after that clears it."""
+        self.last_read: dict[RoomID, float] = {}
+        """When (monotonic) each room's state was last read whole from /state."""
+        self._reread_asked = 1
+        self._reread_done = 0
+        self._last_slice = time.monotonic()
+        self._slice_due = 0.0
+        self.last_walk_reads = 0
+        """Rooms read from /state by the last walk."""
+        self.positioned: asyncio.Event | None = None
+        """Set by the sync loop once its first answer after a start is handled. A room read before that answer
+        may have changed between the read and the answer with nothing telling of it (a first /sync carries no
+        changes), so a walk that reads every room first waits for it (bounded by POSITION_WAIT)."""
         self._hierarchy: dict[RoomID, list[dict]] = {}
         self.history = MemberHistory(matrix, store)
 
-    async def observe(self, policy: Policy, *, refresh: bool) -> Snapshot:
-        """A snapshot of every room reachable from the roots. `refresh` re-reads state; else the cache serves."""
+    def reread_all(self) -> None:
+        """Read every room at the next full reconcile (a start, a takeover, a homeserver back after an outage:
+        what happened meanwhile may be in no /sync answer)."""
+        self._reread_asked += 1
+
+    def mark_stale(self, room_id: RoomID) -> None:
+        self.stale[room_id] = time.monotonic()
+
+    def _rereads(self, everything: bool) -> set[RoomID] | None:
+        """The rooms a full reconcile reads again (None: all of them). Besides the stale ones and those never
+        read, a rolling slice: the longest unread, as many as the time since the last slice is a share of
+        reread_interval, and any older than reread_interval. So every room is read at least once per
+        reread_interval, spread evenly, and a no-op reconcile reads few rooms."""
+        now = time.monotonic()
+        if everything or self._reread_done < self._reread_asked:
+            self._last_slice = now
+            return None
+        oldest = sorted(self.last_read, key=self.last_read.__getitem__)
+        # Fractions of a room carry over, so the slices add up to every room per reread_interval.
+        self._slice_due += len(oldest) * (now - self._last_slice) / self.reread_interval
+        self._last_slice = now
+        count = min(len(oldest), math.floor(self._slice_due + 1e-9))
+        self._slice_due = max(0.0, self._slice_due - count) if count < len(oldest) else 0.0
+        overdue = {r for r in oldest[count:] if now - self.last_read[r] >= self.reread_interval}
+        return set(oldest[:count]) | overdue | self.stale.keys()
+
+    async def observe(self, policy: Policy, *, refresh: bool, everything: bool = True) -> Snapshot:
+        """A snapshot of every room reachable from the roots. `refresh` re-reads state (every room, or with
+        `everything` False the stale ones and a rolling slice of the rest); else the cache serves."""
+        everything = everything or self._reread_done < self._reread_asked
+        if refresh and everything and self.positioned is not None and not self.positioned.is_set():
+            try:
+                await asyncio.wait_for(self.positioned.wait(), POSITION_WAIT)
+            except TimeoutError:
+                log.info("reading every room before the first /sync answer: rooms it shows gaps in are read again")
         deadline = time.monotonic() + self.max_seconds
         self.cache.keep_detail(s.room_id for s in policy.spaces)  # their membership history needs every event id
+        asked = self._reread_asked
+        rereads = self._rereads(everything) if refresh else set()
+        self.last_walk_reads = 0
         if refresh or not self.joined:
             self.joined = await self.matrix.joined_rooms()
             self.requests += 1
@@ -113,7 +171,9 @@ class Observer:
                 break
             if refresh and self.auto_join:
                 await self._auto_join(policy, [r for r in level if r not in self.joined], upgrades)
-            await asyncio.gather(*(self._load(r, refresh, unreachable) for r in level))
+            await asyncio.gather(
+                *(self._load(r, refresh and (rereads is None or r in rereads), unreachable) for r in level)
+            )
             frontier = []
             if depth >= policy.max_depth:
                 break
@@ -133,6 +193,11 @@ class Observer:
                         upgrades[room.tombstone] = room_id
             depth += 1
         self.seen = visited
+        if refresh:
+            if rereads is None:
+                self._reread_done = max(self._reread_done, asked)
+            for room_id in set(self.last_read) - self.joined:
+                del self.last_read[room_id]
         # Rooms that could not be read this time keep their last known state (stale): see Snapshot.
         rooms = {r: state for r in visited if (state := self.cache.get(r)) is not None}
         roots = {s.room_id for s in policy.spaces}
@@ -153,7 +218,6 @@ class Observer:
         (and is listed in `unreachable`, which makes it stale): unknown is not absent."""
         if room_id not in self.joined:
             self.cache.forget(room_id)
-            self._stop_full_state_read(room_id)
             unreachable[room_id] = "the bot is not joined: invite it or make the room restricted to the Space"
             return
         if room_id in self.awaiting_full_state:
@@ -166,11 +230,13 @@ class Observer:
         if not refresh and room_id in self.cache:
             return
         async with self._sem:
+            started = time.monotonic()
             self.cache.begin_read(room_id)
             try:
                 events = await self._read_state(room_id)
             except READ_ERRORS as e:
                 self.cache.end_read(room_id)
+                self.mark_stale(room_id)
                 unreachable[room_id] = f"state unreadable: {describe_error(e)}"
                 log.warning(
                     "room state unreadable",
@@ -179,7 +245,14 @@ class Observer:
                     kept_last_known=room_id in self.cache,
                 )
                 return
-            self.cache.replace(room_id, events)
+            self._read_done(room_id, events, started)
+
+    def _read_done(self, room_id: RoomID, events: list[dict], started: float) -> None:
+        self.cache.replace(room_id, events)
+        self.last_read[room_id] = started
+        if room_id in self.stale and self.stale[room_id] <= started:
+            del self.stale[room_id]
+        self.last_walk_reads += 1
 
     async def _read_state(self, room_id: RoomID) -> list[dict]:
         """GET /state, tried again after a 429 (its retry_after_ms) or a 5xx, timeout or dropped connection
@@ -248,7 +321,10 @@ class Observer:
         read = self._full_state_reads.get(room_id)
         if read is None:
             self.cache.begin_read(room_id)
-            read = self._full_state_reads[room_id] = asyncio.create_task(self._read_full_state(room_id))
+            # Not metered with the walk that started it (an empty context): it may answer long after.
+            read = self._full_state_reads[room_id] = asyncio.get_running_loop().create_task(
+                self._read_full_state(room_id), context=contextvars.Context()
+            )
             await asyncio.wait([read], timeout=PARTIAL_STATE_PROBE)
         if read.done():
             self._full_state_reads.pop(room_id, None)
@@ -269,9 +345,10 @@ class Observer:
         attempt = 0
         while True:
             try:
+                started = time.monotonic()
                 events = await self.matrix.room_state(room_id)
                 self.requests += 1
-                self.cache.replace(room_id, events)
+                self._read_done(room_id, events, started)
                 log.info("room state complete after the join", room=room_id)
                 break
             except READ_ERRORS as e:
@@ -308,6 +385,17 @@ class Observer:
         for room_id in self._full_state_reads:
             self.cache.end_read(room_id)
         self._full_state_reads.clear()
+
+    def left(self, room_id: RoomID) -> None:
+        """The bot is no longer in the room."""
+        self.joined.discard(room_id)
+        self._stop_full_state_read(room_id)
+        self.stale.pop(room_id, None)
+        self.last_read.pop(room_id, None)
+
+    def is_partial(self, room_id: RoomID) -> bool:
+        """Joined in this run and its full state not read yet."""
+        return room_id in self.awaiting_full_state
 
     def via_for(self, room_id: RoomID, related: list[RoomID], entries: list[dict]) -> list[str]:
         """Servers to join `room_id` through: the `via` of the Spaces' m.space.child entries and of the

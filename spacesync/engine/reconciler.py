@@ -13,7 +13,16 @@ from mautrix.errors import MatrixRequestError
 from ..config import Config, SpaceConfig
 from ..core.planner import plan as make_plan
 from ..matrix import MatrixAdapter
-from ..metrics import HELD_ACTIONS, LAST_RECONCILE, MANAGED_ROOMS, MANAGED_SPACES, MANAGED_USERS, RECONCILE_DURATION
+from ..metrics import (
+    HELD_ACTIONS,
+    LAST_RECONCILE,
+    MANAGED_ROOMS,
+    MANAGED_SPACES,
+    MANAGED_USERS,
+    RECONCILE_BYTES,
+    RECONCILE_DURATION,
+    RECONCILE_REQUESTS,
+)
 from ..model import (
     EVICTIONS,
     MODERATOR_CAUSES,
@@ -131,6 +140,9 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self._aliases: dict[str, RoomID] = {}
         self._announced_findings: set[str] = set()
+        self.last_read_bytes = 0
+        self.last_read_requests = 0
+        """What the last full reconcile read from the homeserver to see the world."""
 
     async def resolve(self, ref: RoomRef) -> RoomID | None:
         """A room reference's id; aliases are resolved once and remembered."""
@@ -179,10 +191,18 @@ class Reconciler:
             reason_template=self.config.reason_template,
         )
 
-    async def plan(self, *, refresh: bool = True) -> Plan:
-        """What spacesync would do now, without doing it."""
+    async def plan(self, *, refresh: bool = True, everything: bool = True) -> Plan:
+        """What spacesync would do now, without doing it. `refresh` reads state again: every room, or with
+        `everything` False only the rooms that need it and a rolling slice of the rest (the periodic reconcile)."""
         policy = self.last_policy = await self.policy()
-        snapshot = await self.observer.observe(policy, refresh=refresh)
+        if refresh:
+            with self.matrix.metered() as meter:
+                snapshot = await self.observer.observe(policy, refresh=True, everything=everything)
+            self.last_read_bytes, self.last_read_requests = meter.bytes, meter.requests
+            RECONCILE_BYTES.set(meter.bytes)
+            RECONCILE_REQUESTS.set(meter.requests)
+        else:
+            snapshot = await self.observer.observe(policy, refresh=False)
         plan = make_plan(snapshot, policy)
         self.observer.known_managed = set(plan.managed)
         MANAGED_SPACES.set(len(policy.spaces))
@@ -195,12 +215,14 @@ class Reconciler:
         MANAGED_USERS.set(len(users))
         return plan
 
-    async def reconcile(self, trigger: str = "reconcile", *, refresh: bool = True) -> ReconcileResult:
+    async def reconcile(
+        self, trigger: str = "reconcile", *, refresh: bool = True, everything: bool = True
+    ) -> ReconcileResult:
         """Observe, plan, and put what should happen into the journal."""
         async with self._lock:
             started = time.monotonic()
             observed_ms = now_ms() - CLOCK_MARGIN_MS
-            plan = await self.plan(refresh=refresh)
+            plan = await self.plan(refresh=refresh, everything=everything)
             for ban in plan.stale_bans:
                 await self.store.forget_ban(ban.room_id, ban.user_id)
             for room_id, user_id in plan.stale_levels:
@@ -217,9 +239,19 @@ class Reconciler:
             LAST_RECONCILE.set(self.last_reconcile_at)
         if refresh:
             await self._announce_findings(plan)
+        read = (
+            {
+                "rooms_read": self.observer.last_walk_reads,
+                "requests": self.last_read_requests,
+                "bytes_read": self.last_read_bytes,
+            }
+            if refresh
+            else {}
+        )
         (log.info if submitted.queued or submitted.held or refresh else log.debug)(
             "reconciled",
             trigger=trigger,
+            **read,
             planned=len(plan.actions),
             queued=submitted.queued,
             held=submitted.held,

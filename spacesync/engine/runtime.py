@@ -78,8 +78,9 @@ class App:
             self.cache,
             self.store,
             max_seconds=config.walk.max_seconds,
-            concurrency=config.executor.concurrency,
+            concurrency=config.walk.concurrency,
             on_full_state=lambda room_id: self.request_reconcile(full=True),
+            reread_interval=config.reread_interval,
         )
         self.executor = Executor(
             self.store,
@@ -115,6 +116,7 @@ class App:
             self.commands,
             admin_room=lambda: self.admin_room,
             request_reconcile=self.request_reconcile,
+            initial_sync_timeout=config.homeserver.initial_sync_timeout,
         )
         self.sync.handlers.append(lambda data: self.crypto.on_sync(data, self.admin_room))
         self._admin_commands: AdminCommands | None = None

@@ -27,18 +27,6 @@ from .queue import CommandQueue
 
 log = structlog.get_logger("spacesync")
 
-SYNC_FILTER = json.dumps(
-    {
-        "presence": {"types": []},
-        "account_data": {"types": []},
-        "room": {
-            "timeline": {"limit": 50},
-            "state": {"lazy_load_members": False},
-            "ephemeral": {"types": []},
-            "account_data": {"types": []},
-        },
-    }
-)
 TRIGGER_TYPES = frozenset(
     {
         "m.room.member",
@@ -53,6 +41,37 @@ TRIGGER_TYPES = frozenset(
         "org.matrix.msc4284.policy",
     }
 )
+STATE_TYPES = sorted(TRIGGER_TYPES | {"m.room.name", "m.room.encryption"})
+"""The state spacesync reads: the planner's (TRIGGER_TYPES), room names, and the admin room's encryption."""
+COMMAND_TYPES = ("m.room.message", "m.room.encrypted")
+"""Timeline events read besides state changes: the admin room's commands, plain or encrypted."""
+
+
+def sync_filter(timeline_limit: int) -> str:
+    """Members are lazy-loaded: the `state` section of an answer then holds, of the members, only the
+    timeline's senders. Membership changes that fit in the timeline arrive as timeline events; those in the gap
+    before a `limited` timeline may be left out (the spec allows it; Synapse 1.163 still sends them, widening
+    its state filter for a gappy batch), so such a room is read again from /state."""
+    return json.dumps(
+        {
+            "presence": {"types": []},
+            "account_data": {"types": []},
+            "room": {
+                "timeline": {"limit": timeline_limit, "types": [*STATE_TYPES, *COMMAND_TYPES]},
+                "state": {"lazy_load_members": True, "types": STATE_TYPES},
+                "ephemeral": {"types": []},
+                "account_data": {"types": []},
+            },
+        }
+    )
+
+
+SYNC_FILTER = sync_filter(50)
+FIRST_SYNC_FILTER = sync_filter(1)
+"""The first /sync (no saved position) only finds the position to follow from: every room is read from /state
+at the start anyway, and commands sent before it are not run."""
+PROGRESS_EVERY = 30.0
+"""While a slow first /sync is waited for, a progress line this often."""
 OWN_ECHOES = frozenset({"m.room.member", "m.room.power_levels", "m.room.join_rules"})
 """The bot's own changes of these kinds come back through /sync already applied to the cache."""
 
@@ -75,6 +94,7 @@ class SyncLoop:
         *,
         admin_room: Callable[[], RoomID | None],
         request_reconcile: Callable[..., None],
+        initial_sync_timeout: float = 600.0,
     ) -> None:
         self.matrix = matrix
         self.cache = cache
@@ -85,6 +105,7 @@ class SyncLoop:
         self.commands = commands
         self.admin_room = admin_room
         self.request_reconcile = request_reconcile
+        self.initial_sync_timeout = initial_sync_timeout
         self.handlers: list[SyncHandler] = []
         """Hooks run on each answer, in order, before its rooms are read."""
         self.homeserver_up = False
@@ -92,6 +113,10 @@ class SyncLoop:
         self.last_sync_at: float | None = None
 
     async def run(self) -> None:
+        # What happened while this instance did not follow /sync (down, standing by) is in no answer: every
+        # room is read from /state once, after the first answer has fixed the position to follow from.
+        self.observer.reread_all()
+        positioned = self.observer.positioned = asyncio.Event()
         since = await self.health.call("read the sync position", lambda: self.store.get("next_batch"))
         failures = 0
         while True:
@@ -99,7 +124,12 @@ class SyncLoop:
                 # No long-poll while recovering, nor on the first request after a start or a takeover: a
                 # homeserver back up, or a new leader, is ready at once, not after a quiet 30 s long-poll.
                 long_poll = since and not failures and self.synced
-                data = await self.matrix.sync(since, 30000 if long_poll else 0, SYNC_FILTER)
+                if long_poll:
+                    data = await self.matrix.sync(since, 30000, SYNC_FILTER)
+                elif not self.synced:
+                    data = await self.first_sync(since)
+                else:
+                    data = await self.matrix.sync(since, 0, SYNC_FILTER)
             except MUnknownToken as e:
                 raise FatalError("bot.access_token: the homeserver no longer accepts the token; log in again") from e
             except REQUEST_ERRORS as e:
@@ -114,6 +144,7 @@ class SyncLoop:
                 continue
             if failures:
                 log.info("homeserver reachable again", after_failures=failures)
+                self.observer.reread_all()
                 self.request_reconcile(full=True)
                 failures = 0
             self.homeserver_up = True
@@ -124,6 +155,8 @@ class SyncLoop:
                 await self.handle(data)
             except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
                 log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
+                for room_id in ((data.get("rooms") or {}).get("join") or {}) if isinstance(data, dict) else ():
+                    self.observer.mark_stale(RoomID(room_id))
                 self.request_reconcile(full=True)
             # Commands are in the database before the position moves past them: a crash loses none.
             commands = [] if first else self.admin_commands_in(data)
@@ -133,9 +166,30 @@ class SyncLoop:
             if since:
                 await self.health.call("save the sync position", partial(self.store.put, "next_batch", since))
             self.synced = True
+            positioned.set()
             self.last_sync_at = time.time()
             LAST_SYNC.set(self.last_sync_at)
             SYNC_LAG.set(0)
+
+    async def first_sync(self, since: str | None) -> dict[str, Any]:
+        """The first /sync after a start or a takeover: a large account's answer takes a while to build, so it
+        is waited for up to homeserver.initial_sync_timeout (not the request timeout), with a progress line."""
+        started = time.monotonic()
+        request = asyncio.ensure_future(
+            self.matrix.sync(since, 0, SYNC_FILTER if since else FIRST_SYNC_FILTER, wait=self.initial_sync_timeout)
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=PROGRESS_EVERY)
+                if done:
+                    return request.result()
+                log.info(
+                    "initial sync still running",
+                    elapsed_s=round(time.monotonic() - started),
+                    gives_up_after_s=round(self.initial_sync_timeout),
+                )
+        finally:
+            request.cancel()
 
     async def handle(self, data: dict[str, Any]) -> None:
         """Invites, the state the answer carries into the cache, and a reconcile when something relevant moved."""
@@ -150,8 +204,11 @@ class SyncLoop:
             events = list(timeline.get("events") or [])
             state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
             # Also for a room whose first /state read is in flight: the cache keeps the delta for it.
-            if self.cache.update(room_id, state_events) and timeline.get("limited"):
-                full = True
+            known = self.cache.update(room_id, state_events)
+            if timeline.get("limited"):
+                # A gap: with lazy-loaded members, membership changes in it may be in neither section.
+                self.observer.mark_stale(room_id)
+                full = full or known
             # The bot's own changes are already in the cache (the executor applies them as it goes) and
             # were planned together: they need no new plan. Everyone else's do.
             relevant = [
@@ -166,7 +223,7 @@ class SyncLoop:
                     full = True
         for room_id in rooms.get("leave") or {}:
             self.cache.forget(RoomID(room_id))
-            self.observer.joined.discard(RoomID(room_id))
+            self.observer.left(RoomID(room_id))
         if full:
             self.request_reconcile(full=True)
         elif trigger:

@@ -61,7 +61,10 @@ class ReconcileTimer:
             self._full.clear()
             self._trigger.clear()
             try:
-                result = await self.reconciler.reconcile("reconcile" if full else "sync", refresh=full)
+                # Full reconciles from here read only the rooms that need it and a rolling slice of the rest.
+                result = await self.reconciler.reconcile(
+                    "reconcile" if full else "sync", refresh=full, everything=False
+                )
                 if full and not self.executor.ready.is_set():
                     self.executor.ready.set()  # the state cache is filled: journaled entries can be re-checked
                     self.executor.wake()

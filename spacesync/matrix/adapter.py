@@ -9,7 +9,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -24,7 +25,7 @@ from mautrix.util.logging import TraceLogger
 from ..metrics import RATELIMIT_WAIT
 from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
-from .http import SpacesyncHTTPAPI, retry_after_ms
+from .http import METER, ReadMeter, SpacesyncHTTPAPI, retry_after_ms
 
 log = structlog.get_logger("spacesync.matrix")
 
@@ -205,21 +206,37 @@ class MatrixAdapter:
             RATELIMIT_WAIT.inc(until - current)
         log.debug("rate limited: pausing requests", kind=kind, wait_s=round(wait, 2))
 
+    @staticmethod
+    @contextmanager
+    def metered() -> Iterator[ReadMeter]:
+        """Counts the bytes and requests of every answer read inside the block (and by tasks it starts)."""
+        meter = ReadMeter()
+        token = METER.set(meter)
+        try:
+            yield meter
+        finally:
+            METER.reset(token)
+
     # region reading
-    async def sync(self, since: str | None, timeout_ms: int, filter_json: str | None) -> dict[str, Any]:
+    async def sync(
+        self, since: str | None, timeout_ms: int, filter_json: str | None, *, wait: float | None = None
+    ) -> dict[str, Any]:
+        """One /sync; the request gives up after `wait` seconds (default: the long-poll plus the request timeout)."""
         query: dict[str, Any] = {"timeout": str(timeout_ms)}
         if since:
             query["since"] = since
         if filter_json:
             query["filter"] = filter_json
-        return await self.request(Method.GET, Path.v3.sync, query=query, timeout=timeout_ms / 1000 + 30)
+        return await self.request(
+            Method.GET, Path.v3.sync, query=query, timeout=wait or timeout_ms / 1000 + self.request_timeout
+        )
 
     async def joined_rooms(self) -> set[RoomID]:
         data = await self.request(Method.GET, Path.v3.joined_rooms, timeout=30)
         return {RoomID(r) for r in data.get("joined_rooms", []) if isinstance(r, str)}
 
-    async def room_state(self, room_id: RoomID) -> list[dict[str, Any]]:
-        data = await self.request(Method.GET, Path.v3.rooms[room_id].state, timeout=60)
+    async def room_state(self, room_id: RoomID, *, timeout: float = 60) -> list[dict[str, Any]]:
+        data = await self.request(Method.GET, Path.v3.rooms[room_id].state, timeout=timeout)
         if not isinstance(data, list):
             raise ValueError(f"{room_id}: the homeserver's /state answer is not a list")
         return [e for e in data if isinstance(e, dict)]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from contextvars import ContextVar
 from json import JSONDecodeError
 
+import attrs
 from aiohttp import ClientResponse, ContentTypeError
 from mautrix.api import HTTPAPI, Method
 from mautrix.errors import MatrixRequestError, make_request_error
 from mautrix.types import JSON
 from yarl import URL
 
-from ..metrics import REQUEST_LATENCY
+from ..metrics import BYTES_READ, REQUEST_LATENCY
 
 
 def retry_after_ms(error: BaseException) -> int | None:
@@ -20,8 +22,42 @@ def retry_after_ms(error: BaseException) -> int | None:
     return getattr(error, "retry_after_ms", None)
 
 
+@attrs.define
+class ReadMeter:
+    """Bytes and requests of the answers read while it is current (see METER)."""
+
+    bytes: int = 0
+    requests: int = 0
+
+
+METER: ContextVar[ReadMeter | None] = ContextVar("spacesync_read_meter", default=None)
+"""Set around a piece of work (a reconcile's walk): every answer read by it, and by the tasks it starts, counts."""
+
+
+def request_kind(path: str) -> str:
+    """The class of a request for the bytes-read metric."""
+    if path.endswith("/sync"):
+        return "sync"
+    if path.endswith("/joined_rooms"):
+        return "joined_rooms"
+    if path.endswith("/hierarchy"):
+        return "hierarchy"
+    if path.endswith("/state"):
+        return "state"
+    return "other"
+
+
+def count_read(path: str, size: int) -> None:
+    BYTES_READ.labels(kind=request_kind(path)).inc(size)
+    meter = METER.get()
+    if meter is not None:
+        meter.bytes += size
+        meter.requests += 1
+
+
 class SpacesyncHTTPAPI(HTTPAPI):
-    """Keeps the 429 body's `retry_after_ms` (or the Retry-After header) on the raised error."""
+    """Keeps the 429 body's `retry_after_ms` (or the Retry-After header) on the raised error, and counts the
+    bytes of every answer."""
 
     async def _send(
         self,
@@ -38,9 +74,16 @@ class SpacesyncHTTPAPI(HTTPAPI):
                 str(method), url, data=content, params=query_params, headers=headers
             ) as response:
                 status = f"{response.status // 100}xx"
+                body = await response.read()
+                count_read(url.path, len(body))
                 if 200 <= response.status < 300:
-                    return await response.json(), response
-                text = await response.text()
+                    try:
+                        return json.loads(body), response
+                    except ValueError as e:  # a transport-class failure, as aiohttp's response.json() gives
+                        raise ContentTypeError(
+                            response.request_info, response.history, message=f"answer is not JSON: {e}"
+                        ) from e
+                text = body.decode("utf-8", "replace")
                 errcode = message = unstable = None
                 data: dict = {}
                 try:

@@ -356,17 +356,22 @@ async def test_health_ready_and_metrics(world, synapse, make_user, tmp_path):
         assert ctype.startswith("text/plain"), ctype
         families = list(text_string_to_metric_families(text))
         assert families, "no metrics at all"
+        ours = ("spacesync_", "process_")  # and the standard process collector's (memory, CPU, file descriptors)
         for family in families:
-            assert family.name.startswith("spacesync_"), family.name
+            assert family.name.startswith(ours), family.name
             for sample in family.samples:
-                assert sample.name.startswith("spacesync_"), sample.name
+                assert sample.name.startswith(ours), sample.name
         for line in text.splitlines():
             if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                assert line.split()[2].startswith("spacesync_"), line
+                assert line.split()[2].startswith(ours), line
             elif line and not line.startswith("#"):
-                assert line.startswith("spacesync_"), line
+                assert line.startswith(ours), line
         names = {f.name for f in families}
         assert {"spacesync_actions", "spacesync_leader", "spacesync_homeserver_request_seconds"} <= names
+        assert {"process_resident_memory_bytes", "spacesync_bytes_read", "spacesync_reconcile_bytes_read"} <= names
+        samples = {s.name: s.value for f in families for s in f.samples if not s.labels}
+        assert samples["process_resident_memory_bytes"] > 0
+        assert samples["spacesync_reconcile_bytes_read"] > 0, "the first full reconcile read the world"
         before = kick_counter(text)
 
         await user.client.leave(space)

@@ -105,6 +105,8 @@ def test_guard_window_top_level_and_per_space() -> None:
     assert [s.guard_window for s in cfg.spaces] == [3600.0, 90.0]
     assert cfg.spaces[1].to_policy(RoomID("!b:example.org")).guard_window_s == 90.0
     assert (cfg.walk.max_depth, cfg.walk.max_rooms, cfg.walk.max_seconds) == (10, 2000, 120)
+    assert cfg.walk.concurrency == 8
+    assert config(spaces=[{"room": "!a:example.org"}], walk={"concurrency": 2}).walk.concurrency == 2
     assert (cfg.logging.level, cfg.logging.format) == ("INFO", "auto")
     space = cfg.spaces[0]
     assert space.on_leave is OnLeave.KICK and space.power_levels and not space.join_rules_enforce

@@ -6,6 +6,8 @@ from spacesync.engine.observer import Observer
 from spacesync.matrix.state import StateCache
 from spacesync.model import Membership, RoomID
 
+from .stubs import EmptyStore
+
 ROOM = RoomID("!r:hs")
 
 
@@ -95,29 +97,7 @@ async def test_rooms_beyond_the_room_cap_are_unknown_not_absent():
                 state += [event("m.space.child", c, {"via": ["hs"]}) for c in children]
             return state
 
-    class Store:
-        async def member_history(self) -> dict:
-            return {}
-
-        async def save_member_history(self, rows: dict) -> None:
-            pass
-
-        async def placed_bans(self) -> frozenset:
-            return frozenset()
-
-        async def owned_levels(self) -> dict:
-            return {}
-
-        async def lockdowns(self) -> dict:
-            return {}
-
-        async def owned_acl(self) -> dict:
-            return {}
-
-        async def owned_policy(self) -> dict:
-            return {}
-
-    observer = Observer(World(), StateCache(), Store())  # type: ignore[arg-type]
+    observer = Observer(World(), StateCache(), EmptyStore())  # type: ignore[arg-type]
     policy = Policy(bot="@bot:hs", spaces=(SpacePolicy(root),), max_rooms=3)  # type: ignore[arg-type]
     snapshot = await observer.observe(policy, refresh=True)
     assert set(snapshot.rooms) == {root, children[0], children[1]}

@@ -164,3 +164,14 @@ async def test_a_final_error_ends_the_wait_and_the_ordinary_read_reports_it() ->
     await settle()
     assert completed == [PARTIAL] and PARTIAL not in observer.awaiting_full_state
     assert (await load(observer, PARTIAL))[PARTIAL].startswith("state unreadable")
+
+
+async def test_a_room_the_bot_left_while_waiting_drops_its_read() -> None:
+    homeserver, observer, loop, completed, _ = setup()
+    observer.joined_now(PARTIAL)
+    assert await load(observer, PARTIAL) == {PARTIAL: PARTIAL_STATE}
+    await loop.handle({"rooms": {"leave": {PARTIAL: {}}}})
+    homeserver.resync_ends()
+    await settle()
+    assert not observer.is_partial(PARTIAL) and PARTIAL not in observer.joined
+    assert observer.cache.get(PARTIAL) is None and not completed and not observer._full_state_reads
