@@ -292,8 +292,8 @@ def reconciled(trigger: str) -> Callable[[dict[str, Any]], bool]:
 
 
 PERIODIC_S = 30
-"""The benchmark's reconcile_interval (--periodic); reread_interval is 24 times it, the ratio of the defaults (1h, 24h), so a
-periodic reconcile reads the share of rooms it reads at the defaults."""
+"""The benchmark's reconcile_interval (--periodic); reread_interval is 24 times it, the ratio of the
+defaults (1h, 24h), so a periodic reconcile reads the share of rooms it reads at the defaults."""
 
 
 def bot_config(url: str, bot: str, token: str, admin: str, space: str, workdir: Path, concurrency: int) -> dict:
