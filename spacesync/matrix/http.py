@@ -6,8 +6,10 @@ import json
 import time
 from contextvars import ContextVar
 from json import JSONDecodeError
+from typing import Any
 
 import attrs
+import orjson
 from aiohttp import ClientResponse, ContentTypeError
 from mautrix.api import HTTPAPI, Method
 from mautrix.errors import MatrixRequestError, make_request_error
@@ -15,6 +17,16 @@ from mautrix.types import JSON
 from yarl import URL
 
 from ..metrics import BYTES_READ, REQUEST_LATENCY
+
+
+def loads(body: bytes) -> Any:
+    """A homeserver's JSON answer. orjson reads a big /state answer in about half the standard library's time;
+    what it refuses and the standard library reads (a lone surrogate escape in someone's display name, NaN)
+    is read the standard library's way, so no answer readable before becomes unreadable."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def retry_after_ms(error: BaseException) -> int | None:
@@ -78,7 +90,7 @@ class SpacesyncHTTPAPI(HTTPAPI):
                 count_read(url.path, len(body))
                 if 200 <= response.status < 300:
                     try:
-                        return json.loads(body), response
+                        return loads(body), response
                     except ValueError as e:  # a transport-class failure, as aiohttp's response.json() gives
                         raise ContentTypeError(
                             response.request_info, response.history, message=f"answer is not JSON: {e}"

@@ -236,15 +236,19 @@ class _Room:
 
     def set_member(self, key: str, event: Mapping[str, Any]) -> None:
         user_id = UserID(self.user(key))
+        if not self.detail and (join := _compact_join(event)) is not None:  # the common case, read directly
+            self.own_members()
+            self.bad.discard(user_id)
+            self.members[user_id] = join
+            self.view = None
+            return
         try:
             member = _member(event, self.user)
         except _MALFORMED:
             member, malformed = None, True
         else:
             malformed = False
-        if self.shared:  # copy-on-write: a RoomState handed out earlier never changes under its holder
-            self.members = dict(self.members)
-            self.shared = False
+        self.own_members()
         if malformed:
             self.bad.add(user_id)
         else:
@@ -259,6 +263,12 @@ class _Room:
             member = canonical(member)
             self.members[user_id] = self.states.setdefault(member, member)
         self.view = None
+
+    def own_members(self) -> None:
+        """Copy-on-write: a RoomState handed out earlier never changes under its holder."""
+        if self.shared:
+            self.members = dict(self.members)
+            self.shared = False
 
     def user(self, user_id: str) -> str:
         """One string per user, however many rooms they are in."""
@@ -275,6 +285,18 @@ class _Room:
                 malformed=self.base.malformed + len(self.bad),
             )
         return self.view
+
+
+def _compact_join(event: Mapping[str, Any]) -> int | None:
+    """A well-formed join as a compact room keeps it (what `_member` then `_crc` give), without building a
+    MemberState; None for anything else, which takes the full route."""
+    content = event.get("content")
+    if not isinstance(content, dict) or content.get("membership") != "join":
+        return None
+    event_id, sender = event.get("event_id"), event.get("sender")
+    if not (event_id is None or isinstance(event_id, str)) or not (sender is None or isinstance(sender, str)):
+        return None
+    return _crc(event_id) if event_id else -1
 
 
 def _crc(event_id: str) -> int:
