@@ -442,6 +442,8 @@ async def measure(
         print(f"[{label}] no-op reconcile {line.get('seconds')} s: {requests} requests, {human_bytes(size)}")
         await bot.quiet()
 
+        out["peak_rss_noop"] = bot.peak_rss
+
         # A periodic reconcile that finds nothing: the timer's, which reads only a rolling slice of the rooms.
         _, line = await bot.wait_log(reconciled("reconcile"), TIMEOUT, after=i + 1)
         out["periodic"] = {k: line.get(k) for k in ("rooms_read", "requests", "bytes_read", "seconds", "planned")}
@@ -481,6 +483,8 @@ async def measure(
             hs, mark, lambda r: r[4] == "send" and r[8] == world.admin and r[1] > max(k[2] for k in kicks), 60
         )  # the batch's summary notice
         await bot.quiet()
+
+        out["peak_rss_leave"] = bot.peak_rss
 
         # The exodus: the guard holds it.
         mark = await hs.mark()
@@ -678,6 +682,10 @@ def report(args: argparse.Namespace, result: dict[str, Any], fl: dict[str, float
             ],
             ["/state reads at start", f"{int(state['requests'])} requests, {human_bytes(state['bytes'])}"],
             ["peak RSS (VmHWM)", mib(result["peak_rss"])],
+            [
+                "peak RSS by phase: start-up / asked-for reconcile / one leave / exodus",
+                " / ".join(mib(result[k]) for k in ("peak_rss_startup", "peak_rss_noop", "peak_rss_leave", "peak_rss")),
+            ],
             ["steady RSS / empty-world RSS", f"{mib(result['steady_rss'])} / {mib(empty_rss)}"],
             ["bytes per member entry", f"{result['bytes_per_entry']:.0f} B"],
             [

@@ -147,6 +147,9 @@ _INSERT_JOURNAL = (
 )
 
 
+ROWS_PER_INSERT = 1000
+
+
 def _journal_rows(batch_id: str, actions: Iterable[Action], status: Status) -> list[tuple[Any, ...]]:
     """The journal rows of actions joining a batch, in _INSERT_JOURNAL's column order."""
     return [
@@ -197,8 +200,8 @@ class Journal:
         claim: bool = False,
     ) -> int:
         """Journal actions as a batch; with `claim`, an id already taken writes nothing and returns 0."""
-        rows = _journal_rows(batch_id, actions, status)
-        if not rows:
+        actions = list(actions)
+        if not actions:
             return 0
         conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
@@ -213,11 +216,11 @@ class Journal:
             )
             if claimed is None:
                 return 0
-            await conn.executemany(
-                _INSERT_JOURNAL,
-                rows,
-            )
-        return len(rows)
+            # A held exodus can be 100,000 entries: encoded a chunk at a time, not all held at once.
+            for start in range(0, len(actions), ROWS_PER_INSERT):
+                chunk = actions[start : start + ROWS_PER_INSERT]
+                await conn.executemany(_INSERT_JOURNAL, _journal_rows(batch_id, chunk, status))
+        return len(actions)
 
     async def open_keys(self) -> set[str]:
         """Keys (kind|room|target) of every action not yet finished, to avoid enqueuing one twice."""

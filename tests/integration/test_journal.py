@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spacesync.model import Action, ActionKind, RoomID, UserID
 from spacesync.store import Status, Store
-from spacesync.store.journal import BatchStatus, now_ms
+from spacesync.store.journal import ROWS_PER_INSERT, BatchStatus, now_ms
 
 SPACE = RoomID("!space:example.org")
 ROOM = RoomID("!room:example.org")
@@ -74,5 +74,18 @@ async def test_the_guard_window_and_the_open_held_batch(db_url):
         await journal.set_batch_status("h1", BatchStatus.RELEASED, Status.HELD, Status.PENDING)
         assert await journal.open_held_batch(SPACE) is None
         assert await journal.evicted_users_since(SPACE, start - 1000) == {"@a:example.org", "@b:example.org"}
+    finally:
+        await store.stop()
+
+
+async def test_a_batch_larger_than_one_insert_is_journaled_whole(db_url):
+    store = Store(db_url)
+    await store.start()
+    try:
+        count = ROWS_PER_INSERT * 2 + 7
+        batch = await store.journal.add_new_batch("sync", SPACE, [kick(f"u{i}") for i in range(count)], Status.HELD)
+        entries = await store.journal.batch_entries(batch)
+        assert len(entries) == count
+        assert {e.action.user_id for e in entries} == {UserID(f"@u{i}:example.org") for i in range(count)}
     finally:
         await store.stop()
