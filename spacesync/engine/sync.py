@@ -47,18 +47,22 @@ COMMAND_TYPES = ("m.room.message", "m.room.encrypted")
 """Timeline events read besides state changes: the admin room's commands, plain or encrypted."""
 
 
-def sync_filter(timeline_limit: int) -> str:
-    """Members are lazy-loaded: the `state` section of an answer then holds, of the members, only the
-    timeline's senders. Membership changes that fit in the timeline arrive as timeline events; those in the gap
-    before a `limited` timeline may be left out (the spec allows it; Synapse 1.163 still sends them, widening
-    its state filter for a gappy batch), so such a room is read again from /state."""
+def sync_filter(timeline_limit: int, *, lazy_members: bool = True) -> str:
+    """Only the state types spacesync reads, and of the timeline only those and the admin room's commands.
+
+    The first /sync lazy-loads members: its `state` section then holds, of the members, only the timeline's
+    senders, so an account in 1,000 rooms of 1,000 members gets a few MB, not every membership (each room
+    is read once from /state anyway). Later answers are eager: their `state` section holds only the state that
+    changed in a gap before a `limited` timeline (nothing otherwise), and the homeserver computes no room
+    summary for them (Synapse does for every lazy-loading answer with a membership change: measurable
+    during a big batch, when each kick comes back). A gappy room is read again from /state all the same."""
     return json.dumps(
         {
             "presence": {"types": []},
             "account_data": {"types": []},
             "room": {
                 "timeline": {"limit": timeline_limit, "types": [*STATE_TYPES, *COMMAND_TYPES]},
-                "state": {"lazy_load_members": True, "types": STATE_TYPES},
+                "state": {"lazy_load_members": lazy_members, "types": STATE_TYPES},
                 "ephemeral": {"types": []},
                 "account_data": {"types": []},
             },
@@ -66,8 +70,8 @@ def sync_filter(timeline_limit: int) -> str:
     )
 
 
-SYNC_FILTER = sync_filter(50)
-FIRST_SYNC_FILTER = sync_filter(1)
+SYNC_FILTER = sync_filter(50, lazy_members=False)
+FIRST_SYNC_FILTER = sync_filter(1, lazy_members=True)
 """The first /sync (no saved position) only finds the position to follow from: every room is read from /state
 at the start anyway, and commands sent before it are not run."""
 PROGRESS_EVERY = 30.0

@@ -120,6 +120,8 @@ def test_a_small_scale_run_reaches_its_plan_evicts_the_leaver_and_holds_the_exod
     assert result["cold_start_s"] > 0 and result["floor"]["seconds"] > 0
     assert result["startup"]["state"]["requests"] >= 21
     assert result["initial_sync"]["requests"] == 1 and result["initial_sync"]["bytes"] > 0
+    # The first /sync lazy-loads members: a fraction of what reading every room's state takes.
+    assert result["initial_sync"]["bytes"] < result["floor"]["bytes"] / 4, result["initial_sync"]
     assert result["peak_rss"] > 0 and result["steady_rss"] > 0
     assert result["noop"]["planned"] == 0 and result["noop"]["classes"]["state"]["requests"] >= 21
     # The timer's reconcile reads a rolling slice, not every room.
