@@ -57,6 +57,8 @@ from common import (
     run,
 )
 
+from spacesync.testing import spawn_bot
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 GOAL_PEAK_MB = 250
@@ -184,18 +186,7 @@ class BotProcess:
     async def __aenter__(self) -> BotProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         self.started_wall, self.started = time.time(), time.monotonic()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "spacesync",
-            "-c",
-            str(self.config_path),
-            "run",
-            cwd=str(ROOT),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+        self.proc = await spawn_bot(self.config_path, ROOT, stdout=log, stderr=log)
         log.close()
         self._sampler = asyncio.create_task(self._sample())
         return self

@@ -17,6 +17,7 @@ from .faults import (
 )
 from .federation import FederatedPair, join_when_allowed, wait_until_federating
 from .homeserver import Synapse, free_port
+from .process import spawn_bot
 from .waiting import wait_for
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "TestbedRequestError",
     "free_port",
     "join_when_allowed",
+    "spawn_bot",
     "wait_for",
     "wait_until_federating",
 ]

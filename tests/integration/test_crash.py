@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from spacesync.store import Status, Store
-from spacesync.testing import Synapse, TestUser, wait_for
+from spacesync.testing import Synapse, TestUser, spawn_bot, wait_for
 
 from ..conftest import unavailable
 
@@ -31,18 +30,8 @@ class BotProcess:
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "spacesync",
-                "-c",
-                str(self.config_path),
-                "run",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.config_path.parent,
-                start_new_session=True,
+            self.proc = await spawn_bot(
+                self.config_path, self.config_path.parent, stdout=log, stderr=log, start_new_session=True
             )
 
     @property

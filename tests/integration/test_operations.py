@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
 from spacesync.store import LEADER_LOCK_KEY, Store
-from spacesync.testing import Synapse, TestUser, free_port, wait_for
+from spacesync.testing import Synapse, TestUser, free_port, spawn_bot, wait_for
 from spacesync.web import start_web
 
 from ..conftest import unavailable
@@ -620,19 +620,7 @@ async def test_sqlite_second_instance_refuses_to_start(world, synapse, start_bot
     config = config_dict(synapse, world.bot, admin, db_url, space)
     config_path.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPACESYNC_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "spacesync",
-        "-c",
-        str(config_path),
-        "run",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = await spawn_bot(config_path, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     finally:

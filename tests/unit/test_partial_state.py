@@ -18,6 +18,8 @@ from spacesync.engine.sync import SyncLoop
 from spacesync.matrix.state import StateCache
 from spacesync.model import RoomID
 
+from .stubs import sync_loop
+
 FULL = RoomID("!full:a.example")
 PARTIAL = RoomID("!partial:b.example")
 LEAVE = {"type": "m.room.member", "state_key": "@gone:b.example", "sender": "@gone:b.example"}
@@ -60,18 +62,7 @@ def setup() -> tuple[Homeserver, Observer, SyncLoop, list[RoomID], list[bool]]:
     completed: list[RoomID] = []
     observer = Observer(homeserver, StateCache(), store=None, on_full_state=completed.append)  # type: ignore[arg-type]
     requested: list[bool] = []
-    loop = SyncLoop(
-        homeserver,  # type: ignore[arg-type]
-        observer.cache,
-        None,  # type: ignore[arg-type]
-        observer,
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        admin_room=lambda: None,
-        request_reconcile=lambda full=False: requested.append(full),
-    )
-    return homeserver, observer, loop, completed, requested
+    return homeserver, observer, sync_loop(homeserver, observer, requested), completed, requested
 
 
 @pytest.fixture(autouse=True)
