@@ -94,8 +94,7 @@ def _describe(e: MatrixRequestError) -> str:
 
 def _write_paused_until(matrix: MatrixAdapter) -> float:
     """Until when (monotonic) the adapter's last 429 on a write (kick, ban, state) held writes back; 0: never."""
-    until = getattr(matrix, "_paused_until", None)
-    return float(until.get("write", 0.0)) if isinstance(until, dict) else 0.0
+    return matrix.paused_until("write")
 
 
 def _paused_s(matrix: MatrixAdapter) -> float:

@@ -195,6 +195,10 @@ class MatrixAdapter:
                     raise
                 self._pause(kind, wait)
 
+    def paused_until(self, kind: str) -> float:
+        """Until when (monotonic) the last 429 of a rate-limit class held that class back; 0.0: never."""
+        return self._paused_until.get(kind, 0.0)
+
     def _pause(self, kind: str, wait: float) -> None:
         """Hold requests of one class for `wait` seconds; count only time not already paused."""
         now = time.monotonic()
