@@ -172,6 +172,32 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Stopwatch:
+    """One benchmarked run, as every bot run measures it: this process's and Synapse's CPU from `__init__`,
+    and time from `start()` (the change that sets the bot to work) to the events an observer saw."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.synapse_pid = bench.synapse.pid
+        self.hs_cpu, self.cpu = process_cpu_s(self.synapse_pid), time.process_time()
+        self.started = self.started_wall = 0.0
+
+    def start(self) -> None:
+        self.started, self.started_wall = time.monotonic(), time.time()
+
+    def stop(self, seen: dict[str, Seen], concurrency: int) -> dict[str, Any]:
+        """The run's figures: `seen_s` (the last event's arrival at the observer), `first_ts_s` and `last_ts_s`
+        (the events' own timestamps), the CPU both processes spent."""
+        stamps = [s.event["origin_server_ts"] / 1000 - self.started_wall for s in seen.values()]
+        return {
+            "concurrency": concurrency,
+            "seen_s": max(s.arrived for s in seen.values()) - self.started,
+            "first_ts_s": min(stamps),
+            "last_ts_s": max(stamps),
+            "cpu_s": time.process_time() - self.cpu,
+            "synapse_cpu_s": process_cpu_s(self.synapse_pid) - self.hs_cpu,
+        }
+
+
 async def quiesce(bench: Bench, *, window: float = 0.5, busy: float = 0.1, timeout: float = 30.0) -> float:
     """Wait until Synapse is idle (under `busy` of a core over `window` seconds): background work
     left by the set-up or a previous run would otherwise be billed to the next run. Returns the wait."""

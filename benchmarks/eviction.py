@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import (
     Bench,
+    Stopwatch,
     SyncWatcher,
     admin_room,
     bot_config,
@@ -74,23 +75,13 @@ async def spacesync(
     config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
     async with running_bot(bench, config) as app:
         await quiesce(bench)  # let the bot's start-up work (initial sync, first reconcile) settle
-        hs_cpu, cpu = process_cpu_s(bench.synapse.pid), time.process_time()
+        watch = Stopwatch(bench)
         await user.client.leave(space)
-        left, left_wall = time.monotonic(), time.time()
+        watch.start()
         seen = await watcher.wait_rooms(rooms, kicked(user.user_id, by=bench.bot.user_id), timeout=300)
-        last = max(s.arrived for s in seen.values()) - left
-        cpu, hs_cpu = time.process_time() - cpu, process_cpu_s(bench.synapse.pid) - hs_cpu
-        last_ts = max(s.event["origin_server_ts"] for s in seen.values()) / 1000 - left_wall
-        first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - left_wall
+        result = watch.stop(seen, concurrency)
         await app.executor.wait_idle()
-    return {
-        "concurrency": concurrency,
-        "seen_s": last,
-        "last_kick_ts_s": last_ts,
-        "first_kick_ts_s": first_ts,
-        "cpu_s": cpu,
-        "synapse_cpu_s": hs_cpu,
-    }
+    return result
 
 
 async def main() -> int:
@@ -128,7 +119,7 @@ async def main() -> int:
         n,
         "kicks/s",
         "plain kick loop",
-        "first_kick_ts_s",
+        "first_ts_s",
         floors,
         bots,
     )

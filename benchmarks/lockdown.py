@@ -22,6 +22,7 @@ from pathlib import Path
 from common import (
     Bench,
     Seen,
+    Stopwatch,
     SyncWatcher,
     admin_room,
     bot_config,
@@ -102,21 +103,13 @@ async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[
     config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
     async with running_bot(bench, config) as app:
         await quiesce(bench)
-        hs_cpu, cpu = process_cpu_s(bench.synapse.pid), time.process_time()
+        watch = Stopwatch(bench)
         await bench.owner.client.send_text(admin, "!spacesync lockdown")
-        sent, sent_wall = time.monotonic(), time.time()
-        seen = await watcher.wait_rooms(rooms, rule_shown("invite", sent, by=bench.bot.user_id), timeout=300)
-        last = max(s.arrived for s in seen.values()) - sent
-        cpu, hs_cpu = time.process_time() - cpu, process_cpu_s(bench.synapse.pid) - hs_cpu
-        first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - sent_wall
+        watch.start()
+        seen = await watcher.wait_rooms(rooms, rule_shown("invite", watch.started, by=bench.bot.user_id), timeout=300)
+        result = watch.stop(seen, concurrency)
         await app.executor.wait_idle()
-    return {
-        "concurrency": concurrency,
-        "seen_s": last,
-        "first_write_ts_s": first_ts,
-        "cpu_s": cpu,
-        "synapse_cpu_s": hs_cpu,
-    }
+    return result
 
 
 async def main() -> int:
@@ -151,7 +144,7 @@ async def main() -> int:
         n,
         "rooms/s",
         "plain join-rule loop",
-        "first_write_ts_s",
+        "first_ts_s",
         floors,
         bots,
     )

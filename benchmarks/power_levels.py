@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common import (
     Bench,
+    Stopwatch,
     SyncWatcher,
     admin_room,
     bot_config,
@@ -81,9 +82,9 @@ async def spacesync(
         await quiesce(bench)
         levels = await bench.owner.client.get_power_levels(space)
         levels["users"] = {**levels.get("users", {}), user_id: LEVEL}
-        hs_cpu, cpu = process_cpu_s(bench.synapse.pid), time.process_time()
+        watch = Stopwatch(bench)
         await bench.owner.client.send_state(space, "m.room.power_levels", levels)
-        promoted, promoted_wall = time.monotonic(), time.time()
+        watch.start()
         try:
             seen = await watcher.wait_rooms(rooms, level_shown(user_id, LEVEL), timeout=120)
         except TimeoutError as e:
@@ -97,19 +98,9 @@ async def spacesync(
                 f"{LEVEL}; last plan: {len(plan.actions) if plan else '?'} actions, "
                 f"findings {[str(f) for f in (plan.findings if plan else [])][:5]}"
             ) from None
-        last = max(s.arrived for s in seen.values()) - promoted
-        cpu, hs_cpu = time.process_time() - cpu, process_cpu_s(bench.synapse.pid) - hs_cpu
-        last_ts = max(s.event["origin_server_ts"] for s in seen.values()) / 1000 - promoted_wall
-        first_ts = min(s.event["origin_server_ts"] for s in seen.values()) / 1000 - promoted_wall
+        result = watch.stop(seen, concurrency)
         await app.executor.wait_idle()
-    return {
-        "concurrency": concurrency,
-        "seen_s": last,
-        "last_ts_s": last_ts,
-        "first_ts_s": first_ts,
-        "cpu_s": cpu,
-        "synapse_cpu_s": hs_cpu,
-    }
+    return result
 
 
 async def main() -> int:
