@@ -332,6 +332,16 @@ async def running_bot(bench: Bench, config: dict[str, Any]) -> AsyncIterator[Any
             await asyncio.wait_for(task, 30)
 
 
+@contextlib.asynccontextmanager
+async def settled_bot(bench: Bench, admin: str, space: str, concurrency: int) -> AsyncIterator[Any]:
+    """A fresh bot (its own database) managing `space` at `concurrency`, with Synapse idle again once the
+    bot's start-up work (initial sync, first reconcile) is done: what a measured bot run starts from."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
+    async with running_bot(bench, bot_config(bench, workdir, admin, space, concurrency=concurrency)) as app:
+        await quiesce(bench)
+        yield app
+
+
 # endregion
 
 

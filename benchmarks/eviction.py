@@ -14,16 +14,13 @@ B is also shown by the kick events' own timestamps (last origin_server_ts minus 
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from common import (
     Bench,
     Stopwatch,
     SyncWatcher,
     admin_room,
-    bot_config,
     build_space,
     homeserver,
     in_flight,
@@ -37,7 +34,7 @@ from common import (
     report_ratio,
     request,
     run,
-    running_bot,
+    settled_bot,
 )
 
 
@@ -71,10 +68,7 @@ async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], user_id: s
 async def spacesync(
     bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str, user, concurrency: int
 ) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
-    config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
-    async with running_bot(bench, config) as app:
-        await quiesce(bench)  # let the bot's start-up work (initial sync, first reconcile) settle
+    async with settled_bot(bench, admin, space, concurrency) as app:
         watch = Stopwatch(bench)
         await user.client.leave(space)
         watch.start()

@@ -14,10 +14,8 @@ Between runs every room is put back to restricted by a plain loop (not timed).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from common import (
     Bench,
@@ -25,7 +23,6 @@ from common import (
     Stopwatch,
     SyncWatcher,
     admin_room,
-    bot_config,
     build_space,
     homeserver,
     in_flight,
@@ -38,7 +35,7 @@ from common import (
     report_ratio,
     request,
     run,
-    running_bot,
+    settled_bot,
 )
 
 
@@ -99,10 +96,7 @@ async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], concurrenc
 async def spacesync(bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], concurrency: int) -> dict:
     # A fresh admin room per run: a bot with a fresh database would otherwise answer the earlier runs' commands.
     admin = await admin_room(bench)
-    workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
-    config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
-    async with running_bot(bench, config) as app:
-        await quiesce(bench)
+    async with settled_bot(bench, admin, space, concurrency) as app:
         watch = Stopwatch(bench)
         await bench.owner.client.send_text(admin, "!spacesync lockdown")
         watch.start()

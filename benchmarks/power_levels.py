@@ -13,16 +13,13 @@ observer who is in every room; A from its first PUT, B from the promotion PUT's 
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from common import (
     Bench,
     Stopwatch,
     SyncWatcher,
     admin_room,
-    bot_config,
     bounded,
     build_space,
     homeserver,
@@ -37,7 +34,7 @@ from common import (
     report_ratio,
     request,
     run,
-    running_bot,
+    settled_bot,
 )
 
 LEVEL = 50
@@ -76,10 +73,7 @@ async def floor(bench: Bench, watcher: SyncWatcher, rooms: list[str], user_id: s
 async def spacesync(
     bench: Bench, watcher: SyncWatcher, space: str, rooms: list[str], admin: str, user_id: str, concurrency: int
 ) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix=f"bot-c{concurrency}-", dir=bench.workdir))
-    config = bot_config(bench, workdir, admin, space, concurrency=concurrency)
-    async with running_bot(bench, config) as app:
-        await quiesce(bench)
+    async with settled_bot(bench, admin, space, concurrency) as app:
         levels = await bench.owner.client.get_power_levels(space)
         levels["users"] = {**levels.get("users", {}), user_id: LEVEL}
         watch = Stopwatch(bench)
