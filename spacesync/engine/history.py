@@ -11,6 +11,11 @@ learns the previous membership from, in order:
 3. the event the leave names in `unsigned.replaces_state`, fetched once with
    `GET /rooms/{roomId}/event/{eventId}` (only for users still joined somewhere, so only where it matters).
 
+A departure is sticky: a user spacesync saw joined in the Space (or whose history shows a join) who is now
+anything but joined has departed until a new join. A knock, an invite, and their rejection or withdrawal after a
+departure keep it (`was_joined` True on that knock, invite or leave; the record keeps the time of the departure,
+so a grace period runs on from it). Someone never seen joined stays no departure.
+
 When none of these can tell, `was_joined` stays None and the planner evicts nobody on that leave: it
 reports it instead. Each membership also gets the time spacesync first saw it (`seen_ms`, its own clock):
 grace periods run from that, never from the sender's `origin_server_ts`.
@@ -70,29 +75,32 @@ class MemberHistory:
             for user_id, state in room.members.items():
                 key = (space_id, user_id)
                 record = records.get(key)
-                was_joined = state.was_joined
+                was_joined = state.was_joined if state.membership is not Membership.JOIN else None
                 if record is not None and record.event_id == state.event_id:
-                    if was_joined is None:
-                        was_joined = record.was_joined
+                    was_joined = _either(record.was_joined, was_joined)
                     seen_at = record.seen_at
                 else:
                     seen_at = now
-                    if state.membership is Membership.LEAVE and was_joined is None and record is not None:
-                        if state.replaces is not None and state.replaces == record.event_id:
-                            was_joined = record.membership == Membership.JOIN.value
-                        elif state.replaces is None and record.membership == Membership.JOIN.value:
-                            was_joined = True  # seen joined, and the homeserver does not say what came between
+                    if state.membership is not Membership.JOIN and record is not None:
+                        if record.membership == Membership.JOIN.value or record.was_joined is True:
+                            # Sticky: seen joined and not joined since, so departed whatever came between
+                            # (a knock, an invite, their rejection). The grace runs from the departure.
+                            was_joined = True
+                            if record.membership != Membership.JOIN.value:
+                                seen_at = record.seen_at
+                        elif (
+                            state.membership is Membership.LEAVE
+                            and was_joined is None
+                            and state.replaces is not None
+                            and state.replaces == record.event_id
+                        ):
+                            was_joined = False  # replaced a membership of someone not known to have joined
                 if state.membership is Membership.LEAVE and was_joined is None and state.replaces is not None:
                     if joined_somewhere is None:
                         joined_somewhere = _joined_anywhere(rooms)
                     if user_id in joined_somewhere:  # only where it could lead to an eviction
                         lookups.append((space_id, user_id, state))
-                new = SeenMembership(
-                    str(state.event_id or ""),
-                    state.membership.value,
-                    was_joined if state.membership is Membership.LEAVE else None,
-                    seen_at,
-                )
+                new = SeenMembership(str(state.event_id or ""), state.membership.value, was_joined, seen_at)
                 if record != new:
                     records[key] = changed[key] = new
         if lookups:
@@ -111,7 +119,7 @@ class MemberHistory:
                 members[user_id] = attrs.evolve(
                     state,
                     seen_ms=record.seen_at,
-                    was_joined=(record.was_joined if state.membership is Membership.LEAVE else state.was_joined),
+                    was_joined=None if state.membership is Membership.JOIN else record.was_joined,
                 )
             out[space_id] = attrs.evolve(room, members=members)
         if changed:
@@ -159,6 +167,13 @@ class MemberHistory:
 
         await asyncio.gather(*(one(*t) for t in todo))
         return found
+
+
+def _either(recorded: bool | None, now: bool | None) -> bool | None:
+    """What two sources of one membership's history say together: a join either saw wins."""
+    if recorded is True or now is True:
+        return True
+    return recorded if recorded is not None else now
 
 
 def _joined_anywhere(rooms: Mapping[RoomID, RoomState]) -> set[UserID]:
