@@ -62,6 +62,15 @@ class SeenMembership:
     """When spacesync first saw this event, in milliseconds on its own clock."""
 
 
+_ROOM_RECORDS = (
+    ("owned_level", "user_id, written, previous, released", "room_id, user_id"),
+    ("lockdown", "space_id, previous, written, locked_at", "room_id"),
+    ("owned_acl", "entry", "room_id, entry"),
+    ("owned_policy", "event_type, written", "room_id, event_type"),
+)
+"""Per-room records that move with a verified upgrade: table, columns besides room_id, conflict key."""
+
+
 class StoreError(Exception):
     """A database problem worth one clear line to the operator."""
 
@@ -322,7 +331,8 @@ class Store:
             return
         await self.db.execute(
             "INSERT INTO lockdown (room_id, space_id, previous, written, locked_at) VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (room_id) DO UPDATE SET space_id=excluded.space_id, written=excluded.written",
+            " ON CONFLICT (room_id) DO UPDATE SET space_id=excluded.space_id, written=excluded.written,"
+            " previous=excluded.previous, locked_at=excluded.locked_at",
             room_id,
             lockdown.space_id,
             json.dumps(dict(lockdown.previous)),
@@ -390,17 +400,20 @@ class Store:
         )
 
     async def move_room_records(self, old: RoomID, new: RoomID) -> None:
-        """After a room upgrade, the levels spacesync wrote in the old room are its own in the new one."""
+        """After a verified room upgrade, what spacesync owns in the old room is its own in the new one: the levels
+        it wrote, its lockdown (with the join rules from before), its server ACL entries and the policy server it
+        wrote. The homeserver copies that state into the replacement; without its records nobody would remove it.
+        A record the new room has already is kept."""
         conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO owned_level (room_id, user_id, written, previous, released)"
-                " SELECT $1, user_id, written, previous, released FROM owned_level WHERE room_id=$2"
-                " ON CONFLICT (room_id, user_id) DO NOTHING",
-                new,
-                old,
-            )
-            await conn.execute("DELETE FROM owned_level WHERE room_id=$1", old)
+            for table, columns, key in _ROOM_RECORDS:
+                await conn.execute(
+                    f"INSERT INTO {table} (room_id, {columns}) SELECT $1, {columns} FROM {table} WHERE room_id=$2"
+                    f" ON CONFLICT ({key}) DO NOTHING",
+                    new,
+                    old,
+                )
+                await conn.execute(f"DELETE FROM {table} WHERE room_id=$1", old)
 
     # endregion
 
