@@ -480,8 +480,9 @@ class OwnedLevel:
     previous: int | None
     """The entry before spacesync wrote, or None when there was none."""
     released: bool = False
-    """Someone changed the entry by hand: spacesync leaves it alone while the Space still asks for
-    `written`; once the Space asks for something else, the record is dropped and mirroring resumes."""
+    """Someone changed the entry by hand since spacesync wrote it: it is the room's now, left alone (and reported)
+    whatever the Space asks, until the room's moderators set it back (to `written` or to what the Space asks) or
+    `!spacesync powerlevels release` drops the record. When the Space asks nothing any more, the record goes."""
 
 
 class FindingArea(str, Enum):
