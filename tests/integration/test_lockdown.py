@@ -124,3 +124,22 @@ async def test_an_upgrade_of_a_locked_room_moves_its_lockdown_and_acl_records(wo
     await client.send_state(space, "m.room.server_acl", {"allow": ["*"], "deny": []})
     await wait_deny(world, new, [])
     assert (await server_acl(world, new))["allow"] == ["*"]
+
+
+async def test_a_held_knock_lockdown_leaves_a_room_made_invite_only_meanwhile(world, start_bot):
+    """The check is made again just before each write: a room made invite-only by hand while the lockdown
+    waited for confirmation is not opened to knocks."""
+    space = await world.space("Big")
+    rooms = [await world.room(space, f"R{i}") for i in range(2)]
+    bot = await start_bot([{"room": space, "max_evictions_without_confirmation": 1}])
+    await ready(bot)
+    body = await ask(world, bot, world.owner, "!ss lockdown --knock")
+    assert "Held batch" in body, body
+    batch = body.split("Held batch ", 1)[1].split(":", 1)[0]
+
+    await world.owner.client.set_join_rule(rooms[0], "invite")
+    assert "Confirmed batch" in await ask(world, bot, world.owner, f"!ss confirm {batch}")
+    await wait_rule(world, [rooms[1]], "knock")
+    await bot.idle()
+    assert (await join_rules(world, rooms[0])).get("join_rule") == "invite", "knock opened an invite-only room"
+    assert set(await bot.app.store.lockdowns()) == {rooms[1]}
