@@ -9,7 +9,9 @@ learns the previous membership from, in order:
    the leave replaced, or spacesync saw the user joined and the homeserver does not say what the
    leave replaced);
 3. the event the leave names in `unsigned.replaces_state`, fetched once with
-   `GET /rooms/{roomId}/event/{eventId}` (only for users still joined somewhere, so only where it matters).
+   `GET /rooms/{roomId}/event/{eventId}` (only for users still joined somewhere, so only where it matters),
+   and the events before it the same way (each with its `prev_content`), up to MAX_HOPS, when it was no join:
+   for a membership spacesync never saw, a knock or invite may stand between the leave and the join.
 
 A departure is sticky: a user spacesync saw joined in the Space (or whose history shows a join) who is now
 anything but joined has departed until a new join. A knock, an invite, and their rejection or withdrawal after a
