@@ -23,7 +23,7 @@ from spacesync.web import make_app
 
 from .conftest import World
 from .js_moderator import JsModerator
-from .test_encryption import PICKLE_KEY, bot_events, crypto_bot, encrypted_admin_room, instances  # noqa: F401
+from .test_encryption import PICKLE_KEY, bot_events, encrypted_admin_room, instances  # noqa: F401 (a fixture)
 from .test_operations import config_dict, wait_ready
 
 
@@ -95,7 +95,12 @@ async def test_a_moderator_excluding_insecure_devices_gets_encrypted_answers_aft
 
 
 async def test_a_standby_taking_over_on_postgres_is_the_same_trusted_device(
-    world: World, synapse: Synapse, pg_url: str, tmp_path: Path, instances, js_moderators
+    world: World,
+    synapse: Synapse,
+    pg_url: str,
+    tmp_path: Path,
+    instances,  # noqa: F811
+    js_moderators,
 ):
     admin_room = await encrypted_admin_room(world)
     space = await world.space("Community")
