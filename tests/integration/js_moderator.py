@@ -76,6 +76,17 @@ class JsModerator:
         """Send `text` encrypted and wait for the bot's reply, decrypted: body, encrypted, shield."""
         return await self.call("ask", timeout=timeout + 10, room_id=room_id, text=text, timeout_ms=int(timeout * 1000))
 
+    async def send(self, room_id: str, text: str) -> str:
+        return str((await self.call("send", room_id=room_id, text=text))["event_id"])
+
+    async def reply_to(self, event_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The bot's reply to `event_id` (anyone's), decrypted by this client."""
+        return await self.call("reply", timeout=timeout + 10, event_id=event_id, timeout_ms=int(timeout * 1000))
+
+    async def reset_identity(self) -> str:
+        """New cross-signing keys for this user (as after a lost recovery key); the new master key."""
+        return str((await self.call("reset_identity"))["master_key"])
+
     async def devices(self, user_id: str) -> dict[str, Any]:
         """`user_id`'s devices as this client sees them (signed_by_owner) and their master key."""
         return await self.call("devices", user_id=user_id)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from spacesync.matrix.trust import master_key
 from spacesync.model import RoomID
 from spacesync.store import Store
 from spacesync.testing import Synapse, TestUser, wait_for
@@ -248,3 +249,36 @@ async def test_an_admin_room_whose_state_cannot_be_read_gets_no_plaintext_and_an
     assert fault_proxy.count(r"/send/m\.room\.encrypted/") >= 1
     assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
     assert again.app.crypto.rooms.known(RoomID(admin_room)).value == "encrypted"
+
+
+async def test_an_admin_whose_identity_changed_is_refused_until_another_admin_trusts_it(
+    world: World, start_bot, make_user, js_moderators
+):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    second = await make_user("second")
+    await world.owner.client.invite(admin_room, second.user_id)
+    await second.client.join(admin_room)
+    bot = await start_bot(
+        [{"room": space}], **trusted_bot(admin_room, require_verified_device=True, users=[second.user_id])
+    )
+    owner, other = await js_moderators(world.owner), await js_moderators(second)
+    await assert_trusted_answer(owner, admin_room)  # both identities pinned on first use
+    await assert_trusted_answer(other, admin_room)
+
+    await owner.reset_identity()  # as after a lost recovery key, or an attacker with the owner's password
+
+    async def bot_sees_the_change() -> bool:
+        keys = await master_key(bot.app.store.db, world.owner.user_id)
+        return keys is not None and keys[0] != keys[1]
+
+    await wait_for(bot_sees_the_change, timeout=20)
+    refused = await owner.send(admin_room, "!ss pause")
+    # The owner's devices no longer get the bot's room keys: the other admin reads the refusal.
+    body = (await other.reply_to(refused))["body"]
+    assert "cross-signing identity (master key) changed" in body and f"trust {world.owner.user_id}" in body
+    assert not bot.app.reconciler.paused
+
+    assert "Pinned" in (await other.ask(admin_room, f"!ss trust {world.owner.user_id}"))["body"]
+    assert "Paused" in (await owner.ask(admin_room, "!ss pause"))["body"]
+    assert bot.app.reconciler.paused

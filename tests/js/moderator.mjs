@@ -5,6 +5,9 @@
 // Driven by the tests over stdin/stdout, one JSON object a line each way:
 //   {"cmd": "start", "homeserver", "user_id", "access_token", "device_id", "password"} -> {"ok": true, "master_key"}
 //   {"cmd": "ask", "room_id", "text", "timeout_ms"} -> {"ok": true, "event_id", "body", "encrypted", "shield"}
+//   {"cmd": "send", "room_id", "text"} -> {"ok": true, "event_id"}
+//   {"cmd": "reply", "event_id", "timeout_ms"} -> the decrypted reply to that event, as for "ask"
+//   {"cmd": "reset_identity"} -> {"ok": true, "master_key"}: new cross-signing keys, this device signed with them
 //   {"cmd": "devices", "user_id"} -> {"ok": true, "master_key", "devices": [{"device_id", "signed_by_owner"}]}
 //   {"cmd": "stop"} -> {"ok": true}, then exit
 // Any failure answers {"ok": false, "error": "..."}. The SDK's own logging goes to stderr.
@@ -37,7 +40,25 @@ async function onTimeline(event) {
     if (target && !replies.has(target)) replies.set(target, event);
 }
 
+let password = null;
+
+async function authUploadDeviceSigningKeys(makeRequest) {
+    try {
+        await makeRequest(null);
+    } catch (e) {
+        const session = e && e.data && e.data.session;
+        if (!session) throw e;
+        await makeRequest({
+            type: "m.login.password",
+            identifier: { type: "m.id.user", user: client.getUserId() },
+            password,
+            session,
+        });
+    }
+}
+
 async function start(msg) {
+    password = msg.password;
     client = sdk.createClient({
         baseUrl: msg.homeserver,
         userId: msg.user_id,
@@ -47,22 +68,7 @@ async function start(msg) {
     await client.initRustCrypto({ useIndexedDB: false });
     const crypto = client.getCrypto();
     crypto.setDeviceIsolationMode(new OnlySignedDevicesIsolationMode());
-    await crypto.bootstrapCrossSigning({
-        authUploadDeviceSigningKeys: async (makeRequest) => {
-            try {
-                await makeRequest(null);
-            } catch (e) {
-                const session = e && e.data && e.data.session;
-                if (!session) throw e;
-                await makeRequest({
-                    type: "m.login.password",
-                    identifier: { type: "m.id.user", user: msg.user_id },
-                    password: msg.password,
-                    session,
-                });
-            }
-        },
-    });
+    await crypto.bootstrapCrossSigning({ authUploadDeviceSigningKeys });
     client.on(sdk.RoomEvent.Timeline, (event) => {
         onTimeline(event).catch((e) => console.warn("timeline:", e));
     });
@@ -94,7 +100,17 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function ask(msg) {
     const sent = await client.sendMessage(msg.room_id, { msgtype: "m.text", body: msg.text });
+    return await reply({ event_id: sent.event_id, timeout_ms: msg.timeout_ms });
+}
+
+async function send(msg) {
+    const sent = await client.sendMessage(msg.room_id, { msgtype: "m.text", body: msg.text });
+    return { event_id: sent.event_id };
+}
+
+async function reply(msg) {
     const deadline = Date.now() + (msg.timeout_ms || 30000);
+    const sent = { event_id: msg.event_id };
     while (Date.now() < deadline) {
         const reply = replies.get(sent.event_id);
         if (reply && !reply.isBeingDecrypted() && !reply.isDecryptionFailure()) {
@@ -129,7 +145,13 @@ async function devices(msg) {
     };
 }
 
-const handlers = { start, ask, devices };
+async function resetIdentity() {
+    const crypto = client.getCrypto();
+    await crypto.bootstrapCrossSigning({ setupNewCrossSigning: true, authUploadDeviceSigningKeys });
+    return { master_key: (await crypto.getCrossSigningKeyId()) || null };
+}
+
+const handlers = { start, ask, send, reply, devices, reset_identity: resetIdentity };
 const lines = readline.createInterface({ input: process.stdin });
 for await (const line of lines) {
     if (!line.trim()) continue;
