@@ -372,3 +372,19 @@ async def test_undecryptable_command_gets_one_log_line_and_an_encrypted_reply(wo
     lines = [x for x in capsys.readouterr().out.splitlines() if "cannot decrypt a message in the admin room" in x]
     assert len(lines) == 1 and admin_room in lines[0] and garbled in lines[0]
     assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
+
+
+async def test_by_default_room_keys_go_only_to_devices_their_owner_cross_signed(world, start_bot, moderators):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    # The default admin.share_keys_with (cross-signed), as Element does: nio's devices are never cross-signed.
+    await start_bot([{"room": space}], admin_room=admin_room, bot_options={"pickle_key": PICKLE_KEY})
+    owner = await moderators(world.owner, "owner")
+    await owner.send(admin_room, "!spacesync status")
+
+    async def withheld() -> bool:
+        await owner.sync()
+        return any(e.sender == world.bot.user_id for e in owner.undecryptable)
+
+    await wait_for(withheld, timeout=30, interval=0.2)
+    assert not owner.notices
