@@ -2,20 +2,21 @@
 
 The crypto store (the Olm account, sessions, device lists) lives in the bot's own database through mautrix's
 PgCryptoStore, which works over SQLite and PostgreSQL alike: a restart or a standby taking over keeps the
-same device and keys. Only messages are encrypted; state events (all spacesync writes in managed rooms)
-never are, so managed rooms need none of this."""
+same device and keys. The device is cross-signed by the bot's own identity (`cross_signing.py`), so that
+clients excluding insecure devices (Element) share room keys with it; room keys go only to devices their
+owner cross-signed, under the master key the bot pinned (`trust.py`), unless `admin.share_keys_with: all`.
+Nothing is sent in clear into a room whose encryption is unknown (`room_encryption.py`).
+Only messages are encrypted; state events (all spacesync writes in managed rooms) never are, so managed rooms
+need none of this."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
-from mautrix.client import ClientAPI
-from mautrix.client.state_store.memory import MemoryStateStore
 from mautrix.crypto import OlmMachine
 from mautrix.crypto.store.asyncpg import PgCryptoStore
 from mautrix.errors import EncryptionError, SessionNotFound
@@ -34,11 +35,11 @@ from mautrix.types import (
     UserID,
 )
 from mautrix.util.async_db import Database
-from mautrix.util.logging import TraceLogger
 
 from ..config import ShareKeysWith
-from .cross_signing import CrossSigning, IdentityError, Vault, upload_with_auth
+from .cross_signing import CrossSigning, IdentityError, Vault
 from .errors import REQUEST_ERRORS
+from .olm_client import CryptoClient, PacedAPI, RoomStateStore, crypto_logger
 from .room_encryption import Encryption, RoomEncryption
 from .trust import IDENTITY_CHANGED, TRUSTED, min_trust, repin
 
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("spacesync.crypto")
 
 DECRYPTED_KEY = "io.spacesync.decrypted"
-"""Top-level key spacesync puts on an event it decrypted: the sender's device and whether it is verified."""
+"""Top-level key spacesync puts on an event it decrypted: the sender's device, whether it is trusted
+(`verified`: cross-signed by its owner under the pinned master key) and whether the owner's master key changed."""
 IDENTITY_RETRY_S = (1.0, 3.0)
 """Waits between the attempts to check or set up the cross-signing identity at start (then it is reported)."""
 UNDECRYPTABLE_AFTER_S = 60.0
@@ -64,60 +66,6 @@ class CryptoState(str, Enum):
     """No pickle key configured: plaintext rooms only."""
     READY = "ready"
     BROKEN = "broken"
-
-
-class _CryptoClient(ClientAPI):
-    """What OlmMachine calls on its client: the raw key and to-device endpoints of ClientAPI, and event
-    handler registration, which spacesync replaces by feeding the machine from its own /sync loop."""
-
-    matrix: MatrixAdapter
-    password: str | None = None
-
-    def add_event_handler(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def dispatch_event(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    async def upload_cross_signing_keys(self, keys: Any, auth: Any = None) -> None:
-        content = {f"{usage}_key": key.serialize() for usage, key in keys.items()}
-        await upload_with_auth(self.matrix, str(self.mxid), self.password, content)
-
-
-class _RoomStateStore(MemoryStateStore):
-    """The admin room's encryption and members, kept from /sync; what OlmMachine asks of a state store."""
-
-    async def find_shared_rooms(self, user_id: UserID) -> list[RoomID]:
-        return [
-            room_id
-            for room_id, members in self.members.items()
-            if self.encryption.get(room_id) is not None
-            and user_id in members
-            and members[user_id].membership in (Membership.JOIN, Membership.INVITE)
-        ]
-
-
-class _PacedAPI:
-    """The HTTP API as OlmMachine's client sees it: every request goes through the adapter, so key uploads,
-    queries, claims and to-device messages get spacesync's timeouts and 429 handling."""
-
-    def __init__(self, matrix: MatrixAdapter) -> None:
-        self._matrix = matrix
-
-    async def request(self, method: Any, path: Any, content: Any = None, query_params: Any = None, **_: Any) -> Any:
-        return await self._matrix.request(method, path, content, dict(query_params or {}))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._matrix.api, name)
-
-
-def _crypto_logger() -> TraceLogger:
-    previous = logging.getLoggerClass()
-    logging.setLoggerClass(TraceLogger)
-    try:
-        return cast(TraceLogger, logging.getLogger("spacesync.olm"))
-    finally:
-        logging.setLoggerClass(previous)
 
 
 class Crypto:
@@ -148,7 +96,7 @@ class Crypto:
         """Why encryption does not work, for /ready and the logs; None when it works (or is off)."""
         self.machine: OlmMachine | None = None
         self.store: PgCryptoStore | None = None
-        self.state_store = _RoomStateStore()
+        self.state_store = RoomStateStore()
         self.rooms = RoomEncryption(db, self._read_room)
         """Which rooms are encrypted: nothing is sent in clear into a room whose encryption is unknown."""
         self._pending: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -185,9 +133,9 @@ class Crypto:
                 f"the crypto store holds device {saved} but the bot is logged in as device {device_id}; "
                 f"log in with device {saved} (bot.device_id) or see docs/deployment.md to start a new device"
             )
-        crypto_client = _CryptoClient(client.mxid, device_id, api=cast(Any, _PacedAPI(self.matrix)))
+        crypto_client = CryptoClient(client.mxid, device_id, api=cast(Any, PacedAPI(self.matrix)))
         crypto_client.matrix, crypto_client.password = self.matrix, self.password
-        machine = OlmMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=_crypto_logger())
+        machine = OlmMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=crypto_logger())
         machine.send_keys_min_trust = min_trust(self.share_keys_with)
         try:
             await machine.load()

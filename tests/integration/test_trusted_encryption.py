@@ -208,7 +208,9 @@ async def test_an_identity_the_bot_cannot_open_is_reported_and_kept_until_reset(
         "POST", "/_matrix/client/v3/keys/query", {"device_keys": {world.bot.user_id: []}}
     )
     new_master = next(iter(keys["master_keys"][world.bot.user_id]["keys"].values()))
-    assert new_master != master and fresh.app.crypto.identity and fresh.app.crypto.identity.master_key == new_master
+    said = "\n".join(x for x in capsys.readouterr().out.splitlines() if "cross-signing" in x or "master" in x)
+    assert new_master != master, said
+    assert fresh.app.crypto.identity and fresh.app.crypto.identity.master_key == new_master, said
 
 
 async def test_require_verified_device_takes_commands_from_a_cross_signed_device(
