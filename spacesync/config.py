@@ -713,18 +713,18 @@ def _recovery_key(bot: Mapping[str, Any]) -> str | None:
     key = _read_secret_file(bot[name], f"bot.{name}") if name.endswith("_file") else bot[name]
     if key is None:
         return None
-    from mautrix.crypto.ssss.util import decode_base58_recovery_key  # the crypto stack, only when it is used
+    # the crypto stack, only when it is used
+    from mautrix.crypto.ssss.util import decode_base58_recovery_key, encode_base58_recovery_key
 
-    key = " ".join(key.split())
     try:
-        valid = decode_base58_recovery_key(key) is not None
+        raw = decode_base58_recovery_key("".join(key.split()))
     except ValueError:
-        valid = False
-    if not valid:
+        raw = None
+    if raw is None:
         _fail(f"bot.{name}", "not a recovery key; use the key `spacesync crypto recovery-key` printed (12 groups of 4)")
     if bot["pickle_key"] is None and bot["pickle_key_file"] is None:
         _fail(f"bot.{name}", "needs bot.pickle_key (or bot.pickle_key_file) too: without it the bot has no encryption")
-    return key
+    return encode_base58_recovery_key(raw)
 
 
 def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 600.0) -> SpaceConfig:
