@@ -345,6 +345,11 @@ async def test_password_login_logs_in_again_as_the_stored_device(world, start_bo
     again = await start_bot([{"room": space}], bot_options=password_login, admin=nio_admin(admin_room))
     assert again.app.crypto.ready, again.app.crypto.problem
     assert again.app.matrix.client.device_id == device
+    # Still signed by the same cross-signing identity.
+    assert again.app.crypto.identity_problem is None
+    assert bot.app.crypto.identity and again.app.crypto.identity
+    assert again.app.crypto.identity.master_key == bot.app.crypto.identity.master_key
+    assert again.app.crypto.identity and (await again.app.crypto.identity.query()).device_signed
     owner = await moderators(world.owner, "owner")
     assert "State: running" in await owner.ask(admin_room, "!ss status")
 

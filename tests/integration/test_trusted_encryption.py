@@ -51,6 +51,7 @@ async def assert_trusted_answer(moderator: JsModerator, room: str, text: str = "
     answer = await moderator.ask(room, text)
     assert "State: running" in answer["body"], answer
     assert answer["encrypted"]
+    assert answer["shield"] == {"colour": 0, "reason": None}, answer  # no warning shield: a trusted sender
 
 
 async def bot_identity(moderator: JsModerator, bot: TestUser) -> tuple[str, dict[str, bool]]:
