@@ -40,6 +40,9 @@ log = structlog.get_logger("spacesync")
 
 __all__ = ["App", "CommandHandler", "FatalError"]
 
+CRYPTO_RETRY_S = (2.0, 5.0)
+"""Waits between the attempts to load the bot's device and identity at login (then it is reported)."""
+
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
     """Cancel tasks and wait until they end. Python 3.11's asyncio.wait_for swallows a cancellation
@@ -222,18 +225,30 @@ class App:
             spaces=[str(s.room) for s in self.config.spaces],
             dry_run=self.config.dry_run,
         )
-        try:
-            await self.crypto.start()
-        except CryptoError as e:
-            log.error(str(e))
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
-            self.crypto.problem = f"encryption: could not upload the bot's keys ({type(e).__name__}: {e}); restart"
-            log.error(self.crypto.problem)
+        await self._start_crypto()
         self.admin_room = await self.reconciler.resolve(self.config.admin.room)
         if self.admin_room is None:
             log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
         else:
             await self._admin_room_encryption(self.admin_room)
+
+    async def _start_crypto(self) -> None:
+        """Load the bot's device and identity; a homeserver that does not answer is asked a few times more."""
+        for attempt, delay in enumerate((*CRYPTO_RETRY_S, None)):
+            try:
+                await self.crypto.start()
+                return
+            except CryptoError as e:
+                log.error(str(e))
+                return
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
+                error = f"{type(e).__name__}: {e}"
+                if delay is None:
+                    self.crypto.problem = f"encryption: could not upload the bot's keys ({error}); restart"
+                    log.error(self.crypto.problem)
+                    return
+                log.warning("could not upload the bot's keys; trying again", attempt=attempt + 1, error=error)
+                await asyncio.sleep(delay)
 
     async def _admin_room_encryption(self, room_id: RoomID) -> None:
         """Learn whether the admin room is encrypted (in the background, with bounded retries, when the first

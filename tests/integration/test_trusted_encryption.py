@@ -89,7 +89,7 @@ async def test_a_moderator_excluding_insecure_devices_gets_encrypted_answers_aft
     await bot.stop()
 
     again = await start_bot([{"room": space}], **trusted_bot(admin_room))
-    assert again.app.crypto.identity_problem is None
+    assert again.app.crypto.identity and again.app.crypto.identity_problem is None, again.app.crypto.problem
     await assert_trusted_answer(owner, admin_room)
     # The same device, still signed by the same identity: nothing new for the moderator's client to judge.
     assert await bot_identity(owner, world.bot) == (master, {device: True})
@@ -154,7 +154,7 @@ async def test_the_recovery_key_restores_the_identity_on_an_empty_database(
         db_url=f"sqlite:{tmp_path}/second.db",
         bot_options={**password_login, "recovery_key": recovery_key},
     )
-    assert restored.app.crypto.identity_problem is None, restored.app.crypto.problem
+    assert restored.app.crypto.identity and restored.app.crypto.identity_problem is None, restored.app.crypto.problem
     new_device = restored.app.matrix.client.device_id
     assert new_device != bot.app.matrix.client.device_id
     await assert_trusted_answer(owner, admin_room)
@@ -176,6 +176,7 @@ async def test_an_identity_the_bot_cannot_open_is_reported_and_kept_until_reset(
 
     # A new database and no recovery key: the account's identity is not overwritten.
     lost = await start_bot([{"room": space}], db_url=f"sqlite:{tmp_path}/second.db", **trusted_bot(admin_room))
+    assert lost.app.crypto.identity is not None, lost.app.crypto.problem
     problem = lost.app.crypto.identity_problem or ""
     assert "cannot open" in problem and "reset-identity" in problem
     lines = [x for x in capsys.readouterr().out.splitlines() if "cannot open" in x]
@@ -204,7 +205,7 @@ async def test_an_identity_the_bot_cannot_open_is_reported_and_kept_until_reset(
     options = trusted_bot(admin_room)
     options["bot_options"].update(access_token=None, password=world.bot.password)
     fresh = await start_bot([{"room": space}], db_url=f"sqlite:{tmp_path}/second.db", **options)
-    assert fresh.app.crypto.identity_problem is None, fresh.app.crypto.problem
+    assert fresh.app.crypto.identity and fresh.app.crypto.identity_problem is None, fresh.app.crypto.problem
     keys = await world.owner.client.request(
         "POST", "/_matrix/client/v3/keys/query", {"device_keys": {world.bot.user_id: []}}
     )
