@@ -55,9 +55,10 @@ class MemberState:
     """origin_server_ts of the membership event, in milliseconds: set by the sender's server, so it is
     shown to people but never used to time anything."""
     was_joined: bool | None = None
-    """For a `leave`: whether the membership it replaced was a `join` (the user left or was kicked).
-    False for a declined or withdrawn invite, a rejected knock, an unban; None when nobody can tell.
-    Only a leave with was_joined True is a departure (a ban always is)."""
+    """For any membership but `join`: whether the user departed, i.e. had joined and has not joined since (they
+    left or were kicked, then maybe knocked, were invited, were refused): a departure is sticky until a new join.
+    False for a declined or withdrawn invite, a rejected knock or an unban of someone never seen joined; None when
+    nobody can tell. Only a leave, knock or invite with was_joined True is a departure (a ban always is)."""
     seen_ms: int | None = None
     """When spacesync first saw this membership, on its own clock (grace periods run from it)."""
     replaces: EventID | None = None
@@ -73,14 +74,14 @@ JOINED = MemberState(Membership.JOIN)
 
 
 def canonical(state: MemberState) -> MemberState:
-    """A membership outside Spaces and roots as decisions read it: its membership, sender and, for a leave,
+    """A membership outside Spaces and roots as decisions read it: its membership, sender and, but for a join,
     `was_joined`; for a ban also its reason and `redact_events`. The event id, `ts` (display only), `replaces`
     and `seen_ms` (read by the membership history, for Spaces and roots only) are dropped."""
     ban = state.membership is Membership.BAN
     return MemberState(
         state.membership,
         sender=state.sender,
-        was_joined=state.was_joined if state.membership is Membership.LEAVE else None,
+        was_joined=state.was_joined if state.membership is not Membership.JOIN else None,
         reason=state.reason if ban else None,
         redact_events=ban and state.redact_events,
     )
@@ -479,8 +480,9 @@ class OwnedLevel:
     previous: int | None
     """The entry before spacesync wrote, or None when there was none."""
     released: bool = False
-    """Someone changed the entry by hand: spacesync leaves it alone while the Space still asks for
-    `written`; once the Space asks for something else, the record is dropped and mirroring resumes."""
+    """Someone changed the entry by hand since spacesync wrote it: it is the room's now, left alone (and reported)
+    whatever the Space asks, until the room's moderators set it back (to `written` or to what the Space asks) or
+    `!spacesync powerlevels release` drops the record. When the Space asks nothing any more, the record goes."""
 
 
 class FindingArea(str, Enum):

@@ -10,7 +10,7 @@ from ..model import Action, ActionKind, Cause, Membership, RoomID, RoomState, Us
 from ..store import Status
 from ..store.journal import Batch, BatchStatus
 from .format import Reply, code, compose, esc, line, listing, plural
-from .lockdown import unlock_actions
+from .lockdown import after_first_read, unknown_lines, unlock_actions
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
 from .world import label, level, room_state, show_level
@@ -226,11 +226,16 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
             if lock is None:
                 skipped.append(f"{room_t} is no longer locked down")
                 continue
-            unlocks, changed = unlock_actions(app, [lock], reason)
-            inverse.extend(unlocks)
-            for _, rule_now in changed:
+            waited = await after_first_read(app, [lock])
+            if waited is not None and not app.executor.ready.is_set():
+                skipped.append(f"{room_t}: {waited}")
+                continue
+            todo = unlock_actions(app, [lock], reason)
+            inverse.extend(todo.actions)
+            for _, rule_now in todo.changed:
                 await app.store.set_lockdown(action.room_id, None)
-                skipped.append(f"join rule in {room_t} changed by hand since (now {rule_now or 'unknown'}), left alone")
+                skipped.append(f"join rule in {room_t} changed by hand since (now {rule_now}), left alone")
+            skipped.extend(unknown_lines(app, todo.unknown))
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
     if not inverse:

@@ -15,6 +15,7 @@ from ..store import AuditRecord, Status
 from ..store.journal import BatchStatus
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
 from .parser import count_arg, room_arg, user_arg
+from .powerlevels import RELEASE_HELP, release
 from .registry import CommandError, Context, command, expect
 from .world import View, filter_plan, label, scope, space_filter, view
 
@@ -576,15 +577,17 @@ async def joinrules(ctx: Context, args: list[str]) -> Reply:
 
 @command(
     "powerlevels",
-    usage="powerlevels [space]",
+    usage="powerlevels [space] | powerlevels release <room|all> [@user]",
     family=FAMILY,
-    summary="power-level findings and pending power-level changes",
+    summary="power-level findings and pending power-level changes; hand levels changed by hand back",
     help="From a fresh plan: power levels changed by hand (left alone), users muted or demoted in the room "
     "itself (not raised), users at or above the bot's "
     "level, rooms where the bot lacks the power to write levels, and the level changes it would make "
-    "(user: before → after).",
+    "(user: before → after).\n\n" + RELEASE_HELP,
 )
 async def powerlevels(ctx: Context, args: list[str]) -> Reply:
+    if args and args[0].lower() == "release":
+        return await release(ctx, args[1:])
     return await _family_report(ctx, args, "powerlevels", frozenset({ActionKind.SET_POWER_LEVELS}), "Power levels")
 
 

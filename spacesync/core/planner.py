@@ -466,7 +466,7 @@ class MembershipPlanner:
         state = self.snapshot.rooms[space_id].members[user_id]
         if state.membership is Membership.BAN:
             return self._reason("banned in", space_id)
-        if state.sender and state.sender != user_id:
+        if state.membership is Membership.LEAVE and state.sender and state.sender != user_id:
             return self._reason("kicked from", space_id)
         return self._reason("left", space_id)
 

@@ -16,7 +16,7 @@ from ..matrix.errors import REQUEST_ERRORS
 from ..model import RoomID
 from ..store import Store
 from ..store.journal import Entry
-from .events import ActionParked, BatchFinished, Event
+from .events import ActionParked, BatchFinished, Event, RoomsNeedAttention
 from .executor import refusal_reason
 
 log = structlog.get_logger("spacesync")
@@ -44,8 +44,17 @@ class Announcer:
         self.store = store
         self.admin_room = admin_room
         self.render = render
+        self._attention: set[tuple[RoomID, str]] = set()
 
     async def __call__(self, event: Event) -> None:
+        if isinstance(event, RoomsNeedAttention):
+            # Once per room and finding code: a finding whose text embeds a changing number (members, levels)
+            # is the same matter and is not announced again on every full reconcile.
+            fresh = [f for f in event.findings if (f.room_id, f.code) not in self._attention]
+            if not fresh:
+                return
+            self._attention.update((f.room_id, f.code) for f in fresh)
+            event = RoomsNeedAttention(findings=fresh)
         notice = self.render(event)
         await self.notify(notice.text, notice.html)
 

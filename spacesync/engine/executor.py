@@ -18,6 +18,7 @@ import structlog
 from mautrix.errors import MatrixRequestError
 
 from ..backoff import backoff
+from ..core.lockdown import narrows
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
 from ..core.serveracl import apply_acl_changes, owned_after
@@ -604,6 +605,8 @@ class Executor:
             content = dict(action.content or {})
             if action.cause == Cause.UNLOCK and not await self._still_locked(action):
                 return Outcome.SKIPPED
+            if action.cause == Cause.LOCKDOWN and not await self._still_narrows(action):
+                return Outcome.SKIPPED
             await self._call(lambda: m.put_state(room, "m.room.join_rules", content))
             self.cache.update(room, [{"type": "m.room.join_rules", "state_key": "", "content": content}])
         elif action.kind is ActionKind.SET_SERVER_ACL:
@@ -687,6 +690,14 @@ class Executor:
             return True
         await self.store.set_lockdown(RoomID(room), None)
         return False
+
+    async def _still_narrows(self, action: Action) -> bool:
+        """Whether a lockdown's write still closes the room further: one made as closed meanwhile (invite by
+        hand while a knock lockdown waited) is left as it is."""
+        room = action.room_id
+        current = await self._call(lambda: self.matrix.state_event(room, "m.room.join_rules")) or {}
+        now = current.get("join_rule")
+        return narrows(now if isinstance(now, str) else None, str((action.content or {}).get("join_rule")))
 
     def _banned_by_other(self, action: Action) -> bool:
         """Whether the state cache shows the target already banned, by someone other than spacesync.

@@ -46,7 +46,7 @@ def _member(event: Mapping[str, Any], user: Callable[[str], str] = str) -> Membe
         ts = 0  # informational only: a malformed timestamp costs nothing but the display
     was_joined: bool | None = None
     replaces: str | None = None
-    if membership is Membership.LEAVE:
+    if membership is not Membership.JOIN:  # how a leave, knock, invite or ban came about: its history
         unsigned = event.get("unsigned")
         unsigned = unsigned if isinstance(unsigned, dict) else {}
         prev = unsigned.get("prev_content")

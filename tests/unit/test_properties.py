@@ -173,7 +173,14 @@ def rooms_and_snapshot(draw: Any, *, n_roots: int) -> tuple[Snapshot, list[Any]]
             ts = (ts_base + 7919 * k) % 100_000
             # How a leave came about: mostly a real departure, sometimes a declined invite or a rejected
             # knock (False), sometimes nobody can tell (None).
-            was_joined = _pick(draw, [True, True, True, False, None]) if kind == "leave" else None
+            # A knock or invite after a departure is still one (sticky until a new join).
+            was_joined = (
+                _pick(draw, [True, True, True, False, None])
+                if kind == "leave"
+                else _pick(draw, [None, False, True])
+                if kind in ("knock", "invite")
+                else None
+            )
             members[user] = MemberState(
                 Membership(kind), sender=sender, ts=(ts * 13) % 100_000, seen_ms=ts, was_joined=was_joined
             )
@@ -436,7 +443,7 @@ def _departed(before: Snapshot, after: Snapshot, room_id: Any, user: Any) -> boo
         return False
     if state != before.rooms[room_id].members.get(user):
         return state.membership in (Membership.LEAVE, Membership.BAN)
-    return state.membership is Membership.BAN or (state.membership is Membership.LEAVE and state.was_joined is True)
+    return state.membership is Membership.BAN or (state.membership is not Membership.JOIN and state.was_joined is True)
 
 
 def _evictions(result: Any) -> set[tuple[Any, Any]]:
@@ -463,13 +470,18 @@ def test_a_room_that_cannot_be_read_never_causes_an_eviction(world, data):
 @SETTINGS
 @given(worlds())
 def test_a_leave_that_was_no_departure_evicts_nobody(world):
-    """Declined invites, rejected knocks and leaves nobody can tell the history of never evict."""
+    """Declined invites, rejected knocks, pending ones of never-members and leaves nobody can tell the history
+    of never evict."""
     snapshot, policy = world
     rooms = {}
     for room_id, room in snapshot.rooms.items():
         members = {
-            u: attrs.evolve(m, membership=Membership.LEAVE, was_joined=(False if len(u) % 2 else None))
-            if m.membership in (Membership.LEAVE, Membership.BAN)
+            u: attrs.evolve(
+                m,
+                membership=Membership.LEAVE if m.membership is Membership.BAN else m.membership,
+                was_joined=(False if len(u) % 2 else None),
+            )
+            if m.membership is not Membership.JOIN
             else m
             for u, m in room.members.items()
         }
