@@ -413,6 +413,9 @@ class ActionKind(str, Enum):
     SET_SERVER_ACL = "set_server_acl"
     SET_POLICY_SERVER = "set_policy_server"
     """state_key holds the event type (m.room.policy or its unstable name); the state key sent is empty."""
+    REDACT = "redact"
+    """Redact the user's messages in the room, newest first: `content` holds `last` (at most that many) and
+    optionally `since_ms` (none older), and `run`, which names the count kept for the batch notice."""
 
 
 EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
@@ -579,9 +582,26 @@ class Cause(str, Enum):
     SERVER_ACL = "server_acl"
     REFRESH_VIA = "refresh_via"
     POLICY_SERVER = "policy_server"
+    COMMAND_BAN = "command_ban"
+    """`!spacesync ban`: placed in the Space and every managed room below it; lifted only by `unban` (or undo)."""
+    COMMAND_UNBAN = "command_unban"
+    COMMAND_KICK = "command_kick"
+    COMMAND_REDACT = "command_redact"
+    POLICY_LIST = "policy_list"
+    """A user rule (m.ban) of a policy list the Space follows: lifted when no rule of its lists asks any more."""
 
 
-MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
+MODERATOR_CAUSES = frozenset(
+    {
+        Cause.UNDO.value,
+        Cause.LOCKDOWN.value,
+        Cause.UNLOCK.value,
+        Cause.COMMAND_BAN.value,
+        Cause.COMMAND_UNBAN.value,
+        Cause.COMMAND_KICK.value,
+        Cause.COMMAND_REDACT.value,
+    }
+)
 """Actions a moderator asked for from the admin room: run as asked, never re-checked against the plan."""
 
 

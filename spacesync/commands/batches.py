@@ -156,13 +156,13 @@ def _effective(room: RoomState, value: int | None) -> int:
     usage="undo <batch>",
     family=FAMILY,
     summary="revert what a finished batch did",
-    help="Re-invites the users the batch kicked, unbans the users it banned, and restores the power "
-    "levels it changed (only entries nobody changed since, and never above your own level in the "
-    "room), and unlocks the rooms a lockdown switched (those nobody changed since). The reverse actions run as a "
-    "new batch. Other join-rule and m.space.child changes are not undone. Users who are still not entitled "
-    "are evicted again by the next reconcile once they rejoin, unless you exempt them ('exempt add'); "
-    "levels a Space still grants are written again. The "
-    "bot's records of the levels it wrote go back to what they were before the batch.",
+    help="Re-invites the users the batch kicked, unbans the users it banned, bans again the users an 'unban' "
+    "lifted, and restores the power levels it changed (only entries nobody changed since, and never above your "
+    "own level in the room), and unlocks the rooms a lockdown switched (those nobody changed since). The reverse "
+    "actions run as a new batch. Other join-rule and m.space.child changes are not undone, nor redactions (they "
+    "are final). Users who are still not entitled are evicted again by the next reconcile once they rejoin, "
+    "unless you exempt them ('exempt add'); levels a Space still grants are written again. The bot's records of "
+    "the levels it wrote go back to what they were before the batch.",
 )
 async def undo(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
@@ -231,6 +231,12 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
             for _, rule_now in changed:
                 await app.store.set_lockdown(action.room_id, None)
                 skipped.append(f"join rule in {room_t} changed by hand since (now {rule_now or 'unknown'}), left alone")
+        elif action.kind is ActionKind.UNBAN and action.cause == Cause.COMMAND_UNBAN and user:
+            again = _ban_again(app, ctx, action, reason, skipped)
+            if again is not None:
+                inverse.append(again)
+        elif action.kind is ActionKind.REDACT:
+            skipped.append(f"redactions in {room_t} cannot be undone: a redacted message is gone for good")
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
     if not inverse:
@@ -242,6 +248,7 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
         ActionKind.UNBAN: "unban",
         ActionKind.SET_POWER_LEVELS: "power-level restore",
         ActionKind.SET_JOIN_RULES: "join-rule restore",
+        ActionKind.BAN: "ban",
     }
     summary = ", ".join(plural(n, names[k]) for k, n in kinds.items())
     parts: list[Reply | str] = [
@@ -262,6 +269,25 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     if skipped:
         parts.append(listing("Not undone:", [line(s) for s in skipped]))
     return compose(parts)
+
+
+def _ban_again(app: App, ctx: Context, action: Action, reason: str, skipped: list[str]) -> Action | None:
+    """The ban an `unban` command lifted, placed again (spacesync's, so `unban` lifts it later): only where the
+    user is not banned or back in the room meanwhile, and the issuer could ban there."""
+    user = action.user_id
+    assert user is not None
+    room_t = label(app, action.room_id)[0]
+    cached = app.cache.get(action.room_id)
+    if cached is None or level(cached, ctx.sender) < cached.power_levels.ban:
+        skipped.append(f"{user} in {room_t}: you lack the power to ban there yourself")
+        return None
+    now = cached.membership(user)
+    if now is not Membership.LEAVE:
+        skipped.append(f"{user} is {now.value} in {room_t} now: not banned again")
+        return None
+    return Action(
+        ActionKind.BAN, action.room_id, user, reason=reason, space_id=action.space_id, cause=Cause.COMMAND_BAN.value
+    )
 
 
 async def _restore_levels(

@@ -15,6 +15,7 @@ from ..store import AuditRecord, Status
 from ..store.journal import BatchStatus
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
 from .parser import count_arg, room_arg, user_arg
+from .people import redactions_open
 from .registry import CommandError, Context, command, expect
 from .world import View, filter_plan, label, scope, space_filter, view
 
@@ -163,6 +164,9 @@ async def status(ctx: Context, args: list[str]) -> Reply:
     queue = queue_text(app.executor.estimate(depth.get("pending", 0) + depth.get("running", 0)))
     if queue is not None:
         lines.append(line(queue))
+        redacting = await redactions_open(app)
+        if redacting is not None:
+            lines.append(redacting)
     if depth.get("parked"):
         parked = await app.store.journal.parked(limit=200)
         by_batch = sorted({e.batch for e in parked})

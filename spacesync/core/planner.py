@@ -9,6 +9,7 @@ import attrs
 from ..model import (
     Action,
     ActionKind,
+    Cause,
     Finding,
     FindingArea,
     LeftBehind,
@@ -525,6 +526,8 @@ class MembershipPlanner:
         )
 
     def _ban_lifted(self, room: RoomState, placed: PlacedBan) -> bool:
+        if placed.cause == Cause.COMMAND_BAN:
+            return False  # a moderator's `ban` command: lifted only by `unban` or `undo`
         if placed.cause == "space_ban":
             return not self._banned_above(room.room_id, placed.user_id, propagating_only=False)
         # An on_leave ban stays while a Space ban would place it again at once.
