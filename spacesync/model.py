@@ -25,9 +25,11 @@ __all__ = [
     "PlacedBan",
     "Plan",
     "Policy",
+    "PolicyRule",
     "PowerLevels",
     "RoomID",
     "RoomState",
+    "RuleKind",
     "Snapshot",
     "SpacePolicy",
     "UserID",
@@ -241,6 +243,35 @@ class PowerLevels:
         return self.events.get(event_type, self.state_default)
 
 
+class RuleKind(str, Enum):
+    """What a policy list rule (MSC2313) is about."""
+
+    USER = "user"
+    SERVER = "server"
+    ROOM = "room"
+
+
+RULE_TYPES: Mapping[str, RuleKind] = {
+    **{f"m.policy.rule.{k.value}": k for k in RuleKind},
+    **{f"m.room.rule.{k.value}": k for k in RuleKind},
+    **{f"org.matrix.mjolnir.rule.{k.value}": k for k in RuleKind},
+}
+"""Policy rule state event types, the stable names and the legacy ones lists still hold, by what they are about."""
+
+
+@attrs.frozen
+class PolicyRule:
+    """One rule of a policy list room: a state event whose content names an entity and a recommendation."""
+
+    kind: RuleKind
+    event_type: str
+    state_key: str
+    entity: str
+    recommendation: str
+    sender: UserID
+    reason: str = ""
+
+
 @attrs.frozen
 class RoomState:
     """What the bot could read of one room: the inputs to every decision about it."""
@@ -274,6 +305,8 @@ class RoomState:
     """Policy server state (MSC4284) by event type (m.room.policy, and the unstable name), non-empty only."""
     malformed: int = 0
     """State events skipped because their content could not be read (wrong types, missing fields)."""
+    policy_rules: tuple[PolicyRule, ...] = ()
+    """Policy rules (MSC2313) with an entity and a recommendation, whoever sent them: a list room's content."""
 
     def membership(self, user_id: UserID) -> Membership:
         state = self.members.get(user_id)
@@ -368,6 +401,8 @@ class SpacePolicy:
     """Mirror the Space's policy server (MSC4284) into managed rooms that have none of their own."""
     refresh_via: bool = False
     """Rewrite m.space.child `via` lists whose servers have no joined member left in the child."""
+    policy_lists: tuple[RoomID, ...] = ()
+    """Policy list rooms whose user ban rules ban in this Space (and server rules feed the server ACL)."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
@@ -650,6 +685,8 @@ class FindingCode(str, Enum):
     LOCKED_DOWN = "locked_down"
     ACL_REFUSED = "acl_refused"
     UNROUTABLE_CHILD = "unroutable_child"
+    POLICY_RULES_IGNORED = "policy_rules_ignored"
+    """A policy list's room rules, unknown recommendations, or rules from senders without the power to send them."""
 
     @property
     def family(self) -> FindingFamily:
@@ -684,6 +721,7 @@ _FINDING_FAMILIES = {
     FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
     FindingCode.ACL_REFUSED: FindingFamily.CANNOT_ACT,
     FindingCode.UNROUTABLE_CHILD: FindingFamily.STRUCTURE,
+    FindingCode.POLICY_RULES_IGNORED: FindingFamily.LIMITS,
 }
 
 

@@ -14,6 +14,7 @@ from ..refs import RefError
 from ..store import AuditRecord, Status
 from ..store.journal import BatchStatus
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
+from .lists import rule_notes
 from .parser import count_arg, room_arg, user_arg
 from .people import redactions_open
 from .registry import CommandError, Context, command, expect
@@ -512,6 +513,7 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
         lines.append(
             line(f"{room_t}: {membership.value} — {why_t}", f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}")
         )
+    general.extend(rule_notes(v, user))
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
     if exempt_spaces:
         general.append("exempt in the config for " + _labels(app, exempt_spaces, v)[0])
