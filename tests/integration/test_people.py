@@ -8,6 +8,7 @@ import pytest
 from spacesync.testing import TestbedRequestError, wait_for
 
 from .test_commands import ask, bot_notices, membership, ready
+from .test_encryption import bot_events, crypto_bot, encrypted_admin_room, moderators  # noqa: F401 (a fixture)
 from .test_eviction import wait_membership
 from .test_spacewide import redacted
 
@@ -153,3 +154,21 @@ async def test_redact_removes_the_users_messages_everywhere_and_nobody_elses(wor
         assert await redacted(world, room, sent[spammer.user_id][room][0])
         for event_id in sent[bystander.user_id][room]:
             assert not await redacted(world, room, event_id)
+
+
+async def test_ban_and_its_undo_from_an_encrypted_admin_room(world, start_bot, make_user, moderators):  # noqa: F811
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    room = await world.room(space, "General")
+    spammer = await make_user("spammer")
+    bot = await start_bot([{"room": space}], **crypto_bot(world, admin_room))
+    await wait_for(lambda: bot.app.synced, timeout=20)
+    owner = await moderators(world.owner, "owner")
+
+    body = await owner.ask(admin_room, f"!ss ban {spammer.user_id} raid")
+    assert f"Ban {spammer.user_id} in 2 rooms" in body
+    await wait_membership(world, [space, room], spammer.user_id, "ban")
+    await bot.idle()
+    assert "2 unbans" in await owner.ask(admin_room, f"!ss undo {batch_of(body)}")
+    await wait_membership(world, [space, room], spammer.user_id, "leave")
+    assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
