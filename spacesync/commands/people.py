@@ -286,7 +286,7 @@ async def unban(ctx: Context, args: list[str]) -> Reply:
     req = attrs.evolve(req, reason=req.reason or f"unbanned by {ctx.sender}")
     placed = {b.room_id: b.cause for b in v.snapshot.placed_bans if b.user_id == req.user}
 
-    def select(room: RoomState) -> bool | str:
+    def own(room: RoomState) -> bool | str:
         state = room.members.get(req.user)
         if state is None or state.membership is not Membership.BAN:
             return False
@@ -295,6 +295,22 @@ async def unban(ctx: Context, args: list[str]) -> Reply:
         if placed[room.room_id] == Cause.POLICY_LIST:
             return "banned by a policy list rule: remove the rule from the list ('!spacesync lists')"
         return True
+
+    lifted = {r for r in rooms if (room := v.snapshot.rooms.get(r)) is not None and own(room) is True}
+
+    def select(room: RoomState) -> bool | str:
+        # A ban carried down from a Space that keeps its own ban would only be placed again.
+        above = v.graph.authority.get(room.room_id, frozenset()) - {room.room_id}
+        kept = sorted(
+            s
+            for s in above
+            if s not in lifted
+            and (space := v.snapshot.rooms.get(s)) is not None
+            and space.membership(req.user) is Membership.BAN
+        )
+        if kept and placed.get(room.room_id) == Cause.SPACE_BAN:
+            return f"carried down from the ban in {label(ctx.app, kept[0], v.snapshot)[0]}, which stays"
+        return own(room)
 
     actions, skipped = _actions(ctx.app, v, req, rooms, ActionKind.UNBAN, Cause.COMMAND_UNBAN, select)
     return await _queue(ctx, v, req, "unban", actions, skipped)

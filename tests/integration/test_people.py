@@ -3,6 +3,8 @@ kick, redact, and the undo of each."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from spacesync.testing import TestbedRequestError, wait_for
@@ -101,9 +103,19 @@ async def test_kick_removes_from_the_space_and_every_room_and_undo_reinvites(wor
     for who in (user, bystander):
         for room in (space, *rooms):
             await who.client.join(room)
+    moderator, admin, exempt = await make_user("moderator"), await make_user("admin"), await make_user("exempt")
+    await world.owner.client.set_user_level(space, moderator.user_id, 100)
     # on_leave none: spacesync itself would evict nobody; the command alone kicks from the rooms.
-    bot = await start_bot([{"room": space, "on_leave": "none"}])
+    bot = await start_bot([{"room": space, "on_leave": "none", "exempt": [exempt.user_id]}], admins=[admin.user_id])
     await ready(bot)
+    for who, why in (
+        (moderator, "at or above the bot's power level in the Space"),
+        (admin, "is a spacesync admin"),
+        (exempt, "is exempt"),
+        (world.bot, "is the bot itself"),
+    ):
+        refused = await ask(world, bot, world.owner, f"!ss kick {who.user_id}")
+        assert refused.startswith("Refused:") and why in refused, refused
 
     pill = f'<a href="https://matrix.to/#/{user.user_id}">rowdy</a>'
     body = await ask(world, bot, world.owner, "!ss kick rowdy calm down", html=f"!ss kick {pill} calm down")
@@ -148,7 +160,11 @@ async def test_redact_removes_the_users_messages_everywhere_and_nobody_elses(wor
 
     assert "cannot be undone" in await ask(world, bot, world.owner, f"!ss undo {batch}")
 
+    bot.app.executor.stop()  # the run waits: `status` shows it open
     body = await ask(world, bot, world.owner, f"!ss redact {spammer.user_id} --since 1h")
+    status = await ask(world, bot, world.owner, "!ss status")
+    assert f"Redacting: {spammer.user_id} in 3 rooms (batch {batch_of(body)})" in status
+    bot.app.executor.resume()
     assert "2 messages redacted" in await finished(world, bot, batch_of(body))
     for room in rooms:
         assert await redacted(world, room, sent[spammer.user_id][room][0])
@@ -172,3 +188,24 @@ async def test_ban_and_its_undo_from_an_encrypted_admin_room(world, start_bot, m
     assert "2 unbans" in await owner.ask(admin_room, f"!ss undo {batch_of(body)}")
     await wait_membership(world, [space, room], spammer.user_id, "leave")
     assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
+
+
+async def test_redact_waits_out_429s_and_is_retried_after_a_failure(world, start_bot, make_user, fault_proxy):
+    space = await world.space("Community")
+    room = await world.room(space, "General")
+    spammer = await make_user("spammer")
+    for r in (space, room):
+        await spammer.client.join(r)
+    sent = [await spammer.client.send_text(room, f"spam {i}") for i in range(4)]
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
+    await ready(bot)
+    redactions = re.compile(r"/rooms/[^/]+/redact/")
+    fault_proxy.rate_limit(redactions, retry_after_ms=300, method="PUT", times=2)
+    # Then one answers 502: the entry backs off, and its retry redacts what is left, each message once.
+    fault_proxy.fail(redactions, status=502, method="PUT", times=1)
+
+    body = await ask(world, bot, world.owner, f"!ss redact {spammer.user_id}")
+    assert "4 messages redacted" in await finished(world, bot, batch_of(body), timeout=40)
+    for event_id in sent:
+        assert await redacted(world, room, event_id)
+    assert fault_proxy.count(redactions, method="PUT") == 4 + 2 + 1  # each message once, plus the faults

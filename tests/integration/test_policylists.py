@@ -70,6 +70,11 @@ async def test_literal_and_glob_rules_ban_the_right_people_held_over_the_limit_a
     lists = await ask(world, bot, world.owner, "!ss lists")
     assert "Ban list" in lists and "2 user ban rules" in lists and "1 ignored" in lists and "3 users banned" in lists
 
+    # `unban` leaves a list's ban alone: the rule is what to change.
+    body = await ask(world, bot, world.owner, f"!ss unban {spam1.user_id}")
+    assert f"Nothing to unban for {spam1.user_id}" in body and "remove the rule from the list" in body
+    assert "carried down from the ban in Community" in body
+
     # The glob rule goes: the bans placed for it are lifted; the literal rule's stays.
     await world.owner.client.send_state(lst, USER_RULE, {}, state_key="spam-glob")
     for user in (spam1, spam2):
