@@ -13,7 +13,7 @@ from .format import Reply, code, compose, esc, line, listing, plural
 from .lockdown import unlock_actions
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
-from .world import label, level, room_state, show_level
+from .world import bans_above, label, level, room_state, show_level, view
 
 if TYPE_CHECKING:
     from .services import Services as App
@@ -181,11 +181,14 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     inverse: list[Action] = []
     skipped: list[str] = []
     rooms: dict[RoomID, RoomState | None] = {}
+    carried: set[tuple[RoomID, UserID]] = set()
     for entry in done:
         action = entry.action
         user = action.user_id
         room_t = label(app, action.room_id)[0]
-        if action.kind in (ActionKind.KICK, ActionKind.BAN) and user:
+        if action.kind is ActionKind.BAN and action.cause == Cause.POLICY_LIST:
+            skipped.append(f"{user} in {room_t}: banned by a policy list rule: remove the rule from the list")
+        elif action.kind in (ActionKind.KICK, ActionKind.BAN) and user:
             cached = app.cache.get(action.room_id)
             now = cached.membership(user) if cached else None
             needed = "invite" if action.kind is ActionKind.KICK else "ban"
@@ -201,6 +204,8 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
                 if cached is not None and now is not Membership.BAN:
                     skipped.append(f"{user} is no longer banned in {room_t}")
                     continue
+                if action.cause == Cause.SPACE_BAN:
+                    carried.add((action.room_id, user))
                 inverse.append(Action(ActionKind.UNBAN, action.room_id, user, reason=reason, cause="undo"))
         elif action.kind is ActionKind.SET_POWER_LEVELS:
             changes = await _restore_levels(ctx, action, rooms, skipped)
@@ -239,6 +244,8 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
             skipped.append(f"redactions in {room_t} cannot be undone: a redacted message is gone for good")
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
+    if carried:
+        inverse = await _without_carried(app, inverse, carried, skipped)
     if not inverse:
         return listing(f"Nothing to undo in batch {batch}:", [line(s) for s in skipped])
     new_batch = await app.reconciler.enqueue(inverse, trigger=f"undo {batch}")
@@ -269,6 +276,31 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     if skipped:
         parts.append(listing("Not undone:", [line(s) for s in skipped]))
     return compose(parts)
+
+
+async def _without_carried(
+    app: App, inverse: list[Action], carried: set[tuple[RoomID, UserID]], skipped: list[str]
+) -> list[Action]:
+    """The inverse actions but the unbans of bans carried down from a Space ban that stays (a moderator's, or a
+    policy list's): the next plan would only place them again."""
+    v = await view(app)
+    lifted: dict[UserID, set[RoomID]] = {}
+    for action in inverse:
+        if action.kind is ActionKind.UNBAN and action.user_id:
+            lifted.setdefault(action.user_id, set()).add(action.room_id)
+    kept: list[Action] = []
+    for action in inverse:
+        user = action.user_id
+        if action.kind is ActionKind.UNBAN and user and (action.room_id, user) in carried:
+            above = bans_above(v, action.room_id, user, lifted.get(user, set()))
+            if above:
+                skipped.append(
+                    f"{user} in {label(app, action.room_id)[0]}: carried down from the ban in "
+                    f"{label(app, above[0])[0]}, which stays"
+                )
+                continue
+        kept.append(action)
+    return kept
 
 
 def _ban_again(app: App, ctx: Context, action: Action, reason: str, skipped: list[str]) -> Action | None:

@@ -22,7 +22,7 @@ from ..store import Status
 from .format import Line, Reply, code, compose, esc, line, listing, plural
 from .parser import count_arg, duration_arg, user_arg
 from .registry import CommandError, Context, UsageError, command
-from .world import View, label, resolve, view
+from .world import View, bans_above, label, resolve, view
 
 if TYPE_CHECKING:
     from .services import Services as App
@@ -300,14 +300,7 @@ async def unban(ctx: Context, args: list[str]) -> Reply:
 
     def select(room: RoomState) -> bool | str:
         # A ban carried down from a Space that keeps its own ban would only be placed again.
-        above = v.graph.authority.get(room.room_id, frozenset()) - {room.room_id}
-        kept = sorted(
-            s
-            for s in above
-            if s not in lifted
-            and (space := v.snapshot.rooms.get(s)) is not None
-            and space.membership(req.user) is Membership.BAN
-        )
+        kept = bans_above(v, room.room_id, req.user, lifted)
         if kept and placed.get(room.room_id) == Cause.SPACE_BAN:
             return f"carried down from the ban in {label(ctx.app, kept[0], v.snapshot)[0]}, which stays"
         return own(room)

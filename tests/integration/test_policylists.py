@@ -60,6 +60,10 @@ async def test_literal_and_glob_rules_ban_the_right_people_held_over_the_limit_a
     event = await world.owner.client.get_state_event(space, "m.room.member", stranger.user_id)
     assert event["reason"] == "known spammer"
     await bot.reconcile()
+    # Undo leaves a list's bans alone (the rule is what to change), and the bans carried down from them.
+    body = await ask(world, bot, world.owner, f"!ss undo {batch}")
+    assert body.startswith(f"Nothing to undo in batch {batch}")
+    assert "remove the rule from the list" in body and "carried down from the ban in Community" in body
     members = await world.owner.client.members(space)
     assert {u for u, m in members.items() if m == "ban"} == {spam1.user_id, spam2.user_id, stranger.user_id}
     assert await membership(world, room, alice.user_id) == "join"
