@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ..core.entitlement import protection, user_level
-from ..model import Action, ActionKind, Cause, Membership, RoomID, RoomState, UserID
-from ..refs import RefError
+from ..model import Action, ActionKind, Cause, Membership, RoomID, RoomState, UserID, parse_level
+from ..refs import RefError, room_label
 from ..store import Status
 from .format import Line, Reply, code, compose, esc, line, listing, plural
 from .parser import count_arg, duration_arg, user_arg
@@ -115,11 +115,7 @@ def _refuse(v: View, user: UserID, rooms: list[RoomID]) -> None:
         if room is not None and (room.is_space or room_id in v.graph.roots):
             why = protection(room, user, policy, v.graph)
             if why:
-                raise CommandError(f"Refused: {user} is {why} in the Space {label_text(room)}.")
-
-
-def label_text(room: RoomState) -> str:
-    return f"{room.name} ({room.room_id})" if room.name else str(room.room_id)
+                raise CommandError(f"Refused: {user} is {why} in the Space {room_label(room_id, room.name)}.")
 
 
 def _needed(room: RoomState, kind: ActionKind) -> int:
@@ -129,8 +125,8 @@ def _needed(room: RoomState, kind: ActionKind) -> int:
     if kind is ActionKind.UNBAN:
         return max(pl.ban, pl.kick)
     if kind is ActionKind.REDACT:
-        value = pl.raw.get("redact", REDACTION_LEVEL_DEFAULT)
-        return value if isinstance(value, int) and not isinstance(value, bool) else REDACTION_LEVEL_DEFAULT
+        value = parse_level(pl.raw.get("redact", REDACTION_LEVEL_DEFAULT))
+        return REDACTION_LEVEL_DEFAULT if value is None else value
     return pl.ban
 
 
@@ -193,7 +189,9 @@ def _root(v: View, room_id: RoomID) -> RoomID | None:
 
 
 def _limit(app: App, v: View, space: RoomID | None) -> int:
-    limits = [s.max_evictions_without_confirmation for s in v.policy.spaces if space is None or s.room_id == space]
+    """The Space's max_evictions_without_confirmation (its root's, for a sub-Space); the lowest of all without."""
+    root = _root(v, space) if space is not None else None
+    limits = [s.max_evictions_without_confirmation for s in v.policy.spaces if root is None or s.room_id == root]
     return min(limits, default=app.config.max_evictions_without_confirmation)
 
 

@@ -209,3 +209,21 @@ async def test_redact_waits_out_429s_and_is_retried_after_a_failure(world, start
     for event_id in sent:
         assert await redacted(world, room, event_id)
     assert fault_proxy.count(redactions, method="PUT") == 4 + 2 + 1  # each message once, plus the faults
+
+
+async def test_a_ban_over_the_limit_is_held_until_confirmed(world, start_bot, make_user):
+    space = await world.space("Community")
+    rooms = [await world.room(space, f"R{i}") for i in range(2)]
+    other = await world.space("Other")
+    spammer = await make_user("spammer")
+    bot = await start_bot([{"room": space, "max_evictions_without_confirmation": 2}, {"room": other}])
+    await ready(bot)
+
+    body = await ask(world, bot, world.owner, f"!ss ban {spammer.user_id} --space {space} raid")
+    assert body.startswith("⚠ Held batch") and "ban" in body and "in 3 rooms, over the limit of 2" in body
+    batch = body.split("Held batch ", 1)[1].split(":", 1)[0]
+    await bot.idle()
+    assert await membership(world, space, spammer.user_id) is None
+    assert "Confirmed batch" in await ask(world, bot, world.owner, f"!ss confirm {batch}")
+    await wait_membership(world, [space, *rooms], spammer.user_id, "ban")
+    assert await membership(world, other, spammer.user_id) is None  # --space: the other Space is left alone
