@@ -313,11 +313,11 @@ class MembershipPlanner:
         """Ban in each Space the users its policy lists ban (carried down from there as any Space ban); True
         when something was planned. A user already banned there, by anyone, is left as they are."""
         planned = False
-        for space_id, banned in sorted(self._list_banned.items()):
-            if not banned or space_id not in self._managed_spaces:
+        for space_id, bans in sorted(self._list_banned.items()):
+            if not bans.banned or space_id not in self._managed_spaces:
                 continue
             room = self.snapshot.rooms[space_id]
-            for user_id, rule in sorted(banned.items()):
+            for user_id, rule in sorted(bans.banned.items()):
                 if self.memberships.get(space_id, user_id) is Membership.BAN:
                     continue
                 if not self._may_act(room, user_id, ActionKind.BAN):
@@ -563,8 +563,8 @@ class MembershipPlanner:
             return False  # a moderator's `ban` command: lifted only by `unban` or `undo`
         if placed.cause == Cause.POLICY_LIST:
             # Lifted once no rule of the Space's lists bans the user; while a list cannot be read, kept.
-            banned = self._list_banned.get(room.room_id, {})
-            return banned is not None and placed.user_id not in banned
+            bans = self._list_banned.get(room.room_id)
+            return bans is None or (bans.complete and placed.user_id not in bans.banned)
         if placed.cause == "space_ban":
             return not self._banned_above(room.room_id, placed.user_id, propagating_only=False)
         # An on_leave ban stays while a Space ban would place it again at once.

@@ -66,11 +66,11 @@ def read_list(room: RoomState) -> ListRules:
     return ListRules(room.room_id, tuple(users), tuple(servers), room_rules, unknown, unpowered)
 
 
-def lists_of(snapshot: Snapshot, space: SpacePolicy) -> list[ListRules] | None:
-    """The Space's lists as read now; None when one of them cannot be read (then none decides anything)."""
-    if not all(snapshot.known(list_id) for list_id in space.policy_lists):
-        return None
-    return [read_list(snapshot.rooms[list_id]) for list_id in space.policy_lists]
+def lists_of(snapshot: Snapshot, space: SpacePolicy) -> tuple[list[ListRules], bool]:
+    """The Space's lists that read now, and whether that is all of them. A list that cannot be read says nothing:
+    its rules are unknown, not absent (the others still ban, but nothing is lifted, nor its servers dropped)."""
+    readable = [read_list(snapshot.rooms[r]) for r in space.policy_lists if snapshot.known(r)]
+    return readable, len(readable) == len(space.policy_lists)
 
 
 def seen_users(snapshot: Snapshot, rooms: Iterable[RoomID]) -> frozenset[UserID]:
@@ -105,13 +105,18 @@ def denied_servers(lists: Iterable[ListRules]) -> list[str]:
 def with_list_servers(snapshot: Snapshot, spaces: Iterable[SpacePolicy]) -> Snapshot:
     """The snapshot as server ACL mirroring reads it: each Space that mirrors its ACL and follows lists denies
     the lists' servers too (after its own entries). Mirroring then applies its safety rules to them as to any
-    entry of the Space: never the bot's server, a creator's, every server, nor an ACL shutting out every member."""
+    entry of the Space: never the bot's server, a creator's, every server, nor an ACL shutting out every member.
+    While one of its lists cannot be read, the Space reads as not read either: mirroring changes nothing below it
+    (an entry of the unread list would otherwise look dropped)."""
     rooms = dict(snapshot.rooms)
-    changed = False
+    unreachable = dict(snapshot.unreachable)
     for space in spaces:
         room = rooms.get(space.room_id)
-        lists = lists_of(snapshot, space) if space.server_acl and space.policy_lists else None
-        if room is None or not lists:
+        if room is None or not (space.server_acl and space.policy_lists):
+            continue
+        lists, complete = lists_of(snapshot, space)
+        if not complete:
+            unreachable.setdefault(space.room_id, "a policy list it follows cannot be read now")
             continue
         extra = denied_servers(lists)
         if not extra:
@@ -120,8 +125,7 @@ def with_list_servers(snapshot: Snapshot, spaces: Iterable[SpacePolicy]) -> Snap
         own = [d for d in acl.get("deny") or [] if isinstance(d, str)]
         acl["deny"] = own + [d for d in extra if d not in own]
         rooms[space.room_id] = attrs.evolve(room, server_acl=acl)
-        changed = True
-    return attrs.evolve(snapshot, rooms=rooms) if changed else snapshot
+    return attrs.evolve(snapshot, rooms=rooms, unreachable=unreachable)
 
 
 def list_findings(snapshot: Snapshot, spaces: Iterable[SpacePolicy]) -> list[Finding]:
@@ -148,18 +152,24 @@ def list_findings(snapshot: Snapshot, spaces: Iterable[SpacePolicy]) -> list[Fin
     return findings
 
 
+@attrs.frozen
+class ListBans:
+    """What a Space's lists ban now: each user with the first rule that does, and whether every list was read
+    (only then may a ban they placed be lifted)."""
+
+    banned: Mapping[UserID, PolicyRule]
+    complete: bool
+
+
 def policy_bans(
     snapshot: Snapshot, spaces: Iterable[SpacePolicy], rooms_of: Mapping[RoomID, Iterable[RoomID]]
-) -> dict[RoomID, dict[UserID, PolicyRule] | None]:
-    """Per Space that follows lists: the users its lists ban there, with the rule; None for a Space one of whose
-    lists cannot be read now. `rooms_of` gives the rooms whose members a glob is matched against."""
-    out: dict[RoomID, dict[UserID, PolicyRule] | None] = {}
+) -> dict[RoomID, ListBans]:
+    """Per Space that follows lists: the users its readable lists ban there. `rooms_of` gives the rooms whose
+    members a glob is matched against."""
+    out: dict[RoomID, ListBans] = {}
     for space in spaces:
-        if not space.policy_lists:
-            continue
-        lists = lists_of(snapshot, space)
-        if lists is None:
-            out[space.room_id] = None
-            continue
-        out[space.room_id] = banned_users(lists, seen_users(snapshot, rooms_of.get(space.room_id, ())))
+        if space.policy_lists:
+            lists, complete = lists_of(snapshot, space)
+            seen = seen_users(snapshot, rooms_of.get(space.room_id, ()))
+            out[space.room_id] = ListBans(banned_users(lists, seen), complete)
     return out

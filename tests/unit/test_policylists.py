@@ -173,3 +173,29 @@ def test_a_space_that_stops_following_its_list_lifts_the_lists_bans():
     assert PlacedBan(rid("root"), uid("spammer"), "policy_list") in banned.placed_bans
     p = plan(banned, Policy(bot=BOT, spaces=(SpacePolicy(rid("root")),)))
     assert (ActionKind.UNBAN.value, rid("root"), uid("spammer")) in kinds(p)
+
+
+def test_one_unreadable_list_keeps_every_ban_but_the_others_still_ban():
+    snap, pol = community(rule("@spammer:hs.test"), lists=("list", "other"))
+    snap = attrs.evolve(snap, unreachable={rid("other"): "not joined"})
+    assert (rid("root"), uid("spammer")) in bans(plan(snap, pol))
+    banned = apply_plan(snap, plan(snap, pol))
+    emptied = attrs.evolve(banned, rooms={**banned.rooms, rid("list"): policy_list()})
+    assert [a for a in plan(emptied, pol).actions if a.kind is ActionKind.UNBAN] == []
+
+
+def test_an_unreadable_list_drops_none_of_its_servers_from_the_acls():
+    snap, pol = community(rule("evil.test", kind=RuleKind.SERVER))
+    pol = Policy(bot=BOT, spaces=(attrs.evolve(pol.spaces[0], server_acl=True),))
+    room = snap.rooms[rid("x")]
+    after = attrs.evolve(  # as the ACL write from the list left it
+        snap,
+        rooms={**snap.rooms, rid("x"): attrs.evolve(room, server_acl={"allow": ["*"], "deny": ["evil.test"]})},
+        owned_acl={rid("x"): frozenset({"evil.test"})},
+    )
+    assert [a for a in plan(after, pol).actions if a.kind is ActionKind.SET_SERVER_ACL] == []
+    hidden = attrs.evolve(after, unreachable={rid("list"): "502"})
+    assert [a for a in plan(hidden, pol).actions if a.kind is ActionKind.SET_SERVER_ACL] == []
+    emptied = attrs.evolve(after, rooms={**after.rooms, rid("list"): policy_list()})
+    (removal,) = [a for a in plan(emptied, pol).actions if a.kind is ActionKind.SET_SERVER_ACL]
+    assert removal.content["deny"] == []
