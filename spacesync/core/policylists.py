@@ -4,7 +4,7 @@ server rules add to the Space's server ACL.
 Only rules whose sender may send that event type in the list room (its power levels now) count. User rules match
 a user id literally, or as a glob (`*`, `?`) only against users spacesync sees in the Space's rooms: a pattern
 never bans the world. Room rules and unknown recommendations are ignored and reported. A list that cannot be read
-now decides nothing: its bans are neither placed nor lifted (unknown is not absent).
+now is unknown, not empty: while it is, no ban placed for the Space's lists is lifted and no server entry dropped.
 """
 
 from __future__ import annotations
