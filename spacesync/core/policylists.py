@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 import attrs
 
 from ..model import Finding, FindingCode, PolicyRule, RoomID, RoomState, RuleKind, Snapshot, SpacePolicy, UserID
-from .entitlement import user_level
+from .entitlement import user_level, valid_user_id
 
 BAN_RECOMMENDATIONS = frozenset({"m.ban", "org.matrix.mjolnir.ban"})
 """The recommendation spacesync acts on, and the name older lists (Mjolnir) wrote it under."""
@@ -92,7 +92,7 @@ def banned_users(lists: Iterable[ListRules], seen: frozenset[UserID]) -> dict[Us
                 for user in sorted(seen):
                     if matches(rule.entity, user):
                         banned.setdefault(user, rule)
-            elif rule.entity.startswith("@") and ":" in rule.entity:
+            elif valid_user_id(rule.entity):
                 banned.setdefault(UserID(rule.entity), rule)
     return banned
 

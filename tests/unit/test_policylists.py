@@ -59,6 +59,11 @@ def test_a_literal_rule_bans_in_the_space_and_so_in_its_rooms_even_a_never_membe
     assert plan(after, pol).actions == ()
 
 
+def test_an_entity_that_is_no_user_id_bans_nobody():
+    snap, pol = community(rule("spammer"), rule("@spam mer:hs.test"), rule("@:hs.test"))
+    assert bans(plan(snap, pol)) == set()
+
+
 def test_a_glob_bans_only_users_seen_in_the_spaces_rooms():
     snap, pol = community(rule("@spam*:hs.test"), rule("@*:evil.test"))
     assert bans(plan(snap, pol)) == {(r, uid(u)) for r in (rid("root"), rid("x")) for u in ("spammer", "spam2")}
