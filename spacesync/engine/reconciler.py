@@ -59,6 +59,7 @@ ATTENTION = frozenset(
         FindingCode.MALFORMED,
         FindingCode.UNROUTABLE_CHILD,
         FindingCode.ACL_REFUSED,
+        FindingCode.POLICY_RULES_IGNORED,
     }
 )
 """Finding codes the admin room is told about once: rooms that need a moderator."""

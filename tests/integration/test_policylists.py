@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from spacesync.testing import wait_for
 
-from .test_commands import _held_batch, ask, membership, ready
+from .test_commands import _held_batch, ask, bot_notices, membership, ready
 from .test_eviction import wait_membership
 from .test_spacewide import wait_deny
 
@@ -67,6 +67,16 @@ async def test_literal_and_glob_rules_ban_the_right_people_held_over_the_limit_a
     members = await world.owner.client.members(space)
     assert {u for u, m in members.items() if m == "ban"} == {spam1.user_id, spam2.user_id, stranger.user_id}
     assert await membership(world, room, alice.user_id) == "join"
+
+    # The rule nobody with the power sent is said once in the admin room.
+    async def announced() -> bool:
+        for event in await bot_notices(world, bot):
+            body = event["content"]["body"]
+            if "need attention" in body and "rule(s) from senders without the power to send them" in body:
+                return True
+        return False
+
+    await wait_for(announced, timeout=20, message="the ignored rule was not announced")
 
     # `whois` and `lists` name the rule and what it caused.
     whois = await ask(world, bot, world.owner, f"!ss whois {spam1.user_id}")
