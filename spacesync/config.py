@@ -8,6 +8,7 @@ import os
 import re
 import string
 from collections.abc import Callable, Collection, Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -94,6 +95,8 @@ class BotConfig:
     device_id: str | None = None
     pickle_key: str | None = attrs.field(default=None, repr=_redacted)
     """Encrypts the crypto store's keys at rest; without it the bot cannot use encrypted rooms."""
+    recovery_key: str | None = attrs.field(default=None, repr=_redacted)
+    """Opens the account's secret storage: a new database restores the bot's cross-signing identity with it."""
 
 
 @attrs.frozen
@@ -118,13 +121,23 @@ class DatabaseConfig:
         return Path(rest[2:] if rest.startswith("///") else rest)
 
 
+class ShareKeysWith(str, Enum):
+    """Which devices in the admin room get the bot's room keys (`admin.share_keys_with`)."""
+
+    CROSS_SIGNED = "cross-signed"
+    """Only devices their owner cross-signed, under the master key the bot pinned (as Element does)."""
+    ALL = "all"
+    """Every device of every member, signed or not (for clients without cross-signing)."""
+
+
 @attrs.frozen
 class AdminConfig:
     room: RoomRef
     users: frozenset[UserID] = frozenset()
     min_power_level: int = 50
     require_verified_device: bool = False
-    """Refuse encrypted commands from devices the bot has not seen verified (cross-signed by their owner)."""
+    """Refuse commands but those from devices their owner cross-signed (under the master key the bot pinned)."""
+    share_keys_with: ShareKeysWith = ShareKeysWith.CROSS_SIGNED
 
 
 @attrs.frozen
@@ -580,6 +593,8 @@ _TOP = _section(
                     "device_id": _optional_string,
                     "pickle_key": _optional_secret,
                     "pickle_key_file": _optional_string,
+                    "recovery_key": _optional_secret,
+                    "recovery_key_file": _optional_string,
                 }
             ),
             {},
@@ -595,6 +610,7 @@ _TOP = _section(
                     "users": _Key(_user_set, []),
                     "min_power_level": _Key(_integer(), 50),
                     "require_verified_device": _Key(_boolean, False),
+                    "share_keys_with": _Key(_choice({m.value: m for m in ShareKeysWith}), "cross-signed"),
                 },
                 AdminConfig,
             ),
@@ -695,6 +711,28 @@ def _pickle_key(bot: Mapping[str, Any]) -> str | None:
     return key
 
 
+def _recovery_key(bot: Mapping[str, Any]) -> str | None:
+    """The recovery key of the bot's secret storage, from bot.recovery_key or bot.recovery_key_file."""
+    if bot["recovery_key"] is not None and bot["recovery_key_file"] is not None:
+        _fail("bot", "recovery_key and recovery_key_file are both set; keep one")
+    name = "recovery_key_file" if bot["recovery_key_file"] is not None else "recovery_key"
+    key = _read_secret_file(bot[name], f"bot.{name}") if name.endswith("_file") else bot[name]
+    if key is None:
+        return None
+    # the crypto stack, only when it is used
+    from mautrix.crypto.ssss.util import decode_base58_recovery_key, encode_base58_recovery_key
+
+    try:
+        raw = decode_base58_recovery_key("".join(key.split()))
+    except ValueError:
+        raw = None
+    if raw is None:
+        _fail(f"bot.{name}", "not a recovery key; use the key `spacesync crypto recovery-key` printed (12 groups of 4)")
+    if bot["pickle_key"] is None and bot["pickle_key_file"] is None:
+        _fail(f"bot.{name}", "needs bot.pickle_key (or bot.pickle_key_file) too: without it the bot has no encryption")
+    return encode_base58_recovery_key(raw)
+
+
 def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 600.0) -> SpaceConfig:
     fields = dict(values)
     fields["join_rules_enforce"] = fields.pop("join_rules")
@@ -714,7 +752,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         top["database"] = DatabaseConfig(_database_url(env[ENV_DATABASE_URL], ENV_DATABASE_URL))
     bot = top["bot"]
     access_token, password = _credentials(bot, env)
-    top["bot"] = BotConfig(bot["user_id"], access_token, password, bot["device_id"], _pickle_key(bot))
+    top["bot"] = BotConfig(
+        bot["user_id"], access_token, password, bot["device_id"], _pickle_key(bot), _recovery_key(bot)
+    )
     top["web"] = top["web"]["listen"]
     top["spaces"] = tuple(
         _space(s, top["max_evictions_without_confirmation"], top["guard_window"]) for s in top["spaces"]

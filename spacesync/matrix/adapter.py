@@ -26,6 +26,7 @@ from ..metrics import RATELIMIT_WAIT
 from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
 from .http import METER, ReadMeter, SpacesyncHTTPAPI, retry_after_ms
+from .room_encryption import Encryption
 
 log = structlog.get_logger("spacesync.matrix")
 
@@ -377,7 +378,8 @@ class MatrixAdapter:
         plaintext_ok: bool = False,
     ) -> str:
         """A notice; sending again with the same `txn` cannot post it twice. In an encrypted room it is sent
-        encrypted, or not at all (CryptoError) unless `plaintext_ok` (only for saying that encryption fails)."""
+        encrypted, or not at all (CryptoError) unless `plaintext_ok` (only for saying that encryption fails); in a
+        room whose encryption is unknown (its state cannot be read), not at all."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
         if html:
             content.update(format="org.matrix.custom.html", formatted_body=html)
@@ -385,7 +387,10 @@ class MatrixAdapter:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
         txn = txn or self.api.get_txn_id()
         event_type = "m.room.message"
-        if self.crypto is not None and await self.crypto.encrypted(room_id):
+        encryption = await self.crypto.encryption(room_id) if self.crypto is not None else Encryption.PLAIN
+        if encryption is Encryption.UNKNOWN:
+            raise CryptoError(f"{room_id}: its state could not be read, so whether it is encrypted is unknown")
+        if self.crypto is not None and encryption is Encryption.ENCRYPTED:
             if self.crypto.ready:
                 content, event_type = await self.crypto.encrypt(room_id, event_type, content), "m.room.encrypted"
             elif not plaintext_ok:

@@ -12,6 +12,7 @@ from spacesync.config import (
     Config,
     ConfigError,
     DatabaseConfig,
+    ShareKeysWith,
     WebConfig,
     default_config_path,
     load_config,
@@ -425,6 +426,30 @@ def test_pickle_key_from_config_or_file_never_shown(tmp_path: Path) -> None:
     missing = error(bot={**MINIMAL["bot"], "pickle_key_file": str(tmp_path / "nope")})
     assert missing.startswith("bot.pickle_key_file: no such file")
     assert config(admin={**MINIMAL["admin"], "require_verified_device": True}).admin.require_verified_device
+
+
+def test_recovery_key_from_config_or_file_checked_and_never_shown(tmp_path: Path) -> None:
+    from mautrix.crypto.ssss.util import encode_base58_recovery_key
+
+    key = encode_base58_recovery_key(bytes(range(32)))
+    bot = {**MINIMAL["bot"], "pickle_key": "k" * 32}
+    cfg = config(bot={**bot, "recovery_key": key})
+    assert cfg.bot.recovery_key == key and key not in repr(cfg)
+    key_file = tmp_path / "recovery"
+    key_file.write_text(key.replace(" ", "") + "\n")
+    assert config(bot={**bot, "recovery_key_file": str(key_file)}).bot.recovery_key == key
+    typo = error(bot={**bot, "recovery_key": key[:-1] + ("a" if key[-1] != "a" else "b")})
+    assert typo.startswith("bot.recovery_key: not a recovery key") and key[:8] not in typo
+    both = error(bot={**bot, "recovery_key": key, "recovery_key_file": str(key_file)})
+    assert both == "bot: recovery_key and recovery_key_file are both set; keep one"
+    no_pickle = error(bot={**MINIMAL["bot"], "recovery_key": key})
+    assert no_pickle.startswith("bot.recovery_key: needs bot.pickle_key")
+
+
+def test_share_keys_with_defaults_to_cross_signed_devices() -> None:
+    assert config().admin.share_keys_with is ShareKeysWith.CROSS_SIGNED
+    assert config(admin={**MINIMAL["admin"], "share_keys_with": "all"}).admin.share_keys_with is ShareKeysWith.ALL
+    assert error(admin={**MINIMAL["admin"], "share_keys_with": "verified"}).startswith("admin.share_keys_with:")
 
 
 def test_policy_lists_per_space() -> None:
