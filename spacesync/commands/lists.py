@@ -7,9 +7,8 @@ from ..core.policylists import ListRules, banned_users, read_list, seen_users
 from ..model import Cause, Membership, PolicyRule, RoomID, SpacePolicy, UserID
 from .format import Reply, line, listing, plural
 from .registry import Context, command, expect
+from .status import FAMILY  # listed with the other status commands, after them
 from .world import View, label, view
-
-FAMILY = "status"
 
 
 def _banned_by(v: View, space: SpacePolicy) -> dict[UserID, tuple[RoomID, PolicyRule]]:

@@ -14,7 +14,6 @@ from ..refs import RefError
 from ..store import AuditRecord, Status
 from ..store.journal import BatchStatus
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
-from .lists import rule_notes
 from .parser import count_arg, room_arg, user_arg
 from .people import redactions_open
 from .registry import CommandError, Context, command, expect
@@ -513,6 +512,8 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
         lines.append(
             line(f"{room_t}: {membership.value} — {why_t}", f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}")
         )
+    from .lists import rule_notes  # lists registers after these commands (it imports this module)
+
     general.extend(rule_notes(v, user))
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
     if exempt_spaces:
