@@ -37,13 +37,13 @@ async def test_literal_and_glob_rules_ban_the_right_people_held_over_the_limit_a
     for user in (spam1, spam2, alice):
         for r in (space, room):
             await user.client.join(r)
-    helper = await make_user("helper")
-    lst = await list_room(world, levels={helper.user_id: 50})
-    await helper.client.join(lst)
+    deputy = await make_user("deputy")
+    lst = await list_room(world, levels={deputy.user_id: 50})
+    await deputy.client.join(lst)
     server = spam1.user_id.split(":", 1)[1]
     # A rule whose sender lost the power to send it: it counts for nothing.
-    await ban_rule(helper, lst, "alice", alice.user_id, "made up")
-    await world.owner.client.set_user_level(lst, helper.user_id, 0)
+    await ban_rule(deputy, lst, "alice", alice.user_id, "made up")
+    await world.owner.client.set_user_level(lst, deputy.user_id, 0)
     await ban_rule(world.owner, lst, "stranger", stranger.user_id, "known spammer")
     await ban_rule(world.owner, lst, "spam-glob", f"@spam*:{server}", "spam wave")
 
