@@ -124,20 +124,20 @@ async def test_a_list_that_cannot_be_read_keeps_the_bans_until_it_can(world, sta
     await world.owner.client.set_join_rule(private, "invite")
     await ban_rule(world.owner, lst, "troll", troll.user_id)
     bot = await start_bot([{"room": space, "policy_lists": [lst, private]}])
-    await wait_membership(world, [space], troll.user_id, "ban")  # the list it can read still acts
+    await wait_membership(world, [space], troll.user_id, "ban", timeout=30)  # the list it can read still acts
     await ready(bot)
     lists = await ask(world, bot, world.owner, "!ss lists")
     assert "Private list" not in lists and f"{private}: cannot be read now" in lists, lists
 
     # The rule goes, but the unread list might ban the troll too: unknown is not absent, the ban stays.
     await world.owner.client.send_state(lst, USER_RULE, {}, state_key="troll")
-    await wait_for(lambda: _rule_gone(bot, lst), timeout=20, message="the rule's removal did not arrive")
+    await wait_for(lambda: _rule_gone(bot, lst), timeout=30, message="the rule's removal did not arrive")
     await bot.reconcile()
     assert await membership(world, space, troll.user_id) == "ban"
 
     # An admin invites the bot to the private list: it joins, reads it, finds no rule, and lifts the ban.
     await world.owner.client.invite(private, world.bot.user_id)
-    await wait_membership(world, [space], troll.user_id, "leave", timeout=30)
+    await wait_membership(world, [space], troll.user_id, "leave", timeout=60)
 
 
 def _rule_gone(bot, list_id: str) -> bool:
