@@ -164,12 +164,14 @@ class SpaceConfig:
     redact_on_ban: int = 0
     refresh_via: bool = False
     policy_server: bool = False
+    policy_lists: tuple[RoomRef, ...] = ()
 
     def to_policy(
         self,
         room_id: RoomID,
         exempt_extra: frozenset[UserID] = frozenset(),
         extra_rooms_resolved: frozenset[RoomID] | None = None,
+        policy_lists_resolved: tuple[RoomID, ...] | None = None,
     ) -> SpacePolicy:
         """The planner's policy for this Space, given its resolved room id (and resolved extra rooms).
 
@@ -180,6 +182,8 @@ class SpaceConfig:
             if aliases:
                 raise ValueError(f"extra_rooms {', '.join(aliases)} must be resolved to room ids first")
             extra_rooms_resolved = frozenset(ref.room_id for ref in self.extra_rooms if ref.room_id)
+        if policy_lists_resolved is None:
+            policy_lists_resolved = tuple(ref.room_id for ref in self.policy_lists if ref.room_id)
         return SpacePolicy(
             room_id=room_id,
             on_leave=self.on_leave,
@@ -201,6 +205,7 @@ class SpaceConfig:
             redact_on_ban=self.redact_on_ban,
             refresh_via=self.refresh_via,
             policy_server=self.policy_server,
+            policy_lists=tuple(dict.fromkeys(policy_lists_resolved)),
         )
 
 
@@ -556,6 +561,7 @@ _SPACE = _section(
         "redact_on_ban": _Key(_integer(0, 1000), 0),
         "refresh_via": _Key(_boolean, False),
         "policy_server": _Key(_choice({"sync": True, "off": False}), "off"),
+        "policy_lists": _Key(_list_of(_ref(parse_room_ref)), []),
     }
 )
 
@@ -730,6 +736,7 @@ def _recovery_key(bot: Mapping[str, Any]) -> str | None:
 def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 600.0) -> SpaceConfig:
     fields = dict(values)
     fields["join_rules_enforce"] = fields.pop("join_rules")
+    fields["policy_lists"] = tuple(fields["policy_lists"])
     if fields["max_evictions_without_confirmation"] is None:
         fields["max_evictions_without_confirmation"] = max_evictions
     if fields["guard_window"] is None:

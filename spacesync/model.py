@@ -25,9 +25,11 @@ __all__ = [
     "PlacedBan",
     "Plan",
     "Policy",
+    "PolicyRule",
     "PowerLevels",
     "RoomID",
     "RoomState",
+    "RuleKind",
     "Snapshot",
     "SpacePolicy",
     "UserID",
@@ -242,6 +244,35 @@ class PowerLevels:
         return self.events.get(event_type, self.state_default)
 
 
+class RuleKind(str, Enum):
+    """What a policy list rule (MSC2313) is about."""
+
+    USER = "user"
+    SERVER = "server"
+    ROOM = "room"
+
+
+RULE_TYPES: Mapping[str, RuleKind] = {
+    **{f"m.policy.rule.{k.value}": k for k in RuleKind},
+    **{f"m.room.rule.{k.value}": k for k in RuleKind},
+    **{f"org.matrix.mjolnir.rule.{k.value}": k for k in RuleKind},
+}
+"""Policy rule state event types, the stable names and the legacy ones lists still hold, by what they are about."""
+
+
+@attrs.frozen
+class PolicyRule:
+    """One rule of a policy list room: a state event whose content names an entity and a recommendation."""
+
+    kind: RuleKind
+    event_type: str
+    state_key: str
+    entity: str
+    recommendation: str
+    sender: UserID
+    reason: str = ""
+
+
 @attrs.frozen
 class RoomState:
     """What the bot could read of one room: the inputs to every decision about it."""
@@ -275,6 +306,8 @@ class RoomState:
     """Policy server state (MSC4284) by event type (m.room.policy, and the unstable name), non-empty only."""
     malformed: int = 0
     """State events skipped because their content could not be read (wrong types, missing fields)."""
+    policy_rules: tuple[PolicyRule, ...] = ()
+    """Policy rules (MSC2313) with an entity and a recommendation, whoever sent them: a list room's content."""
 
     def membership(self, user_id: UserID) -> Membership:
         state = self.members.get(user_id)
@@ -369,6 +402,8 @@ class SpacePolicy:
     """Mirror the Space's policy server (MSC4284) into managed rooms that have none of their own."""
     refresh_via: bool = False
     """Rewrite m.space.child `via` lists whose servers have no joined member left in the child."""
+    policy_lists: tuple[RoomID, ...] = ()
+    """Policy list rooms whose user ban rules ban in this Space (and server rules feed the server ACL)."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
@@ -414,6 +449,9 @@ class ActionKind(str, Enum):
     SET_SERVER_ACL = "set_server_acl"
     SET_POLICY_SERVER = "set_policy_server"
     """state_key holds the event type (m.room.policy or its unstable name); the state key sent is empty."""
+    REDACT = "redact"
+    """Redact the user's messages in the room, newest first: `content` holds `last` (at most that many) and
+    optionally `since_ms` (none older), and `run`, which names the count kept for the batch notice."""
 
 
 EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
@@ -581,9 +619,26 @@ class Cause(str, Enum):
     SERVER_ACL = "server_acl"
     REFRESH_VIA = "refresh_via"
     POLICY_SERVER = "policy_server"
+    COMMAND_BAN = "command_ban"
+    """`!spacesync ban`: placed in the Space and every managed room below it; lifted only by `unban` (or undo)."""
+    COMMAND_UNBAN = "command_unban"
+    COMMAND_KICK = "command_kick"
+    COMMAND_REDACT = "command_redact"
+    POLICY_LIST = "policy_list"
+    """A user rule (m.ban) of a policy list the Space follows: lifted when no rule of its lists asks any more."""
 
 
-MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
+MODERATOR_CAUSES = frozenset(
+    {
+        Cause.UNDO.value,
+        Cause.LOCKDOWN.value,
+        Cause.UNLOCK.value,
+        Cause.COMMAND_BAN.value,
+        Cause.COMMAND_UNBAN.value,
+        Cause.COMMAND_KICK.value,
+        Cause.COMMAND_REDACT.value,
+    }
+)
 """Actions a moderator asked for from the admin room: run as asked, never re-checked against the plan."""
 
 
@@ -632,6 +687,8 @@ class FindingCode(str, Enum):
     LOCKED_DOWN = "locked_down"
     ACL_REFUSED = "acl_refused"
     UNROUTABLE_CHILD = "unroutable_child"
+    POLICY_RULES_IGNORED = "policy_rules_ignored"
+    """A policy list's room rules, unknown recommendations, or rules from senders without the power to send them."""
 
     @property
     def family(self) -> FindingFamily:
@@ -666,6 +723,7 @@ _FINDING_FAMILIES = {
     FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
     FindingCode.ACL_REFUSED: FindingFamily.CANNOT_ACT,
     FindingCode.UNROUTABLE_CHILD: FindingFamily.STRUCTURE,
+    FindingCode.POLICY_RULES_IGNORED: FindingFamily.LIMITS,
 }
 
 

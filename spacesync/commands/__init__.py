@@ -20,7 +20,7 @@ from ..matrix.crypto import DECRYPTED_KEY
 from ..model import RoomID, UserID
 from ..refs import RefError
 from ..store import unreachable
-from . import batches, lockdown, settings, status, trust  # noqa: F401  (registers the commands)
+from . import batches, lists, lockdown, people, settings, status, trust  # noqa: F401  (registers the commands)
 from .format import Reply, code, esc, one_line
 from .parser import ParseError, command_text, is_edit, parse_command
 from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageError

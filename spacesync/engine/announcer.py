@@ -13,11 +13,11 @@ from mautrix.errors import MatrixRequestError
 from ..matrix import MatrixAdapter
 from ..matrix.crypto import CryptoError
 from ..matrix.errors import REQUEST_ERRORS
-from ..model import RoomID
+from ..model import ActionKind, RoomID
 from ..store import Store
 from ..store.journal import Entry
 from .events import ActionParked, BatchFinished, Event, RoomsNeedAttention
-from .executor import refusal_reason
+from .executor import redaction_key, refusal_reason
 
 log = structlog.get_logger("spacesync")
 NOTICE_ATTEMPTS = 4
@@ -92,4 +92,10 @@ class Announcer:
         if not await self.store.journal.mark_announced(batch):
             return
         left = await self.store.journal.left_behind(batch)
-        await self(BatchFinished(batch=batch, trigger=trigger, entries=entries, left_behind=left))
+        redacted: dict[RoomID, int] = {}
+        for entry in entries:
+            run = (entry.action.content or {}).get("run") if entry.action.kind is ActionKind.REDACT else None
+            if run:
+                count = await self.store.get(redaction_key(str(run), entry.action.room_id))
+                redacted[entry.action.room_id] = int(count or 0)
+        await self(BatchFinished(batch=batch, trigger=trigger, entries=entries, left_behind=left, redacted=redacted))

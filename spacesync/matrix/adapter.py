@@ -316,9 +316,11 @@ class MatrixAdapter:
             content |= {"redact_events": True, "org.matrix.msc4293.redact_events": True}
         await self.request(Method.POST, Path.v3.rooms[room_id].ban, content=content)
 
-    async def recent_messages_of(self, room_id: RoomID, user_id: UserID, limit: int, scan: int = 500) -> list[str]:
+    async def recent_messages_of(
+        self, room_id: RoomID, user_id: UserID, limit: int, scan: int = 500, since_ms: int | None = None
+    ) -> list[str]:
         """Event ids of the user's last `limit` messages in the room (not state, not redacted), newest first,
-        looking back at most `scan` events."""
+        looking back at most `scan` events, and (`since_ms`) none sent before that time."""
         found: list[str] = []
         start: str | None = None
         seen = 0
@@ -330,6 +332,9 @@ class MatrixAdapter:
             chunk = data.get("chunk") or [] if isinstance(data, dict) else []
             for event in chunk:
                 seen += 1
+                ts = event.get("origin_server_ts") if isinstance(event, dict) else None
+                if since_ms is not None and isinstance(ts, int) and ts < since_ms:
+                    return found  # older than asked for: so is everything further back
                 if (
                     isinstance(event, dict)
                     and event.get("sender") == user_id

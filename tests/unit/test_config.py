@@ -247,6 +247,14 @@ def test_space_fields_and_policy() -> None:
         ({"reason_template": "{event}"}, "reason_template: names no Space; include {space}"),
         ({"reason_template": "{space:>5d}"}, "reason_template: cannot be filled in"),
         ({"reason_template": 5}, "reason_template: expected a string, got 5"),
+        (
+            {"spaces": [{"room": "!s:example.org", "policy_lists": "#bans:example.org"}]},
+            "spaces[0].policy_lists: expected a list, got '#bans:example.org'",
+        ),
+        (
+            {"spaces": [{"room": "!s:example.org", "policy_lists": ["bans"]}]},
+            "spaces[0].policy_lists[0]: 'bans' is not a room",
+        ),
     ],
 )
 def test_errors_name_the_key(changes: dict[str, Any], expected: str) -> None:
@@ -442,3 +450,17 @@ def test_share_keys_with_defaults_to_cross_signed_devices() -> None:
     assert config().admin.share_keys_with is ShareKeysWith.CROSS_SIGNED
     assert config(admin={**MINIMAL["admin"], "share_keys_with": "all"}).admin.share_keys_with is ShareKeysWith.ALL
     assert error(admin={**MINIMAL["admin"], "share_keys_with": "verified"}).startswith("admin.share_keys_with:")
+
+
+def test_policy_lists_per_space() -> None:
+    cfg = config(
+        spaces=[
+            {"room": "!s:example.org", "policy_lists": ["!list:example.org", "#bans:example.org"]},
+            {"room": "!t:x.org"},
+        ]
+    )
+    first, second = cfg.spaces
+    assert first.policy_lists == (RoomRef(room_id="!list:example.org"), RoomRef(alias="#bans:example.org"))
+    assert second.policy_lists == () and second.to_policy("!t:x.org").policy_lists == ()
+    policy = first.to_policy("!s:example.org", policy_lists_resolved=("!list:example.org", "!bans:example.org"))
+    assert policy.policy_lists == ("!list:example.org", "!bans:example.org")
