@@ -110,11 +110,12 @@ class Members(Mapping[UserID, MemberState]):
     a Members: the state cache copies it before it changes a room someone may still hold.
     """
 
-    __slots__ = ("_compact", "_entries")
+    __slots__ = ("_compact", "_entries", "_servers")
 
     def __init__(self, entries: Mapping[UserID, int | MemberState], *, compact: bool = False) -> None:
         self._entries = entries
         self._compact = compact
+        self._servers: frozenset[str] | None = None
 
     def __getitem__(self, user_id: UserID) -> MemberState:
         entry = self._entries[user_id]
@@ -157,6 +158,13 @@ class Members(Mapping[UserID, MemberState]):
     def joined(self) -> frozenset[UserID]:
         join = Membership.JOIN
         return frozenset([u for u, e in self._entries.items() if isinstance(e, int) or e.membership is join])
+
+    def joined_servers(self) -> frozenset[str]:
+        """The server names of the joined users (after the first colon): worked out once, as the entries never
+        change, so a plan over rooms that did not change does not walk their members again."""
+        if self._servers is None:
+            self._servers = frozenset(s for u in self.joined() if (s := u.partition(":")[2]))
+        return self._servers
 
     def tag(self, user_id: UserID) -> str | None:
         """Names the user's current membership event: its id; for a compact join `crc32:` and the CRC-32 of its
@@ -317,6 +325,12 @@ class RoomState:
         if isinstance(self.members, Members):
             return self.members.joined()
         return frozenset(u for u, m in self.members.items() if m.membership is Membership.JOIN)
+
+    def joined_servers(self) -> frozenset[str]:
+        """The servers of the joined members (`refs.server_name` of each)."""
+        if isinstance(self.members, Members):
+            return self.members.joined_servers()
+        return frozenset(s for u in self.joined() if (s := u.partition(":")[2]))
 
     def member_tag(self, user_id: UserID) -> str | None:
         """Names the user's current membership event (`Members.tag`): what a parked action's fingerprint holds."""

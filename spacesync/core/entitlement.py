@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..model import Membership, Policy, RoomID, RoomState, Snapshot, UserID
 from .graph import SpaceGraph, exempt_in
@@ -85,9 +85,14 @@ class Memberships:
         else:
             self._lifted.discard((room_id, user_id))
 
-    def _users(self, room_id: RoomID) -> set[UserID]:
-        """Users with a membership in the room, current or planned (a ban needs no prior membership)."""
+    def _users(self, room_id: RoomID, among: frozenset[UserID] | None = None) -> set[UserID]:
+        """Users with a membership in the room, current or planned (a ban needs no prior membership); only those
+        `among` these, when given."""
         room = self._snapshot.rooms.get(room_id)
+        if among is not None:
+            members: Mapping[UserID, object] = room.members if room is not None else {}
+            planned = self._planned_in.get(room_id, set())
+            return {u for u in among if u in members or u in planned}
         users = set(room.members) if room is not None else set()
         users.update(self._planned_in.get(room_id, ()))
         return users
@@ -116,12 +121,12 @@ class Memberships:
         state = self._snapshot.rooms[room_id].members.get(user_id)
         return state is not None and state.was_joined is None
 
-    def departed(self, room_ids: Iterable[RoomID]) -> set[UserID]:
-        """Users with a membership but join in any of these rooms, now or once planned actions ran: the only
-        ones who can be evicted (`departed_from` tells which of them really departed)."""
+    def departed(self, room_ids: Iterable[RoomID], among: frozenset[UserID] | None = None) -> set[UserID]:
+        """Users (`among` these, when given) with a membership but join in any of these rooms, now or once planned
+        actions ran: the only ones who can be evicted (`departed_from` tells which of them really departed)."""
         out: set[UserID] = set()
         for room_id in room_ids:
-            out.update(u for u in self._users(room_id) if self.get(room_id, u) in (*_NOT_JOINED, Membership.BAN))
+            out.update(u for u in self._users(room_id, among) if self.get(room_id, u) in (*_NOT_JOINED, Membership.BAN))
         return out
 
     def joined(self, room_id: RoomID) -> list[UserID]:
@@ -129,10 +134,10 @@ class Memberships:
             return []
         return sorted(u for u in self._users(room_id) if self.get(room_id, u) is Membership.JOIN)
 
-    def banned(self, room_id: RoomID) -> list[UserID]:
+    def banned(self, room_id: RoomID, among: frozenset[UserID] | None = None) -> list[UserID]:
         if room_id not in self._snapshot.rooms:
             return []
-        return sorted(u for u in self._users(room_id) if self.get(room_id, u) is Membership.BAN)
+        return sorted(u for u in self._users(room_id, among) if self.get(room_id, u) is Membership.BAN)
 
 
 def entitled_by(user_id: UserID, rooms: Iterable[RoomID], memberships: Memberships) -> RoomID | None:

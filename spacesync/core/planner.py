@@ -34,15 +34,24 @@ from .powerlevels import plan_power_levels
 from .serveracl import plan_server_acl
 from .via import plan_via
 
+PER_USER = frozenset({ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionKind.INVITE})
+"""Action kinds about one user, decided from that user's memberships alone (and the rooms' other state)."""
 
-def plan(snapshot: Snapshot, policy: Policy) -> Plan:
-    """Everything that should change now, from the state alone."""
+
+def plan(snapshot: Snapshot, policy: Policy, users: frozenset[UserID] | None = None) -> Plan:
+    """Everything that should change now, from the state alone.
+
+    `users` narrows the plan to the memberships of these users (an incremental plan): bans, evictions, unbans
+    and invites of anyone else are left out, every other action is planned as in the full plan. What one user
+    should have depends only on their own memberships and on the rooms' other state, never on another user's
+    membership, so for these users the incremental plan is the full plan's (property-tested:
+    tests/unit/test_incremental.py)."""
     # A room spacesync locked down is planned as it was before (its allow list keeps it opted in); its join
     # rules are left alone until it is unlocked, whatever join_rules: enforce would say.
     locked = locked_rooms(snapshot)
     snapshot = as_before_lockdown(snapshot)
     graph = build_graph(snapshot, policy)
-    membership = MembershipPlanner(snapshot, policy, graph)
+    membership = MembershipPlanner(snapshot, policy, graph, users)
     membership.run()
     pl_actions, stale_levels, released_levels, pl_findings = plan_power_levels(snapshot, policy, graph)
     jr_actions, jr_findings = plan_join_rules(snapshot, policy, graph, membership.memberships)
@@ -66,8 +75,11 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         + malformed_findings(snapshot)
         + list_findings(snapshot, policy.spaces)
     )
+    others = [a for a in jr_actions + pl_actions if a.room_id not in waits]
+    if users is not None:
+        others = [a for a in others if a.kind not in PER_USER or a.user_id in users]
     return Plan(
-        actions=tuple(membership.actions + [a for a in jr_actions + pl_actions if a.room_id not in waits]),
+        actions=tuple(membership.actions + others),
         findings=tuple(dict.fromkeys(findings)),
         managed=tuple(sorted(graph.managed)),
         recheck_at_ms=membership.recheck_at_ms,
@@ -143,8 +155,12 @@ def malformed_findings(snapshot: Snapshot) -> list[Finding]:
 class MembershipPlanner:
     """Space bans carried down, evictions cascaded to a fixpoint, and the bot's own bans lifted."""
 
-    def __init__(self, snapshot: Snapshot, policy: Policy, graph: SpaceGraph) -> None:
+    def __init__(
+        self, snapshot: Snapshot, policy: Policy, graph: SpaceGraph, users: frozenset[UserID] | None = None
+    ) -> None:
         self.snapshot = snapshot
+        self.users = users
+        """Plan only these users' memberships (None: everyone's)."""
         self.policy = policy
         self.graph = graph
         self.memberships = Memberships(snapshot)
@@ -159,7 +175,10 @@ class MembershipPlanner:
         self._managed_spaces = [r for r in self._managed_rooms if snapshot.rooms[r].is_space or r in graph.roots]
         self._upgrades = verified_upgrades(snapshot, graph)
         self._list_banned = policy_bans(
-            snapshot, policy.spaces, {s.room_id: graph.governed_by(s.room_id) | {s.room_id} for s in policy.spaces}
+            snapshot,
+            policy.spaces,
+            {s.room_id: graph.governed_by(s.room_id) | {s.room_id} for s in policy.spaces},
+            users,
         )
         self._no_power: set[tuple[RoomID, str]] = set()
         self._unknown_reported: set[tuple[RoomID, RoomID]] = set()
@@ -222,6 +241,9 @@ class MembershipPlanner:
         self._unknown_reported = set()
         self._history_reported = set()
 
+    def _in_scope(self, user_id: UserID) -> bool:
+        return self.users is None or user_id in self.users
+
     def _root_for(self, room_id: RoomID) -> RoomID | None:
         governing = policies_for(self.graph, self.policy, room_id)
         return governing[0].room_id if governing else None
@@ -270,6 +292,8 @@ class MembershipPlanner:
                 continue
             for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.user_id, b.cause)):
                 user_id = placed.user_id
+                if not self._in_scope(user_id):
+                    continue
                 state = old.members.get(user_id)
                 if (
                     placed.room_id != old_id
@@ -318,7 +342,7 @@ class MembershipPlanner:
                 continue
             room = self.snapshot.rooms[space_id]
             for user_id, rule in sorted(bans.banned.items()):
-                if self.memberships.get(space_id, user_id) is Membership.BAN:
+                if not self._in_scope(user_id) or self.memberships.get(space_id, user_id) is Membership.BAN:
                     continue
                 if not self._may_act(room, user_id, ActionKind.BAN):
                     continue
@@ -346,7 +370,7 @@ class MembershipPlanner:
         for space_id in self._managed_spaces:
             if not self._propagates_bans(space_id):
                 continue
-            banned = self.memberships.banned(space_id)
+            banned = self.memberships.banned(space_id, self.users)
             if not banned:
                 continue
             for room_id in sorted(self.graph.governed_by(space_id)):
@@ -382,10 +406,14 @@ class MembershipPlanner:
             changed = False
             # Only someone with a leave or ban in a managed Space can be evicted: look at them alone,
             # not at every member of every room.
-            departed = self.memberships.departed(self._managed_spaces)
+            departed = self.memberships.departed(self._managed_spaces, self.users)
             for room_id in self._managed_rooms:
                 room = self.snapshot.rooms[room_id]
                 if room.tombstone:
+                    continue
+                # Only a departed user still joined here can be evicted: rooms without one cost a look-up each.
+                joined = [u for u in sorted(departed) if self.memberships.get(room_id, u) is Membership.JOIN]
+                if not joined:
                     continue
                 allowed_by = sorted(entitlers(room, self.graph))
                 spaces = sorted(e for e in allowed_by if e in self._managed_spaces)
@@ -412,9 +440,7 @@ class MembershipPlanner:
                         if room_id in s.extra_rooms and not self.snapshot.known(s.room_id)
                     }
                 )
-                for user_id in sorted(departed):
-                    if self.memberships.get(room_id, user_id) is not Membership.JOIN:
-                        continue
+                for user_id in joined:
                     if entitled_by(user_id, allowed_by, self.memberships):
                         continue
                     left = [s for s in spaces if self.memberships.departed_from(s, user_id)]
@@ -510,6 +536,8 @@ class MembershipPlanner:
         candidates: dict[tuple[RoomID, UserID], list[PlacedBan]] = {}
         blocked: dict[tuple[RoomID, UserID], list[PlacedBan]] = {}
         for placed in sorted(self.snapshot.placed_bans, key=lambda b: (b.room_id, b.user_id, b.cause)):
+            if not self._in_scope(placed.user_id):
+                continue
             room = self.snapshot.rooms.get(placed.room_id)
             if (
                 room is None

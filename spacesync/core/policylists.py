@@ -73,13 +73,16 @@ def lists_of(snapshot: Snapshot, space: SpacePolicy) -> tuple[list[ListRules], b
     return readable, len(readable) == len(space.policy_lists)
 
 
-def seen_users(snapshot: Snapshot, rooms: Iterable[RoomID]) -> frozenset[UserID]:
-    """Users with a membership in any of these rooms: the only ones a glob rule is matched against."""
+def seen_users(
+    snapshot: Snapshot, rooms: Iterable[RoomID], among: frozenset[UserID] | None = None
+) -> frozenset[UserID]:
+    """Users (`among` these, when given) with a membership in any of these rooms: the only ones a glob rule is
+    matched against."""
     seen: set[UserID] = set()
     for room_id in rooms:
         room = snapshot.rooms.get(room_id)
         if room is not None:
-            seen.update(room.members)
+            seen.update(room.members if among is None else [u for u in among if u in room.members])
     return frozenset(seen)
 
 
@@ -162,14 +165,18 @@ class ListBans:
 
 
 def policy_bans(
-    snapshot: Snapshot, spaces: Iterable[SpacePolicy], rooms_of: Mapping[RoomID, Iterable[RoomID]]
+    snapshot: Snapshot,
+    spaces: Iterable[SpacePolicy],
+    rooms_of: Mapping[RoomID, Iterable[RoomID]],
+    among: frozenset[UserID] | None = None,
 ) -> dict[RoomID, ListBans]:
     """Per Space that follows lists: the users its readable lists ban there. `rooms_of` gives the rooms whose
-    members a glob is matched against."""
+    members a glob is matched against; `among`, when given, the only users globs are matched against (an
+    incremental plan: a literal rule still names its user)."""
     out: dict[RoomID, ListBans] = {}
     for space in spaces:
         if space.policy_lists:
             lists, complete = lists_of(snapshot, space)
-            seen = seen_users(snapshot, rooms_of.get(space.room_id, ()))
+            seen = seen_users(snapshot, rooms_of.get(space.room_id, ()), among)
             out[space.room_id] = ListBans(banned_users(lists, seen), complete)
     return out

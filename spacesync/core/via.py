@@ -34,7 +34,7 @@ def plan_via(snapshot: Snapshot, policy: Policy, graph: SpaceGraph) -> tuple[lis
             child = snapshot.rooms.get(child_id)
             if child is None or not snapshot.known(child_id) or child.tombstone:
                 continue  # members unknown: no verdict
-            servers = {server for u in child.joined() if (server := server_name(u))}
+            servers = child.joined_servers()
             if any(v in servers for v in via):
                 continue
             new_via = current_via(child)

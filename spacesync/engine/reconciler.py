@@ -30,7 +30,6 @@ from ..model import (
     ActionKind,
     FindingCode,
     LeftBehind,
-    Membership,
     Plan,
     Policy,
     RoomID,
@@ -139,6 +138,8 @@ class Reconciler:
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
+        self._all_submitted = False
+        """The last reconcile journaled everything its plan held: the next quick plan may be incremental."""
         self._aliases: dict[str, RoomID] = {}
         self._announced_findings: set[str] = set()
         self.last_read_bytes = 0
@@ -197,9 +198,12 @@ class Reconciler:
             reason_template=self.config.reason_template,
         )
 
-    async def plan(self, *, refresh: bool = True, everything: bool = True) -> Plan:
+    async def plan(
+        self, *, refresh: bool = True, everything: bool = True, users: frozenset[UserID] | None = None
+    ) -> Plan:
         """What spacesync would do now, without doing it. `refresh` reads state again: every room, or with
-        `everything` False only the rooms that need it and a rolling slice of the rest (the periodic reconcile)."""
+        `everything` False only the rooms that need it and a rolling slice of the rest (the periodic reconcile).
+        `users` narrows the memberships planned to these users' (an incremental plan, `core.planner.plan`)."""
         policy = self.last_policy = await self.policy()
         if refresh:
             with self.matrix.metered() as meter:
@@ -209,16 +213,16 @@ class Reconciler:
             RECONCILE_REQUESTS.set(meter.requests)
         else:
             snapshot = await self.observer.observe(policy, refresh=False)
-        plan = make_plan(snapshot, policy)
+        plan = make_plan(snapshot, policy, users)
         self.observer.known_managed = set(plan.managed)
         MANAGED_SPACES.set(len(policy.spaces))
         MANAGED_ROOMS.set(len(plan.managed))
-        users: set[UserID] = set()
-        for room_id in plan.managed:
-            room = snapshot.rooms.get(room_id)
-            if room is not None:
-                users.update(u for u, m in room.members.items() if m.membership is Membership.JOIN)
-        MANAGED_USERS.set(len(users))
+        if refresh:  # a walk over every membership: not in the quick plans that should take milliseconds
+            joined: set[UserID] = set()
+            for room_id in plan.managed:
+                if (room := snapshot.rooms.get(room_id)) is not None:
+                    joined.update(room.joined())
+            MANAGED_USERS.set(len(joined))
         return plan
 
     async def reconcile(
@@ -228,7 +232,12 @@ class Reconciler:
         async with self._lock:
             started = time.monotonic()
             observed_ms = now_ms() - CLOCK_MARGIN_MS
-            plan = await self.plan(refresh=refresh, everything=everything)
+            # A quick plan looks only at the users whose membership changed since the last reconcile, when that
+            # one journaled all it planned and nothing but memberships changed since; otherwise at everyone.
+            changes = self.observer.cache.take_changes()
+            users = changes if not refresh and self._all_submitted else None
+            self._all_submitted = False
+            plan = await self.plan(refresh=refresh, everything=everything, users=users)
             for ban in plan.stale_bans:
                 await self.store.forget_ban(ban.room_id, ban.user_id)
             for room_id, user_id in plan.stale_levels:
@@ -238,7 +247,9 @@ class Reconciler:
             for old, new in plan.upgrades:
                 await self.store.move_room_records(old, new)
             submitted = await self.submit(plan, trigger, observed_ms)
-            self.last_plan = plan
+            self._all_submitted = not (self.paused or self.config.dry_run or submitted.recheck_soon)
+            if users is None:
+                self.last_plan = plan  # an incremental plan holds only some users' actions and findings
             self.last_reconcile_at = time.time()
             self.last_reconcile_s = time.monotonic() - started
             RECONCILE_DURATION.observe(self.last_reconcile_s)

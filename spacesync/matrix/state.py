@@ -368,6 +368,9 @@ class StateCache:
         self._states: dict[MemberState, MemberState] = {}
         self._prune_at = PRUNE_USERS_AT
         self._prune_states_at = PRUNE_USERS_AT
+        self._changed_users: set[UserID] = set()
+        self._changed_other = True
+        """Since the last `take_changes`: users whose membership changed, and whether anything else did."""
 
     def keep_detail(self, room_ids: Iterable[RoomID]) -> None:
         """These rooms (the configured roots) keep every member in full, like Spaces do: the membership history
@@ -378,6 +381,15 @@ class StateCache:
             if room is not None and not room.detail:
                 self.forget(room_id)
         self._detailed = wanted
+
+    def take_changes(self) -> frozenset[UserID] | None:
+        """The users whose membership changed (a /sync delta, the bot's own change) since the last call, and no
+        other state: what an incremental plan looks at. None when anything else changed too (a room's other state,
+        a room read, dropped or cached for the first time): then only a full plan will do. Starts again empty."""
+        users = None if self._changed_other else frozenset(self._changed_users)
+        self._changed_users = set()
+        self._changed_other = False
+        return users
 
     def begin_read(self, room_id: RoomID) -> None:
         """A /state read of the room starts now: keep the deltas that arrive until `replace`."""
@@ -391,6 +403,7 @@ class StateCache:
         """The room's full state from a /state read, with the deltas that arrived during the read on top."""
         during = self._during_read.pop(room_id, [])
         events = list(events)
+        self._changed_other = True
         room = _Room(self._users, self._states)
         old = self._rooms.get(room_id)
         self._rooms[room_id] = room
@@ -417,6 +430,12 @@ class StateCache:
         room = self._rooms.get(room_id)
         if room is None:
             return False
+        for event in events:
+            key, event_type = event.get("state_key"), event.get("type")
+            if event_type == "m.room.member" and isinstance(key, str):
+                self._changed_users.add(UserID(key))
+            elif event_type in READ_TYPES:
+                self._changed_other = True
         self._apply(room_id, room, events)
         self._count()
         return True
@@ -458,6 +477,7 @@ class StateCache:
     def forget(self, room_id: RoomID) -> None:
         room = self._rooms.pop(room_id, None)
         if room is not None:
+            self._changed_other = True
             self._entries -= len(room.members)
             self._count()
 
