@@ -610,6 +610,8 @@ class Plan:
     """Managed rooms replaced by an upgrade (old, new): spacesync's records move to the new room."""
     left_behind: tuple[LeftBehind, ...] = ()
     """Evictions that could not be planned, one per (room, user): who stays where, and why."""
+    users: frozenset[UserID] | None = None
+    """An incremental plan's users: only their bans, evictions, unbans and invites were planned (None: everyone)."""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -88,6 +88,7 @@ def plan(snapshot: Snapshot, policy: Policy, users: frozenset[UserID] | None = N
         released_levels=tuple(r for r in released_levels if r.room_id not in waits),
         upgrades=tuple(u for u in verified_upgrades(snapshot, graph) if u[0] not in waits),
         left_behind=_one_per_room_and_user(membership.left_behind),
+        users=users,
     )
 
 

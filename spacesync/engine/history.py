@@ -59,6 +59,11 @@ class MemberHistory:
         self._records: dict[tuple[RoomID, UserID], SeenMembership] | None = None
         self._failed: dict[str, float] = {}
         self._unresolved: set[tuple[RoomID, UserID, EventID | None]] = set()
+        self._memo: dict[RoomID, tuple[Mapping[UserID, MemberState], dict[UserID, MemberState]]] = {}
+        """Per Space: the member map last annotated, and its annotation (only changed members are done again)."""
+        self.changed_users: set[UserID] = set()
+        """Users whose record changed (a new membership, a look-up answered) since an incremental plan took them:
+        what it knows of them changed without a new state event."""
         """Memberships whose history a look-up has not answered yet (failed or deferred): looked up again."""
         self.lookups = 0
 
@@ -74,11 +79,14 @@ class MemberHistory:
         changed: dict[tuple[RoomID, UserID], SeenMembership] = {}
         lookups: list[tuple[RoomID, UserID, MemberState]] = []
         joined_somewhere: set[UserID] | None = None
+        redo: dict[RoomID, set[UserID] | None] = {}
         for space_id in sorted(set(spaces)):
             room = rooms.get(space_id)
             if room is None:
                 continue
-            for user_id, state in room.members.items():
+            redo[space_id] = todo = self._changed_since(space_id, room.members)
+            pairs = room.members.items() if todo is None else [(u, room.members[u]) for u in todo]
+            for user_id, state in pairs:
                 key = (space_id, user_id)
                 record = records.get(key)
                 was_joined = state.was_joined if state.membership is not Membership.JOIN else None
@@ -130,21 +138,41 @@ class MemberHistory:
             room = rooms.get(space_id)
             if room is None:
                 continue
-            members = {}
-            for user_id, state in room.members.items():
+            todo = redo.get(space_id)
+            memo = self._memo.get(space_id)
+            members = dict(memo[1]) if todo is not None and memo is not None else {}
+            if todo is not None and memo is not None and len(members) != len(room.members):
+                for user_id in [u for u in members if u not in room.members]:
+                    del members[user_id]
+            for user_id in room.members if todo is None else todo:
+                state = room.members[user_id]
                 record = records[(space_id, user_id)]
                 members[user_id] = attrs.evolve(
                     state,
                     seen_ms=record.seen_at,
                     was_joined=None if state.membership is Membership.JOIN else record.was_joined,
                 )
-            out[space_id] = attrs.evolve(room, members=members)
+            self._memo[space_id] = (room.members, members)
+            out[space_id] = attrs.evolve(room, members=dict(members))
+        self.changed_users.update(user_id for _, user_id in changed)
         if changed:
             try:
                 await self.store.save_member_history(changed)
             except Exception as e:  # kept in memory: written again with the next change
                 log.warning("could not save membership histories", error=f"{type(e).__name__}: {e}")
         return out
+
+    def _changed_since(self, space_id: RoomID, members: Mapping[UserID, MemberState]) -> set[UserID] | None:
+        """The Space's members to annotate again: those whose membership changed since the last call (the cache
+        hands out a new member map when one changes, and never changes one it handed out), and those whose
+        look-up is still to be answered; None for every member (the first call for this Space)."""
+        memo = self._memo.get(space_id)
+        if memo is None:
+            return None
+        before = memo[0]
+        todo = {u for u, state in members.items() if (old := before.get(u)) is not state and old != state}
+        todo.update(u for s, u, _ in self._unresolved if s == space_id and u in members)
+        return todo
 
     async def _look_up(self, todo: list[tuple[RoomID, UserID, MemberState]]) -> dict[tuple[RoomID, UserID], bool]:
         """The membership each leave replaced, read from the homeserver; failures stay unknown."""

@@ -42,6 +42,7 @@ from .events import BatchHeld, Listener, RoomsNeedAttention
 from .executor import Executor, fingerprint
 from .guard import guard
 from .observer import Observer
+from .scope import PlanScope
 
 log = structlog.get_logger("spacesync.reconciler")
 
@@ -138,10 +139,11 @@ class Reconciler:
         self.last_reconcile_at: float | None = None
         self.last_reconcile_s: float | None = None
         self._lock = asyncio.Lock()
-        self._all_submitted = False
-        """The last reconcile journaled everything its plan held: the next quick plan may be incremental."""
+        self.scope = PlanScope(observer.cache, observer.history)
         self._aliases: dict[str, RoomID] = {}
         self._announced_findings: set[str] = set()
+        self.last_timing: dict[str, float] = {}
+        """How long the last plan took to observe (the policy and the snapshot) and to plan."""
         self.last_read_bytes = 0
         self.last_read_requests = 0
         """What the last full reconcile read from the homeserver to see the world."""
@@ -198,12 +200,11 @@ class Reconciler:
             reason_template=self.config.reason_template,
         )
 
-    async def plan(
-        self, *, refresh: bool = True, everything: bool = True, users: frozenset[UserID] | None = None
-    ) -> Plan:
+    async def plan(self, *, refresh: bool = True, everything: bool = True, scoped: bool = False) -> Plan:
         """What spacesync would do now, without doing it. `refresh` reads state again: every room, or with
         `everything` False only the rooms that need it and a rolling slice of the rest (the periodic reconcile).
-        `users` narrows the memberships planned to these users' (an incremental plan, `core.planner.plan`)."""
+        `scoped` (a reconcile's own plan): only the users `self.scope` names, when it names any."""
+        started = time.monotonic()
         policy = self.last_policy = await self.policy()
         if refresh:
             with self.matrix.metered() as meter:
@@ -213,16 +214,19 @@ class Reconciler:
             RECONCILE_REQUESTS.set(meter.requests)
         else:
             snapshot = await self.observer.observe(policy, refresh=False)
-        plan = make_plan(snapshot, policy, users)
+        self.last_timing = {"observe_s": round(time.monotonic() - started, 4)}
+        started = time.monotonic()
+        plan = make_plan(snapshot, policy, self.scope.users(policy, snapshot) if scoped else None)
+        self.last_timing["plan_s"] = round(time.monotonic() - started, 4)
         self.observer.known_managed = set(plan.managed)
         MANAGED_SPACES.set(len(policy.spaces))
         MANAGED_ROOMS.set(len(plan.managed))
-        if refresh:  # a walk over every membership: not in the quick plans that should take milliseconds
-            joined: set[UserID] = set()
+        if refresh:  # a walk over every membership: not in the quick plans, which should take milliseconds
+            users: set[UserID] = set()
             for room_id in plan.managed:
                 if (room := snapshot.rooms.get(room_id)) is not None:
-                    joined.update(room.joined())
-            MANAGED_USERS.set(len(joined))
+                    users.update(room.joined())
+            MANAGED_USERS.set(len(users))
         return plan
 
     async def reconcile(
@@ -232,12 +236,8 @@ class Reconciler:
         async with self._lock:
             started = time.monotonic()
             observed_ms = now_ms() - CLOCK_MARGIN_MS
-            # A quick plan looks only at the users whose membership changed since the last reconcile, when that
-            # one journaled all it planned and nothing but memberships changed since; otherwise at everyone.
-            changes = self.observer.cache.take_changes()
-            users = changes if not refresh and self._all_submitted else None
-            self._all_submitted = False
-            plan = await self.plan(refresh=refresh, everything=everything, users=users)
+            self.scope.begin(incremental=not refresh)
+            plan = await self.plan(refresh=refresh, everything=everything, scoped=True)
             for ban in plan.stale_bans:
                 await self.store.forget_ban(ban.room_id, ban.user_id)
             for room_id, user_id in plan.stale_levels:
@@ -247,9 +247,9 @@ class Reconciler:
             for old, new in plan.upgrades:
                 await self.store.move_room_records(old, new)
             submitted = await self.submit(plan, trigger, observed_ms)
-            self._all_submitted = not (self.paused or self.config.dry_run or submitted.recheck_soon)
-            if users is None:
-                self.last_plan = plan  # an incremental plan holds only some users' actions and findings
+            self.scope.finished(complete=not (self.paused or self.config.dry_run or submitted.recheck_soon))
+            if plan.users is None:  # an incremental plan holds only some users' actions and findings
+                self.last_plan = plan
             self.last_reconcile_at = time.time()
             self.last_reconcile_s = time.monotonic() - started
             RECONCILE_DURATION.observe(self.last_reconcile_s)
@@ -270,6 +270,8 @@ class Reconciler:
             trigger=trigger,
             **read,
             planned=len(plan.actions),
+            users="all" if plan.users is None else len(plan.users),
+            **self.last_timing,
             queued=submitted.queued,
             held=submitted.held,
             paused=self.paused,

@@ -403,7 +403,6 @@ class StateCache:
         """The room's full state from a /state read, with the deltas that arrived during the read on top."""
         during = self._during_read.pop(room_id, [])
         events = list(events)
-        self._changed_other = True
         room = _Room(self._users, self._states)
         old = self._rooms.get(room_id)
         self._rooms[room_id] = room
@@ -417,9 +416,20 @@ class StateCache:
             if event.get("type") == "m.room.member":
                 room.apply(event)
         self._entries += len(room.members)
+        self._note_read(old, room)
         self._apply(room_id, room, during)
         self._count()
         return room.get(room_id)
+
+    def _note_read(self, old: _Room | None, new: _Room) -> None:
+        """What a read changed, for `take_changes`: the users whose membership differs; anything else (a room
+        cached for the first time, other state) is a change of its own."""
+        if old is None or old.state != new.state or old.detail != new.detail:
+            self._changed_other = True
+        elif old.members != new.members:
+            self._changed_users.update(
+                u for u in old.members.keys() | new.members.keys() if old.members.get(u) != new.members.get(u)
+            )
 
     def update(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> bool:
         """Apply state events (a /sync delta, the bot's own change); False when the room is not cached."""
