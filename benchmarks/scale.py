@@ -470,8 +470,11 @@ async def measure(
                 raise TimeoutError(f"only {len(kicks)} of {want} kicks")
             await asyncio.sleep(0.05)
         records = await hs.bot_since(mark)
-        # The bot's first /sync answer written after the leave returned is the one that carries it.
+        # The bot's first /sync answer written after the leave returned is the one that carries it; when none was
+        # written before the first kick (the bot was busy, its /sync not in flight), the time runs from the leave.
+        first = min(r[1] for r in kicks)
         answered = min((r[2] for r in records if r[4].startswith("sync") and r[2] >= returned), default=returned)
+        answered = answered if answered <= first else returned
         out["leave"] = {
             "rooms": want,
             "kicks": len(kicks),

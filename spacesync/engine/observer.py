@@ -175,13 +175,15 @@ class Observer:
                 *(self._load(r, refresh and (rereads is None or r in rereads), unreachable) for r in level)
             )
             frontier = []
+            queued: set[RoomID] = set()  # the rooms in `frontier`: looked up once per room, not in the list
             if depth >= policy.max_depth:
                 break
             for room_id in level:
                 room = self.cache.get(room_id)
                 if room is None:
                     continue
-                if room.is_space or room_id in frontier or any(s.room_id == room_id for s in policy.spaces):
+                before = len(frontier)
+                if room.is_space or room_id in queued or any(s.room_id == room_id for s in policy.spaces):
                     frontier.extend(room.children)
                 frontier.extend(room.allow)
                 space = policy.space(room_id)
@@ -192,6 +194,7 @@ class Observer:
                     frontier.append(room.tombstone)
                     if room_id in self.known_managed:  # a room that never opted in gets no say
                         upgrades[room.tombstone] = room_id
+                queued.update(frontier[before:])
             depth += 1
         self.seen = visited
         if refresh:
