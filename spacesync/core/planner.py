@@ -30,19 +30,30 @@ PER_USER = frozenset({ActionKind.KICK, ActionKind.BAN, ActionKind.UNBAN, ActionK
 """Action kinds about one user, decided from that user's memberships alone (and the rooms' other state)."""
 
 
-def plan(snapshot: Snapshot, policy: Policy, users: frozenset[UserID] | None = None) -> Plan:
+def graph_of(snapshot: Snapshot, policy: Policy) -> SpaceGraph:
+    """The Space graph `plan` works on. It reads no membership: a plan after membership changes alone may be
+    given the previous plan's graph."""
+    return build_graph(as_before_lockdown(snapshot), policy)
+
+
+def plan(
+    snapshot: Snapshot,
+    policy: Policy,
+    users: frozenset[UserID] | None = None,
+    graph: SpaceGraph | None = None,
+) -> Plan:
     """Everything that should change now, from the state alone.
 
     `users` narrows the plan to the memberships of these users (an incremental plan): bans, evictions, unbans
     and invites of anyone else are left out, every other action is planned as in the full plan. What one user
     should have depends only on their own memberships and on the rooms' other state, never on another user's
     membership, so for these users the incremental plan is the full plan's (property-tested:
-    tests/unit/test_incremental.py)."""
+    tests/unit/test_incremental.py). `graph`: `graph_of` this snapshot's rooms, when the caller has it."""
     # A room spacesync locked down is planned as it was before (its allow list keeps it opted in); its join
     # rules are left alone until it is unlocked, whatever join_rules: enforce would say.
     locked = locked_rooms(snapshot)
     snapshot = as_before_lockdown(snapshot)
-    graph = build_graph(snapshot, policy)
+    graph = graph if graph is not None else build_graph(snapshot, policy)
     membership = MembershipPlanner(snapshot, policy, graph, users)
     membership.run()
     pl_actions, stale_levels, released_levels, pl_findings = plan_power_levels(snapshot, policy, graph)

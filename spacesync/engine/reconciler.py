@@ -216,7 +216,11 @@ class Reconciler:
             snapshot = await self.observer.observe(policy, refresh=False)
         self.last_timing = {"observe_s": round(time.monotonic() - started, 4)}
         started = time.monotonic()
-        plan = make_plan(snapshot, policy, self.scope.users(policy, snapshot) if scoped else None)
+        if scoped:
+            only = self.scope.users(policy, snapshot)
+            plan = make_plan(snapshot, policy, only, self.scope.graph(snapshot, policy, only))
+        else:
+            plan = make_plan(snapshot, policy)
         self.last_timing["plan_s"] = round(time.monotonic() - started, 4)
         self.observer.known_managed = set(plan.managed)
         MANAGED_SPACES.set(len(policy.spaces))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..core.graph import SpaceGraph
+from ..core.planner import graph_of
 from ..matrix.state import StateCache
 from ..model import Policy, Snapshot, UserID
 from .history import MemberHistory
@@ -25,6 +27,7 @@ class PlanScope:
         self._changed: frozenset[UserID] | None = None
         self._basis: object = None
         self._complete = False
+        self._graph: SpaceGraph | None = None
 
     def begin(self, *, incremental: bool) -> None:
         """A reconcile starts: take what changed since the last one (a full one takes it too, and starts afresh)."""
@@ -49,6 +52,13 @@ class PlanScope:
         if self._changed is None or not same:
             return None
         return self._changed | resolved
+
+    def graph(self, snapshot: Snapshot, policy: Policy, users: frozenset[UserID] | None) -> SpaceGraph:
+        """The Space graph for this plan: the last one while only memberships changed (`users` not None: the
+        graph reads no membership), else worked out again."""
+        if users is None or self._graph is None:
+            self._graph = graph_of(snapshot, policy)
+        return self._graph
 
     def finished(self, *, complete: bool) -> None:
         """The reconcile journaled all its plan held (`complete`): the next quick plan may be incremental."""

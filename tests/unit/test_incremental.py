@@ -14,7 +14,7 @@ import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spacesync.core.planner import PER_USER, plan
+from spacesync.core.planner import PER_USER, graph_of, plan
 from spacesync.model import Membership, MemberState, Plan, Snapshot
 
 from .test_properties import SETTINGS, USERS, worlds
@@ -78,3 +78,12 @@ def test_after_membership_changes_the_incremental_plan_misses_nothing_the_full_p
     wanted_before = set(_split(old)[0]) | set(_split(old)[1])
     assert got <= wanted_now, sorted(got - wanted_now)
     assert wanted_now - wanted_before <= got, sorted(wanted_now - wanted_before - got)
+
+
+@SETTINGS
+@given(worlds(), st.data())
+def test_after_membership_changes_the_previous_graph_gives_the_same_plan(world, data):
+    """The graph reads no membership: a quick plan may reuse the last plan's (`PlanScope.graph`)."""
+    before, policy = world
+    after, changed = data.draw(changes(before))
+    assert plan(after, policy, changed, graph_of(before, policy)) == plan(after, policy, changed)

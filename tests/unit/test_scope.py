@@ -111,3 +111,11 @@ def test_after_a_reconcile_that_did_not_journal_everything_the_next_one_looks_at
     cache.update(ROOM, [_member(BOB, "leave")])
     scope.begin(incremental=False)
     assert scope.users(POLICY, Snapshot()) is None
+
+
+def test_the_graph_is_kept_only_while_nothing_but_memberships_changed():
+    _, _, scope = _setup()
+    snapshot = Snapshot()
+    first = scope.graph(snapshot, POLICY, None)
+    assert scope.graph(snapshot, POLICY, frozenset({ALICE})) is first
+    assert scope.graph(snapshot, POLICY, None) is not first
