@@ -169,3 +169,11 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 def timestamp(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + " UTC"
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '3 min', '2 h 5 min'."""
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
