@@ -99,6 +99,15 @@ def _paused_s(matrix: MatrixAdapter) -> float:
     return max(0.0, _write_paused_until(matrix) - time.monotonic())
 
 
+FINAL_REFUSALS = frozenset({"M_INVITE_BLOCKED"})
+"""Refusals that asking again cannot change: the invitee blocks invites (MSC4380)."""
+
+
+def final_refusal(error: str) -> bool:
+    """Whether a refusal ('403 M_INVITE_BLOCKED: ...') is final: parked at once, never retried."""
+    return refusal_reason(error).split(" ")[-1] in FINAL_REFUSALS
+
+
 def refusal_reason(error: str) -> str:
     """The code part of an error ('403 M_FORBIDDEN'): one notice per action and reason."""
     return error.split(":", 1)[0].strip()
@@ -476,10 +485,11 @@ class Executor:
         self._refill = True  # the next due time changed
 
     async def _refused(self, entry: Entry, error: str) -> None:
-        """The homeserver refused (403, 400, 404, a module's veto): back off, then park."""
+        """The homeserver refused (403, 400, 404, a module's veto): back off, then park. A final refusal (the
+        invitee blocks invites) parks at once."""
         action = entry.action
         failures = entry.failures + 1
-        if failures < self.max_failures:
+        if failures < self.max_failures and not final_refusal(error):
             wait = backoff(failures - 1, base=self.backoff_s, cap=300.0)
             log.warning(
                 "action refused: retrying later",

@@ -27,10 +27,14 @@ from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
 from .http import METER, ReadMeter, SpacesyncHTTPAPI, retry_after_ms
 from .ratelimit import Episode, LostLeadership, ServerKind, WriteGate, WritePriority
+from .server import reads_state_after, server_kind
 
 log = structlog.get_logger("spacesync.matrix")
 
 REDACT_EVENTS_UNSTABLE = "org.matrix.msc4293.redact_events"
+USE_STATE_AFTER_UNSTABLE = "org.matrix.msc4222.use_state_after"
+"""Synapse 1.163 reads only this name, for accounts with the msc4222 feature on (it advertises neither it nor
+spec v1.16); other servers ignore a query parameter they do not know, so it is always asked."""
 HIERARCHY_MIN_INTERVAL = 0.21
 """Synapse answers at most 5 hierarchy requests per second, whatever its configured limits."""
 DEFAULT_TIMEOUT = 30.0
@@ -82,6 +86,8 @@ class MatrixAdapter:
         self.gate = WriteGate()
         """Room writes, one at a time in the slots the homeserver grants once it answers one with 429."""
         self.server_kind = ServerKind.UNKNOWN
+        self.sync_options: dict[str, str] = {USE_STATE_AFTER_UNSTABLE: "true"}
+        """Asked of every /sync: MSC4222's `use_state_after` (`probe_versions` adds the stable name)."""
         self.may_send: Callable[[], Awaitable[bool]] | None = None
         """Asked before a write is sent again after a rate-limit wait: an instance that lost its
         leadership lock meanwhile must not send it (LostLeadership is raised instead)."""
@@ -191,7 +197,7 @@ class MatrixAdapter:
                 priority,
                 budget=self.ratelimit_budget,
                 may_send=self.may_send,
-                on_refused=lambda wait: self._pause("write", wait),
+                on_refused=lambda wait, sent: self._pause("write", wait, sent),
                 what=str(path),
             )
         waited = 0.0
@@ -224,36 +230,35 @@ class MatrixAdapter:
             return self.gate.paused_until
         return self._paused_until.get(kind, 0.0)
 
-    def _pause(self, kind: str, wait: float) -> None:
-        """Hold requests of one class for `wait` seconds; count only time not already paused."""
+    def _pause(self, kind: str, wait: float, sent_at: float | None = None) -> None:
+        """Hold requests of one class for `wait` seconds (writes: from when the refused one was sent); count only
+        time not already paused."""
         now = time.monotonic()
         current = max(self.paused_until(kind), now)
-        until = now + wait
+        until = (now if sent_at is None else sent_at) + wait
         if until > current:
             self.ratelimit_wait_s += until - current
             RATELIMIT_WAIT.inc(until - current)
         if kind == "write":
-            self.gate.refused(wait)
+            self.gate.refused(wait, sent_at)
         elif until > current:
             self._paused_until[kind] = until
         log.debug("rate limited: pausing requests", kind=kind, wait_s=round(wait, 2))
 
-    def on_rate_limited(self, report: Callable[[Episode], None]) -> None:
-        """`report` is called once per rate-limit episode in which writes keep meeting 429s."""
-        self.gate.on_report = report
-
     async def detect_server(self) -> ServerKind:
         """Synapse or another homeserver (what lifts the bot's rate limit depends on it); asked once."""
         if self.server_kind is ServerKind.UNKNOWN:
-            try:
-                data = await self.request(Method.GET, "/_synapse/admin/v1/server_version", timeout=10)
-                synapse = isinstance(data, dict) and isinstance(data.get("server_version"), str)
-                self.server_kind = ServerKind.SYNAPSE if synapse else ServerKind.OTHER
-            except MatrixRequestError:
-                self.server_kind = ServerKind.OTHER
-            except TRANSPORT_ERRORS:
-                return ServerKind.UNKNOWN
+            self.server_kind = await server_kind(self)
         return self.server_kind
+
+    async def probe_versions(self) -> None:
+        """What `/versions` says the homeserver takes: from spec v1.16, `use_state_after` (MSC4222)."""
+        if await reads_state_after(self):
+            self.sync_options["use_state_after"] = "true"
+
+    def on_rate_limited(self, report: Callable[[Episode], None]) -> None:
+        """`report` is called once per rate-limit episode in which writes keep meeting 429s."""
+        self.gate.on_report = report
 
     @staticmethod
     @contextmanager
@@ -271,7 +276,7 @@ class MatrixAdapter:
         self, since: str | None, timeout_ms: int, filter_json: str | None, *, wait: float | None = None
     ) -> dict[str, Any]:
         """One /sync; the request gives up after `wait` seconds (default: the long-poll plus the request timeout)."""
-        query: dict[str, Any] = {"timeout": str(timeout_ms)}
+        query: dict[str, Any] = {"timeout": str(timeout_ms), **self.sync_options}
         if since:
             query["since"] = since
         if filter_json:

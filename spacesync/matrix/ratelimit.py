@@ -135,7 +135,7 @@ class WriteGate:
         *,
         budget: float,
         may_send: Callable[[], Awaitable[bool]] | None,
-        on_refused: Callable[[float], None],
+        on_refused: Callable[[float, float], None],
         what: str,
     ) -> T:
         """One room write. Outside an episode it goes at once; during one it waits for its turn (notices first,
@@ -152,6 +152,7 @@ class WriteGate:
             try:
                 if first_refusal is not None and may_send is not None and not await may_send():
                     raise LostLeadership()
+                sent = time.monotonic()
                 result = await send()
             except MatrixRequestError as e:
                 if e.http_status != 429:
@@ -162,10 +163,10 @@ class WriteGate:
                 if now - first_refusal + wait > budget:
                     log.warning("rate limited beyond the wait budget: giving up on this request", path=what)
                     raise
-                on_refused(wait)
+                on_refused(wait, sent)
                 ticket = ticket or self.new_ticket(priority)
             else:
-                self.succeeded()
+                self.succeeded(sent)
                 return result
             finally:
                 if gated:
@@ -203,20 +204,23 @@ class WriteGate:
             self._last_activity = time.monotonic()
             self._changed.notify_all()
 
-    def succeeded(self) -> None:
-        now = time.monotonic()
-        self._last_ok = now
+    def succeeded(self, sent_at: float) -> None:
+        """A write sent at `sent_at` (monotonic) went through: the next slot is one interval after it."""
+        self._last_ok = sent_at
         if self.episode is not None:
             self.episode.writes += 1
-            self.recent_ok.append(now)
+            self.recent_ok.append(time.monotonic())
 
-    def refused(self, wait_s: float) -> None:
-        """A write met 429: hold writes `wait_s`, learn the granted interval, start or continue the episode."""
+    def refused(self, wait_s: float, sent_at: float | None = None) -> None:
+        """A write sent at `sent_at` met 429: hold writes until `wait_s` after it was sent (the homeserver counts
+        from when it looked at it; Synapse holds a 429 answer half a second), learn the granted interval, start
+        or continue the episode."""
         now = time.monotonic()
+        sent_at = now if sent_at is None else sent_at
         self.refused_total += 1
         self._last_refused = now
-        self.paused_until = max(self.paused_until, now + wait_s)
-        sample = wait_s if self._last_ok is None else now + wait_s - self._last_ok
+        self.paused_until = max(self.paused_until, sent_at + wait_s)
+        sample = wait_s if self._last_ok is None else sent_at + wait_s - self._last_ok
         interval = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, sample))
         episode = self.episode if self.limiting() else None
         if episode is None:

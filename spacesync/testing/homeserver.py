@@ -404,6 +404,12 @@ class Synapse(Service):
             "POST", self._override_path(user_id), {"messages_per_second": 0, "burst_count": 0}, token=token
         )
 
+    async def enable_feature(self, user_id: str, feature: str) -> None:
+        """Turn one of Synapse's per-account experimental features on (``msc4222``: `use_state_after`), through
+        the admin API as an operator would: the server's config stays stock."""
+        path = f"/_synapse/admin/v1/experimental_features/{_q(user_id)}"
+        await self._request("PUT", path, {"features": {feature: True}}, token=await self._admin())
+
     async def unexempt(self, user_id: str) -> None:
         """Put one account back under the stock rate limits."""
         await self._request("DELETE", self._override_path(user_id), token=await self._admin())

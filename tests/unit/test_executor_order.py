@@ -117,7 +117,8 @@ def test_the_estimate_follows_the_completion_rate_and_the_rate_limit_pause(tmp_p
 
 def test_the_queue_line():
     assert queue_text(None) is None
-    assert queue_text(Estimate(40, 0.2, 200.0)) == "Queue: 40 actions, expected to finish in ~3 min (at 0.2/s)"
+    assert queue_text(Estimate(40, 0.2, 200.0)) == "Queue: 40 actions, expected to finish in ~3 min 20 s (at 0.2/s)"
+    assert queue_text(Estimate(30, 0.2, 150.0)) == "Queue: 30 actions, expected to finish in ~2 min 30 s (at 0.2/s)"
     assert queue_text(Estimate(1, 48.25, 0.02)) == "Queue: 1 action, expected to finish in ~1 s (at 48.2/s)"
     assert (
         queue_text(Estimate(9000, 1.25, 7200.0)) == "Queue: 9000 actions, expected to finish in ~2 h 0 min (at 1.2/s)"

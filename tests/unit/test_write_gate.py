@@ -34,6 +34,7 @@ class Bucket:
             self.refused += 1
             error = MLimitExceeded(429, "slow down")
             error.retry_after_ms = int(1000 * (self.count + 1 - BURST) / RATE)  # type: ignore[attr-defined]
+            await asyncio.sleep(0.5 / 100)  # Synapse holds a 429 half a second (sped up alike)
             raise error
         self.count += 1
         self.done.append(name)
