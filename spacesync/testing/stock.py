@@ -42,6 +42,7 @@ Federating servers add `FEDERATION_DEVIATIONS`; `msc4293=True` adds MSC4293_DEVI
 
 FEDERATION_DEVIATIONS: Final[Mapping[str, Deviation]] = {
     "tls_certificate_path": Deviation("(self-signed)", "a certificate for IP 127.0.0.1, made with openssl"),
+    "tls_private_key_path": Deviation("(its key)", "goes with the certificate"),
     "federation_verify_certificates": Deviation(False, "the certificate is self-signed"),
     "ip_range_blacklist": Deviation([], "loopback is blocked by default"),
     "federation_ip_range_blacklist": Deviation([], "loopback is blocked by default"),
