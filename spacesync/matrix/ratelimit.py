@@ -10,7 +10,6 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from enum import Enum, IntEnum
 from typing import Final, TypeVar
@@ -26,13 +25,24 @@ log = structlog.get_logger("spacesync.matrix")
 T = TypeVar("T")
 
 SLOT_MARGIN_S: Final = 0.05
-"""Sent this long after the slot opens: the homeserver rounds `retry_after_ms` down."""
+"""Sent this long after the slot opens at first (the homeserver rounds `retry_after_ms` down, and looks at a
+request a little after it was sent); each write refused although sent in its slot adds as much again ..."""
+MAX_MARGIN_S: Final = 0.5
+"""... up to this (a 429 costs Synapse's half-second hold anyway)."""
 QUIET_S: Final = 30.0
 """An episode ends after this long (or three slots, if longer) without a write waiting or a 429."""
 REPORT_AFTER: Final = 3
 """Refusals within one episode before it counts as 'writes keep meeting 429s' (one notice, one log line) ..."""
 REPORT_AFTER_S: Final = 10.0
 """... or this long of an episode with writes still waiting for their slots."""
+START_WINDOW: Final = 8
+"""Outside an episode, writes in flight at first (below Synapse's burst of 10) ..."""
+MAX_WINDOW: Final = 4096
+"""... doubled each time that many went through without a 429 (so with the limits lifted, full concurrency
+after a few dozen writes): a homeserver that rate-limits meets a small crowd, not the executor's whole
+concurrency, before the first 429 answers (Synapse holds each one half a second)."""
+LATE_S: Final = 0.1
+"""A write that reaches the gate this long after its slot (and margin) anchors the next slot on itself."""
 MIN_INTERVAL_S: Final = 0.01
 MAX_INTERVAL_S: Final = 120.0
 
@@ -90,6 +100,8 @@ class WriteGate:
         self.episode: Episode | None = None
         self.last_episode: Episode | None = None
         self.refused_total = 0
+        self.margin = SLOT_MARGIN_S
+        """How long after a slot opens a write is sent: grows with each write refused in its slot."""
         self._numbers = itertools.count(1)
         self._seq = itertools.count()
         self._waiting: list[tuple[int, int]] = []
@@ -97,9 +109,12 @@ class WriteGate:
         self._changed = asyncio.Condition()
         self._last_ok: float | None = None
         self._last_refused = 0.0
+        self._in_slot = False
+        """The 429 being handled met a write sent in its slot: it tells the phase, not the rate."""
+        self.window = START_WINDOW
+        self._in_flight = 0
+        self._clean = 0
         self._last_activity = 0.0
-        self.recent_ok: deque[float] = deque(maxlen=32)
-        """When the last writes of the current episode went through (monotonic)."""
 
     # region state
     def limiting(self) -> bool:
@@ -115,11 +130,17 @@ class WriteGate:
         return True
 
     def next_slot(self) -> float:
-        """When (monotonic) the next write may start during an episode."""
+        """When (monotonic) the next write may start during an episode: the homeserver's next slot (`slot`),
+        plus the margin."""
+        return self.slot() + self.margin
+
+    def slot(self) -> float:
+        """The homeserver's next slot as spacesync knows it: after the last 429's wait, one interval after the
+        last slot a write went through in."""
         slot = self.paused_until
         if self.episode is not None and self._last_ok is not None:
             slot = max(slot, self._last_ok + self.episode.interval)
-        return slot + SLOT_MARGIN_S
+        return slot
 
     def new_ticket(self, priority: WritePriority) -> tuple[int, int]:
         """A place in line, kept across the retries of one request."""
@@ -146,9 +167,12 @@ class WriteGate:
         first_refusal: float | None = None
         while True:
             gated = self.limiting()
+            slot: float | None = None
             if gated:
                 ticket = ticket or self.new_ticket(priority)
-                await self.enter(ticket)
+                slot = await self.enter(ticket)
+            elif not await self._admit():
+                continue  # an episode began meanwhile: through the gate
             try:
                 if first_refusal is not None and may_send is not None and not await may_send():
                     raise LostLeadership()
@@ -163,28 +187,49 @@ class WriteGate:
                 if now - first_refusal + wait > budget:
                     log.warning("rate limited beyond the wait budget: giving up on this request", path=what)
                     raise
+                if gated:  # sent in its slot and still refused: spacesync's clock runs ahead of the homeserver's
+                    self.margin = min(MAX_MARGIN_S, self.margin + SLOT_MARGIN_S)
+                self._in_slot = gated  # then the 429 corrects the phase, not the rate
                 on_refused(wait, sent)
                 ticket = ticket or self.new_ticket(priority)
             else:
-                self.succeeded(sent)
+                self.succeeded(sent, slot)
                 return result
             finally:
-                if gated:
-                    await self.leave()
+                await (self.leave() if gated else self._release())
 
-    async def enter(self, ticket: tuple[int, int]) -> None:
-        """Wait for this ticket's turn and the next granted slot; then the gate is the caller's until `leave`."""
+    async def _admit(self) -> bool:
+        """Outside an episode: wait for room in the window of writes in flight. False when an episode began
+        meanwhile (the write then goes through the gate)."""
+        async with self._changed:
+            while self._in_flight >= self.window and not self.limiting():
+                await self._changed.wait()
+            if self.limiting():
+                return False
+            self._in_flight += 1
+            return True
+
+    async def _release(self) -> None:
+        async with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    async def enter(self, ticket: tuple[int, int]) -> float:
+        """Wait for this ticket's turn and the next granted slot; then the gate is the caller's until `leave`.
+        Returns the slot it goes in (without the margin): the next write's slot is one interval after it."""
         async with self._changed:
             heapq.heappush(self._waiting, ticket)
             try:
                 while True:
                     if not self._busy and self._waiting[0] == ticket:
-                        wait = self.next_slot() - time.monotonic()
+                        now = time.monotonic()
+                        wait = self.next_slot() - now
                         if wait <= 0:
                             heapq.heappop(self._waiting)
                             self._busy = True
                             self._maybe_report()
-                            return
+                            slot = self.slot()  # or now, for a write that came well after its slot
+                            return now if now > slot + self.margin + LATE_S else slot
                         try:  # someone ahead may arrive meanwhile: look again when told
                             await asyncio.wait_for(self._changed.wait(), wait)
                         except TimeoutError:
@@ -204,12 +249,17 @@ class WriteGate:
             self._last_activity = time.monotonic()
             self._changed.notify_all()
 
-    def succeeded(self, sent_at: float) -> None:
-        """A write sent at `sent_at` (monotonic) went through: the next slot is one interval after it."""
-        self._last_ok = sent_at
+    def succeeded(self, sent_at: float, slot: float | None = None) -> None:
+        """A write sent at `sent_at` (monotonic) went through. In an episode the next slot is one interval after
+        the `slot` it was let through in, not after it was sent: spacesync's own delays (the leadership check
+        before a retry) must not add up slot after slot."""
+        self._last_ok = sent_at if slot is None else slot
         if self.episode is not None:
             self.episode.writes += 1
-            self.recent_ok.append(time.monotonic())
+        elif slot is None:
+            self._clean += 1
+            if self._clean >= self.window:
+                self.window, self._clean = min(MAX_WINDOW, 2 * self.window), 0
 
     def refused(self, wait_s: float, sent_at: float | None = None) -> None:
         """A write sent at `sent_at` met 429: hold writes until `wait_s` after it was sent (the homeserver counts
@@ -219,14 +269,16 @@ class WriteGate:
         sent_at = now if sent_at is None else sent_at
         self.refused_total += 1
         self._last_refused = now
+        self.window, self._clean = START_WINDOW, 0
         self.paused_until = max(self.paused_until, sent_at + wait_s)
         sample = wait_s if self._last_ok is None else sent_at + wait_s - self._last_ok
         interval = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, sample))
         episode = self.episode if self.limiting() else None
         if episode is None:
             episode = self.episode = Episode(next(self._numbers), now, time.time(), interval)
-            self.recent_ok.clear()
-        episode.interval = interval
+        if not self._in_slot:
+            episode.interval = interval
+        self._in_slot = False
         episode.refusals += 1
         self._maybe_report()
 
@@ -239,13 +291,6 @@ class WriteGate:
             episode.reported = True
             if self.on_report is not None:
                 self.on_report(episode)
-
-    def observed_rate(self) -> float | None:
-        """Writes per second that went through during the episode (None before two did)."""
-        ok = self.recent_ok
-        if len(ok) < 2 or ok[-1] <= ok[0]:
-            return None
-        return (len(ok) - 1) / (ok[-1] - ok[0])
 
     # endregion
 

@@ -14,11 +14,14 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from aiohttp.test_utils import TestClient as HttpTestClient
+from aiohttp.test_utils import TestServer
 
 from spacesync.config import parse_config
 from spacesync.engine.runtime import App
 from spacesync.testing import FaultProxy, Synapse, TestClient, TestUser, wait_for
 from spacesync.testing.faults import LoggedRequest
+from spacesync.web import make_app
 
 RATE = 0.2
 """Synapse 1.163's shipped `rc_message`: writes per second ..."""
@@ -160,6 +163,7 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
         command = await owner.send_text(admin_room, "!spacesync status")
         reply = await wait_for(lambda: _reply_to(owner, admin_room, command), timeout=30, interval=0.25)
         answered = time.time() - asked
+        ready = await _ready(app)
 
         async def all_evicted() -> bool:
             members = await asyncio.gather(*(owner.members(r) for r in rooms))
@@ -174,7 +178,8 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
     remaining = kicks[-1].at - asked
     print(
         f"{len(writes)} writes ({len(kicks)} kicks) in {finished:.1f} s, floor {(len(writes) - BURST) / RATE:.1f} s; "
-        f"{len(refused)} refused; status answered in {answered:.1f} s, estimated {estimate} s, took {remaining:.1f} s"
+        f"{len(refused)} refused ({sum(1 for r in refused if r.at < started + 3)} in the first 3 s); "
+        f"status answered in {answered:.1f} s, estimated {estimate} s, took {remaining:.1f} s"
     )
 
     assert len(kicks) == ROOMS
@@ -186,6 +191,8 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
 
     assert abs(estimate - remaining) <= 0.25 * remaining, f"estimate {estimate} s, took {remaining:.0f} s"
     assert "rate-limiting the bot's writes" in reply and "override_ratelimit" in reply
+    assert ready["status"] == "ready" and "override_ratelimit" in ready["rate_limited"]["lift"], ready
+    assert ready["rate_limited"]["granted_writes_per_s"] == pytest.approx(RATE, rel=0.2)
 
     notices = [e for e in await owner.messages(admin_room, 100) if "override_ratelimit" in _body(e)]
     told = [e for e in notices if e["sender"] == w.bot.user_id and not _in_reply(e)]
@@ -197,6 +204,14 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
     records = await app.store.audit_log(100, target=user.user_id)
     assert sorted(r.room_id for r in records if r.outcome == "done") == sorted(rooms)
     assert not [r for r in records if r.outcome == "failed"]
+
+
+async def _ready(app: App) -> dict[str, Any]:
+    """What `/ready` answers."""
+    async with HttpTestClient(TestServer(make_app(app))) as http:
+        response = await http.get("/ready")
+        body: dict[str, Any] = await response.json()
+        return body
 
 
 def _write(request: LoggedRequest) -> bool:
