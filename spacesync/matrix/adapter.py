@@ -27,11 +27,11 @@ from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
 from .http import METER, ReadMeter, SpacesyncHTTPAPI, retry_after_ms
 from .ratelimit import Episode, LostLeadership, ServerKind, WriteGate, WritePriority
-from .server import reads_state_after, server_kind
+from .server import reads_state_after, refuses_state_ban, server_kind
+from .state import REDACT_EVENTS_UNSTABLE
 
 log = structlog.get_logger("spacesync.matrix")
 
-REDACT_EVENTS_UNSTABLE = "org.matrix.msc4293.redact_events"
 USE_STATE_AFTER_UNSTABLE = "org.matrix.msc4222.use_state_after"
 """Synapse 1.163 reads only this name, for accounts with the msc4222 feature on (it advertises neither it nor
 spec v1.16); other servers ignore a query parameter they do not know, so it is always asked."""
@@ -53,11 +53,6 @@ def _limit_class(method: Method, path: Any) -> str:
         return "read"
     # Room writes (kicks, bans, state, messages, redactions) share Synapse's rc_message; keys and to-device do not.
     return "write" if "/rooms/" in text else "other"
-
-
-def _refuses_state_ban(e: MatrixRequestError) -> bool:
-    """Whether an answer to a ban sent as `m.room.member` state means the homeserver does not take that form."""
-    return e.http_status in (404, 405, 501) or (e.http_status == 400 and e.errcode == "M_UNRECOGNIZED")
 
 
 class ConnectError(Exception):
@@ -369,7 +364,7 @@ class MatrixAdapter:
             await self.put_state(room_id, "m.room.member", content, user_id)
             return
         except MatrixRequestError as e:
-            if not _refuses_state_ban(e):
+            if not refuses_state_ban(e):
                 raise
             log.info("the homeserver refuses a ban sent as state: sending it to /ban", error=f"{e.http_status} {e}")
         await self.request(

@@ -1,5 +1,5 @@
-"""What the homeserver is and takes: Synapse or not (what lifts the bot's rate limit), and whether `/versions`
-names a spec version with `use_state_after` (MSC4222)."""
+"""What the homeserver is and takes: Synapse or not (what lifts the bot's rate limit), whether `/versions`
+names a spec version with `use_state_after` (MSC4222), and whether it takes a ban sent as member state."""
 
 from __future__ import annotations
 
@@ -53,3 +53,8 @@ def spec_at_least(versions: Any, wanted: tuple[int, int]) -> bool:
         if match and (int(match[1]), int(match[2])) >= wanted:
             return True
     return False
+
+
+def refuses_state_ban(e: MatrixRequestError) -> bool:
+    """Whether an answer to a ban sent as `m.room.member` state means the homeserver does not take that form."""
+    return e.http_status in (404, 405, 501) or (e.http_status == 400 and e.errcode == "M_UNRECOGNIZED")

@@ -127,7 +127,7 @@ async def start_limited_bot(
 
 @pytest.mark.timeout(600)
 async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_command_is_answered_within_one(
-    limited_world, start_limited_bot, synapse
+    limited_world, start_limited_bot, synapse, capsys, caplog
 ):
     """40 rooms: the bot sends its kicks at once, the first 10 go through, the rest meet 429 once and then
     go one per granted slot; a status command sent meanwhile takes the next slot, its estimate holds, and the
@@ -176,11 +176,14 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
     finished = kicks[-1].at - started
     estimate = _seconds(reply)
     remaining = kicks[-1].at - asked
-    print(
-        f"{len(writes)} writes ({len(kicks)} kicks) in {finished:.1f} s, floor {(len(writes) - BURST) / RATE:.1f} s; "
-        f"{len(refused)} refused ({sum(1 for r in refused if r.at < started + 3)} in the first 3 s); "
-        f"status answered in {answered:.1f} s, estimated {estimate} s, took {remaining:.1f} s"
-    )
+    logged = _logged(capsys, caplog, "the homeserver rate-limits the bot's writes")
+    with capsys.disabled():
+        print(
+            f"{len(writes)} writes ({len(kicks)} kicks) in {finished:.1f} s, "
+            f"floor {(len(writes) - BURST) / RATE:.1f} s; "
+            f"{len(refused)} refused ({sum(1 for r in refused if r.at < started + 3)} in the first 3 s); "
+            f"status answered in {answered:.1f} s, estimated {estimate} s, took {remaining:.1f} s"
+        )
 
     assert len(kicks) == ROOMS
     floor = (len(writes) - BURST) / RATE  # every write of the bot draws on the one bucket: kicks, the reply
@@ -197,6 +200,7 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
     notices = [e for e in await owner.messages(admin_room, 100) if "override_ratelimit" in _body(e)]
     told = [e for e in notices if e["sender"] == w.bot.user_id and not _in_reply(e)]
     assert len(told) == 1, "one notice for the episode"
+    assert len(logged) == 1 and "override_ratelimit" in logged[0], logged
     assert quote(w.bot.user_id, safe="") in _body(told[0]) and "curl -X POST" in _body(told[0])
 
     await wait_for(lambda: _no_open(app), timeout=30)
@@ -204,6 +208,12 @@ async def test_a_big_eviction_on_a_stock_server_goes_one_write_per_slot_and_a_co
     records = await app.store.audit_log(100, target=user.user_id)
     assert sorted(r.room_id for r in records if r.outcome == "done") == sorted(rooms)
     assert not [r for r in records if r.outcome == "failed"]
+
+
+def _logged(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    """The bot's log lines with `event`: printed by structlog's default logger, or through stdlib logging."""
+    printed = [line for line in capsys.readouterr().out.splitlines() if event in line]
+    return printed + [str(r.msg) for r in caplog.records if event in str(r.msg)]
 
 
 async def _ready(app: App) -> dict[str, Any]:
