@@ -79,15 +79,16 @@ async def test_a_periodic_reconcile_that_finds_nothing_reads_only_a_slice(world,
     full_requests = bot.app.reconciler.last_read_requests
     assert full_requests >= 9
     fault_proxy.reset_log()
-    started = time.monotonic()
     before = bot.app.reconciler.last_reconcile_at
 
-    # two periodic reconciles, 10 s apart: each reads ~9 rooms x 10 s / 60 s, not all 9
+    # two periodic reconciles, 10 s apart: each reads ~9 rooms x 10 s / 60 s, not all 9 (the first may come
+    # early after a slow start on a busy machine: the interval is measured between the two)
     await wait_for(lambda: bot.app.reconciler.last_reconcile_at != before, timeout=20)
     second = bot.app.reconciler.last_reconcile_at
+    started = time.monotonic()
     await wait_for(lambda: bot.app.reconciler.last_reconcile_at != second, timeout=20)
     reads = state_reads(fault_proxy)
-    assert time.monotonic() - started >= 15
+    assert time.monotonic() - started >= 8
     assert 1 <= len(reads) <= 5, f"a no-op periodic reconcile read {len(reads)} rooms' state"
     assert bot.app.reconciler.last_read_bytes < full_bytes
     assert bot.app.reconciler.last_read_requests < full_requests
