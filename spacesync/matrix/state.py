@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -287,6 +287,54 @@ class _Room:
         return self.view
 
 
+def _state_key(event: Mapping[str, Any]) -> tuple[str, str] | None:
+    key, event_type = event.get("state_key"), event.get("type")
+    return (event_type, key) if isinstance(key, str) and isinstance(event_type, str) else None
+
+
+def _id(event: Mapping[str, Any] | None) -> str | None:
+    event_id = event.get("event_id") if event is not None else None
+    return event_id if isinstance(event_id, str) and event_id else None
+
+
+def _replaces(event: Mapping[str, Any]) -> Any:
+    unsigned = event.get("unsigned")
+    return unsigned.get("replaces_state") if isinstance(unsigned, Mapping) else None
+
+
+def newer_than_answer(
+    answer: Sequence[Mapping[str, Any]], during: Sequence[Mapping[str, Any]]
+) -> tuple[list[Mapping[str, Any]], bool]:
+    """The deltas that arrived during a /state read which may be newer than its answer, in order, and whether
+    one of them could not be ordered against the answer (the room then needs another read).
+
+    A delta is dropped when the answer holds its event, or holds an event that came after it for the same
+    state key: one that arrived later during the read, or whose `unsigned.replaces_state` names the delta. It is
+    replayed when the answer holds nothing for its key, when it names the answer's event as the one it replaced,
+    or when either has no event id (the bot's own changes, mirrored as it makes them). Otherwise nobody can tell
+    which is newer: it is replayed (a newer event than it would reach /sync after it) and the doubt reported."""
+    held = {key: e for e in answer if (key := _state_key(e)) is not None}
+    ids = {event_id for e in answer if (event_id := _id(e)) is not None}
+    replay: list[Mapping[str, Any]] = []
+    doubt = False
+    for i, delta in enumerate(during):
+        event_id, key = _id(delta), _state_key(delta)
+        if event_id in ids:
+            continue  # the answer holds it already
+        current = held.get(key) if key is not None else None
+        current_id = _id(current)
+        if current is None or event_id is None or current_id is None:
+            replay.append(delta)
+            continue
+        later = {_id(d) for d in during[i + 1 :] if _state_key(d) == key}
+        if current_id in later or _replaces(current) == event_id:
+            continue  # the answer holds an event that came after this delta: replaying it would go backwards
+        if _replaces(delta) != current_id:
+            doubt = True
+        replay.append(delta)
+    return replay, doubt
+
+
 def _compact_join(event: Mapping[str, Any]) -> int | None:
     """A well-formed join as a compact room keeps it (what `_member` then `_crc` give), without building a
     MemberState; None for anything else, which takes the full route."""
@@ -309,9 +357,11 @@ class StateCache:
 
     A /state read and the /sync stream race: a delta that arrives while a read is in flight may or
     may not be in the read's answer. So every delta seen during a read (`begin_read`) is kept, and
-    applied again over the read's answer when it lands (`replace`). Re-applying a delta the answer
-    already holds changes nothing, and a newer event than the delta reaches /sync after it, so the
-    cache ends at the newest state either way: no update is lost, even for a room read the first time.
+    applied again over the read's answer when it lands (`replace`), unless the answer is newer: it holds
+    the delta's event, or an event that came after it for the same state key (a later delta, or one whose
+    `unsigned.replaces_state` names it). Replays never go backwards. Where the answer and a delta name
+    different events and neither is known to be newer, the delta is applied and the room is `uncertain`
+    until a read answers without such a doubt: read it again, act on nothing in it meanwhile.
 
     Kept compact (big communities hold a million memberships): no raw membership event is kept, each
     is read as it is applied; outside Spaces and roots a join keeps only its membership and a hash of its event
@@ -322,6 +372,8 @@ class StateCache:
     def __init__(self) -> None:
         self._rooms: dict[RoomID, _Room] = {}
         self._during_read: dict[RoomID, list[Mapping[str, Any]]] = {}
+        self.uncertain: set[RoomID] = set()
+        """Rooms whose last read answer and a delta that arrived during it could not be ordered: read again."""
         self._detailed: frozenset[RoomID] = frozenset()
         self._entries = 0
         self._users: dict[str, str] = {}
@@ -364,7 +416,12 @@ class StateCache:
             if event.get("type") == "m.room.member":
                 room.apply(event)
         self._entries += len(room.members)
-        self._apply(room_id, room, during)
+        replay, doubt = newer_than_answer(events, during)
+        self._apply(room_id, room, replay)
+        if doubt:
+            self.uncertain.add(room_id)
+        else:
+            self.uncertain.discard(room_id)
         self._count()
         return room.get(room_id)
 
@@ -416,6 +473,7 @@ class StateCache:
         self._prune_states_at = max(PRUNE_USERS_AT, 2 * len(states))
 
     def forget(self, room_id: RoomID) -> None:
+        self.uncertain.discard(room_id)
         room = self._rooms.pop(room_id, None)
         if room is not None:
             self._entries -= len(room.members)

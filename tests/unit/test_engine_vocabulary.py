@@ -30,6 +30,7 @@ def test_stored_values_are_unchanged() -> None:
         "skipped",
         "banned_by_someone_else",
         "no longer needed",
+        "superseded",
     ]
     assert Cause.UNDO == "undo" and Cause.SPACE_BAN == "space_ban" and Cause.ON_LEAVE == "on_leave"
 
