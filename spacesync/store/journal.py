@@ -110,7 +110,7 @@ class Entry:
     not_before: int = 0
     """Backing off after a failure: not started before this time (ms)."""
     failures: int = 0
-    """Refusals (4xx) so far; at executor.max_failures the entry is parked."""
+    """Failures so far (refusals, 5xx, timeouts; not rate limits); at executor.max_failures the entry is parked."""
     fingerprint: str | None = None
     """For a parked entry: the room state it failed against."""
 
