@@ -323,15 +323,15 @@ def newer_than_answer(
             continue  # the answer holds it already
         current = held.get(key) if key is not None else None
         current_id = _id(current)
-        if current is None or event_id is None or current_id is None:
-            replay.append(delta)
-            continue
-        later = {_id(d) for d in during[i + 1 :] if _state_key(d) == key}
-        if current_id in later or _replaces(current) == event_id:
-            continue  # the answer holds an event that came after this delta: replaying it would go backwards
-        if _replaces(delta) != current_id:
-            doubt = True
+        if current is not None and event_id is not None and current_id is not None:
+            later = {_id(d) for d in during[i + 1 :] if _state_key(d) == key}
+            if current_id in later or _replaces(current) == event_id:
+                continue  # the answer holds an event that came after this delta: replaying it would go backwards
+            if _replaces(delta) != current_id:
+                doubt = True
         replay.append(delta)
+        if key is not None:
+            held[key] = delta  # what the next delta for the key is ordered against
     return replay, doubt
 
 

@@ -151,3 +151,15 @@ async def test_a_delta_that_cannot_be_ordered_against_the_answer_has_the_room_re
     cache.update(ROOM, [_event("@u:hs", "leave", "$leave2")])
     observer._read_done(ROOM, [_event("@u:hs", "join", "$third")], 0.0)
     assert ROOM in observer.stale and asked == [ROOM], "read again at the next full reconcile, asked for now"
+
+
+def test_a_chain_of_deltas_each_replacing_the_last_is_replayed_without_doubt():
+    cache = StateCache()
+    cache.replace(ROOM, [_event("@u:hs", "join", "$j0")])
+    cache.begin_read(ROOM)
+    cache.update(ROOM, [_event("@u:hs", "leave", "$l1", replaces="$j0")])
+    cache.update(ROOM, [_event("@u:hs", "join", "$j2", replaces="$l1")])
+    cache.update(ROOM, [_event("@u:hs", "ban", "$b3", replaces="$j2")])
+    cache.replace(ROOM, [_event("@u:hs", "join", "$j0")])
+    assert cache.get(ROOM).membership("@u:hs") is Membership.BAN
+    assert ROOM not in cache.uncertain
