@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from spacesync.core.planner import plan
 from spacesync.engine.executor import fingerprint
 from spacesync.matrix import state
-from spacesync.matrix.state import StateCache, StateKey, newer_than_answer, parse_room_state
+from spacesync.matrix.replay import newer_than_answer
+from spacesync.matrix.state import StateCache, StateKey, parse_room_state
 from spacesync.metrics import REGISTRY
 from spacesync.model import (
     Action,
