@@ -138,6 +138,7 @@ def test_a_delta_the_answer_holds_or_that_came_before_a_later_delta_is_dropped()
 
 async def test_a_delta_that_cannot_be_ordered_against_the_answer_has_the_room_read_again():
     cache = StateCache()
+    cache.keep_detail([ROOM])  # the root Space of the policy below
     cache.replace(ROOM, [_event("@u:hs", "join", "$join")])
     cache.begin_read(ROOM)
     cache.update(ROOM, [_event("@u:hs", "leave", "$leave")])
@@ -151,6 +152,18 @@ async def test_a_delta_that_cannot_be_ordered_against_the_answer_has_the_room_re
     cache.update(ROOM, [_event("@u:hs", "leave", "$leave2")])
     observer._read_done(ROOM, [_event("@u:hs", "join", "$third")], 0.0)
     assert ROOM in observer.stale and asked == [ROOM], "read again at the next full reconcile, asked for now"
+
+    from spacesync.model import Policy, SpacePolicy
+
+    class Joined:
+        async def joined_rooms(self) -> set[RoomID]:
+            return {ROOM}
+
+    observer.matrix, observer.store = Joined(), EmptyStore()  # type: ignore[assignment]
+    observer.history.store = observer.store  # type: ignore[assignment]
+    policy = Policy(bot="@bot:hs", spaces=(SpacePolicy(ROOM),))  # type: ignore[arg-type]
+    snapshot = await observer.observe(policy, refresh=False)
+    assert snapshot.stale(ROOM), "until read again without doubt, nothing is done on the room's account"
 
 
 def test_a_chain_of_deltas_each_replacing_the_last_is_replayed_without_doubt():
