@@ -478,8 +478,8 @@ class Executor:
             elif 400 <= e.http_status < 500:
                 await self._refused(entry, _describe(e))
                 return
-            else:
-                await self._finish(entry, Outcome.FAILED, _describe(e))
+            else:  # an answer that is neither a refusal nor transient: parked at once, announced once
+                await self._park(entry, _describe(e), failures=entry.failures + 1)
                 return
         except Exception as e:  # transient, or a malformed answer: try again later, never wedge the journal
             error = str(e) if isinstance(e, Transient) else f"{type(e).__name__}: {e}"
