@@ -207,3 +207,36 @@ async def test_a_room_answering_502_on_kicks_parks_once_and_stays_quiet(world, m
     assert user.user_id in notices[0] and "failed 3 times" in notices[0] and "502" in notices[0], notices[0]
     (parked,) = await bot.app.store.journal.parked()
     assert parked.action.room_id == broken and len(await entries_of(bot, ActionKind.KICK)) == 2
+
+
+async def test_while_a_batch_is_held_a_second_one_is_held_too(world, make_user, start_bot):
+    """Held users count toward the guard's window: 4 leavers over a limit of 3 are held, and 3 more leaving
+    after them (within the limit on their own) wait with them instead of being kicked unconfirmed."""
+    space = await world.space("S")
+    room = await world.room(space, "R")
+    first = [await make_user(f"first{i}") for i in range(4)]
+    second = [await make_user(f"second{i}") for i in range(3)]
+    for user in (*first, *second):
+        await user.client.join(space)
+        await user.client.join(room)
+    for user in first:  # before the bot starts: its first plan holds all four at once
+        await user.client.leave(space)
+    bot = await start_bot([{"room": space, "max_evictions_without_confirmation": 3}])
+    journal = bot.app.store.journal
+
+    async def held(users) -> bool:
+        return {u.user_id for u in users} <= {e.action.user_id for e in await journal.by_status(Status.HELD)}
+
+    await wait_for(lambda: held(first), timeout=30, message="the first batch was not held")
+    await ready(bot)
+    for user in second:
+        await user.client.leave(space)
+    await wait_for(lambda: held(second), timeout=30, message="the second batch was not held")
+    await bot.idle()
+    await asyncio.sleep(0.5)
+
+    for user in (*first, *second):
+        assert await membership(world, room, user.user_id) == "join", f"{user.user_id} evicted unconfirmed"
+    assert len({e.batch for e in await journal.by_status(Status.HELD)}) == 1, "later evictions join the held batch"
+    held_notices = [b for b in bodies(await bot_notices(world, bot)) if b.startswith("⚠ Held batch")]
+    assert len(held_notices) == 1, held_notices
