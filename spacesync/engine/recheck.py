@@ -115,7 +115,10 @@ class SendChecks:
 
 
 def _allowed(content: Mapping[str, Any]) -> list[str]:
+    """The rooms a join-rule content allows, as the state cache reads them (`RoomState.allow`), sorted."""
     allow = content.get("allow")
-    if not isinstance(allow, list):
-        return []
-    return sorted(str(a.get("room_id")) for a in allow if isinstance(a, dict) and a.get("room_id"))
+    return sorted(
+        a["room_id"]
+        for a in (allow if isinstance(allow, list) else [])
+        if isinstance(a, dict) and a.get("type") == "m.room_membership" and isinstance(a.get("room_id"), str)
+    )
