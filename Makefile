@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+JS := tests/js
+JS_STAMP := $(JS)/node_modules/.installed-$(shell cat $(JS)/package-lock.json | sha1sum | cut -c1-12)
 
 .PHONY: demo test test-fast lint bench clean
 
@@ -13,6 +15,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json  ## the moderator test client (matrix-js-sdk): npm ci
+	cd $(JS) && npm ci --no-audit --no-fund --silent
+	rm -f $(JS)/node_modules/.installed-*
+	touch $(JS_STAMP)
+
 demo: $(STAMP)  ## run the bot against a throwaway local Synapse with a sample Space (Ctrl-C to stop)
 	$(BIN)/spacesync demo $(DEMO_ARGS)
 
@@ -21,7 +28,7 @@ lint: $(STAMP)  ## formatting, lint and types: ruff over the whole tree, mypy ov
 	$(BIN)/ruff check spacesync tests benchmarks
 	$(BIN)/mypy
 
-test: $(STAMP) lint  ## lint, then the whole suite: unit, property and integration tests (real Synapse and PostgreSQL)
+test: $(STAMP) $(JS_STAMP) lint  ## lint, then the whole suite: unit, property and integration tests (real Synapse and PostgreSQL)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)  ## the pure core only
@@ -35,4 +42,4 @@ bench: $(STAMP)  ## benchmarks (a real Synapse; scale.py a synthetic homeserver)
 	$(BIN)/python benchmarks/scale.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(JS)/node_modules .demo .pytest_cache build *.egg-info

@@ -1,9 +1,10 @@
-"""Entry points: `spacesync run`, `check-config`, `plan` and `demo`."""
+"""Entry points: `spacesync run`, `check-config`, `plan`, `crypto` and `demo`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -54,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
         "held batches and warnings. Changes nothing.",
     )
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    crypto = sub.add_parser(
+        "crypto",
+        parents=[config_anywhere],
+        help="the bot's cross-signing identity: show its recovery key once, or replace the identity",
+        description="The bot's cross-signing identity (see docs/deployment.md).",
+    )
+    crypto.add_argument(
+        "action",
+        choices=["recovery-key", "reset-identity"],
+        help="recovery-key: print the recovery key of the identity the bot created, once (keep it safe; "
+        "bot.recovery_key restores the identity on a new database). reset-identity: replace the identity "
+        "at the bot's next start (moderators' clients will say the bot's identity changed).",
+    )
     demo = sub.add_parser(
         "demo",
         help="run against a throwaway local Synapse with a sample Space",
@@ -100,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.logging.level, config.logging.format)
     if args.command == "plan":
         return asyncio.run(_plan(config, as_json=args.json))
+    if args.command == "crypto":
+        return asyncio.run(_crypto(config, args.action))
     return asyncio.run(_run(config))
 
 
@@ -168,6 +184,53 @@ async def _plan(config: Config, *, as_json: bool) -> int:
     else:
         print(format_plan(plan, held_count=len(held)))
     return 0
+
+
+async def _crypto(config: Config, action: str) -> int:
+    from .matrix.cross_signing import IdentityError, Vault, request_reset
+    from .store import Store, StoreError
+
+    if config.bot.pickle_key is None:
+        print("spacesync: bot.pickle_key: not set, so the bot has no encryption and no identity", file=sys.stderr)
+        return 2
+    store = Store(config.database.url)
+    try:
+        await store.start()
+        if action == "reset-identity":
+            await request_reset(store.db, config.bot.user_id)
+            print(
+                f"The cross-signing identity of {config.bot.user_id} is replaced at the bot's next start: restart "
+                "it, then run `spacesync crypto recovery-key` for the new recovery key. Homeservers ask for the "
+                "bot's password to replace keys: set bot.password (or bot.password_file) for that start."
+            )
+            return 0
+        vault = Vault(store.db, config.bot.user_id, config.bot.pickle_key)
+        key = await vault.get("recovery_key")
+        if key is None:
+            print(
+                "spacesync: no recovery key to show: it was shown once already, or the identity was restored "
+                "with bot.recovery_key, or the bot has not created one yet (start it with bot.pickle_key set). "
+                "A lost key cannot be shown again: `spacesync crypto reset-identity` makes a new identity.",
+                file=sys.stderr,
+            )
+            return 1
+        print(key.decode())
+        await vault.delete("recovery_key")
+        print(
+            "Keep this recovery key with the pickle key (a password manager, a sealed secret): it is not shown "
+            "again. bot.recovery_key (or bot.recovery_key_file) restores the bot's identity on a new database.",
+            file=sys.stderr,
+        )
+        return 0
+    except IdentityError as e:
+        print(f"spacesync: {e}", file=sys.stderr)
+        return 1
+    except StoreError as e:
+        print(f"spacesync: {e}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await store.db.stop()
 
 
 def _held():

@@ -8,6 +8,7 @@ import os
 import re
 import string
 from collections.abc import Callable, Collection, Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -94,6 +95,8 @@ class BotConfig:
     device_id: str | None = None
     pickle_key: str | None = attrs.field(default=None, repr=_redacted)
     """Encrypts the crypto store's keys at rest; without it the bot cannot use encrypted rooms."""
+    recovery_key: str | None = attrs.field(default=None, repr=_redacted)
+    """Opens the account's secret storage: a new database restores the bot's cross-signing identity with it."""
 
 
 @attrs.frozen
@@ -118,13 +121,23 @@ class DatabaseConfig:
         return Path(rest[2:] if rest.startswith("///") else rest)
 
 
+class ShareKeysWith(str, Enum):
+    """Which devices in the admin room get the bot's room keys (`admin.share_keys_with`)."""
+
+    CROSS_SIGNED = "cross-signed"
+    """Only devices their owner cross-signed, under the master key the bot pinned (as Element does)."""
+    ALL = "all"
+    """Every device of every member, signed or not (for clients without cross-signing)."""
+
+
 @attrs.frozen
 class AdminConfig:
     room: RoomRef
     users: frozenset[UserID] = frozenset()
     min_power_level: int = 50
     require_verified_device: bool = False
-    """Refuse encrypted commands from devices the bot has not seen verified (cross-signed by their owner)."""
+    """Refuse commands but those from devices their owner cross-signed (under the master key the bot pinned)."""
+    share_keys_with: ShareKeysWith = ShareKeysWith.CROSS_SIGNED
 
 
 @attrs.frozen
@@ -151,12 +164,14 @@ class SpaceConfig:
     redact_on_ban: int = 0
     refresh_via: bool = False
     policy_server: bool = False
+    policy_lists: tuple[RoomRef, ...] = ()
 
     def to_policy(
         self,
         room_id: RoomID,
         exempt_extra: frozenset[UserID] = frozenset(),
         extra_rooms_resolved: frozenset[RoomID] | None = None,
+        policy_lists_resolved: tuple[RoomID, ...] | None = None,
     ) -> SpacePolicy:
         """The planner's policy for this Space, given its resolved room id (and resolved extra rooms).
 
@@ -167,6 +182,8 @@ class SpaceConfig:
             if aliases:
                 raise ValueError(f"extra_rooms {', '.join(aliases)} must be resolved to room ids first")
             extra_rooms_resolved = frozenset(ref.room_id for ref in self.extra_rooms if ref.room_id)
+        if policy_lists_resolved is None:
+            policy_lists_resolved = tuple(ref.room_id for ref in self.policy_lists if ref.room_id)
         return SpacePolicy(
             room_id=room_id,
             on_leave=self.on_leave,
@@ -188,6 +205,7 @@ class SpaceConfig:
             redact_on_ban=self.redact_on_ban,
             refresh_via=self.refresh_via,
             policy_server=self.policy_server,
+            policy_lists=tuple(dict.fromkeys(policy_lists_resolved)),
         )
 
 
@@ -543,6 +561,7 @@ _SPACE = _section(
         "redact_on_ban": _Key(_integer(0, 1000), 0),
         "refresh_via": _Key(_boolean, False),
         "policy_server": _Key(_choice({"sync": True, "off": False}), "off"),
+        "policy_lists": _Key(_list_of(_ref(parse_room_ref)), []),
     }
 )
 
@@ -574,6 +593,8 @@ _TOP = _section(
                     "device_id": _optional_string,
                     "pickle_key": _optional_secret,
                     "pickle_key_file": _optional_string,
+                    "recovery_key": _optional_secret,
+                    "recovery_key_file": _optional_string,
                 }
             ),
             {},
@@ -589,6 +610,7 @@ _TOP = _section(
                     "users": _Key(_user_set, []),
                     "min_power_level": _Key(_integer(), 50),
                     "require_verified_device": _Key(_boolean, False),
+                    "share_keys_with": _Key(_choice({m.value: m for m in ShareKeysWith}), "cross-signed"),
                 },
                 AdminConfig,
             ),
@@ -689,9 +711,32 @@ def _pickle_key(bot: Mapping[str, Any]) -> str | None:
     return key
 
 
+def _recovery_key(bot: Mapping[str, Any]) -> str | None:
+    """The recovery key of the bot's secret storage, from bot.recovery_key or bot.recovery_key_file."""
+    if bot["recovery_key"] is not None and bot["recovery_key_file"] is not None:
+        _fail("bot", "recovery_key and recovery_key_file are both set; keep one")
+    name = "recovery_key_file" if bot["recovery_key_file"] is not None else "recovery_key"
+    key = _read_secret_file(bot[name], f"bot.{name}") if name.endswith("_file") else bot[name]
+    if key is None:
+        return None
+    # the crypto stack, only when it is used
+    from mautrix.crypto.ssss.util import decode_base58_recovery_key, encode_base58_recovery_key
+
+    try:
+        raw = decode_base58_recovery_key("".join(key.split()))
+    except ValueError:
+        raw = None
+    if raw is None:
+        _fail(f"bot.{name}", "not a recovery key; use the key `spacesync crypto recovery-key` printed (12 groups of 4)")
+    if bot["pickle_key"] is None and bot["pickle_key_file"] is None:
+        _fail(f"bot.{name}", "needs bot.pickle_key (or bot.pickle_key_file) too: without it the bot has no encryption")
+    return encode_base58_recovery_key(raw)
+
+
 def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 600.0) -> SpaceConfig:
     fields = dict(values)
     fields["join_rules_enforce"] = fields.pop("join_rules")
+    fields["policy_lists"] = tuple(fields["policy_lists"])
     if fields["max_evictions_without_confirmation"] is None:
         fields["max_evictions_without_confirmation"] = max_evictions
     if fields["guard_window"] is None:
@@ -707,7 +752,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         top["database"] = DatabaseConfig(_database_url(env[ENV_DATABASE_URL], ENV_DATABASE_URL))
     bot = top["bot"]
     access_token, password = _credentials(bot, env)
-    top["bot"] = BotConfig(bot["user_id"], access_token, password, bot["device_id"], _pickle_key(bot))
+    top["bot"] = BotConfig(
+        bot["user_id"], access_token, password, bot["device_id"], _pickle_key(bot), _recovery_key(bot)
+    )
     top["web"] = top["web"]["listen"]
     top["spaces"] = tuple(
         _space(s, top["max_evictions_without_confirmation"], top["guard_window"]) for s in top["spaces"]

@@ -416,6 +416,19 @@ class Demo:
         self.step("spacesync starts, finds the Space and takes on the rooms that opted in to it.")
         await self._expect(ready, timeout=BOT_START_TIMEOUT)
 
+        async def signed() -> tuple[bool, str]:
+            identity = self.app.crypto.identity
+            if identity is None or identity.master_key is None:
+                return False, self.app.crypto.problem or "no cross-signing identity yet"
+            return (await identity.query()).device_signed, f"master key {identity.master_key[:12]}…, device signed"
+
+        self.step(
+            "spacesync cross-signs its own device, so Element (which ignores unverified devices) trusts it.\n"
+            f"`spacesync -c {self.config_path.name} crypto recovery-key` prints its recovery key once:\n"
+            "keep it with the pickle key; it restores the identity on a new database (docs/deployment.md)."
+        )
+        await self._expect(signed)
+
     async def story(self) -> None:
         everyone = ("alice", "bob", "carol")
         all_rooms = ("Demo Community", "general", "random", "Projects", "project-x")

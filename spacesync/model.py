@@ -25,9 +25,11 @@ __all__ = [
     "PlacedBan",
     "Plan",
     "Policy",
+    "PolicyRule",
     "PowerLevels",
     "RoomID",
     "RoomState",
+    "RuleKind",
     "Snapshot",
     "SpacePolicy",
     "UserID",
@@ -55,9 +57,10 @@ class MemberState:
     """origin_server_ts of the membership event, in milliseconds: set by the sender's server, so it is
     shown to people but never used to time anything."""
     was_joined: bool | None = None
-    """For a `leave`: whether the membership it replaced was a `join` (the user left or was kicked).
-    False for a declined or withdrawn invite, a rejected knock, an unban; None when nobody can tell.
-    Only a leave with was_joined True is a departure (a ban always is)."""
+    """For any membership but `join`: whether the user departed, i.e. had joined and has not joined since (they
+    left or were kicked, then maybe knocked, were invited, were refused): a departure is sticky until a new join.
+    False for a declined or withdrawn invite, a rejected knock or an unban of someone never seen joined; None when
+    nobody can tell. Only a leave, knock or invite with was_joined True is a departure (a ban always is)."""
     seen_ms: int | None = None
     """When spacesync first saw this membership, on its own clock (grace periods run from it)."""
     replaces: EventID | None = None
@@ -73,14 +76,14 @@ JOINED = MemberState(Membership.JOIN)
 
 
 def canonical(state: MemberState) -> MemberState:
-    """A membership outside Spaces and roots as decisions read it: its membership, sender and, for a leave,
+    """A membership outside Spaces and roots as decisions read it: its membership, sender and, but for a join,
     `was_joined`; for a ban also its reason and `redact_events`. The event id, `ts` (display only), `replaces`
     and `seen_ms` (read by the membership history, for Spaces and roots only) are dropped."""
     ban = state.membership is Membership.BAN
     return MemberState(
         state.membership,
         sender=state.sender,
-        was_joined=state.was_joined if state.membership is Membership.LEAVE else None,
+        was_joined=state.was_joined if state.membership is not Membership.JOIN else None,
         reason=state.reason if ban else None,
         redact_events=ban and state.redact_events,
     )
@@ -241,6 +244,35 @@ class PowerLevels:
         return self.events.get(event_type, self.state_default)
 
 
+class RuleKind(str, Enum):
+    """What a policy list rule (MSC2313) is about."""
+
+    USER = "user"
+    SERVER = "server"
+    ROOM = "room"
+
+
+RULE_TYPES: Mapping[str, RuleKind] = {
+    **{f"m.policy.rule.{k.value}": k for k in RuleKind},
+    **{f"m.room.rule.{k.value}": k for k in RuleKind},
+    **{f"org.matrix.mjolnir.rule.{k.value}": k for k in RuleKind},
+}
+"""Policy rule state event types, the stable names and the legacy ones lists still hold, by what they are about."""
+
+
+@attrs.frozen
+class PolicyRule:
+    """One rule of a policy list room: a state event whose content names an entity and a recommendation."""
+
+    kind: RuleKind
+    event_type: str
+    state_key: str
+    entity: str
+    recommendation: str
+    sender: UserID
+    reason: str = ""
+
+
 @attrs.frozen
 class RoomState:
     """What the bot could read of one room: the inputs to every decision about it."""
@@ -274,6 +306,8 @@ class RoomState:
     """Policy server state (MSC4284) by event type (m.room.policy, and the unstable name), non-empty only."""
     malformed: int = 0
     """State events skipped because their content could not be read (wrong types, missing fields)."""
+    policy_rules: tuple[PolicyRule, ...] = ()
+    """Policy rules (MSC2313) with an entity and a recommendation, whoever sent them: a list room's content."""
 
     def membership(self, user_id: UserID) -> Membership:
         state = self.members.get(user_id)
@@ -368,6 +402,8 @@ class SpacePolicy:
     """Mirror the Space's policy server (MSC4284) into managed rooms that have none of their own."""
     refresh_via: bool = False
     """Rewrite m.space.child `via` lists whose servers have no joined member left in the child."""
+    policy_lists: tuple[RoomID, ...] = ()
+    """Policy list rooms whose user ban rules ban in this Space (and server rules feed the server ACL)."""
     """The mass-action guard counts the users evicted from this Space within this window."""
 
     def milder_on_leave(self, other: OnLeave) -> OnLeave:
@@ -413,6 +449,9 @@ class ActionKind(str, Enum):
     SET_SERVER_ACL = "set_server_acl"
     SET_POLICY_SERVER = "set_policy_server"
     """state_key holds the event type (m.room.policy or its unstable name); the state key sent is empty."""
+    REDACT = "redact"
+    """Redact the user's messages in the room, newest first: `content` holds `last` (at most that many) and
+    optionally `since_ms` (none older), and `run`, which names the count kept for the batch notice."""
 
 
 EVICTIONS = frozenset({ActionKind.KICK, ActionKind.BAN})
@@ -479,8 +518,9 @@ class OwnedLevel:
     previous: int | None
     """The entry before spacesync wrote, or None when there was none."""
     released: bool = False
-    """Someone changed the entry by hand: spacesync leaves it alone while the Space still asks for
-    `written`; once the Space asks for something else, the record is dropped and mirroring resumes."""
+    """Someone changed the entry by hand since spacesync wrote it: it is the room's now, left alone (and reported)
+    whatever the Space asks, until the room's moderators set it back (to `written` or to what the Space asks) or
+    `!spacesync powerlevels release` drops the record. When the Space asks nothing any more, the record goes."""
 
 
 class FindingArea(str, Enum):
@@ -580,9 +620,26 @@ class Cause(str, Enum):
     SERVER_ACL = "server_acl"
     REFRESH_VIA = "refresh_via"
     POLICY_SERVER = "policy_server"
+    COMMAND_BAN = "command_ban"
+    """`!spacesync ban`: placed in the Space and every managed room below it; lifted only by `unban` (or undo)."""
+    COMMAND_UNBAN = "command_unban"
+    COMMAND_KICK = "command_kick"
+    COMMAND_REDACT = "command_redact"
+    POLICY_LIST = "policy_list"
+    """A user rule (m.ban) of a policy list the Space follows: lifted when no rule of its lists asks any more."""
 
 
-MODERATOR_CAUSES = frozenset({Cause.UNDO.value, Cause.LOCKDOWN.value, Cause.UNLOCK.value})
+MODERATOR_CAUSES = frozenset(
+    {
+        Cause.UNDO.value,
+        Cause.LOCKDOWN.value,
+        Cause.UNLOCK.value,
+        Cause.COMMAND_BAN.value,
+        Cause.COMMAND_UNBAN.value,
+        Cause.COMMAND_KICK.value,
+        Cause.COMMAND_REDACT.value,
+    }
+)
 """Actions a moderator asked for from the admin room: run as asked, never re-checked against the plan."""
 
 
@@ -631,6 +688,8 @@ class FindingCode(str, Enum):
     LOCKED_DOWN = "locked_down"
     ACL_REFUSED = "acl_refused"
     UNROUTABLE_CHILD = "unroutable_child"
+    POLICY_RULES_IGNORED = "policy_rules_ignored"
+    """A policy list's room rules, unknown recommendations, or rules from senders without the power to send them."""
 
     @property
     def family(self) -> FindingFamily:
@@ -665,6 +724,7 @@ _FINDING_FAMILIES = {
     FindingCode.LOCKED_DOWN: FindingFamily.JOIN_RULES,
     FindingCode.ACL_REFUSED: FindingFamily.CANNOT_ACT,
     FindingCode.UNROUTABLE_CHILD: FindingFamily.STRUCTURE,
+    FindingCode.POLICY_RULES_IGNORED: FindingFamily.LIMITS,
 }
 
 

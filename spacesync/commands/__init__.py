@@ -20,7 +20,7 @@ from ..matrix.crypto import DECRYPTED_KEY
 from ..model import RoomID, UserID
 from ..refs import RefError
 from ..store import unreachable
-from . import batches, lockdown, settings, status  # noqa: F401  (registers the commands)
+from . import batches, lists, lockdown, people, settings, status, trust  # noqa: F401  (registers the commands)
 from .format import Reply, code, esc, one_line
 from .parser import ParseError, command_text, is_edit, parse_command
 from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageError
@@ -28,7 +28,15 @@ from .registry import PREFIX, REGISTRY, CommandError, Context, Registry, UsageEr
 if TYPE_CHECKING:
     from .services import Services as App
 
-__all__ = ["REFUSAL", "REGISTRY", "UNVERIFIED_REFUSAL", "CommandHandler", "Registry", "Reply"]
+__all__ = [
+    "REFUSAL",
+    "REGISTRY",
+    "UNVERIFIED_REFUSAL",
+    "CommandHandler",
+    "Registry",
+    "Reply",
+    "identity_changed",
+]
 
 log = structlog.get_logger("spacesync.commands")
 
@@ -37,6 +45,16 @@ UNVERIFIED_REFUSAL = (
     "Sorry, this command came from a device you have not verified, and admin.require_verified_device is set: "
     "verify this device (cross-sign it from one of your verified sessions) and send the command again."
 )
+
+
+def identity_changed(user: str) -> str:
+    return (
+        f"Sorry, {user}'s cross-signing identity (master key) changed since I first saw it, and "
+        "admin.require_verified_device is set: another admin who checked with them can trust the new identity "
+        f"with '{PREFIX} trust {user}'."
+    )
+
+
 INTERRUPTED = (
     "⚠ This command was cut short (spacesync stopped, or another instance took over) and is not run "
     f"again: check with '{PREFIX} status' and send it again if it is still needed."
@@ -101,17 +119,29 @@ class CommandHandler:
             await self._reply(room_id, event_id, Reply.plain(REFUSAL))
             return
         if app.config.admin.require_verified_device and not self._verified(event):
-            log.warning("command refused: unverified device", sender=sender, event_id=event_id)
-            await self._reply(room_id, event_id, Reply.plain(UNVERIFIED_REFUSAL))
+            changed = self._identity_changed(event)
+            log.warning(
+                "command refused: " + ("the sender's master key changed" if changed else "unverified device"),
+                sender=sender,
+                event_id=event_id,
+            )
+            await self._reply(room_id, event_id, Reply.plain(identity_changed(user) if changed else UNVERIFIED_REFUSAL))
             return
         reply = await self.run(room_id, event_id, user, text)
         await self._reply(room_id, event_id, reply)
 
     @staticmethod
     def _verified(event: Mapping[str, Any]) -> bool:
-        """Sent encrypted from a device its owner verified (a plaintext message has no device to trust)."""
+        """Sent encrypted from a device its owner cross-signed under the master key the bot pinned (a plaintext
+        message has no device to trust)."""
         info = event.get(DECRYPTED_KEY)
         return isinstance(info, Mapping) and info.get("verified") is True
+
+    @staticmethod
+    def _identity_changed(event: Mapping[str, Any]) -> bool:
+        """Sent from a device cross-signed under another master key than the one the bot pinned."""
+        info = event.get(DECRYPTED_KEY)
+        return isinstance(info, Mapping) and info.get("identity_changed") is True
 
     async def run(self, room_id: RoomID, event_id: str, sender: UserID, text: str) -> Reply:
         """Parse and execute one admin's command text; every outcome is a reply."""

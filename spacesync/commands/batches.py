@@ -10,10 +10,10 @@ from ..model import Action, ActionKind, Cause, Membership, RoomID, RoomState, Us
 from ..store import Status
 from ..store.journal import Batch, BatchStatus
 from .format import Reply, code, compose, esc, line, listing, plural
-from .lockdown import unlock_actions
+from .lockdown import after_first_read, unknown_lines, unlock_actions
 from .parser import batch_arg
 from .registry import CommandError, Context, command, expect
-from .world import label, level, room_state, show_level
+from .world import bans_above, label, level, room_state, show_level, view
 
 if TYPE_CHECKING:
     from .services import Services as App
@@ -156,13 +156,13 @@ def _effective(room: RoomState, value: int | None) -> int:
     usage="undo <batch>",
     family=FAMILY,
     summary="revert what a finished batch did",
-    help="Re-invites the users the batch kicked, unbans the users it banned, and restores the power "
-    "levels it changed (only entries nobody changed since, and never above your own level in the "
-    "room), and unlocks the rooms a lockdown switched (those nobody changed since). The reverse actions run as a "
-    "new batch. Other join-rule and m.space.child changes are not undone. Users who are still not entitled "
-    "are evicted again by the next reconcile once they rejoin, unless you exempt them ('exempt add'); "
-    "levels a Space still grants are written again. The "
-    "bot's records of the levels it wrote go back to what they were before the batch.",
+    help="Re-invites the users the batch kicked, unbans the users it banned, bans again the users an 'unban' "
+    "lifted, and restores the power levels it changed (only entries nobody changed since, and never above your "
+    "own level in the room), and unlocks the rooms a lockdown switched (those nobody changed since). The reverse "
+    "actions run as a new batch. Other join-rule and m.space.child changes are not undone, nor redactions (they "
+    "are final). Users who are still not entitled are evicted again by the next reconcile once they rejoin, "
+    "unless you exempt them ('exempt add'); levels a Space still grants are written again. The bot's records of "
+    "the levels it wrote go back to what they were before the batch.",
 )
 async def undo(ctx: Context, args: list[str]) -> Reply:
     expect(args, 1)
@@ -181,11 +181,14 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     inverse: list[Action] = []
     skipped: list[str] = []
     rooms: dict[RoomID, RoomState | None] = {}
+    carried: set[tuple[RoomID, UserID]] = set()
     for entry in done:
         action = entry.action
         user = action.user_id
         room_t = label(app, action.room_id)[0]
-        if action.kind in (ActionKind.KICK, ActionKind.BAN) and user:
+        if action.kind is ActionKind.BAN and action.cause == Cause.POLICY_LIST:
+            skipped.append(f"{user} in {room_t}: banned by a policy list rule: remove the rule from the list")
+        elif action.kind in (ActionKind.KICK, ActionKind.BAN) and user:
             cached = app.cache.get(action.room_id)
             now = cached.membership(user) if cached else None
             needed = "invite" if action.kind is ActionKind.KICK else "ban"
@@ -201,6 +204,8 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
                 if cached is not None and now is not Membership.BAN:
                     skipped.append(f"{user} is no longer banned in {room_t}")
                     continue
+                if action.cause == Cause.SPACE_BAN:
+                    carried.add((action.room_id, user))
                 inverse.append(Action(ActionKind.UNBAN, action.room_id, user, reason=reason, cause="undo"))
         elif action.kind is ActionKind.SET_POWER_LEVELS:
             changes = await _restore_levels(ctx, action, rooms, skipped)
@@ -226,13 +231,26 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
             if lock is None:
                 skipped.append(f"{room_t} is no longer locked down")
                 continue
-            unlocks, changed = unlock_actions(app, [lock], reason)
-            inverse.extend(unlocks)
-            for _, rule_now in changed:
+            waited = await after_first_read(app, [lock])
+            if waited is not None and not app.executor.ready.is_set():
+                skipped.append(f"{room_t}: {waited}")
+                continue
+            todo = unlock_actions(app, [lock], reason)
+            inverse.extend(todo.actions)
+            for _, rule_now in todo.changed:
                 await app.store.set_lockdown(action.room_id, None)
-                skipped.append(f"join rule in {room_t} changed by hand since (now {rule_now or 'unknown'}), left alone")
+                skipped.append(f"join rule in {room_t} changed by hand since (now {rule_now}), left alone")
+            skipped.extend(unknown_lines(app, todo.unknown))
+        elif action.kind is ActionKind.UNBAN and action.cause == Cause.COMMAND_UNBAN and user:
+            again = _ban_again(app, ctx, action, reason, skipped)
+            if again is not None:
+                inverse.append(again)
+        elif action.kind is ActionKind.REDACT:
+            skipped.append(f"redactions in {room_t} cannot be undone: a redacted message is gone for good")
         else:
             skipped.append(f"{action.kind.value} in {room_t} is not undone (change it by hand)")
+    if carried:
+        inverse = await _without_carried(app, inverse, carried, skipped)
     if not inverse:
         return listing(f"Nothing to undo in batch {batch}:", [line(s) for s in skipped])
     new_batch = await app.reconciler.enqueue(inverse, trigger=f"undo {batch}")
@@ -242,6 +260,7 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
         ActionKind.UNBAN: "unban",
         ActionKind.SET_POWER_LEVELS: "power-level restore",
         ActionKind.SET_JOIN_RULES: "join-rule restore",
+        ActionKind.BAN: "ban",
     }
     summary = ", ".join(plural(n, names[k]) for k, n in kinds.items())
     parts: list[Reply | str] = [
@@ -262,6 +281,50 @@ async def undo(ctx: Context, args: list[str]) -> Reply:
     if skipped:
         parts.append(listing("Not undone:", [line(s) for s in skipped]))
     return compose(parts)
+
+
+async def _without_carried(
+    app: App, inverse: list[Action], carried: set[tuple[RoomID, UserID]], skipped: list[str]
+) -> list[Action]:
+    """The inverse actions but the unbans of bans carried down from a Space ban that stays (a moderator's, or a
+    policy list's): the next plan would only place them again."""
+    v = await view(app)
+    lifted: dict[UserID, set[RoomID]] = {}
+    for action in inverse:
+        if action.kind is ActionKind.UNBAN and action.user_id:
+            lifted.setdefault(action.user_id, set()).add(action.room_id)
+    kept: list[Action] = []
+    for action in inverse:
+        user = action.user_id
+        if action.kind is ActionKind.UNBAN and user and (action.room_id, user) in carried:
+            above = bans_above(v, action.room_id, user, lifted.get(user, set()))
+            if above:
+                skipped.append(
+                    f"{user} in {label(app, action.room_id)[0]}: carried down from the ban in "
+                    f"{label(app, above[0])[0]}, which stays"
+                )
+                continue
+        kept.append(action)
+    return kept
+
+
+def _ban_again(app: App, ctx: Context, action: Action, reason: str, skipped: list[str]) -> Action | None:
+    """The ban an `unban` command lifted, placed again (spacesync's, so `unban` lifts it later): only where the
+    user is not banned or back in the room meanwhile, and the issuer could ban there."""
+    user = action.user_id
+    assert user is not None
+    room_t = label(app, action.room_id)[0]
+    cached = app.cache.get(action.room_id)
+    if cached is None or level(cached, ctx.sender) < cached.power_levels.ban:
+        skipped.append(f"{user} in {room_t}: you lack the power to ban there yourself")
+        return None
+    now = cached.membership(user)
+    if now is not Membership.LEAVE:
+        skipped.append(f"{user} is {now.value} in {room_t} now: not banned again")
+        return None
+    return Action(
+        ActionKind.BAN, action.room_id, user, reason=reason, space_id=action.space_id, cause=Cause.COMMAND_BAN.value
+    )
 
 
 async def _restore_levels(

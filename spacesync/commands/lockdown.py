@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING
 
+import attrs
+
 from ..core.entitlement import user_level
-from ..core.lockdown import lock_content
+from ..core.lockdown import lock_content, narrows
 from ..core.versions import features
 from ..model import Action, ActionKind, Cause, Lockdown, RoomID, Snapshot
 from .format import Reply, code, compose, esc, line, listing, plural
@@ -41,7 +45,8 @@ async def _space(app: App, args: list[str], snapshot: Snapshot, roots: list[Room
     summary="switch every managed room of a Space to invite-only (or knock) during a raid",
     help="Switches the join rule of every managed room below the Space (not the Space itself) to invite, or to "
     "knock with --knock, and remembers each room's join rules from before. '!spacesync unlock' restores exactly "
-    "them. Rooms already invite-only (or knock) are left as they are. While a room is locked down, spacesync "
+    "them. A lockdown only ever narrows: rooms already invite-only are left as they are (also under --knock), and "
+    "so are knock rooms under --knock. While a room is locked down, spacesync "
     "leaves its join rules alone (join_rules: enforce does not undo the lockdown) and keeps treating it as "
     "part of its Space. A lockdown of more rooms than the Space's max_evictions_without_confirmation is held: "
     "review it with 'batch', run it with 'confirm'. One notice reports the result; 'undo' of the batch "
@@ -72,8 +77,8 @@ async def lockdown(ctx: Context, args: list[str]) -> Reply:
             continue
         lock = v.snapshot.lockdowns.get(room_id)
         locked = lock is not None and room.join_rule == lock.written
-        if room.join_rule == rule:
-            skipped.append(f"{room_t}: already {rule}" + (" (locked down)" if locked else ""))
+        if not narrows(room.join_rule, rule):  # knock never opens an invite-only room
+            skipped.append(f"{room_t}: already {room.join_rule}" + (" (locked down)" if locked else ""))
             continue
         feats = features(room.room_version)
         if rule == "knock" and (feats is None or not feats.knock):
@@ -83,6 +88,8 @@ async def lockdown(ctx: Context, args: list[str]) -> Reply:
         if user_level(room, v.policy.bot) < needed:
             skipped.append(f"{room_t}: the bot lacks the power to change join rules (needs {needed})")
             continue
+        # A room still as an earlier lockdown left it keeps that one's "before"; any other is recorded afresh (a
+        # rule changed by hand since is what unlock must restore).
         previous = dict(lock.previous) if lock is not None and locked else dict(room.join_rules_content)
         content = lock_content(room, rule)
         actions.append(
@@ -127,19 +134,29 @@ async def lockdown(ctx: Context, args: list[str]) -> Reply:
     return compose([head] + ([not_done] if not_done else []))
 
 
-def unlock_actions(
-    app: App, locks: list[Lockdown], reason: str
-) -> tuple[list[Action], list[tuple[Lockdown, str | None]]]:
-    """Actions restoring the join rules of rooms still as the lockdown left them, and the rooms changed since
-    (with their rule now, None when the bot cannot see the room)."""
-    actions: list[Action] = []
-    changed: list[tuple[Lockdown, str | None]] = []
+@attrs.frozen
+class Unlocks:
+    """What an unlock does: the restores to send, the rooms changed by hand since (their rule now), and the rooms
+    that cannot be read now (their records kept: unknown is not a change by hand)."""
+
+    actions: list[Action]
+    changed: list[tuple[Lockdown, str]]
+    unknown: list[Lockdown]
+
+
+def unlock_actions(app: App, locks: list[Lockdown], reason: str) -> Unlocks:
+    """Restores of the join rules of rooms still as the lockdown left them, the rooms changed since, and those
+    the bot cannot see now."""
+    out = Unlocks([], [], [])
     for lock in locks:
         room = app.cache.get(lock.room_id)
-        if room is None or room.join_rule != lock.written:
-            changed.append((lock, room.join_rule if room is not None else None))
+        if room is None:
+            out.unknown.append(lock)
             continue
-        actions.append(
+        if room.join_rule != lock.written:
+            out.changed.append((lock, room.join_rule or "no join rule"))
+            continue
+        out.actions.append(
             Action(
                 ActionKind.SET_JOIN_RULES,
                 lock.room_id,
@@ -150,7 +167,34 @@ def unlock_actions(
                 changes={"join_rules": ({"join_rule": lock.written}, dict(lock.previous))},
             )
         )
-    return actions, changed
+    return out
+
+
+FIRST_READ_WAIT_S = 60.0
+"""How long an unlock or undo right after a start waits for the first full read of the rooms."""
+
+
+async def after_first_read(app: App, locks: list[Lockdown]) -> str | None:
+    """Waits for the first full read when a locked room is not in the state cache yet (right after a start).
+    A line for the reply when it waited (or could not), None when nothing had to wait."""
+    if app.executor.ready.is_set() or all(app.cache.get(lock.room_id) is not None for lock in locks):
+        return None
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(app.executor.ready.wait(), FIRST_READ_WAIT_S)
+    except TimeoutError:
+        return (
+            f"The rooms have not been read since the start ({FIRST_READ_WAIT_S:.0f} s waited): nothing was changed "
+            "and every lockdown record is kept. Try again once the first full read is done (!spacesync status)."
+        )
+    return f"Waited {time.monotonic() - started:.0f} s for the first full read of the rooms since the start."
+
+
+def unknown_lines(app: App, unknown: list[Lockdown]) -> list[str]:
+    return [
+        f"{label(app, lock.room_id)[0]}: cannot be read now; its lockdown record is kept, unlock it again later"
+        for lock in unknown
+    ]
 
 
 @command(
@@ -159,7 +203,8 @@ def unlock_actions(
     family=FAMILY,
     summary="restore the join rules a lockdown replaced",
     help="Restores, in every room the lockdown of the Space switched, exactly the join rules it had before. A "
-    "room whose join rule was changed by hand since is left alone and reported. Without a Space, every "
+    "room whose join rule was changed by hand since is left alone and reported. Right after a start it first "
+    "waits for the rooms to be read; a room that cannot be read keeps its lockdown record. Without a Space, every "
     "locked-down room.",
 )
 async def unlock(ctx: Context, args: list[str]) -> Reply:
@@ -173,25 +218,30 @@ async def unlock(ctx: Context, args: list[str]) -> Reply:
     where_t, where_h = label(app, space) if space else ("any Space", "any Space")
     if not locks:
         return Reply(f"Nothing is locked down in {where_t}.", f"Nothing is locked down in {where_h}.")
-    actions, changed = unlock_actions(app, locks, f"unlock by {ctx.sender}")
-    for lock, _ in changed:
+    waited = await after_first_read(app, locks)
+    if waited is not None and not app.executor.ready.is_set():
+        return Reply.plain(waited)
+    todo = unlock_actions(app, locks, f"unlock by {ctx.sender}")
+    for lock, _ in todo.changed:
         await app.store.set_lockdown(lock.room_id, None)
-    parts: list[Reply | str] = []
-    if actions:
-        batch = await app.reconciler.enqueue(actions, trigger=f"unlock {space or ''}".strip())
+    parts: list[Reply | str] = [Reply.plain(waited)] if waited else []
+    if todo.actions:
+        batch = await app.reconciler.enqueue(todo.actions, trigger=f"unlock {space or ''}".strip())
+        rooms = plural(len(todo.actions), "room")
         parts.append(
             Reply(
-                f"Unlock of {where_t}: restoring the join rules of {plural(len(actions), 'room')} as batch {batch}.",
-                f"Unlock of {where_h}: restoring the join rules of {plural(len(actions), 'room')} as batch "
-                f"{code(str(batch))}.",
+                f"Unlock of {where_t}: restoring the join rules of {rooms} as batch {batch}.",
+                f"Unlock of {where_h}: restoring the join rules of {rooms} as batch {code(str(batch))}.",
             )
         )
     else:
         parts.append(Reply.plain(f"Unlock of {where_t}: no room is still as the lockdown left it."))
-    if changed:
+    if todo.changed:
         lines = [
-            line(f"{label(app, lock.room_id)[0]}: join rule changed by hand since (now {now or 'unknown'}), left alone")
-            for lock, now in changed
+            line(f"{label(app, lock.room_id)[0]}: join rule changed by hand since (now {now}), left alone")
+            for lock, now in todo.changed
         ]
         parts.append(listing("Left alone:", lines))
+    if todo.unknown:
+        parts.append(listing("Not read:", [line(t) for t in unknown_lines(app, todo.unknown)]))
     return compose(parts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..model import EVICTIONS, Action, ActionKind, Cause, LeftBehind, RoomID, UserID
 from ..store.journal import Entry, Status
@@ -21,6 +21,7 @@ _DONE = {
     ActionKind.SET_SPACE_CHILD: "re-pointed the Space's child",
     ActionKind.SET_SERVER_ACL: "updated the server ACL",
     ActionKind.SET_POLICY_SERVER: "updated the policy server",
+    ActionKind.REDACT: "redacted the messages of",
 }
 _TRIGGERS = {"sync": "after a change in a Space", "reconcile": "scheduled check", "command": "!spacesync sync"}
 NAMES_SHOWN = 5
@@ -56,10 +57,15 @@ def _grouped(actions: Sequence[Action], name: RoomName) -> list[Line]:
 
 
 def batch_summary(
-    batch: str, trigger: str, entries: Sequence[Entry], name: RoomName, left_behind: Sequence[LeftBehind] = ()
+    batch: str,
+    trigger: str,
+    entries: Sequence[Entry],
+    name: RoomName,
+    left_behind: Sequence[LeftBehind] = (),
+    redacted: Mapping[RoomID, int] | None = None,
 ) -> Reply:
     """What one batch did, grouped by action and user, with its failures, the rooms where its users had to be
-    left in place (and why), and how to undo it."""
+    left in place (and why), the messages it redacted, and how to undo it."""
     done = [e.action for e in entries if e.status is Status.DONE]
     failed = [e for e in entries if e.status is Status.FAILED]
     parked = [e for e in entries if e.status is Status.PARKED]
@@ -75,6 +81,14 @@ def batch_summary(
     if parked:
         title += f", {len(parked)} parked (!spacesync retry {batch})"
     lines = _grouped(done, name)
+    if any(e.action.kind is ActionKind.REDACT for e in entries):
+        counts = redacted or {}
+        busiest = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:NAMES_SHOWN]
+        where = ", ".join(f"{name(r)}: {n}" for r, n in busiest if n)
+        total = sum(counts.values())
+        lines.append(
+            line(f"{plural(total, 'message')} redacted" + (f" ({where})" if where else "") + "; redactions are final")
+        )
     for entry in failed[:NAMES_SHOWN]:
         what = f"{entry.action.kind.value} {entry.action.user_id or ''}".strip()
         lines.append(line(f"failed: {what} in {name(entry.action.room_id)}: {one_line(entry.error, 160)}"))

@@ -21,6 +21,7 @@ __all__ = [
     "batch_arg",
     "command_text",
     "count_arg",
+    "duration_arg",
     "has_prefix",
     "html_to_text",
     "is_edit",
@@ -218,6 +219,22 @@ def count_arg(text: str, *, low: int = 1, high: int = 500) -> int:
     if not low <= value <= high:
         raise ValueError(f"{value} is out of range: use {low} to {high}")
     return value
+
+
+_DURATION_RE = re.compile(r"(\d{1,6})\s*(s|sec|m|min|h|d)?", re.IGNORECASE)
+_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 30 * 86400
+
+
+def duration_arg(text: str) -> float:
+    """A duration such as 90s, 30m, 2h or 1d (a bare number is minutes), in seconds: at most 30 days."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{_show(text)} is not a duration: use e.g. 30m, 2h or 1d")
+    seconds = int(match.group(1)) * _DURATION_UNITS[(match.group(2) or "m").lower()]
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise ValueError(f"{_show(text)} is out of range: use more than 0 and at most 30d")
+    return float(seconds)
 
 
 def batch_arg(text: str) -> str:

@@ -28,7 +28,9 @@ class NoticeRenderer:
     def __call__(self, event: Event) -> Reply:
         match event:
             case BatchFinished():
-                return batch_summary(event.batch, event.trigger, event.entries, self.room_name, event.left_behind)
+                return batch_summary(
+                    event.batch, event.trigger, event.entries, self.room_name, event.left_behind, event.redacted
+                )
             case BatchHeld():
                 return held_notice(
                     event.batch,

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..engine.observer import Observer
     from ..engine.reconciler import Reconciler
     from ..matrix import MatrixAdapter, StateCache
+    from ..matrix.crypto import Crypto
     from ..model import RoomID, UserID
     from ..store import Store
 
@@ -22,6 +23,7 @@ class Services(Protocol):
     config: Config
     store: Store
     matrix: MatrixAdapter
+    crypto: Crypto
     cache: StateCache
     observer: Observer
     reconciler: Reconciler

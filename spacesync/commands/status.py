@@ -15,6 +15,8 @@ from ..store import AuditRecord, Status
 from ..store.journal import BatchStatus
 from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
 from .parser import count_arg, room_arg, user_arg
+from .people import redactions_open
+from .powerlevels import RELEASE_HELP, release
 from .registry import CommandError, Context, command, expect
 from .world import View, filter_plan, label, scope, space_filter, view
 
@@ -163,6 +165,9 @@ async def status(ctx: Context, args: list[str]) -> Reply:
     queue = queue_text(app.executor.estimate(depth.get("pending", 0) + depth.get("running", 0)))
     if queue is not None:
         lines.append(line(queue))
+        redacting = await redactions_open(app)
+        if redacting is not None:
+            lines.append(redacting)
     if depth.get("parked"):
         parked = await app.store.journal.parked(limit=200)
         by_batch = sorted({e.batch for e in parked})
@@ -508,6 +513,9 @@ async def whois(ctx: Context, args: list[str]) -> Reply:
         lines.append(
             line(f"{room_t}: {membership.value} — {why_t}", f"{room_h}: <b>{esc(membership.value)}</b> — {why_h}")
         )
+    from .lists import rule_notes  # lists registers after these commands (it imports this module)
+
+    general.extend(rule_notes(v, user))
     exempt_spaces = [s.room_id for s in policy.spaces if user in s.exempt]
     if exempt_spaces:
         general.append("exempt in the config for " + _labels(app, exempt_spaces, v)[0])
@@ -576,15 +584,17 @@ async def joinrules(ctx: Context, args: list[str]) -> Reply:
 
 @command(
     "powerlevels",
-    usage="powerlevels [space]",
+    usage="powerlevels [space] | powerlevels release <room|all> [@user]",
     family=FAMILY,
-    summary="power-level findings and pending power-level changes",
+    summary="power-level findings and pending power-level changes; hand levels changed by hand back",
     help="From a fresh plan: power levels changed by hand (left alone), users muted or demoted in the room "
     "itself (not raised), users at or above the bot's "
     "level, rooms where the bot lacks the power to write levels, and the level changes it would make "
-    "(user: before → after).",
+    "(user: before → after).\n\n" + RELEASE_HELP,
 )
 async def powerlevels(ctx: Context, args: list[str]) -> Reply:
+    if args and args[0].lower() == "release":
+        return await release(ctx, args[1:])
     return await _family_report(ctx, args, "powerlevels", frozenset({ActionKind.SET_POWER_LEVELS}), "Power levels")
 
 

@@ -10,7 +10,7 @@ from mautrix.errors import MatrixRequestError
 from ..core.entitlement import user_level
 from ..core.graph import SpaceGraph, build_graph
 from ..matrix.state import parse_room_state
-from ..model import Plan, Policy, PowerLevels, RoomID, RoomState, Snapshot, UserID
+from ..model import Membership, Plan, Policy, PowerLevels, RoomID, RoomState, Snapshot, UserID
 from ..refs import RefError, parse_room_ref, room_label
 from .format import code, esc
 from .registry import CommandError
@@ -104,6 +104,19 @@ async def room_state(app: App, room_id: RoomID) -> RoomState:
             "invite it to the room first (it accepts invites from admins)"
         ) from None
     return attrs.evolve(cached, power_levels=PowerLevels.from_content(levels)) if levels else cached
+
+
+def bans_above(v: View, room_id: RoomID, user_id: UserID, lifted: set[RoomID] | frozenset[RoomID]) -> list[RoomID]:
+    """The Spaces with a say over the room that ban the user and whose ban is not being lifted (`lifted`): a ban
+    carried down from one of them would only be placed again if lifted in the room."""
+    above = v.graph.authority.get(room_id, frozenset()) - {room_id}
+    return sorted(
+        s
+        for s in above
+        if s not in lifted
+        and (space := v.snapshot.rooms.get(s)) is not None
+        and space.membership(user_id) is Membership.BAN
+    )
 
 
 def level(room: RoomState, user_id: UserID) -> float:

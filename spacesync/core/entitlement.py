@@ -10,6 +10,9 @@ from ..model import Membership, Policy, RoomID, RoomState, Snapshot, UserID
 from .graph import SpaceGraph, exempt_in
 from .versions import features
 
+_NOT_JOINED = (Membership.LEAVE, Membership.KNOCK, Membership.INVITE)
+"""Memberships that are a departure when they follow a join (`MemberState.was_joined`)."""
+
 USER_ID_RE = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
 
 
@@ -90,15 +93,16 @@ class Memberships:
         return users
 
     def departed_from(self, room_id: RoomID, user_id: UserID) -> bool:
-        """A real departure: banned, removed by this plan, or a leave that replaced a join.
+        """A real departure: banned, removed by this plan, or anything but joined after a join (sticky: a knock,
+        an invite or their rejection after a departure keeps it).
 
-        A declined or withdrawn invite, a rejected knock, an unban, or a leave nobody can tell the
-        history of is no departure: unknown is not absent.
+        A declined or withdrawn invite, a rejected knock or an unban of someone never seen joined, or a leave
+        nobody can tell the history of is no departure: unknown is not absent.
         """
         membership = self.get(room_id, user_id)
         if membership is Membership.BAN:
             return True
-        if membership is not Membership.LEAVE:
+        if membership not in _NOT_JOINED:
             return False
         if self.is_planned(room_id, user_id):
             return (room_id, user_id) not in self._lifted
@@ -113,11 +117,11 @@ class Memberships:
         return state is not None and state.was_joined is None
 
     def departed(self, room_ids: Iterable[RoomID]) -> set[UserID]:
-        """Users with a leave or ban in any of these rooms, now or once planned actions ran: the only
+        """Users with a membership but join in any of these rooms, now or once planned actions ran: the only
         ones who can be evicted (`departed_from` tells which of them really departed)."""
         out: set[UserID] = set()
         for room_id in room_ids:
-            out.update(u for u in self._users(room_id) if self.get(room_id, u) in (Membership.LEAVE, Membership.BAN))
+            out.update(u for u in self._users(room_id) if self.get(room_id, u) in (*_NOT_JOINED, Membership.BAN))
         return out
 
     def joined(self, room_id: RoomID) -> list[UserID]:

@@ -11,6 +11,16 @@ from ..model import Finding, FindingCode, RoomID, RoomState, Snapshot
 
 LOCK_RULES = ("invite", "knock")
 
+_STRICTNESS = {"invite": 2, "private": 2, "knock": 1}
+"""How closed a join rule is: invite (and the old `private`) admit nobody by themselves, knock admits on request,
+every other rule (public, restricted, knock_restricted, unknown ones) lets people in by themselves."""
+
+
+def narrows(now: str | None, rule: str) -> bool:
+    """Whether a lockdown writing `rule` over `now` closes the room further: a lockdown only ever narrows, so
+    knock never opens an invite-only room, and a rule already as closed is left as it is."""
+    return _STRICTNESS.get(rule, 0) > _STRICTNESS.get(now or "", 0)
+
 
 def _allow(content: Mapping[str, Any]) -> tuple[RoomID, ...]:
     raw = content.get("allow")

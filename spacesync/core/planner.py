@@ -9,6 +9,7 @@ import attrs
 from ..model import (
     Action,
     ActionKind,
+    Cause,
     Finding,
     FindingArea,
     LeftBehind,
@@ -27,6 +28,7 @@ from .entitlement import Memberships, entitled_by, entitlers, protection, user_l
 from .graph import SpaceGraph, build_graph, exempt_in, policies_for
 from .joinrules import plan_join_rules, verified_upgrade
 from .lockdown import as_before_lockdown, lockdown_findings, locked_rooms
+from .policylists import list_findings, policy_bans, with_list_servers
 from .policyserver import plan_policy_server
 from .powerlevels import plan_power_levels
 from .serveracl import plan_server_acl
@@ -48,7 +50,7 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
     jr_findings = [f for f in jr_findings if f.room_id not in locked] + lockdown_findings(
         snapshot, locked & graph.managed
     )
-    acl_actions, acl_findings = plan_server_acl(snapshot, policy, graph)
+    acl_actions, acl_findings = plan_server_acl(with_list_servers(snapshot, policy.spaces), policy, graph)
     via_actions, via_findings = plan_via(snapshot, policy, graph)
     ps_actions, ps_findings = plan_policy_server(snapshot, policy, graph)
     jr_actions += acl_actions + via_actions + ps_actions
@@ -62,6 +64,7 @@ def plan(snapshot: Snapshot, policy: Policy) -> Plan:
         + [attrs.evolve(f, area=FindingArea.POWER_LEVELS) for f in pl_findings]
         + [attrs.evolve(f, area=FindingArea.JOIN_RULES) for f in jr_findings]
         + malformed_findings(snapshot)
+        + list_findings(snapshot, policy.spaces)
     )
     return Plan(
         actions=tuple(membership.actions + [a for a in jr_actions + pl_actions if a.room_id not in waits]),
@@ -155,6 +158,9 @@ class MembershipPlanner:
         self._managed_rooms = sorted(r for r in graph.managed if snapshot.known(r))
         self._managed_spaces = [r for r in self._managed_rooms if snapshot.rooms[r].is_space or r in graph.roots]
         self._upgrades = verified_upgrades(snapshot, graph)
+        self._list_banned = policy_bans(
+            snapshot, policy.spaces, {s.room_id: graph.governed_by(s.room_id) | {s.room_id} for s in policy.spaces}
+        )
         self._no_power: set[tuple[RoomID, str]] = set()
         self._unknown_reported: set[tuple[RoomID, RoomID]] = set()
         self._history_reported: set[tuple[RoomID, UserID]] = set()
@@ -176,7 +182,7 @@ class MembershipPlanner:
             self._reset()
             for room_id, user_id in sorted(lifts):
                 self.memberships.plan(room_id, user_id, Membership.LEAVE, lift=True)
-            while self._carry_bans() | self._propagate_bans() | self._evict():
+            while self._list_bans() | self._carry_bans() | self._propagate_bans() | self._evict():
                 pass
             dropped = {key for key in lifts if not self._lift_holds(key, candidates[key])}
             if not dropped:
@@ -298,6 +304,33 @@ class MembershipPlanner:
                         cause=placed.cause,
                         reason=f"{why} (carried over from {old_id}, which this room replaced)",
                         space_id=self._root_for(old_id),
+                    )
+                )
+                planned = True
+        return planned
+
+    def _list_bans(self) -> bool:
+        """Ban in each Space the users its policy lists ban (carried down from there as any Space ban); True
+        when something was planned. A user already banned there, by anyone, is left as they are."""
+        planned = False
+        for space_id, bans in sorted(self._list_banned.items()):
+            if not bans.banned or space_id not in self._managed_spaces:
+                continue
+            room = self.snapshot.rooms[space_id]
+            for user_id, rule in sorted(bans.banned.items()):
+                if self.memberships.get(space_id, user_id) is Membership.BAN:
+                    continue
+                if not self._may_act(room, user_id, ActionKind.BAN):
+                    continue
+                self.memberships.plan(space_id, user_id, Membership.BAN)
+                self.actions.append(
+                    Action(
+                        kind=ActionKind.BAN,
+                        room_id=space_id,
+                        user_id=user_id,
+                        cause=Cause.POLICY_LIST.value,
+                        reason=rule.reason or f"policy list rule {rule.entity}",
+                        space_id=self._root_for(space_id),
                     )
                 )
                 planned = True
@@ -466,7 +499,7 @@ class MembershipPlanner:
         state = self.snapshot.rooms[space_id].members[user_id]
         if state.membership is Membership.BAN:
             return self._reason("banned in", space_id)
-        if state.sender and state.sender != user_id:
+        if state.membership is Membership.LEAVE and state.sender and state.sender != user_id:
             return self._reason("kicked from", space_id)
         return self._reason("left", space_id)
 
@@ -496,7 +529,8 @@ class MembershipPlanner:
             if placed.room_id not in self.graph.managed or room.tombstone:
                 continue
             policies = policies_for(self.graph, self.policy, placed.room_id)
-            if not policies or not all(p.propagate_unbans for p in policies):
+            own_list_ban = placed.cause == Cause.POLICY_LIST  # lifted with its rule, whatever propagate_unbans says
+            if not own_list_ban and (not policies or not all(p.propagate_unbans for p in policies)):
                 continue
             key = (placed.room_id, placed.user_id)
             pl = room.power_levels
@@ -525,6 +559,12 @@ class MembershipPlanner:
         )
 
     def _ban_lifted(self, room: RoomState, placed: PlacedBan) -> bool:
+        if placed.cause == Cause.COMMAND_BAN:
+            return False  # a moderator's `ban` command: lifted only by `unban` or `undo`
+        if placed.cause == Cause.POLICY_LIST:
+            # Lifted once no rule of the Space's lists bans the user; while a list cannot be read, kept.
+            bans = self._list_banned.get(room.room_id)
+            return bans is None or (bans.complete and placed.user_id not in bans.banned)
         if placed.cause == "space_ban":
             return not self._banned_above(room.room_id, placed.user_id, propagating_only=False)
         # An on_leave ban stays while a Space ban would place it again at once.

@@ -6,10 +6,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from ..model import (
     Action,
     ActionKind,
     Finding,
+    FindingCode,
     OwnedLevel,
     Policy,
     PowerLevels,
@@ -186,24 +189,27 @@ def diff_room(
         current = pl.users_default if entry is None else entry
         mine = owned.get(user_id)
         asked = desired[user_id][0] if user_id in desired else None
-        if mine is not None and mine.released:
-            if asked == mine.written:
-                continue
-            diff.stale.append(user_id)
-            mine = None
-        elif mine is not None and entry != mine.written:
-            diff.findings.append(
-                Finding(
-                    room.room_id,
-                    "changed_by_hand",
-                    f"{user_id}'s level was changed by hand ({mine.written} -> {entry}): left alone",
-                )
-            )
-            if asked is None:
+        if mine is not None and (mine.released or entry != mine.written):
+            # Changed by someone else since spacesync's own write: the room's, not spacesync's, until the room's
+            # moderators hand it back (set it to spacesync's write or to what the Space asks now) or a moderator
+            # runs '!spacesync powerlevels release'. Whatever the Space asks meanwhile, it is not overwritten.
+            if asked is None:  # the Space asks nothing any more: nothing left to hand back
+                if not mine.released:
+                    diff.findings.append(_changed_by_hand(room.room_id, user_id, mine, entry, ": left alone"))
                 diff.stale.append(user_id)
+                continue
+            if entry is not None and entry in (mine.written, min(asked, ceiling)):
+                mine = OwnedLevel(room.room_id, user_id, int(entry), mine.previous)
+                diff.released.append(mine)  # handed back: spacesync's own again, mirrored from here
             else:
-                diff.released.append(OwnedLevel(room.room_id, user_id, int(asked), None, released=True))
-            continue
+                if not mine.released:
+                    diff.released.append(attrs.evolve(mine, released=True))
+                until = (
+                    f": left alone until the room's moderators set it back to {mine.written} or "
+                    "'!spacesync powerlevels release' hands it back"
+                )
+                diff.findings.append(_changed_by_hand(room.room_id, user_id, mine, entry, until))
+                continue
         if current >= bot_level:
             if user_id in desired and desired[user_id][0] > current:
                 diff.findings.append(Finding(room.room_id, "above_bot", f"{user_id} is at or above the bot's level"))
@@ -237,6 +243,15 @@ def diff_room(
     if diff.changes:
         diff.content = apply_user_changes(pl.raw, diff.changes)
     return diff
+
+
+def _changed_by_hand(room_id: RoomID, user_id: UserID, mine: OwnedLevel, entry: int | None, then: str) -> Finding:
+    now = "-" if entry is None else entry
+    return Finding(
+        room_id,
+        FindingCode.CHANGED_BY_HAND.value,
+        f"{user_id}'s level was changed by hand ({mine.written} -> {now}){then}",
+    )
 
 
 def held_down(pl: PowerLevels, user_id: UserID, mine: OwnedLevel | None) -> bool:

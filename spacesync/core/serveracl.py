@@ -13,8 +13,17 @@ from .graph import SpaceGraph, policies_for
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
-    """A server ACL pattern (`*` and `?` wildcards only) as a regular expression."""
-    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S)
+    """A server ACL pattern (`*` and `?` wildcards only) as a regular expression, matching case-insensitively
+    (MSC4436: a deny `LOCALHOST` keeps `localhost` out)."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S | re.IGNORECASE
+    )
+
+
+def same_entry(pattern: str, entries: Iterable[str]) -> bool:
+    """Whether an ACL entry is already among `entries`, compared as they match: without regard to case."""
+    folded = pattern.casefold()
+    return any(e.casefold() == folded for e in entries)
 
 
 def host(server: str) -> str:
@@ -68,7 +77,9 @@ def space_denies(snapshot: Snapshot, spaces: Iterable[RoomID]) -> tuple[list[str
         acl = snapshot.rooms[space_id].server_acl if space_id in snapshot.rooms else None
         if acl is None:
             continue
-        deny.extend(d for d in _strings(acl.get("deny")) if d not in deny)
+        for d in _strings(acl.get("deny")):
+            if not same_entry(d, deny):
+                deny.append(d)
         if ip_literals is None or not acl.get("allow_ip_literals", True):
             ip_literals = bool(acl.get("allow_ip_literals", True))
     return deny, ip_literals
@@ -117,13 +128,13 @@ def _plan_room(
         why = _protected(pattern, keep_out)
         if why:
             refused.append(f"{pattern} ({why})")
-        elif pattern not in current_deny:
+        elif not same_entry(pattern, current_deny):
             add.append(pattern)
     for item in refused:
         findings.append(
             Finding(room.room_id, FindingCode.ACL_REFUSED.value, f"server ACL entry {item} not mirrored into this room")
         )
-    remove = [p for p in current_deny if p in owned and p not in wanted]
+    remove = [p for p in current_deny if p in owned and not same_entry(p, wanted)]
     new_owned = (owned & set(current_deny) | set(add)) - set(remove)
     if not add and not remove:
         return None

@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections import Counter
 
 from ..model import Action, ActionKind, Cause, Finding, FindingCode, Policy, RoomState, Snapshot
+from ..refs import server_name
 from .entitlement import user_level
 from .graph import SpaceGraph, policies_for
-from .serveracl import host, server_of
 
 MAX_VIA = 3
 """Servers written into a rewritten `via`: the ones with the most joined members in the child."""
 
 
 def current_via(child: RoomState) -> list[str]:
-    """The servers of the child's joined members, most members first (ties by name)."""
-    counts = Counter(server_of(u) for u in child.joined())
+    """The servers of the child's joined members, most members first (ties by name): full server names, a port
+    kept (`remote.example:8448` is another server than `remote.example`, and only it routes)."""
+    counts = Counter(server for u in child.joined() if (server := server_name(u)))
     return [s for s, _ in sorted(counts.items(), key=lambda c: (-c[1], c[0]))][:MAX_VIA]
 
 
@@ -33,8 +34,8 @@ def plan_via(snapshot: Snapshot, policy: Policy, graph: SpaceGraph) -> tuple[lis
             child = snapshot.rooms.get(child_id)
             if child is None or not snapshot.known(child_id) or child.tombstone:
                 continue  # members unknown: no verdict
-            servers = {server_of(u) for u in child.joined()}
-            if any(host(v) in servers for v in via):
+            servers = {server for u in child.joined() if (server := server_name(u))}
+            if any(v in servers for v in via):
                 continue
             new_via = current_via(child)
             findings.append(

@@ -13,11 +13,11 @@ from mautrix.errors import MatrixRequestError
 from ..matrix import MatrixAdapter
 from ..matrix.crypto import CryptoError
 from ..matrix.errors import REQUEST_ERRORS
-from ..model import RoomID
+from ..model import ActionKind, RoomID
 from ..store import Store
 from ..store.journal import Entry
-from .events import ActionParked, BatchFinished, Event
-from .executor import refusal_reason
+from .events import ActionParked, BatchFinished, Event, RoomsNeedAttention
+from .executor import redaction_key, refusal_reason
 
 log = structlog.get_logger("spacesync")
 NOTICE_ATTEMPTS = 4
@@ -44,8 +44,17 @@ class Announcer:
         self.store = store
         self.admin_room = admin_room
         self.render = render
+        self._attention: set[tuple[RoomID, str]] = set()
 
     async def __call__(self, event: Event) -> None:
+        if isinstance(event, RoomsNeedAttention):
+            # Once per room and finding code: a finding whose text embeds a changing number (members, levels)
+            # is the same matter and is not announced again on every full reconcile.
+            fresh = [f for f in event.findings if (f.room_id, f.code) not in self._attention]
+            if not fresh:
+                return
+            self._attention.update((f.room_id, f.code) for f in fresh)
+            event = RoomsNeedAttention(findings=fresh)
         notice = self.render(event)
         await self.notify(notice.text, notice.html)
 
@@ -83,4 +92,10 @@ class Announcer:
         if not await self.store.journal.mark_announced(batch):
             return
         left = await self.store.journal.left_behind(batch)
-        await self(BatchFinished(batch=batch, trigger=trigger, entries=entries, left_behind=left))
+        redacted: dict[RoomID, int] = {}
+        for entry in entries:
+            run = (entry.action.content or {}).get("run") if entry.action.kind is ActionKind.REDACT else None
+            if run:
+                count = await self.store.get(redaction_key(str(run), entry.action.room_id))
+                redacted[entry.action.room_id] = int(count or 0)
+        await self(BatchFinished(batch=batch, trigger=trigger, entries=entries, left_behind=left, redacted=redacted))

@@ -3,7 +3,7 @@ listener's business, so the engine never imports the command layer."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
 
@@ -19,6 +19,8 @@ class BatchFinished:
     trigger: str
     entries: list[Entry]
     left_behind: list[LeftBehind]
+    redacted: Mapping[RoomID, int] = attrs.field(factory=dict)
+    """Messages each REDACT action of the batch removed, by room."""
 
 
 @attrs.frozen

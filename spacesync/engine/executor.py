@@ -18,6 +18,7 @@ import structlog
 from mautrix.errors import MatrixRequestError
 
 from ..backoff import backoff
+from ..core.lockdown import narrows
 from ..core.planner import upgrade_copy
 from ..core.powerlevels import apply_user_changes, int_level
 from ..core.serveracl import apply_acl_changes, owned_after
@@ -76,6 +77,15 @@ class Transient(Exception):
         """A 429 beyond the wait budget: the homeserver is busy, not failing; counts attempts, not failures."""
 
 
+class _Stopped(Exception):
+    """A run of redactions that failed part-way: the error, and how many were redacted before it."""
+
+    def __init__(self, error: Exception, redacted: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.redacted = redacted
+
+
 Recheck = Callable[[list[Action]], Awaitable[set[str]]]
 """Keys of the given actions a fresh plan (from the state cache) still wants."""
 Parked = Callable[[Entry, str], Awaitable[None]]
@@ -109,6 +119,11 @@ def _write_paused_until(matrix: MatrixAdapter) -> float:
 def _paused_s(matrix: MatrixAdapter) -> float:
     """How much longer a 429 holds the adapter's writes back."""
     return max(0.0, _write_paused_until(matrix) - time.monotonic())
+
+
+def redaction_key(run: str, room_id: str) -> str:
+    """Where the count of messages a REDACT action removed in a room is kept (the store's key-value table)."""
+    return f"redacted|{run}|{room_id}"
 
 
 def refusal_reason(error: str) -> str:
@@ -652,6 +667,8 @@ class Executor:
             content = dict(action.content or {})
             if action.cause == Cause.UNLOCK and not await self._still_locked(action):
                 raise Superseded("the join rule was changed by hand since the lockdown: left alone")
+            if action.cause == Cause.LOCKDOWN and not await self._still_narrows(action):
+                return Outcome.SKIPPED
             if action.cause == Cause.JOIN_RULES and not await self.checks.join_rules(action):
                 return Outcome.ALREADY_DONE
             await self._call(lambda: m.put_state(room, "m.room.join_rules", content))
@@ -665,6 +682,8 @@ class Executor:
             await self.store.set_owned_acl(room, owned_after(action))
         elif action.kind is ActionKind.SET_POLICY_SERVER:
             return await self._set_policy_server(action)
+        elif action.kind is ActionKind.REDACT:
+            return await self._redact_messages(action)
         elif action.kind is ActionKind.SET_SPACE_CHILD:
             content = dict(action.content or {})
             key = action.state_key or ""
@@ -708,24 +727,57 @@ class Executor:
         return Outcome.DONE
 
     async def _redact_recent(self, action: Action, last: int) -> None:
-        """The banned user's last messages in the room, redacted one by one: the adapter waits out each 429, so
-        a long run is paced by the server's limits. A failure stops the run; the ban stands either way."""
+        """The banned user's last messages in the room, redacted one by one after the ban. A failure stops the
+        run; the ban stands either way."""
+        try:
+            redacted = await self._redact_events(action, last)
+        except (Transient, MatrixRequestError, _Stopped) as e:
+            log.warning("redaction with the ban stopped", room=action.room_id, user=action.user_id, error=str(e))
+            return
+        log.info("redacted with the ban", room=action.room_id, user=action.user_id, redacted=redacted)
+
+    async def _redact_messages(self, action: Action) -> Outcome:
+        """A REDACT action (`!spacesync redact`): the user's messages in the room, newest first, at most `last`
+        and none older than `since_ms`. A failure raises, so the entry backs off (or is parked) like any other;
+        a retry finds the messages already redacted gone from the history it reads and goes on from there. The
+        count is kept (`redaction_key`) for the batch's notice."""
+        extras = action.content or {}
+        last = int(extras.get("last") or 0)
+        since = int(extras["since_ms"]) if extras.get("since_ms") is not None else None
+        run = str(extras.get("run") or "")
+        redacted = 0
+        try:
+            redacted = await self._redact_events(action, last, since_ms=since, scan=max(500, 4 * last))
+        except _Stopped as e:
+            redacted = e.redacted
+            raise e.error from None
+        finally:
+            if run and redacted:
+                key = redaction_key(run, action.room_id)
+                await self.store.put(key, str(int(await self.store.get(key) or 0) + redacted))
+        return Outcome.DONE if redacted else Outcome.ALREADY_DONE
+
+    async def _redact_events(self, action: Action, last: int, *, since_ms: int | None = None, scan: int = 500) -> int:
+        """Redact the user's messages one request at a time (the adapter waits out each 429, so a long run is
+        paced by the server's limits); how many were redacted. A failed read raises its error; a failed redaction
+        `_Stopped`, with the count so far."""
         room, user = action.room_id, cast(UserID, action.user_id)
         try:
-            events = await self._call(lambda: self.matrix.recent_messages_of(room, user, last))
-        except (Transient, MatrixRequestError) as e:
-            log.warning("could not read messages to redact", room=room, user=user, error=str(e))
+            events = await self._call(lambda: self.matrix.recent_messages_of(room, user, last, scan, since_ms))
+        except (Transient, MatrixRequestError):
             REDACTIONS.labels(outcome="failed").inc()
-            return
+            raise
+        done = 0
         for event_id in events:
             try:
                 await self._call(functools.partial(self.matrix.redact, room, event_id, action.reason))
             except (Transient, MatrixRequestError) as e:
                 log.warning("redaction failed", room=room, user=user, event_id=event_id, error=str(e))
                 REDACTIONS.labels(outcome="failed").inc()
-                return
+                raise _Stopped(e, done) from e
             REDACTIONS.labels(outcome="done").inc()
-        log.info("redacted with the ban", room=room, user=user, redacted=len(events))
+            done += 1
+        return done
 
     async def _still_locked(self, action: Action) -> bool:
         """Whether the room still holds the join rule the lockdown wrote; one changed by hand since is left alone
@@ -737,6 +789,14 @@ class Executor:
             return True
         await self.store.set_lockdown(RoomID(room), None)
         return False
+
+    async def _still_narrows(self, action: Action) -> bool:
+        """Whether a lockdown's write still closes the room further: one made as closed meanwhile (invite by
+        hand while a knock lockdown waited) is left as it is."""
+        room = action.room_id
+        current = await self._call(lambda: self.matrix.state_event(room, "m.room.join_rules")) or {}
+        now = current.get("join_rule")
+        return narrows(now if isinstance(now, str) else None, str((action.content or {}).get("join_rule")))
 
     def _banned_by_other(self, action: Action) -> bool:
         """Whether the state cache shows the target already banned, by someone other than spacesync.

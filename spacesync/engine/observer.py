@@ -191,6 +191,7 @@ class Observer:
                 space = policy.space(room_id)
                 if space is not None:
                     frontier.extend(space.extra_rooms)
+                    frontier.extend(space.policy_lists)
                 if room.tombstone:
                     frontier.append(room.tombstone)
                     if room_id in self.known_managed:  # a room that never opted in gets no say
@@ -293,7 +294,7 @@ class Observer:
         pending = [r for r in rooms if r not in self._join_attempted]
         if not pending:
             return
-        extra = {r for s in policy.spaces for r in s.extra_rooms}
+        extra = {r for s in policy.spaces for r in (*s.extra_rooms, *s.policy_lists)}
         managed_spaces = {s.room_id for s in policy.spaces} | {
             r for r in self.known_managed if (state := self.cache.get(r)) is not None and state.is_space
         }

@@ -60,6 +60,7 @@ ATTENTION = frozenset(
         FindingCode.MALFORMED,
         FindingCode.UNROUTABLE_CHILD,
         FindingCode.ACL_REFUSED,
+        FindingCode.POLICY_RULES_IGNORED,
     }
 )
 """Finding codes the admin room is told about once: rooms that need a moderator."""
@@ -170,8 +171,13 @@ class Reconciler:
                 continue
             seen.add(room_id)
             extra_ids = {r for ref in space.extra_rooms if (r := await self.resolve(ref))}
+            lists = tuple([r for ref in space.policy_lists if (r := await self.resolve(ref))])
             spaces.append(
-                space.to_policy(room_id, extra_rooms_resolved=frozenset(extra_ids | extra.get(room_id, set())))
+                space.to_policy(
+                    room_id,
+                    extra_rooms_resolved=frozenset(extra_ids | extra.get(room_id, set())),
+                    policy_lists_resolved=lists,
+                )
             )
         for room_id in await self.store.managed_spaces():
             if room_id not in seen:

@@ -18,6 +18,7 @@ from ..config import Config
 from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
 from ..matrix.crypto import Crypto, CryptoError
+from ..matrix.room_encryption import Encryption
 from ..matrix.state import parse_room_state
 from ..metrics import IS_LEADER
 from ..model import RoomID, UserID
@@ -38,6 +39,9 @@ from .timer import ReconcileTimer
 log = structlog.get_logger("spacesync")
 
 __all__ = ["App", "CommandHandler", "FatalError"]
+
+CRYPTO_RETRY_S = (2.0, 5.0)
+"""Waits between the attempts to load the bot's device and identity at login (then it is reported)."""
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -64,7 +68,14 @@ class App:
             device_id=config.bot.device_id,
             request_timeout=config.homeserver.request_timeout,
         )
-        self.crypto = Crypto(self.matrix, self.store.db, config.bot.pickle_key)
+        self.crypto = Crypto(
+            self.matrix,
+            self.store.db,
+            config.bot.pickle_key,
+            recovery_key=config.bot.recovery_key,
+            password=config.bot.password,
+            share_keys_with=config.admin.share_keys_with,
+        )
         self.matrix.crypto = self.crypto
         self.cache = StateCache()
         self.health = DatabaseHealth()
@@ -123,6 +134,8 @@ class App:
         self.logged_in = False
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._learning: asyncio.Task[None] | None = None
+        """Reads the admin room's state again when the read at login failed."""
         self.started_at = time.time()
 
     # region public state (read by /ready, /metrics and the status command)
@@ -212,41 +225,76 @@ class App:
             spaces=[str(s.room) for s in self.config.spaces],
             dry_run=self.config.dry_run,
         )
-        try:
-            await self.crypto.start()
-        except CryptoError as e:
-            log.error(str(e))
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
-            self.crypto.problem = f"encryption: could not upload the bot's keys ({type(e).__name__}: {e}); restart"
-            log.error(self.crypto.problem)
+        await self._start_crypto()
         self.admin_room = await self.reconciler.resolve(self.config.admin.room)
         if self.admin_room is None:
             log.warning("admin room unknown: the alias does not resolve", admin_room=str(self.config.admin.room))
         else:
             await self._admin_room_encryption(self.admin_room)
 
+    async def _start_crypto(self) -> None:
+        """Load the bot's device and identity; a homeserver that does not answer is asked a few times more."""
+        for attempt, delay in enumerate((*CRYPTO_RETRY_S, None)):
+            try:
+                await self.crypto.start()
+                return
+            except CryptoError as e:
+                log.error(str(e))
+                return
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError) as e:
+                error = f"{type(e).__name__}: {e}"
+                if delay is None:
+                    self.crypto.problem = f"encryption: could not upload the bot's keys ({error}); restart"
+                    log.error(self.crypto.problem)
+                    return
+                log.warning("could not upload the bot's keys; trying again", attempt=attempt + 1, error=error)
+                await asyncio.sleep(delay)
+
     async def _admin_room_encryption(self, room_id: RoomID) -> None:
-        """Learn whether the admin room is encrypted; if it is and encryption cannot work, say so once."""
+        """Learn whether the admin room is encrypted (in the background, with bounded retries, when the first
+        read fails: nothing is posted there meanwhile); then say once what the operator has to fix."""
         try:
             await self.crypto.load_room(room_id, await self.matrix.room_state(room_id))
         except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError) as e:
-            log.warning("could not read the admin room's state", admin_room=str(room_id), error=str(e))
-            return
-        if not await self.crypto.encrypted(room_id) or self.crypto.ready:
-            return
-        why = self.crypto.problem or "encryption: off; set bot.pickle_key (see docs/deployment.md)"
-        self.crypto.problem = why
-        log.error(
-            "the admin room is encrypted and the bot cannot read or answer there", admin_room=str(room_id), why=why
-        )
-        try:
-            await self.matrix.send_notice(
-                room_id,
-                "⚠ This room is encrypted and I cannot use encryption, so I cannot read or answer commands here. "
-                "The operator finds why in my log; docs/deployment.md says how to set encryption up.",
-                plaintext_ok=True,
-                txn=f"spacesync-crypto-{self.matrix.client.device_id if self.matrix.client else ''}",
+            log.warning(
+                "could not read the admin room's state: nothing is posted there until it is known whether it is "
+                "encrypted; reading it again",
+                admin_room=str(room_id),
+                error=f"{type(e).__name__}: {e}",
             )
+            self._learning = asyncio.create_task(self._encryption_notice(room_id), name="admin-room-encryption")
+            return
+        await self._encryption_notice(room_id)
+
+    async def _encryption_notice(self, room_id: RoomID) -> None:
+        """One notice when the bot cannot talk in the admin room as it should: an encrypted room and no
+        working encryption (said in clear, the only way), or a device the bot could not cross-sign."""
+        encryption = await self.crypto.encryption(room_id)
+        if encryption is Encryption.UNKNOWN:
+            return
+        device = self.matrix.client.device_id if self.matrix.client else ""
+        if encryption is Encryption.ENCRYPTED and not self.crypto.ready:
+            why = self.crypto.problem or "encryption: off; set bot.pickle_key (see docs/deployment.md)"
+            self.crypto.problem = why
+            log.error(
+                "the admin room is encrypted and the bot cannot read or answer there", admin_room=str(room_id), why=why
+            )
+            text = (
+                "⚠ This room is encrypted and I cannot use encryption, so I cannot read or answer commands here. "
+                "The operator finds why in my log; docs/deployment.md says how to set encryption up."
+            )
+            txn = f"spacesync-crypto-{device}"
+        elif self.crypto.identity_problem:
+            text = (
+                "⚠ I could not cross-sign my device, so clients that exclude unverified devices (Element) ignore "
+                "what I say here. The operator finds why in my log and on /ready; docs/deployment.md says how "
+                "to restore or replace my identity."
+            )
+            txn = f"spacesync-identity-{device}"
+        else:
+            return
+        try:
+            await self.matrix.send_notice(room_id, text, plaintext_ok=True, txn=txn)
         except Exception as e:
             log.warning("could not post to the admin room", error=f"{type(e).__name__}: {e}")
 
@@ -320,6 +368,8 @@ class App:
     async def shutdown(self) -> None:
         """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
         await self._stop_tasks()
+        if self._learning is not None:
+            await _cancel([self._learning])
         await self.matrix.close()
         await self.store.stop()
         IS_LEADER.set(0)

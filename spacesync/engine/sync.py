@@ -17,7 +17,7 @@ from ..backoff import backoff
 from ..matrix import MatrixAdapter, StateCache
 from ..matrix.errors import REQUEST_ERRORS
 from ..metrics import LAST_SYNC, SYNC_LAG
-from ..model import RoomID
+from ..model import RULE_TYPES, RoomID
 from ..store import Store
 from .errors import FatalError
 from .health import DatabaseHealth
@@ -39,6 +39,7 @@ TRIGGER_TYPES = frozenset(
         "m.room.server_acl",
         "m.room.policy",
         "org.matrix.msc4284.policy",
+        *RULE_TYPES,
     }
 )
 STATE_TYPES = sorted(TRIGGER_TYPES | {"m.room.name", "m.room.encryption"})

@@ -26,6 +26,7 @@ from ..metrics import RATELIMIT_WAIT
 from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
 from .http import METER, ReadMeter, SpacesyncHTTPAPI, retry_after_ms
+from .room_encryption import Encryption
 
 log = structlog.get_logger("spacesync.matrix")
 
@@ -315,9 +316,11 @@ class MatrixAdapter:
             content |= {"redact_events": True, "org.matrix.msc4293.redact_events": True}
         await self.request(Method.POST, Path.v3.rooms[room_id].ban, content=content)
 
-    async def recent_messages_of(self, room_id: RoomID, user_id: UserID, limit: int, scan: int = 500) -> list[str]:
+    async def recent_messages_of(
+        self, room_id: RoomID, user_id: UserID, limit: int, scan: int = 500, since_ms: int | None = None
+    ) -> list[str]:
         """Event ids of the user's last `limit` messages in the room (not state, not redacted), newest first,
-        looking back at most `scan` events."""
+        looking back at most `scan` events, and (`since_ms`) none sent before that time."""
         found: list[str] = []
         start: str | None = None
         seen = 0
@@ -329,6 +332,9 @@ class MatrixAdapter:
             chunk = data.get("chunk") or [] if isinstance(data, dict) else []
             for event in chunk:
                 seen += 1
+                ts = event.get("origin_server_ts") if isinstance(event, dict) else None
+                if since_ms is not None and isinstance(ts, int) and ts < since_ms:
+                    return found  # older than asked for: so is everything further back
                 if (
                     isinstance(event, dict)
                     and event.get("sender") == user_id
@@ -372,7 +378,8 @@ class MatrixAdapter:
         plaintext_ok: bool = False,
     ) -> str:
         """A notice; sending again with the same `txn` cannot post it twice. In an encrypted room it is sent
-        encrypted, or not at all (CryptoError) unless `plaintext_ok` (only for saying that encryption fails)."""
+        encrypted, or not at all (CryptoError) unless `plaintext_ok` (only for saying that encryption fails); in a
+        room whose encryption is unknown (its state cannot be read), not at all."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
         if html:
             content.update(format="org.matrix.custom.html", formatted_body=html)
@@ -380,7 +387,10 @@ class MatrixAdapter:
             content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
         txn = txn or self.api.get_txn_id()
         event_type = "m.room.message"
-        if self.crypto is not None and await self.crypto.encrypted(room_id):
+        encryption = await self.crypto.encryption(room_id) if self.crypto is not None else Encryption.PLAIN
+        if encryption is Encryption.UNKNOWN:
+            raise CryptoError(f"{room_id}: its state could not be read, so whether it is encrypted is unknown")
+        if self.crypto is not None and encryption is Encryption.ENCRYPTED:
             if self.crypto.ready:
                 content, event_type = await self.crypto.encrypt(room_id, event_type, content), "m.room.encrypted"
             elif not plaintext_ok:

@@ -2,19 +2,21 @@
 
 The crypto store (the Olm account, sessions, device lists) lives in the bot's own database through mautrix's
 PgCryptoStore, which works over SQLite and PostgreSQL alike: a restart or a standby taking over keeps the
-same device and keys. Only messages are encrypted; state events (all spacesync writes in managed rooms)
-never are, so managed rooms need none of this."""
+same device and keys. The device is cross-signed by the bot's own identity (`cross_signing.py`), so that
+clients excluding insecure devices (Element) share room keys with it; room keys go only to devices their
+owner cross-signed, under the master key the bot pinned (`trust.py`), unless `admin.share_keys_with: all`.
+Nothing is sent in clear into a room whose encryption is unknown (`room_encryption.py`).
+Only messages are encrypted; state events (all spacesync writes in managed rooms) never are, so managed rooms
+need none of this."""
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
-from mautrix.client import ClientAPI
-from mautrix.client.state_store.memory import MemoryStateStore
 from mautrix.crypto import OlmMachine
 from mautrix.crypto.store.asyncpg import PgCryptoStore
 from mautrix.errors import EncryptionError, SessionNotFound
@@ -30,13 +32,16 @@ from mautrix.types import (
     RoomID,
     StateEvent,
     ToDeviceEvent,
-    TrustState,
     UserID,
 )
 from mautrix.util.async_db import Database
-from mautrix.util.logging import TraceLogger
 
+from ..config import ShareKeysWith
+from .cross_signing import CrossSigning, IdentityError, Vault
 from .errors import REQUEST_ERRORS
+from .olm_client import CryptoClient, PacedAPI, RoomStateStore, crypto_logger
+from .room_encryption import Encryption, RoomEncryption
+from .trust import IDENTITY_CHANGED, TRUSTED, min_trust, repin
 
 if TYPE_CHECKING:
     from .adapter import MatrixAdapter
@@ -44,10 +49,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("spacesync.crypto")
 
 DECRYPTED_KEY = "io.spacesync.decrypted"
-"""Top-level key spacesync puts on an event it decrypted: the sender's device and whether it is verified."""
+"""Top-level key spacesync puts on an event it decrypted: the sender's device, whether it is trusted
+(`verified`: cross-signed by its owner under the pinned master key) and whether the owner's master key changed."""
+IDENTITY_RETRY_S = (1.0, 3.0)
+"""Waits between the attempts to check or set up the cross-signing identity at start (then it is reported)."""
 UNDECRYPTABLE_AFTER_S = 60.0
 """How long an encrypted command waits for its room key (sent to-device, maybe in a later /sync answer)."""
-VERIFIED = (TrustState.CROSS_SIGNED_TRUSTED, TrustState.VERIFIED)
 
 
 class CryptoError(Exception):
@@ -61,66 +68,37 @@ class CryptoState(str, Enum):
     BROKEN = "broken"
 
 
-class _CryptoClient(ClientAPI):
-    """What OlmMachine calls on its client: the raw key and to-device endpoints of ClientAPI, and event
-    handler registration, which spacesync replaces by feeding the machine from its own /sync loop."""
-
-    def add_event_handler(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def dispatch_event(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-class _RoomStateStore(MemoryStateStore):
-    """The admin room's encryption and members, kept from /sync; what OlmMachine asks of a state store."""
-
-    async def find_shared_rooms(self, user_id: UserID) -> list[RoomID]:
-        return [
-            room_id
-            for room_id, members in self.members.items()
-            if self.encryption.get(room_id) is not None
-            and user_id in members
-            and members[user_id].membership in (Membership.JOIN, Membership.INVITE)
-        ]
-
-
-class _PacedAPI:
-    """The HTTP API as OlmMachine's client sees it: every request goes through the adapter, so key uploads,
-    queries, claims and to-device messages get spacesync's timeouts and 429 handling."""
-
-    def __init__(self, matrix: MatrixAdapter) -> None:
-        self._matrix = matrix
-
-    async def request(self, method: Any, path: Any, content: Any = None, query_params: Any = None, **_: Any) -> Any:
-        return await self._matrix.request(method, path, content, dict(query_params or {}))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._matrix.api, name)
-
-
-def _crypto_logger() -> TraceLogger:
-    previous = logging.getLoggerClass()
-    logging.setLoggerClass(TraceLogger)
-    try:
-        return cast(TraceLogger, logging.getLogger("spacesync.olm"))
-    finally:
-        logging.setLoggerClass(previous)
-
-
 class Crypto:
     """The bot's one Olm device: decrypts the admin room's commands and encrypts what it posts there."""
 
-    def __init__(self, matrix: MatrixAdapter, db: Database, pickle_key: str | None) -> None:
+    def __init__(
+        self,
+        matrix: MatrixAdapter,
+        db: Database,
+        pickle_key: str | None,
+        *,
+        recovery_key: str | None = None,
+        password: str | None = None,
+        share_keys_with: ShareKeysWith = ShareKeysWith.CROSS_SIGNED,
+    ) -> None:
         self.matrix = matrix
         self.db = db
         self.pickle_key = pickle_key
+        self.recovery_key = recovery_key
+        self.password = password
+        self.share_keys_with = share_keys_with
+        self.identity: CrossSigning | None = None
+        """The bot's cross-signing identity, once the Olm account is loaded."""
+        self.identity_problem: str | None = None
+        """Why the bot's device is not cross-signed (the operator's matter), or None."""
         self.state = CryptoState.OFF if pickle_key is None else CryptoState.BROKEN
         self.problem: str | None = None
         """Why encryption does not work, for /ready and the logs; None when it works (or is off)."""
         self.machine: OlmMachine | None = None
         self.store: PgCryptoStore | None = None
-        self.state_store = _RoomStateStore()
+        self.state_store = RoomStateStore()
+        self.rooms = RoomEncryption(db, self._read_room)
+        """Which rooms are encrypted: nothing is sent in clear into a room whose encryption is unknown."""
         self._pending: dict[str, tuple[float, dict[str, Any]]] = {}
         """Encrypted admin-room events whose room key has not arrived yet: event id -> (first seen, event)."""
         self._reported: set[str] = set()
@@ -155,8 +133,10 @@ class Crypto:
                 f"the crypto store holds device {saved} but the bot is logged in as device {device_id}; "
                 f"log in with device {saved} (bot.device_id) or see docs/deployment.md to start a new device"
             )
-        crypto_client = _CryptoClient(client.mxid, device_id, api=cast(Any, _PacedAPI(self.matrix)))
-        machine = OlmMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=_crypto_logger())
+        crypto_client = CryptoClient(client.mxid, device_id, api=cast(Any, PacedAPI(self.matrix)))
+        crypto_client.matrix, crypto_client.password = self.matrix, self.password
+        machine = OlmMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=crypto_logger())
+        machine.send_keys_min_trust = min_trust(self.share_keys_with)
         try:
             await machine.load()
         except Exception as e:  # olm raises its own error for a wrong pickle key
@@ -169,7 +149,35 @@ class Crypto:
         await machine.share_keys()
         self.state, self.problem = CryptoState.READY, None
         identity_key = machine.account.identity_key if machine.account else None
-        log.info("end-to-end encryption ready", device_id=device_id, identity_key=identity_key)
+        self.identity = CrossSigning(
+            self.matrix, machine, Vault(self.db, self.matrix.user_id, self.pickle_key), recovery_key=self.recovery_key
+        )
+        self.identity_problem = await self._ensure_identity(self.identity)
+        if self.identity_problem:
+            # Encryption works for clients that share keys with any device; the operator has to act for the rest.
+            self.problem = self.identity_problem
+            log.error(self.problem)
+        log.info(
+            "end-to-end encryption ready",
+            device_id=device_id,
+            identity_key=identity_key,
+            master_key=self.identity.master_key,
+        )
+
+    async def _ensure_identity(self, identity: CrossSigning) -> str | None:
+        """The cross-signing identity in place; why not (one line) when it cannot be."""
+        for attempt, delay in enumerate((*IDENTITY_RETRY_S, None)):
+            try:
+                await identity.ensure()
+                return None
+            except IdentityError as e:
+                return f"encryption: {e}"
+            except REQUEST_ERRORS as e:
+                if delay is None:
+                    return f"encryption: could not set up the bot's cross-signing identity ({type(e).__name__}: {e})"
+                log.warning("could not check the bot's cross-signing identity; trying again", attempt=attempt + 1)
+                await asyncio.sleep(delay)
+        return None  # not reached
 
     async def reload(self) -> None:
         """Read the Olm account again: another instance may have led (and uploaded keys) meanwhile."""
@@ -182,14 +190,18 @@ class Crypto:
 
     # region state of the admin room
     async def load_room(self, room_id: RoomID, state: list[dict[str, Any]]) -> None:
-        """The admin room's current state: whether it is encrypted, and who is in it (to share keys with)."""
+        """A room's current state, read whole: whether it is encrypted (now known, and remembered), and who
+        is in it (to share keys with)."""
         members: list[dict[str, Any]] = []
+        encrypted = False
         for event in state:
             if event.get("type") == "m.room.encryption":
                 content = RoomEncryptionStateEventContent.deserialize(cast(Any, event.get("content") or {}))
                 await self.state_store.set_encryption_info(room_id, content)
+                encrypted = True
             elif event.get("type") == "m.room.member":
                 members.append(event)
+        await self.rooms.learnt(room_id, encrypted)
         if members:
             await self.state_store.set_members(
                 room_id,
@@ -202,8 +214,18 @@ class Crypto:
                 },
             )
 
+    async def _read_room(self, room_id: RoomID) -> None:
+        await self.load_room(room_id, await self.matrix.room_state(room_id))
+
+    async def encryption(self, room_id: RoomID) -> Encryption:
+        """Whether the room is encrypted: known, remembered, or read now (retried a bounded number of times);
+        UNKNOWN when every read failed."""
+        if await self.state_store.is_encrypted(room_id):
+            return Encryption.ENCRYPTED
+        return await self.rooms.get(room_id)
+
     async def encrypted(self, room_id: RoomID) -> bool:
-        return bool(await self.state_store.is_encrypted(room_id))
+        return await self.encryption(room_id) is Encryption.ENCRYPTED
 
     # endregion
 
@@ -270,6 +292,8 @@ class Crypto:
                 evt = StateEvent.deserialize(cast(Any, {**raw, "room_id": admin_room}))
             except Exception:
                 continue
+            if evt.type == EventType.ROOM_ENCRYPTION:
+                await self.rooms.learnt(admin_room, True)
             if evt.type == EventType.ROOM_MEMBER and self.store is not None:
                 before = await self.state_store.get_membership(admin_room, UserID(evt.state_key))
                 if before != cast(Any, evt.content).membership:
@@ -332,7 +356,8 @@ class Crypto:
         serialised.pop("room_id", None)
         serialised[DECRYPTED_KEY] = {
             "device_id": str(evt.content.device_id or ""),
-            "verified": trust in VERIFIED,
+            "verified": trust in TRUSTED,
+            "identity_changed": trust == IDENTITY_CHANGED,
         }
         return cast(dict[str, Any], serialised)
 
@@ -381,5 +406,24 @@ class Crypto:
         except Exception as e:  # olm or the store: nothing is sent rather than plaintext
             raise CryptoError(f"encryption: could not encrypt for {room_id}: {type(e).__name__}: {e}") from e
         return cast(dict[str, Any], encrypted.serialize())
+
+    # endregion
+
+    # region trust
+    async def trust(self, user_id: UserID) -> str:
+        """Pin `user_id`'s current master key (read fresh from the homeserver); the key pinned."""
+        machine = self.machine
+        if machine is None:
+            raise CryptoError(self.problem or "encryption is off (bot.pickle_key)")
+        await machine._fetch_keys([user_id], include_untracked=True)
+        key = await repin(self.db, user_id)
+        if key is None:
+            raise CryptoError(f"{user_id} has no cross-signing identity the homeserver knows of")
+        if self.store is not None:
+            # The next message starts a new room key session, shared with their devices now trusted.
+            for room_id in list(self.state_store.members):
+                await self.store.remove_outbound_group_session(room_id)
+        log.warning("pinned a user's master key", user=str(user_id), master_key=key)
+        return key
 
     # endregion

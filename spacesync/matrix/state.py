@@ -9,7 +9,19 @@ from typing import Any
 import attrs
 
 from ..metrics import STATE_MEMBER_ENTRIES, STATE_ROOMS
-from ..model import EventID, Members, Membership, MemberState, PowerLevels, RoomID, RoomState, UserID, canonical
+from ..model import (
+    RULE_TYPES,
+    EventID,
+    Members,
+    Membership,
+    MemberState,
+    PolicyRule,
+    PowerLevels,
+    RoomID,
+    RoomState,
+    UserID,
+    canonical,
+)
 from .replay import newer_than_answer
 
 StateKey = tuple[str, str]
@@ -47,7 +59,7 @@ def _member(event: Mapping[str, Any], user: Callable[[str], str] = str) -> Membe
         ts = 0  # informational only: a malformed timestamp costs nothing but the display
     was_joined: bool | None = None
     replaces: str | None = None
-    if membership is Membership.LEAVE:
+    if membership is not Membership.JOIN:  # how a leave, knock, invite or ban came about: its history
         unsigned = event.get("unsigned")
         unsigned = unsigned if isinstance(unsigned, dict) else {}
         prev = unsigned.get("prev_content")
@@ -136,6 +148,12 @@ def _room_state(
                 parents[RoomID(key)] = UserID(str(event.get("sender", "")))
         except _MALFORMED:
             malformed += 1
+    rules: list[PolicyRule] = []
+    for (event_type, key), event in state.items():
+        if event_type in RULE_TYPES:
+            rule = _rule(event_type, key, event)
+            if rule is not None:
+                rules.append(rule)
     tombstone = content("m.room.tombstone").get("replacement_room")
     predecessor = create_content.get("predecessor")
     predecessor_id = predecessor.get("room_id") if isinstance(predecessor, dict) else None
@@ -163,6 +181,27 @@ def _room_state(
         server_acl=dict(content("m.room.server_acl")) if ("m.room.server_acl", "") in state else None,
         policy_servers={t: dict(content(t)) for t in POLICY_TYPES if content(t)},
         malformed=malformed,
+        policy_rules=tuple(sorted(rules, key=lambda r: (r.event_type, r.state_key))),
+    )
+
+
+def _rule(event_type: str, key: str, event: Mapping[str, Any]) -> PolicyRule | None:
+    """A policy rule with an entity and a recommendation; None for a removed rule (empty content) or one that
+    names neither."""
+    content, sender = event.get("content"), event.get("sender")
+    if not isinstance(content, Mapping) or not isinstance(sender, str):
+        return None
+    entity, recommendation, reason = content.get("entity"), content.get("recommendation"), content.get("reason")
+    if not isinstance(entity, str) or not entity or not isinstance(recommendation, str):
+        return None
+    return PolicyRule(
+        RULE_TYPES[event_type],
+        event_type,
+        key,
+        entity,
+        recommendation,
+        UserID(sender),
+        reason if isinstance(reason, str) else "",
     )
 
 
@@ -187,6 +226,7 @@ READ_TYPES = frozenset(
         "m.space.child",
         "m.space.parent",
         *POLICY_TYPES,
+        *RULE_TYPES,
     }
 )
 """The state besides memberships that `_room_state` reads: the only other state events the cache keeps."""

@@ -13,12 +13,13 @@ from typing import Any
 
 import attrs
 import structlog
-from mautrix.util.async_db import Connection, Database, Scheme
+from mautrix.util.async_db import Database, Scheme
 from mautrix.util.logging import TraceLogger
 
-from ..model import Action, Lockdown, OwnedLevel, PlacedBan, RoomID, UserID
+from ..model import Action, RoomID, UserID
 from .journal import Journal, Status, now_ms
 from .migrations import upgrade_table
+from .records import Records, SeenMembership
 
 __all__ = ["AuditRecord", "Journal", "QueuedCommand", "SeenMembership", "Status", "Store", "StoreError", "unreachable"]
 
@@ -50,18 +51,6 @@ def _db_logger() -> logging.Logger:
         logging.setLoggerClass(previous)
 
 
-@attrs.frozen
-class SeenMembership:
-    """The last membership event spacesync saw for a user in a managed Space."""
-
-    event_id: str
-    membership: str
-    was_joined: bool | None
-    """For a leave: whether it replaced a join; None while nobody could tell."""
-    seen_at: int
-    """When spacesync first saw this event, in milliseconds on its own clock."""
-
-
 class StoreError(Exception):
     """A database problem worth one clear line to the operator."""
 
@@ -91,8 +80,8 @@ class AuditRecord:
     detail: str | None
 
 
-class Store:
-    """One database, SQLite or PostgreSQL, behind typed methods."""
+class Store(Records):
+    """One database, SQLite or PostgreSQL, behind typed methods (the bot's own records: `Records`)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -262,145 +251,6 @@ class Store:
         query += f" ORDER BY id DESC LIMIT ${len(args) + 1}"
         rows = await self.db.fetch(query, *args, limit)
         return [AuditRecord(**{f.name: r[f.name] for f in attrs.fields(AuditRecord)}) for r in rows]
-
-    # endregion
-
-    # region the bot's own records
-    async def placed_bans(self) -> frozenset[PlacedBan]:
-        rows = await self.db.fetch("SELECT room_id, user_id, cause FROM placed_ban")
-        return frozenset(PlacedBan(RoomID(r["room_id"]), UserID(r["user_id"]), r["cause"]) for r in rows)
-
-    async def add_placed_ban(self, ban: PlacedBan) -> None:
-        await self.db.execute(
-            "INSERT INTO placed_ban (room_id, user_id, cause) VALUES ($1, $2, $3)"
-            " ON CONFLICT (room_id, user_id) DO UPDATE SET cause=excluded.cause",
-            ban.room_id,
-            ban.user_id,
-            ban.cause,
-        )
-
-    async def forget_ban(self, room_id: RoomID, user_id: UserID) -> None:
-        await self.db.execute("DELETE FROM placed_ban WHERE room_id=$1 AND user_id=$2", room_id, user_id)
-
-    async def owned_levels(self) -> dict[tuple[RoomID, UserID], OwnedLevel]:
-        rows = await self.db.fetch("SELECT room_id, user_id, written, previous, released FROM owned_level")
-        return {
-            (RoomID(r["room_id"]), UserID(r["user_id"])): OwnedLevel(
-                RoomID(r["room_id"]), UserID(r["user_id"]), r["written"], r["previous"], bool(r["released"])
-            )
-            for r in rows
-        }
-
-    async def set_owned_level(self, room_id: RoomID, user_id: UserID, owned: OwnedLevel | None) -> None:
-        if owned is None:
-            await self.db.execute("DELETE FROM owned_level WHERE room_id=$1 AND user_id=$2", room_id, user_id)
-            return
-        await self.db.execute(
-            "INSERT INTO owned_level (room_id, user_id, written, previous, released) VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (room_id, user_id) DO UPDATE SET written=excluded.written, previous=excluded.previous,"
-            " released=excluded.released",
-            room_id,
-            user_id,
-            owned.written,
-            owned.previous,
-            owned.released,
-        )
-
-    async def lockdowns(self) -> dict[RoomID, Lockdown]:
-        rows = await self.db.fetch("SELECT room_id, space_id, previous, written FROM lockdown")
-        return {
-            RoomID(r["room_id"]): Lockdown(
-                RoomID(r["room_id"]), RoomID(r["space_id"]), json.loads(r["previous"]), r["written"]
-            )
-            for r in rows
-        }
-
-    async def set_lockdown(self, room_id: RoomID, lockdown: Lockdown | None) -> None:
-        """Remember a room spacesync locked down (None: forget it, it was unlocked)."""
-        if lockdown is None:
-            await self.db.execute("DELETE FROM lockdown WHERE room_id=$1", room_id)
-            return
-        await self.db.execute(
-            "INSERT INTO lockdown (room_id, space_id, previous, written, locked_at) VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (room_id) DO UPDATE SET space_id=excluded.space_id, written=excluded.written",
-            room_id,
-            lockdown.space_id,
-            json.dumps(dict(lockdown.previous)),
-            lockdown.written,
-            now_ms(),
-        )
-
-    async def owned_acl(self) -> dict[RoomID, frozenset[str]]:
-        owned: dict[RoomID, set[str]] = {}
-        for r in await self.db.fetch("SELECT room_id, entry FROM owned_acl"):
-            owned.setdefault(RoomID(r["room_id"]), set()).add(r["entry"])
-        return {room_id: frozenset(entries) for room_id, entries in owned.items()}
-
-    async def set_owned_acl(self, room_id: RoomID, entries: frozenset[str]) -> None:
-        """The server ACL deny entries spacesync added to a room, as they are now."""
-        conn: Connection
-        async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute("DELETE FROM owned_acl WHERE room_id=$1", room_id)
-            for entry in sorted(entries):
-                await conn.execute("INSERT INTO owned_acl (room_id, entry) VALUES ($1, $2)", room_id, entry)
-
-    async def owned_policy(self) -> dict[tuple[RoomID, str], dict[str, Any]]:
-        rows = await self.db.fetch("SELECT room_id, event_type, written FROM owned_policy")
-        return {(RoomID(r["room_id"]), r["event_type"]): json.loads(r["written"]) for r in rows}
-
-    async def set_owned_policy(self, room_id: RoomID, event_type: str, written: Mapping[str, Any] | None) -> None:
-        """The policy server state spacesync wrote into a room (None: nothing of its own there any more)."""
-        if written is None:
-            await self.db.execute("DELETE FROM owned_policy WHERE room_id=$1 AND event_type=$2", room_id, event_type)
-            return
-        await self.db.execute(
-            "INSERT INTO owned_policy (room_id, event_type, written) VALUES ($1, $2, $3)"
-            " ON CONFLICT (room_id, event_type) DO UPDATE SET written=excluded.written",
-            room_id,
-            event_type,
-            json.dumps(dict(written)),
-        )
-
-    async def member_history(self) -> dict[tuple[RoomID, UserID], SeenMembership]:
-        rows = await self.db.fetch(
-            "SELECT room_id, user_id, event_id, membership, was_joined, seen_at FROM member_history"
-        )
-        return {
-            (RoomID(r["room_id"]), UserID(r["user_id"])): SeenMembership(
-                r["event_id"],
-                r["membership"],
-                None if r["was_joined"] is None else bool(r["was_joined"]),
-                int(r["seen_at"]),
-            )
-            for r in rows
-        }
-
-    async def save_member_history(self, rows: dict[tuple[RoomID, UserID], SeenMembership]) -> None:
-        if not rows:
-            return
-        await self.db.executemany(
-            "INSERT INTO member_history (room_id, user_id, event_id, membership, was_joined, seen_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, user_id) DO UPDATE SET"
-            " event_id=excluded.event_id, membership=excluded.membership, was_joined=excluded.was_joined,"
-            " seen_at=excluded.seen_at",
-            [
-                (room_id, user_id, s.event_id, s.membership, s.was_joined, s.seen_at)
-                for (room_id, user_id), s in rows.items()
-            ],
-        )
-
-    async def move_room_records(self, old: RoomID, new: RoomID) -> None:
-        """After a room upgrade, the levels spacesync wrote in the old room are its own in the new one."""
-        conn: Connection
-        async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO owned_level (room_id, user_id, written, previous, released)"
-                " SELECT $1, user_id, written, previous, released FROM owned_level WHERE room_id=$2"
-                " ON CONFLICT (room_id, user_id) DO NOTHING",
-                new,
-                old,
-            )
-            await conn.execute("DELETE FROM owned_level WHERE room_id=$1", old)
 
     # endregion
 

@@ -168,8 +168,9 @@ async def start_bot(synapse: Synapse, world: World, tmp_path: Path) -> AsyncIter
     async def start(
         spaces: list[dict[str, Any]], *, db_url: str | None = None, homeserver_url: str | None = None, **extra: Any
     ) -> Bot:
+        room = extra.pop("admin_room", None)
         if not admin:
-            admin.append(extra.pop("admin_room", None) or await world.admin_room())
+            admin.append(room or await world.admin_room())
         raw = bot_config(synapse, world.bot, admin[0], db_url or f"sqlite:{tmp_path}/bot.db", spaces, **extra)
         if homeserver_url is not None:
             raw["homeserver"]["url"] = homeserver_url

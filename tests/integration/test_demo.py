@@ -73,7 +73,9 @@ def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
     assert "alice leaves the Space" in output
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
     assert "✗" not in output, output
-    assert "All 6 steps succeeded" in output
+    assert "crypto recovery-key` prints its recovery key once" in output
+    assert re.search(r"✓ master key \S+…, device signed", output), output
+    assert "All 7 steps succeeded" in output
     assert not workdir.exists(), "the demo must remove its work directory"
 
 
@@ -98,7 +100,7 @@ def test_federated_demo_spans_two_homeservers_and_succeeds(tmp_path: Path) -> No
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
     assert re.search(r"✓ carol is banned from general, random, Projects and project-x", output), output
     assert "✗" not in output, output
-    assert "All 6 steps succeeded" in output
+    assert "All 7 steps succeeded" in output
     assert not workdir.exists(), "the demo must remove its work directory"
 
 

@@ -137,10 +137,16 @@ async def encrypted_admin_room(world: World) -> str:
     return room_id
 
 
+def nio_admin(admin_room: str, **options: Any) -> dict[str, Any]:
+    """matrix-nio has no cross-signing: its devices get room keys only when the bot shares with every device."""
+    return {"room": admin_room, "share_keys_with": "all", **options}
+
+
 def crypto_bot(world: World, admin_room: str, **extra: Any) -> dict[str, Any]:
     return {
         "admin_room": admin_room,
         "bot_options": {"pickle_key": PICKLE_KEY},
+        "admin": nio_admin(admin_room, **extra.pop("admin", {})),
         **extra,
     }
 
@@ -186,7 +192,7 @@ async def test_restart_keeps_the_device_and_the_conversation_goes_on(world, star
     device, identity = bot.app.matrix.client.device_id, machine.account.identity_key
     await bot.stop()
 
-    again = await start_bot([{"room": space}], bot_options={"pickle_key": PICKLE_KEY})
+    again = await start_bot([{"room": space}], bot_options={"pickle_key": PICKLE_KEY}, admin=nio_admin(admin_room))
     await wait_for(lambda: again.app.synced, timeout=20)
     machine = again.app.crypto.machine
     assert machine is not None and machine.account is not None
@@ -258,6 +264,7 @@ async def test_takeover_on_postgres_keeps_answering_encrypted(world, synapse, pg
     space = await world.space("Community")
     base = config_dict(synapse, world.bot, admin_room, pg_url, space)
     base["bot"]["pickle_key"] = PICKLE_KEY
+    base["admin"] = nio_admin(admin_room)
     first = instances(tmp_path, "first", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
     await wait_ready(first.port, 200, timeout=60)
     second = instances(tmp_path, "second", {**base, "web": {"listen": f"127.0.0.1:{free_port()}"}}).start()
@@ -312,9 +319,7 @@ async def test_wrong_pickle_key_is_said_in_the_log_on_ready_and_once_in_the_room
 async def test_unverified_device_is_refused_when_verification_is_required(world, start_bot, moderators):
     admin_room = await encrypted_admin_room(world)
     space = await world.space("Community")
-    bot = await start_bot(
-        [{"room": space}], admin={"room": admin_room, "require_verified_device": True}, **crypto_bot(world, admin_room)
-    )
+    bot = await start_bot([{"room": space}], **crypto_bot(world, admin_room, admin={"require_verified_device": True}))
     owner = await moderators(world.owner, "owner")  # an admin, on a device nobody cross-signed
     assert await owner.ask(admin_room, "!ss pause") == UNVERIFIED_REFUSAL
     assert not bot.app.reconciler.paused
@@ -324,7 +329,9 @@ async def test_password_login_logs_in_again_as_the_stored_device(world, start_bo
     admin_room = await encrypted_admin_room(world)
     space = await world.space("Community")
     password_login = {"access_token": None, "password": world.bot.password, "pickle_key": PICKLE_KEY}
-    bot = await start_bot([{"room": space}], admin_room=admin_room, bot_options=password_login)
+    bot = await start_bot(
+        [{"room": space}], admin_room=admin_room, bot_options=password_login, admin=nio_admin(admin_room)
+    )
     assert bot.app.crypto.ready
     device = bot.app.matrix.client.device_id
     assert device != world.bot.device_id  # a login of its own
@@ -335,9 +342,14 @@ async def test_password_login_logs_in_again_as_the_stored_device(world, start_bo
     await store.db.execute("DELETE FROM kv WHERE key LIKE 'access_token:%'")
     await store.stop()
 
-    again = await start_bot([{"room": space}], bot_options=password_login)
+    again = await start_bot([{"room": space}], bot_options=password_login, admin=nio_admin(admin_room))
     assert again.app.crypto.ready, again.app.crypto.problem
     assert again.app.matrix.client.device_id == device
+    # Still signed by the same cross-signing identity.
+    assert again.app.crypto.identity_problem is None
+    assert bot.app.crypto.identity and again.app.crypto.identity
+    assert again.app.crypto.identity.master_key == bot.app.crypto.identity.master_key
+    assert again.app.crypto.identity and (await again.app.crypto.identity.query()).device_signed
     owner = await moderators(world.owner, "owner")
     assert "State: running" in await owner.ask(admin_room, "!ss status")
 
@@ -365,3 +377,19 @@ async def test_undecryptable_command_gets_one_log_line_and_an_encrypted_reply(wo
     lines = [x for x in capsys.readouterr().out.splitlines() if "cannot decrypt a message in the admin room" in x]
     assert len(lines) == 1 and admin_room in lines[0] and garbled in lines[0]
     assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
+
+
+async def test_by_default_room_keys_go_only_to_devices_their_owner_cross_signed(world, start_bot, moderators):
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    # The default admin.share_keys_with (cross-signed), as Element does: nio's devices are never cross-signed.
+    await start_bot([{"room": space}], admin_room=admin_room, bot_options={"pickle_key": PICKLE_KEY})
+    owner = await moderators(world.owner, "owner")
+    await owner.send(admin_room, "!spacesync status")
+
+    async def withheld() -> bool:
+        await owner.sync()
+        return any(e.sender == world.bot.user_id for e in owner.undecryptable)
+
+    await wait_for(withheld, timeout=30, interval=0.2)
+    assert not owner.notices

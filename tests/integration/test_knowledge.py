@@ -62,6 +62,53 @@ async def test_a_declined_invite_or_rejected_knock_is_no_departure(world, start_
     assert not findings(bot, "history_unknown"), "the previous memberships were readable: nothing to report"
 
 
+async def test_a_departure_is_sticky_through_a_rejected_knock_or_a_declined_invite(world, start_bot, make_user):
+    """leave -> knock -> knock rejected, and leave -> invite -> invite declined, during a grace period: both
+    departed (the last leave replaced a knock or an invite, yet they had been members), evicted once the grace
+    period, counted from the leave spacesync saw, is over."""
+    space = await world.space("S")
+    await world.owner.client.set_join_rule(space, "knock")
+    room = await world.room(space, "R")
+    knocker, invitee = await make_user("knocker"), await make_user("invitee")
+    for user in (knocker, invitee):
+        await world.owner.client.invite(space, user.user_id)
+        await user.client.join(space)
+        await user.client.join(room)
+    bot = await start_bot([{"room": space, "grace_period": 4}])
+    assert {knocker.user_id, invitee.user_id} <= await joined(world.owner.client, room)
+
+    left = time.monotonic()
+    await knocker.client.leave(space)
+    await invitee.client.leave(space)
+    await knocker.client.request("POST", f"/_matrix/client/v3/knock/{space}", {})
+    await world.owner.client.invite(space, invitee.user_id)
+    await bot.reconcile()  # spacesync sees the knock and the invite: still departed, the grace runs on
+    await world.owner.client.kick(space, knocker.user_id)  # rejects the knock: knock -> leave
+    await invitee.client.leave(space)  # declines the invite: invite -> leave
+    await bot.reconcile()
+    assert {knocker.user_id, invitee.user_id} <= await joined(world.owner.client, room), "evicted within the grace"
+    await wait_membership(world, [room], knocker.user_id, "leave", timeout=20)
+    await wait_membership(world, [room], invitee.user_id, "leave", timeout=20)
+    assert time.monotonic() - left >= 3.5, "evicted before the grace period was over"
+
+
+async def test_a_departure_then_a_rejected_knock_before_the_bot_ever_ran_is_evicted(world, start_bot, make_user):
+    """No record: the history is read back through replaces_state, past the knock and its rejection, to the join."""
+    space = await world.space("S")
+    await world.owner.client.set_join_rule(space, "knock")
+    room = await world.room(space, "R")
+    user = await make_user("alice")
+    await world.owner.client.invite(space, user.user_id)
+    for r in (space, room):
+        await user.client.join(r)
+    await user.client.leave(space)
+    await user.client.request("POST", f"/_matrix/client/v3/knock/{space}", {})
+    await world.owner.client.kick(space, user.user_id)  # rejects the knock: knock -> leave
+    bot = await start_bot([{"room": space}])
+    await wait_membership(world, [room], user.user_id, "leave", timeout=15)
+    assert bot.app.observer.history.lookups >= 2, "the knock and the leave before it were read"
+
+
 async def test_a_departure_while_the_bot_never_ran_is_still_evicted(world, start_bot, make_user):
     """No record and no /sync history: the leave's previous membership is read through replaces_state."""
     space, room, user = await space_room_member(world, make_user)

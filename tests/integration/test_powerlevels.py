@@ -10,6 +10,8 @@ import pytest
 from spacesync.store import Status
 from spacesync.testing import TestbedRequestError, wait_for
 
+from .test_commands import ask, ready
+
 VERSIONS = ["10", "11", "12"]
 
 
@@ -359,9 +361,8 @@ async def test_a_user_muted_in_a_room_is_not_raised_there(world, start_bot, make
     assert (muted, alice.user_id) not in await bot.app.store.owned_levels()
 
 
-async def test_undo_of_a_level_change_leaves_true_records_for_a_later_demotion(world, start_bot, make_user):
-    from .test_commands import ask, ready
-
+async def mod_at_50(world, start_bot, make_user):
+    """A Space S and a room R below it, the bot running, and a user the Space raised to 50, mirrored into R."""
     space = await make_space(world, "10", name="S")
     room = await make_room(world, "10", space, name="R")
     mod = await make_user("mod")
@@ -369,6 +370,11 @@ async def test_undo_of_a_level_change_leaves_true_records_for_a_later_demotion(w
     await ready(bot)
     await world.owner.client.set_user_level(space, mod.user_id, 50)
     await wait_level(world, room, mod.user_id, 50)
+    return space, room, mod, bot
+
+
+async def test_undo_of_a_level_change_leaves_true_records_for_a_later_demotion(world, start_bot, make_user):
+    space, room, mod, bot = await mod_at_50(world, start_bot, make_user)
     await world.owner.client.set_user_level(space, mod.user_id, 75)
     await wait_level(world, room, mod.user_id, 75)
     await bot.idle()
@@ -394,3 +400,23 @@ async def test_undo_of_a_level_change_leaves_true_records_for_a_later_demotion(w
     await wait_level(world, room, mod.user_id, 75)
     await remove_user_level(world.owner.client, space, mod.user_id)
     await wait_level(world, room, mod.user_id, None)
+
+
+async def test_a_level_changed_by_hand_is_not_raised_again_until_released(world, start_bot, make_user):
+    """The room's moderators demote a user back to the room default; the Space later raises them: the room's
+    own change stands (reported) until '!spacesync powerlevels release' hands the entry back."""
+    space, room, mod, bot = await mod_at_50(world, start_bot, make_user)
+
+    await remove_user_level(world.owner.client, room, mod.user_id)  # back to the room default, by hand
+    await bot.reconcile()
+    await world.owner.client.set_user_level(space, mod.user_id, 60)
+    await bot.reconcile()
+    await bot.reconcile()
+    assert mod.user_id not in await users_of(world, room), "a level changed by hand was raised again"
+    changed = [f for f in findings(bot, "changed_by_hand") if f.room_id == room]
+    assert changed and "powerlevels release" in changed[0].message
+
+    body = await ask(world, bot, world.owner, f"!ss powerlevels release {room} {mod.user_id}")
+    assert "Released 1 level changed by hand" in body and mod.user_id in body, body
+    await wait_level(world, room, mod.user_id, 60)
+    assert "nothing to release" in await ask(world, bot, world.owner, "!ss powerlevels release all")

@@ -348,3 +348,43 @@ def test_whois_escapes_who_put_a_user_out():
     assert html == "ban by @&lt;b&gt;&amp;&quot;x:hs.test"
     text, html = put_out_by(Membership.BAN, "@bot:hs.test", "@bot:hs.test", True)
     assert text.startswith("ban by spacesync (its own ban") and html == text
+
+
+def test_durations_read_with_their_unit_and_refuse_the_rest() -> None:
+    from spacesync.commands.parser import duration_arg
+
+    assert duration_arg("90s") == 90 and duration_arg("30m") == 1800 and duration_arg("2h") == 7200
+    assert duration_arg("1d") == 86400 and duration_arg("15") == 900 and duration_arg(" 2H ") == 7200
+    for bad in ("", "2 weeks", "-1h", "0h", "31d", "h", "1.5h"):
+        with pytest.raises(ValueError) as info:
+            duration_arg(bad)
+        assert "duration" in str(info.value) or "out of range" in str(info.value)
+
+
+async def test_people_commands_read_the_user_a_count_or_a_duration_and_the_reason() -> None:
+    import time
+
+    from spacesync.commands.people import _parse
+    from spacesync.commands.registry import CommandError, UsageError
+
+    ctx = None  # only --space asks the app (to resolve the room)
+    req = await _parse(ctx, ["https://matrix.to/#/@spam:x.org", "5", "spam", "wave"], counted=True)  # type: ignore[arg-type]
+    assert (req.user, req.last, req.since_ms, req.reason) == ("@spam:x.org", 5, None, "spam wave")
+    req = await _parse(ctx, ["@spam:x.org", "--since", "2h"], counted=True)  # type: ignore[arg-type]
+    assert req.last is None and abs(req.since_ms - (time.time() - 7200) * 1000) < 5000
+    # A number that is not right after the user is part of the reason; for ban it always is.
+    req = await _parse(ctx, ["@spam:x.org", "raid", "2"], counted=True)  # type: ignore[arg-type]
+    assert req.last is None and req.reason == "raid 2"
+    assert (await _parse(ctx, ["@spam:x.org", "3", "raids"])).reason == "3 raids"  # type: ignore[arg-type]
+    for args, counted, error in (
+        (["@spam:x.org", "5", "--since", "2h"], True, UsageError),
+        (["@spam:x.org", "--since", "2h"], False, UsageError),
+        (["@spam:x.org", "--bogus"], True, UsageError),
+        (["@spam:x.org", "--since"], True, UsageError),
+        (["@spam:x.org", "--since", "soon"], True, CommandError),
+        (["@spam:x.org", "0"], True, CommandError),
+        (["spam"], False, CommandError),
+        ([], False, UsageError),
+    ):
+        with pytest.raises(error):
+            await _parse(ctx, args, counted=counted)  # type: ignore[arg-type]

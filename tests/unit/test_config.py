@@ -12,6 +12,7 @@ from spacesync.config import (
     Config,
     ConfigError,
     DatabaseConfig,
+    ShareKeysWith,
     WebConfig,
     default_config_path,
     load_config,
@@ -246,6 +247,14 @@ def test_space_fields_and_policy() -> None:
         ({"reason_template": "{event}"}, "reason_template: names no Space; include {space}"),
         ({"reason_template": "{space:>5d}"}, "reason_template: cannot be filled in"),
         ({"reason_template": 5}, "reason_template: expected a string, got 5"),
+        (
+            {"spaces": [{"room": "!s:example.org", "policy_lists": "#bans:example.org"}]},
+            "spaces[0].policy_lists: expected a list, got '#bans:example.org'",
+        ),
+        (
+            {"spaces": [{"room": "!s:example.org", "policy_lists": ["bans"]}]},
+            "spaces[0].policy_lists[0]: 'bans' is not a room",
+        ),
     ],
 )
 def test_errors_name_the_key(changes: dict[str, Any], expected: str) -> None:
@@ -417,3 +426,41 @@ def test_pickle_key_from_config_or_file_never_shown(tmp_path: Path) -> None:
     missing = error(bot={**MINIMAL["bot"], "pickle_key_file": str(tmp_path / "nope")})
     assert missing.startswith("bot.pickle_key_file: no such file")
     assert config(admin={**MINIMAL["admin"], "require_verified_device": True}).admin.require_verified_device
+
+
+def test_recovery_key_from_config_or_file_checked_and_never_shown(tmp_path: Path) -> None:
+    from mautrix.crypto.ssss.util import encode_base58_recovery_key
+
+    key = encode_base58_recovery_key(bytes(range(32)))
+    bot = {**MINIMAL["bot"], "pickle_key": "k" * 32}
+    cfg = config(bot={**bot, "recovery_key": key})
+    assert cfg.bot.recovery_key == key and key not in repr(cfg)
+    key_file = tmp_path / "recovery"
+    key_file.write_text(key.replace(" ", "") + "\n")
+    assert config(bot={**bot, "recovery_key_file": str(key_file)}).bot.recovery_key == key
+    typo = error(bot={**bot, "recovery_key": key[:-1] + ("a" if key[-1] != "a" else "b")})
+    assert typo.startswith("bot.recovery_key: not a recovery key") and key[:8] not in typo
+    both = error(bot={**bot, "recovery_key": key, "recovery_key_file": str(key_file)})
+    assert both == "bot: recovery_key and recovery_key_file are both set; keep one"
+    no_pickle = error(bot={**MINIMAL["bot"], "recovery_key": key})
+    assert no_pickle.startswith("bot.recovery_key: needs bot.pickle_key")
+
+
+def test_share_keys_with_defaults_to_cross_signed_devices() -> None:
+    assert config().admin.share_keys_with is ShareKeysWith.CROSS_SIGNED
+    assert config(admin={**MINIMAL["admin"], "share_keys_with": "all"}).admin.share_keys_with is ShareKeysWith.ALL
+    assert error(admin={**MINIMAL["admin"], "share_keys_with": "verified"}).startswith("admin.share_keys_with:")
+
+
+def test_policy_lists_per_space() -> None:
+    cfg = config(
+        spaces=[
+            {"room": "!s:example.org", "policy_lists": ["!list:example.org", "#bans:example.org"]},
+            {"room": "!t:x.org"},
+        ]
+    )
+    first, second = cfg.spaces
+    assert first.policy_lists == (RoomRef(room_id="!list:example.org"), RoomRef(alias="#bans:example.org"))
+    assert second.policy_lists == () and second.to_policy("!t:x.org").policy_lists == ()
+    policy = first.to_policy("!s:example.org", policy_lists_resolved=("!list:example.org", "!bans:example.org"))
+    assert policy.policy_lists == ("!list:example.org", "!bans:example.org")

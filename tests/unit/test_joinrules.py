@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from spacesync.core.lockdown import narrows
 from spacesync.core.planner import plan
 from spacesync.model import ActionKind, Lockdown, Policy, SpacePolicy
 
@@ -262,3 +263,10 @@ def test_a_locked_down_room_keeps_its_lockdown_and_its_space():
     # Changed by hand since (no longer the rule the lockdown wrote): planned as any other room.
     opened = attrs.evolve(snap, rooms={**snap.rooms, rid("a"): attrs.evolve(locked, join_rule="public")})
     assert (rid("a"), "locked_down") not in codes(plan(opened, policy(ENFORCE_INVITE)))
+
+
+def test_a_lockdown_only_narrows():
+    assert narrows("public", "knock") and narrows("restricted", "invite") and narrows("knock", "invite")
+    assert narrows("knock_restricted", "knock") and narrows(None, "invite")
+    assert not narrows("invite", "knock"), "knock would open an invite-only room to knock requests"
+    assert not narrows("private", "knock") and not narrows("knock", "knock") and not narrows("invite", "invite")

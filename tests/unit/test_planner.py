@@ -738,3 +738,16 @@ def test_findings_say_which_part_of_the_planner_they_come_from():
     assert ("protected", FindingArea.MEMBERSHIP) in areas, areas  # the leaver is at the bot's level
     assert ("no_power", FindingArea.POWER_LEVELS) in areas, areas  # cannot raise mod
     assert ("invite_kept", FindingArea.JOIN_RULES) in areas, areas  # the invite room is only reported
+
+
+def test_a_ban_command_is_never_lifted_by_the_plan():
+    """A moderator's `ban` stands in a room where the user is entitled, and in a Space nothing bans them any
+    more: only `unban` or `undo` lifts it."""
+    snap = snapshot(
+        space("root", children=["x"], members={"u": JOIN, "v": BAN}),
+        child("x", members={"u": BAN, "v": BAN}),
+        placed_bans=[PlacedBan(rid("x"), uid("u"), "command_ban"), PlacedBan(rid("root"), uid("v"), "command_ban")],
+    )
+    p = plan(snap, policy("root"))
+    assert [a for a in p.actions if a.kind is ActionKind.UNBAN] == []
+    assert_idempotent(snap, policy("root"), p)

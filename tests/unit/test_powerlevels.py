@@ -123,15 +123,26 @@ def test_hand_lowered_entry_is_left_alone_while_the_space_asks_the_same():
     again = plan(settled, policy("root"))
     assert not pl_actions(again) and again.stale_levels == () and again.released_levels == ()
 
+    # The Space later asks more: the room's own change still stands (reported, not overwritten).
     promoted = snapshot(
         space("root", children=["x"], levels={"alice": 75}),
         child(levels={"alice": 20}),
         owned=list(settled.owned_levels.values()),
     )
-    raised = plan(promoted, policy("root"))
-    assert raised.stale_levels == ((rid("x"), uid("alice")),)
-    assert pl_actions(raised)[rid("x")].changes == {uid("alice"): (20, 75)}
-    assert pl_actions(raised)[rid("x")].ownership == {uid("alice"): OwnedLevel(rid("x"), uid("alice"), 75, 20)}
+    kept = plan(promoted, policy("root"))
+    assert not pl_actions(kept) and kept.stale_levels == () and kept.released_levels == ()
+    assert (rid("x"), "changed_by_hand") in codes(kept)
+
+    # The room's moderators hand it back by setting spacesync's value again: mirrored from there.
+    handed_back = snapshot(
+        space("root", children=["x"], levels={"alice": 75}),
+        child(levels={"alice": 50}),
+        owned=list(settled.owned_levels.values()),
+    )
+    raised = plan(handed_back, policy("root"))
+    assert pl_actions(raised)[rid("x")].changes == {uid("alice"): (50, 75)}
+    assert pl_actions(raised)[rid("x")].ownership == {uid("alice"): OwnedLevel(rid("x"), uid("alice"), 75, None)}
+    assert (rid("x"), "changed_by_hand") not in codes(raised)
 
     demoted = snapshot(
         space("root", children=["x"]),
@@ -322,9 +333,8 @@ def test_a_mute_after_spacesync_raised_the_user_wins_once_the_space_level_change
         owned=[OwnedLevel(rid("x"), uid("alice"), 50, None, released=True)],
     )
     p = plan(snap, policy("root"))
-    assert not pl_actions(p)
-    assert (rid("x"), uid("alice")) in p.stale_levels
-    assert (rid("x"), "restricted_locally") in codes(p)
+    assert not pl_actions(p) and p.stale_levels == ()
+    assert (rid("x"), "changed_by_hand") in codes(p)
 
 
 def test_no_power_is_not_reported_for_a_muted_user_alone():

@@ -69,3 +69,24 @@ def test_acl_matching_follows_the_spec():
     assert denies(content, "1.2.3.4") and denies(content, "[::1]:8448")
     assert not denies(content, "good.example") and not denies(content, "evil.example")
     assert host("example.org:8448") == "example.org" and host("[::1]:80") == "[::1]"
+
+
+def test_acl_matching_is_case_insensitive():
+    """MSC4436: patterns match server names without regard to case, in every check spacesync makes."""
+    assert denies({"allow": ["*"], "deny": ["EVIL.example"]}, "evil.EXAMPLE")
+    assert not denies({"allow": ["Good.Example"]}, "good.example")
+    # A Space deny in other case than the bot's or a creator's server is refused like the exact one.
+    snap = acl_snapshot(
+        ["HS.TEST", "Creator.Example", "evil.example"], {"allow": ["*"], "deny": []}, creator="@c:creator.example"
+    )
+    p = plan(snap, Policy(bot=BOT, spaces=(SYNC,)))
+    assert acl_action(p).content["deny"] == ["evil.example"]
+    assert len([f for f in p.findings if f.code == "acl_refused"]) == 2
+    # An entry the room already holds in other case is not added twice; owned entries the Space still lists
+    # in other case are kept.
+    snap = acl_snapshot(
+        ["EVIL.example", "gone.example"],
+        {"allow": ["*"], "deny": ["evil.example", "Gone.Example"]},
+        owned=["Gone.Example"],
+    )
+    assert acl_action(plan(snap, Policy(bot=BOT, spaces=(SYNC,)))) is None

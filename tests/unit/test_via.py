@@ -27,3 +27,22 @@ def test_via_findings_and_refresh_keep_order_and_suggested():
     (action,) = actions_of(p, ActionKind.SET_SPACE_CHILD)
     assert action.state_key == rid("a")
     assert action.content == {"via": ["far.example", "hs.test"], "order": "x", "suggested": True}
+
+
+def test_refresh_via_keeps_a_servers_port():
+    """`remote.example:8448` is the server; `remote.example` alone would route elsewhere, or nowhere."""
+    root = attrs.evolve(
+        space("root", children=["a"]),
+        children={rid("a"): ("gone.example",)},
+        child_content={rid("a"): {"via": ["gone.example"]}},
+    )
+    members = {"@m:remote.example:8448": JOIN, "@n:remote.example:8448": JOIN, "@o:[::1]:8008": JOIN}
+    child = room("a", join_rule="restricted", allow=["root"], members=members)
+    assert current_via(child) == ["remote.example:8448", "[::1]:8008", "hs.test"]
+    p = plan(snapshot(root, child), Policy(bot=BOT, spaces=(SpacePolicy(rid("root"), refresh_via=True),)))
+    (action,) = actions_of(p, ActionKind.SET_SPACE_CHILD)
+    assert action.content == {"via": ["remote.example:8448", "[::1]:8008", "hs.test"]}
+    # An entry naming the server with its port is routable: no finding, nothing written.
+    routable = attrs.evolve(root, children={rid("a"): ("remote.example:8448",)})
+    p = plan(snapshot(routable, child), Policy(bot=BOT, spaces=(SpacePolicy(rid("root"), refresh_via=True),)))
+    assert p.actions == () and (rid("root"), "unroutable_child") not in codes(p)
