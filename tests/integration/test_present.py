@@ -83,16 +83,23 @@ async def test_a_user_back_in_the_space_while_their_kicks_wait_is_not_kicked_fur
 
 @pytest.mark.parametrize("lifted_by", ["undo", "space_unban"])
 async def test_a_ban_a_moderator_places_while_unbans_wait_stays(world, make_user, start_bot, fault_proxy, lifted_by):
-    """spacesync's unbans wait (one on the wire), from `undo` of the ban batch or from the Space's unban; a
-    moderator replaces spacesync's ban with their own in another room meanwhile: that ban is never lifted."""
+    """spacesync's unbans wait (one on the wire), from `undo` of its batch banning a leaver (`on_leave: ban`) or
+    from the Space's unban of a Space ban; a moderator replaces spacesync's ban with their own in another room
+    meanwhile: that ban is never lifted."""
     space = await world.space("S")
     rooms = [await world.room(space, f"R{i}") for i in range(3)]
     user = await make_user("banned")
     for room in (space, *rooms):
         await user.client.join(room)
-    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url, executor={"concurrency": 1})
+    on_leave = "ban" if lifted_by == "undo" else "kick"
+    bot = await start_bot(
+        [{"room": space, "on_leave": on_leave}], homeserver_url=fault_proxy.url, executor={"concurrency": 1}
+    )
     await ready(bot)
-    await world.owner.client.ban(space, user.user_id, reason="spam")
+    if lifted_by == "undo":
+        await user.client.leave(space)
+    else:
+        await world.owner.client.ban(space, user.user_id, reason="spam")
     for room in rooms:
         await wait_for(lambda room=room: _is(world, room, user.user_id, "ban"), timeout=30)
     await bot.idle()
