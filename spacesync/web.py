@@ -32,9 +32,11 @@ def make_app(app: App) -> web.Application:
             problems.append(app.crypto.problem)
         if not await app.store.ping():
             problems.append("database unreachable")
+        limited = await app.rate_limit() if not problems else None
+        details = {"rate_limited": limited.details()} if limited is not None else {}
         if problems:
             return web.json_response({"status": "unready", "reasons": problems}, status=503)
-        return web.json_response({"status": "ready"})
+        return web.json_response({"status": "ready", **details})
 
     async def metrics(_: web.Request) -> web.Response:
         if app.last_sync_at is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
+from ..engine.events import RateLimited
 from ..model import EVICTIONS, Action, ActionKind, Cause, LeftBehind, RoomID, UserID
 from ..store.journal import Entry, Status
-from .format import Line, Reply, code, esc, line, listing, one_line, plural
+from .format import Line, Reply, code, duration, esc, line, listing, one_line, plural
 
 RoomName = Callable[[RoomID], str]
 
@@ -191,3 +193,24 @@ def parked_notice(entry: Entry, error: str, name: RoomName) -> Reply:
         f"rules), then {code(f'!spacesync retry {entry.batch}')}.</p>"
     )
     return Reply(text, html)
+
+
+def rate_limited_text(event: RateLimited) -> str:
+    """One sentence: the homeserver holds the bot's writes back, when the queue ends, and what lifts it."""
+    since = time.strftime("%H:%M UTC", time.gmtime(event.since))
+    rate = f"{event.granted_rate:.1f}" if event.granted_rate >= 1 else f"{event.granted_rate:.2g}"
+    finish = (
+        f"the {plural(event.queued, 'queued action')} are expected to finish in ~{duration(event.seconds)}"
+        if event.seconds is not None
+        else "nothing is queued"
+    )
+    return (
+        f"The homeserver is rate-limiting the bot's writes (since {since}, {plural(event.refusals, 'refusal')}): "
+        f"it grants about {rate} writes/s, so {finish}. To lift it: {event.lift}"
+    )
+
+
+def rate_limited_notice(event: RateLimited) -> Reply:
+    text = rate_limited_text(event)
+    head, lift = text.split(" To lift it: ", 1)
+    return Reply(text, f"<p>{esc(head)}</p><p>To lift it: {code(lift)}</p>")

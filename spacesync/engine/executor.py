@@ -63,9 +63,6 @@ DISPATCH_WINDOW = 5000
 """Runnable entries read from the journal at once and put in order of impact; more wait for the next read."""
 RATE_WINDOW_S = 60.0
 """Completions over this many seconds give the rate an expected finish time is computed from."""
-RATE_LIMITED_HOLD_S = 30.0
-"""After the homeserver last answered a write with 429, this long: one entry in flight at a time. More would
-only wait out the same pause together and then meet another 429 all at once, but for one."""
 
 
 class Transient(Exception):
@@ -124,6 +121,15 @@ def _paused_s(matrix: MatrixAdapter) -> float:
 def redaction_key(run: str, room_id: str) -> str:
     """Where the count of messages a REDACT action removed in a room is kept (the store's key-value table)."""
     return f"redacted|{run}|{room_id}"
+
+
+FINAL_REFUSALS = frozenset({"M_INVITE_BLOCKED"})
+"""Refusals that asking again cannot change: the invitee blocks invites (MSC4380)."""
+
+
+def final_refusal(error: str) -> bool:
+    """Whether a refusal ('403 M_INVITE_BLOCKED: ...') is final: parked at once, never retried."""
+    return refusal_reason(error).split(" ")[-1] in FINAL_REFUSALS
 
 
 def refusal_reason(error: str) -> str:
@@ -326,11 +332,9 @@ class Executor:
         return refilled
 
     def in_flight_limit(self) -> int:
-        """`concurrency`, or 1 while the homeserver rate-limits writes (RATE_LIMITED_HOLD_S): entries then go
-        one at a time, in order of impact, at the pace the homeserver allows."""
-        if _write_paused_until(self.matrix) > time.monotonic() - RATE_LIMITED_HOLD_S:
-            return 1
-        return self.concurrency
+        """`concurrency`, or 1 during a rate-limit episode (the adapter's write gate): entries then go one at a
+        time, in order of impact, at the pace the homeserver grants."""
+        return 1 if self.matrix.gate.limiting() else self.concurrency
 
     async def _runnable(self) -> list[Entry]:
         """The journal's runnable entries not in flight, in order of impact."""
@@ -410,12 +414,25 @@ class Executor:
             return None
         now = self._forget_old_completions()
         paused = _paused_s(self.matrix)
+        if self.matrix.gate.limiting():
+            rate = self._granted_rate()
+            return Estimate(queued, rate, paused + queued / rate, paused)
         since = max(self._busy_since if self._busy_since is not None else now, now - RATE_WINDOW_S)
         done = sum(1 for t in self._completed if t >= since)
         if not done:
             return Estimate(queued, None, None, paused)
         rate = done / max(1.0, now - since)
         return Estimate(queued, rate, paused + queued / rate, paused)
+
+    def _granted_rate(self) -> float:
+        """Actions per second during a rate-limit episode: the pace entries completed at since it began (from
+        the second on), else the write rate the homeserver grants (`retry_after_ms`), never the burst before it."""
+        episode = self.matrix.gate.episode
+        assert episode is not None
+        done = [t for t in self._completed if t >= episode.started]
+        if len(done) >= 3 and done[-1] > done[0]:
+            return (len(done) - 1) / (done[-1] - done[0])
+        return episode.granted_rate
 
     async def _report(self, batch: str) -> None:
         if self.on_batch_done is None or batch in self._reported or await self._batch_open(batch):
@@ -523,10 +540,11 @@ class Executor:
         self._refill = True  # the next due time changed
 
     async def _refused(self, entry: Entry, error: str) -> None:
-        """The homeserver refused (403, 400, 404, a module's veto): back off, then park."""
+        """The homeserver refused (403, 400, 404, a module's veto): back off, then park. A final refusal (the
+        invitee blocks invites) parks at once."""
         action = entry.action
         failures = entry.failures + 1
-        if failures < self.max_failures:
+        if failures < self.max_failures and not final_refusal(error):
             wait = backoff(failures - 1, base=self.backoff_s, cap=300.0)
             log.warning(
                 "action refused: retrying later",

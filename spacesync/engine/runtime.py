@@ -18,6 +18,7 @@ from ..config import Config
 from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
 from ..matrix.crypto import Crypto, CryptoError
+from ..matrix.ratelimit import Episode, lift_hint
 from ..matrix.room_encryption import Encryption
 from ..matrix.state import parse_room_state
 from ..metrics import IS_LEADER
@@ -26,6 +27,7 @@ from ..store import Store
 from ..store.journal import now_ms
 from .announcer import Announcer
 from .errors import FatalError
+from .events import RateLimited
 from .executor import Executor
 from .health import DatabaseHealth
 from .invites import Invites
@@ -105,6 +107,8 @@ class App:
             may_act=self.confirm_leadership,
         )
         self.matrix.may_send = self.confirm_leadership
+        self.matrix.on_rate_limited(self._rate_limited)
+        self._reports: set[asyncio.Task[None]] = set()
         self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.announcer)
         self.executor.recheck = self.reconciler.still_wanted
         self.invites = Invites(
@@ -413,6 +417,43 @@ class App:
     def room_name(self, room_id: RoomID) -> str:
         room = self.cache.get(room_id)
         return room.name if room is not None and room.name else str(room_id)
+
+    async def rate_limit(self) -> RateLimited | None:
+        """The rate-limit episode in which writes keep meeting 429s, as the operator is told about it; None
+        when the homeserver does not hold the bot's writes back."""
+        gate = self.matrix.gate
+        episode = gate.episode
+        if not gate.limiting() or episode is None or not episode.reported:
+            return None
+        depth = await self.store.journal.depth()
+        queued = depth.get("pending", 0) + depth.get("running", 0)
+        estimate = self.executor.estimate(queued)
+        kind = await self.matrix.detect_server()
+        return RateLimited(
+            since=episode.started_wall,
+            refusals=episode.refusals,
+            granted_rate=episode.granted_rate,
+            queued=queued,
+            seconds=estimate.seconds if estimate is not None else None,
+            lift=lift_hint(kind, self.matrix.base_url, self.matrix.user_id),
+        )
+
+    def _rate_limited(self, episode: Episode) -> None:
+        """Writes keep meeting 429s: one log line and one admin-room notice for the episode."""
+        task = asyncio.get_running_loop().create_task(self._report_rate_limit(), name=f"ratelimit-{episode.number}")
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_rate_limit(self) -> None:
+        try:
+            event = await self.rate_limit()
+        except Exception as e:  # the database is away: the status command still tells
+            log.warning("rate limited: could not compose the report", error=f"{type(e).__name__}: {e}")
+            return
+        if event is None:
+            return
+        log.warning("the homeserver rate-limits the bot's writes", **event.details())
+        await self.announcer(event)
 
     async def _batch_done(self, batch: str) -> None:
         info = await self.store.journal.batch(batch)

@@ -84,6 +84,32 @@ SyncHandler = Callable[[dict[str, Any]], Awaitable[None]]
 """Looks at one /sync answer before the loop reads its rooms (e.g. to decrypt what it carries)."""
 
 
+STATE_AFTER = ("state_after", "org.matrix.msc4222.state_after")
+"""MSC4222's section (spec v1.16), under its stable and unstable names."""
+
+
+class StateEvents(list[dict[str, Any]]):
+    """A room's state changes in one /sync answer, in the order to apply them; `after`: from `state_after`."""
+
+    after: bool = False
+
+
+def room_state_events(room: dict[str, Any], timeline_state: list[dict[str, Any]]) -> StateEvents:
+    """The state events of one joined room's /sync section, in the order to apply them. With `state_after`
+    (MSC4222: the state at the end of the timeline, asked with `use_state_after`) the timeline's state events
+    come first and `state_after` wins over them: it is right where the timeline is not (a state reset). Without
+    it, the `state` section (the state before the timeline) comes first, then the timeline's."""
+    result = StateEvents()
+    for name in STATE_AFTER:
+        after = room.get(name)
+        if isinstance(after, dict):  # an event in both is applied twice: the same result
+            result.extend(timeline_state + [e for e in after.get("events") or [] if isinstance(e, dict)])
+            result.after = True
+            return result
+    result.extend([*((room.get("state") or {}).get("events") or []), *timeline_state])
+    return result
+
+
 class SyncLoop:
     """Follows /sync: one answer at a time, the position saved only after its commands are queued."""
 
@@ -116,11 +142,14 @@ class SyncLoop:
         self.homeserver_up = False
         self.synced = False
         self.last_sync_at: float | None = None
+        self.state_after_answers = 0
+        """Room sections applied from MSC4222's `state_after` (the homeserver honoured `use_state_after`)."""
 
     async def run(self) -> None:
         # What happened while this instance did not follow /sync (down, standing by) is in no answer: every
         # room is read from /state once, after the first answer has fixed the position to follow from.
         self.observer.reread_all()
+        await self.matrix.probe_versions()
         positioned = self.observer.positioned = asyncio.Event()
         since = await self.health.call("read the sync position", lambda: self.store.get("next_batch"))
         failures = 0
@@ -204,10 +233,11 @@ class SyncLoop:
             await self.invites.on_invite(RoomID(room_id), room)
         for room_id, room in (rooms.get("join") or {}).items():
             room_id = RoomID(room_id)
-            state = list(((room.get("state") or {}).get("events")) or [])
             timeline = room.get("timeline") or {}
             events = list(timeline.get("events") or [])
-            state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
+            state_events = room_state_events(room, [e for e in events if isinstance(e, dict) and "state_key" in e])
+            if state_events.after:
+                self.state_after_answers += 1
             # Also for a room whose first /state read is in flight: the cache keeps the delta for it.
             known = self.cache.update(room_id, state_events)
             if timeline.get("limited"):

@@ -71,6 +71,7 @@ def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
     output = result.stdout
     assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
     assert "alice leaves the Space" in output
+    assert "the bot exempt from the stock rate limits" in output and "/override_ratelimit" in output
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
     assert "✗" not in output, output
     assert "crypto recovery-key` prints its recovery key once" in output

@@ -91,3 +91,24 @@ async def test_a_periodic_reconcile_that_finds_nothing_reads_only_a_slice(world,
     assert 1 <= len(reads) <= 5, f"a no-op periodic reconcile read {len(reads)} rooms' state"
     assert bot.app.reconciler.last_read_bytes < full_bytes
     assert bot.app.reconciler.last_read_requests < full_requests
+
+
+async def test_use_state_after_is_asked_and_what_it_says_is_applied(world, start_bot, make_user, fault_proxy, synapse):
+    """MSC4222: the bot asks /sync for `use_state_after`; Synapse 1.163 honours it for an account with its
+    `msc4222` feature on. The proxy takes the leaver's membership events out of every timeline, so only
+    `state_after` tells of the departure: the bot evicts from it at once."""
+    space, room, user = await space_room_member(world, make_user)
+    await synapse.enable_feature(world.bot.user_id, "msc4222")
+
+    def hide_departures(body):
+        for section in ((body.get("rooms") or {}).get("join") or {}).values():
+            timeline = section.get("timeline") or {}
+            timeline["events"] = [e for e in timeline.get("events") or [] if e.get("state_key") != user.user_id]
+        return body
+
+    fault_proxy.rewrite(SYNC, hide_departures, method="GET")
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
+    assert bot.app.matrix.sync_options.get("org.matrix.msc4222.use_state_after") == "true"
+    await user.client.leave(space)
+    await wait_membership(world, [room], user.user_id, "leave", timeout=20)
+    assert bot.app.sync.state_after_answers > 0, "the homeserver answered with state_after"
