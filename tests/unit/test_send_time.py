@@ -19,6 +19,7 @@ from spacesync.core.planner import plan as make_plan
 from spacesync.engine.executor import Executor
 from spacesync.engine.recheck import MEMBERSHIP_KINDS, only_users
 from spacesync.matrix import StateCache
+from spacesync.matrix.ratelimit import WriteGate
 from spacesync.model import Action, Membership, Plan, Policy, RoomID, Snapshot, SpacePolicy, UserID
 from spacesync.store import Status, Store
 
@@ -96,6 +97,7 @@ class Homeserver:
 
     def __init__(self, world: World) -> None:
         self.world = world
+        self.gate = WriteGate()
         self.sent: list[str] = []
         self.unwanted: list[str] = []
         """Requests sent that the plan at that moment did not contain (an exception here would only be taken
