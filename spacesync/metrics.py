@@ -27,6 +27,12 @@ ACTIONS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+SUPERSEDED = Counter(
+    "spacesync_actions_superseded_total",
+    "Actions re-checked just before sending that the world no longer called for, by kind: never sent.",
+    ["kind"],
+    registry=REGISTRY,
+)
 REDACTIONS = Counter(
     "spacesync_redactions_total",
     "Messages of banned users redacted along with a ban (redact_on_ban), by outcome (done, failed).",
