@@ -374,6 +374,7 @@ class App:
         await self._stop_tasks()
         if self._learning is not None:
             await _cancel([self._learning])
+        await self.crypto.close()  # a key upload under way is finished and saved while homeserver and store are up
         await self.matrix.close()
         await self.store.stop()
         IS_LEADER.set(0)
