@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import ClientError
@@ -18,6 +18,7 @@ from ..config import Config
 from ..core.entitlement import user_level
 from ..matrix import ConnectError, MatrixAdapter, StateCache
 from ..matrix.crypto import Crypto, CryptoError
+from ..matrix.errors import StateUnknown
 from ..matrix.ratelimit import Episode, lift_hint
 from ..matrix.room_encryption import Encryption
 from ..matrix.state import parse_room_state
@@ -39,6 +40,9 @@ from .sync import SyncLoop
 from .timer import ReconcileTimer
 
 log = structlog.get_logger("spacesync")
+
+ADMIN_STATE_ATTEMPTS = 3
+"""Reads of the admin room's state to decide whether a sender is an admin (1 s, then 2 s apart)."""
 
 __all__ = ["App", "CommandHandler", "FatalError"]
 
@@ -403,10 +407,7 @@ class App:
             return True
         if self.admin_room is None:
             return False
-        try:
-            events = await self.matrix.room_state(self.admin_room)
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError):
-            return False
+        events = await self._admin_room_state()
         state = {
             (e["type"], e["state_key"]): e
             for e in events
@@ -414,6 +415,18 @@ class App:
         }
         room = parse_room_state(self.admin_room, state)
         return user_level(room, user_id) >= self.config.admin.min_power_level
+
+    async def _admin_room_state(self) -> list[dict[str, Any]]:
+        """The admin room's current state, read a few times over a few seconds; StateUnknown when it cannot be
+        read: whether someone is an admin is then unknown, and never taken for "no"."""
+        for attempt in range(ADMIN_STATE_ATTEMPTS):
+            try:
+                return await self.matrix.room_state(cast(RoomID, self.admin_room))
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError) as e:
+                if attempt + 1 == ADMIN_STATE_ATTEMPTS:
+                    raise StateUnknown(f"the admin room's state could not be read ({type(e).__name__}: {e})") from e
+                await asyncio.sleep(2**attempt)
+        raise AssertionError("unreachable")
 
     def room_name(self, room_id: RoomID) -> str:
         room = self.cache.get(room_id)
