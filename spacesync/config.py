@@ -243,6 +243,9 @@ class AppserviceConfig:
     hs_token: str = attrs.field(repr=_redacted)
     """The homeserver's token towards spacesync (its transactions)."""
     id: str = "spacesync"
+    sender_localpart: str = ""
+    """The appservice's own user (not the bot: Synapse refuses /sync to an appservice's sender, and the bot's
+    device needs it for encryption); the bot is the one user of its namespace."""
     registration: Path | None = None
     """The registration file the tokens were read from (written by `spacesync appservice registration`)."""
 
@@ -666,6 +669,7 @@ _TOP = _section(
                         "listen": _Key(_listen, "127.0.0.1:29317"),
                         "registration": _optional_string,
                         "id": _Key(_string(), "spacesync"),
+                        "sender_localpart": _optional_string,
                         "as_token": _optional_secret,
                         "as_token_file": _optional_string,
                         "hs_token": _optional_secret,

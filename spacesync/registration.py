@@ -27,6 +27,12 @@ def localpart(user_id: str) -> str:
     return user_id[1:].partition(":")[0]
 
 
+def sender_localpart(user_id: str) -> str:
+    """The appservice's own user: the bot's localpart with `-appservice` (never the bot itself, see
+    AppserviceConfig.sender_localpart)."""
+    return f"{localpart(user_id)}-appservice"
+
+
 def user_namespace(user_id: str) -> str:
     """The exclusive user namespace of the registration: the bot's own id, nothing else."""
     return f"^{re.escape(user_id)}$"
@@ -38,14 +44,14 @@ def listen_url(listen: WebConfig) -> str:
 
 
 def make_registration(user_id: UserID, appservice: AppserviceConfig, url: str | None = None) -> dict[str, Any]:
-    """A registration with fresh random tokens: the bot is the appservice's sender, its only user, and is never
-    rate limited."""
+    """A registration with fresh random tokens: the bot is the one user of its exclusive namespace, and never
+    rate limited; the sender is the appservice's own user."""
     return {
         "id": appservice.id,
         "url": url or listen_url(WebConfig(appservice.host, appservice.port)),
         "as_token": secrets.token_urlsafe(TOKEN_BYTES),
         "hs_token": secrets.token_urlsafe(TOKEN_BYTES),
-        "sender_localpart": localpart(user_id),
+        "sender_localpart": appservice.sender_localpart or sender_localpart(user_id),
         "rate_limited": False,
         "namespaces": {
             "users": [{"exclusive": True, "regex": user_namespace(user_id)}],
@@ -90,6 +96,19 @@ def read_registration(file_name: str, path: str = "appservice.registration") -> 
     return data
 
 
+def covers(registration: Mapping[str, Any], user_id: str) -> bool:
+    """Whether the registration's exclusive user namespace holds the bot."""
+    users = (registration.get("namespaces") or {}).get("users") or []
+    for entry in users if isinstance(users, list) else []:
+        regex = entry.get("regex") if isinstance(entry, dict) else None
+        try:
+            if isinstance(regex, str) and entry.get("exclusive") and re.match(regex, user_id):
+                return True
+        except re.error:
+            continue
+    return False
+
+
 def _token(section: Mapping[str, Any], name: str) -> str | None:
     direct, file_name = section[name], section[f"{name}_file"]
     if direct is not None and file_name is not None:
@@ -111,15 +130,22 @@ def appservice_config(section: Mapping[str, Any], user_id: UserID, read_registra
     if registration is not None and any(tokens.values()):
         _fail("appservice", "registration and as_token/hs_token are both set; keep the registration file only")
     app_id, as_token, hs_token = section["id"], tokens["as_token"], tokens["hs_token"]
+    sender = section["sender_localpart"] or sender_localpart(user_id)
     if registration is not None and read_registration_file:
         data = read_registration(registration)
-        if data["sender_localpart"] != localpart(user_id):
+        if not covers(data, user_id):
             _fail(
                 "appservice.registration",
-                f"its sender_localpart {data['sender_localpart']!r} is not bot.user_id's "
-                f"({localpart(user_id)!r}); write a new registration for this bot",
+                f"its user namespace does not cover bot.user_id {user_id}; write a new registration for this bot",
+            )
+        if data["sender_localpart"] == localpart(user_id):
+            _fail(
+                "appservice.registration",
+                "its sender_localpart is the bot's: Synapse refuses /sync to an appservice's sender, so the bot's "
+                "encryption cannot work; write a new registration (`spacesync appservice registration`)",
             )
         app_id, as_token, hs_token = str(data.get("id") or app_id), data["as_token"], data["hs_token"]
+        sender = data["sender_localpart"]
     elif registration is None:
         for name, value in tokens.items():
             if not value:
@@ -132,5 +158,6 @@ def appservice_config(section: Mapping[str, Any], user_id: UserID, read_registra
         as_token or "",
         hs_token or "",
         id=app_id,
+        sender_localpart=sender,
         registration=Path(registration) if registration is not None else None,
     )

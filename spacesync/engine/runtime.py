@@ -220,9 +220,9 @@ class App:
             if device:
                 self.matrix.set_device_id(device)
         try:
+            if self.transport is not None:
+                await self.transport.log_in()
             token = await self.matrix.connect(saved_token=saved)
-            if self.transport is not None and self.config.bot.pickle_key is not None:
-                await self.transport.log_in_device()
         except ConnectError as e:
             raise FatalError(appservice_error(str(e)) if self.transport else str(e)) from e
         if self.config.bot.password and token != saved:
@@ -382,11 +382,12 @@ class App:
 
     async def shutdown(self) -> None:
         """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+        if self.transport is not None:  # first: the homeserver's next transaction goes to another instance
+            await self.transport.stop()
         await self._stop_tasks()
         if self._learning is not None:
             await _cancel([self._learning])
-        if self.transport is not None:
-            await self.transport.stop()
+        if self.device is not self.matrix:
             await self.device.close()
         await self.matrix.close()
         await self.store.stop()

@@ -18,14 +18,17 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import structlog
+from mautrix.api import Method
 from mautrix.errors import MUnknownToken
+from mautrix.types import UserID
 
 from ..backoff import backoff
 from ..config import Config
 from ..matrix import ConnectError, MatrixAdapter
-from ..matrix.appservice import TransactionServer, device_login, sync_answer
+from ..matrix.appservice import TransactionServer, device_login, register_user, sync_answer
 from ..matrix.errors import REQUEST_ERRORS
 from ..metrics import APPSERVICE_TRANSACTIONS, LAST_SYNC
 from ..store import Store
@@ -51,7 +54,7 @@ STARTING = "starting: not taking transactions yet; the homeserver sends this tra
 
 def appservice_error(message: str) -> str:
     """A login failure in appservice mode, said in its terms: the as_token is the registration's."""
-    if message.startswith("bot.access_token"):
+    if message.startswith(("bot.access_token", "bot.user_id")):
         return (
             "appservice: the homeserver does not accept the as_token; list the registration in its "
             "app_service_config_files and restart it (or write a new registration)"
@@ -67,6 +70,7 @@ def adapter(config: Config, *, device: bool = False) -> MatrixAdapter:
     return MatrixAdapter(
         config.homeserver.url,
         config.bot.user_id,
+        appservice_user=config.appservice is not None and not device,
         access_token=token,
         password=None if device else config.bot.password,
         device_id=config.bot.device_id,
@@ -142,7 +146,33 @@ class AppserviceTransport:
         self.sync.last_sync_at = time.time()
         LAST_SYNC.set(self.sync.last_sync_at)
 
-    async def log_in_device(self) -> None:
+    async def log_in(self) -> None:
+        """Before the bot's first request: its account made sure of (an appservice acts only as users that
+        exist), and its device logged in when it encrypts. Both with the as_token, as the appservice's sender."""
+        user_id = self.sync.matrix.user_id
+        sender = MatrixAdapter(
+            self.device.base_url,
+            UserID(f"@{self.config.sender_localpart}:{user_id.partition(':')[2]}"),
+            access_token=self.config.as_token,
+            request_timeout=self.device.request_timeout,
+        )
+        try:
+            await sender.connect()
+            if await register_user(sender.request, user_id[1:].partition(":")[0]):
+                log.info("registered the bot's account through the appservice", user=user_id)
+            if self.encrypted():
+                await self.log_in_device(sender)
+        except ConnectError as e:
+            raise ConnectError(appservice_error(str(e))) from e
+        except REQUEST_ERRORS as e:
+            raise ConnectError(
+                f"appservice: the homeserver refused to set up {user_id} ({type(e).__name__}: "
+                f"{getattr(e, 'message', None) or e}); check the registration's namespace"
+            ) from e
+        finally:
+            await sender.close()
+
+    async def log_in_device(self, sender: MatrixAdapter) -> None:
         """The bot's device for encryption: the saved device token, else a login with the as_token that keeps
         the device the crypto store belongs to (bot.device_id, else the store's)."""
         key = f"device_token:{self.sync.matrix.user_id}"
@@ -154,13 +184,7 @@ class AppserviceTransport:
             except ConnectError:  # logged out meanwhile: a new login below
                 await self.device.close()
         device_id = self.device_id or await self.health.call("read the bot's device", self.saved_device)
-        try:
-            token, _ = await device_login(self.sync.matrix.request, self.sync.matrix.user_id, device_id)
-        except REQUEST_ERRORS as e:
-            raise FatalError(
-                f"appservice: the homeserver refused the bot's device login ({type(e).__name__}: "
-                f"{getattr(e, 'message', None) or e}); check that it loaded the registration"
-            ) from e
+        token, _ = await device_login(sender.request, self.sync.matrix.user_id, device_id)
         await self.health.call("save the device token", partial(self.store.put, key, token))
         await self.device.connect(saved_token=token)
 
@@ -171,6 +195,7 @@ class AppserviceTransport:
         self.sync.observer.positioned.set()
         self.sync.synced = self.taking = True
         self._heard()
+        pinging = asyncio.create_task(self.ping(), name="appservice-ping")
         try:
             if self.encrypted():
                 await self.follow_device()
@@ -178,6 +203,22 @@ class AppserviceTransport:
                 await asyncio.Event().wait()
         finally:
             self.taking = False
+            pinging.cancel()
+
+    async def ping(self) -> None:
+        """Ask the homeserver to reach this instance (MSC2659, stable since Matrix 1.7): an answer proves the
+        registration's url, and makes Synapse send what it holds for us now, not after its backoff (up to
+        8.5 minutes after a takeover or an outage)."""
+        path = f"/_matrix/client/v1/appservice/{quote(self.config.id)}/ping"
+        try:
+            await self.sync.matrix.request(Method.POST, path, {"transaction_id": f"spacesync-{time.time_ns()}"})
+            log.info("the homeserver reaches the appservice", id=self.config.id)
+        except REQUEST_ERRORS as e:
+            log.warning(
+                "the homeserver cannot reach the appservice: check the registration's url and appservice.listen",
+                id=self.config.id,
+                error=f"{type(e).__name__}: {getattr(e, 'message', None) or e}",
+            )
 
     async def follow_device(self) -> None:
         """The device's /sync (no rooms): to-device events and device lists, fed through the same function (an

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from mautrix.api import Method, Path
 from mautrix.appservice import AppServiceServerMixin
+from mautrix.errors import MatrixRequestError
 
 from ..metrics import APPSERVICE_TRANSACTIONS
 
@@ -110,6 +111,17 @@ def sync_answer(events: list[dict[str, Any]], user_id: str, keep: frozenset[str]
         room = join.setdefault(room_id, {"timeline": {"events": [], "limited": False}})
         room["timeline"]["events"].append(event)
     return {"rooms": {"join": join, "invite": invite, "leave": leave}}
+
+
+async def register_user(request: Callable[..., Awaitable[Any]], localpart: str) -> bool:
+    """Make sure the bot's account exists (an appservice acts only as users that exist); False when it did."""
+    try:
+        await request(Method.POST, Path.v3.register, {"type": LOGIN_TYPE, "username": localpart, "inhibit_login": True})
+    except MatrixRequestError as e:
+        if e.errcode == "M_USER_IN_USE":
+            return False
+        raise
+    return True
 
 
 async def device_login(request: Callable[..., Awaitable[Any]], user_id: str, device_id: str | None) -> tuple[str, str]:
