@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="two federating homeservers: the Space on the second, rooms on both, the bot on the first",
     )
+    demo.add_argument(
+        "--appservice",
+        action="store_true",
+        help="the bot as an application service (registration, pushed events, no rate limits; stock limits)",
+    )
     return parser
 
 
@@ -112,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(args.workdir, scripted=args.scripted, federated=args.federated)
+        if args.appservice and args.federated:
+            print("spacesync demo: --appservice and --federated cannot be combined; pick one", file=sys.stderr)
+            return 2
+        return run_demo(args.workdir, scripted=args.scripted, federated=args.federated, appservice=args.appservice)
     if args.command == "appservice":
         return _registration(args.config, args.output, args.url)
     try:
