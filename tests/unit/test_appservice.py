@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient as WebClient
+from aiohttp.test_utils import TestServer
 from ruamel.yaml import YAML
 
 from spacesync.cli import main
 from spacesync.config import AppserviceConfig, ConfigError, parse_config
 from spacesync.engine.transport import KEEP_TYPES
-from spacesync.matrix.appservice import sync_answer
+from spacesync.matrix.appservice import TransactionServer, sync_answer
 from spacesync.model import UserID
 from spacesync.registration import covers, make_registration, read_registration, write_registration
 
@@ -161,3 +163,34 @@ def test_the_command_writes_the_registration_the_config_then_reads(
     plain.write_text(json.dumps({k: v for k, v in raw(None, access_token="t").items() if k != "appservice"}))
     assert main(["-c", str(plain), "appservice", "registration"]) == 2
     assert "appservice: not set" in capsys.readouterr().err
+
+
+async def test_the_transaction_server_answers_by_token_leadership_and_outcome() -> None:
+    """401 without the hs_token; 503 while standing by (the homeserver sends it again); 500 when the handler
+    failed (again); 200 only after the handler returned."""
+    applied: list[tuple[str, int]] = []
+    refusal: list[str | None] = ["standing by"]
+    failing = [True]
+
+    async def handler(txn_id: str, events: list[dict[str, Any]]) -> None:
+        if failing[0]:
+            raise RuntimeError("database gone")
+        applied.append((txn_id, len(events)))
+
+    server = TransactionServer("hs-secret", handler, lambda: refusal[0])
+    path = "/_matrix/app/v1/transactions/7"
+    body = {"events": [{"type": "m.room.message", "room_id": "!r:x"}]}
+    auth = {"Authorization": "Bearer hs-secret"}
+    async with WebClient(TestServer(server.app)) as web:
+        assert (await web.put(path, json=body, headers={"Authorization": "Bearer wrong"})).status == 401
+        assert (await web.put(path, json=body)).status == 401
+        answer = await web.put(path, json=body, headers=auth)
+        assert answer.status == 503 and (await answer.json())["errcode"] == "M_UNKNOWN"
+        refusal[0] = None
+        assert (await web.put(path, json=body, headers=auth)).status == 500
+        assert applied == []
+        failing[0] = False
+        assert (await web.put(path, data=b"{not json", headers=auth)).status == 400
+        assert (await web.put(path, json=body, headers=auth)).status == 200
+        assert applied == [("7", 1)]
+        assert (await web.post("/_matrix/app/v1/ping", json={}, headers=auth)).status == 200
