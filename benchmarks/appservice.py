@@ -118,7 +118,7 @@ async def main() -> int:
             user_bot = await synapse.register(f"userbot_{secrets.token_hex(3)}")
             as_token = read_registration(str(registration))["as_token"]
             as_bot = await appservice_user(synapse, as_token, "spacesync")
-            for account in (owner, user_bot):  # the set-up's joins; the user-mode bot's is dropped before its run
+            for account in (owner, user_bot, as_bot):  # the set-up's joins; the bots' are dropped before the runs
                 await synapse.lift_ratelimit(account.user_id)
             bench = TwoBots(synapse, workdir, owner, user_bot, appservice_bot=as_bot)
             space, rooms = await build_space(bench, n)
@@ -135,15 +135,16 @@ async def main() -> int:
             await watcher.start()
             try:
                 await quiesce(bench)
-                a = await floor(bench, watcher, rooms, victims[0].user_id, as_token)
                 server_admin = await synapse.register(f"admin_{secrets.token_hex(3)}", admin=True)
                 bench.users.append(server_admin)
-                await request(  # the user-mode bot back under the stock limits
-                    await bench.http(),
-                    server_admin.access_token,
-                    "DELETE",
-                    f"{bench.url}/_synapse/admin/v1/users/{q(user_bot.user_id)}/override_ratelimit",
-                )
+                for bot in (user_bot, as_bot):  # both bots back under the stock limits
+                    await request(
+                        await bench.http(),
+                        server_admin.access_token,
+                        "DELETE",
+                        f"{bench.url}/_synapse/admin/v1/users/{q(bot.user_id)}/override_ratelimit",
+                    )
+                a = await floor(bench, watcher, rooms, victims[0].user_id, as_token)
                 user_mode = bot_config(bench, workdir / "user", admin, space, concurrency=CONCURRENCY)
                 (workdir / "user").mkdir()
                 b = await evict(bench, watcher, user_mode, space, rooms, victims[1], user_bot.user_id)
