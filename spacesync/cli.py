@@ -178,6 +178,12 @@ def _registration(config_path: str | None, output: str | None, url: str | None) 
     except OSError as e:
         print(f"spacesync: {path}: cannot write ({e.strerror})", file=sys.stderr)
         return 1
+    if url is None and config.appservice.host in ("0.0.0.0", "::"):
+        print(
+            f"note: appservice.listen is {config.appservice.host}, which the homeserver cannot connect to: the url "
+            "written is http://127.0.0.1:<port>; write it again with --url if the homeserver is elsewhere",
+            file=sys.stderr,
+        )
     print(
         f"Wrote {path} (readable by you only: it holds the tokens). Copy it where the homeserver reads it, list it "
         "in its app_service_config_files, and restart the homeserver."

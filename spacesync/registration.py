@@ -39,7 +39,9 @@ def user_namespace(user_id: str) -> str:
 
 
 def listen_url(listen: WebConfig) -> str:
-    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    """Where the homeserver reaches `listen` (an address listening on every interface: over loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+    host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{listen.port}"
 
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient as WebClient
 from aiohttp.test_utils import TestServer
 
 from spacesync.config import AppserviceConfig, parse_config
-from spacesync.engine.runtime import App
+from spacesync.engine.runtime import App, FatalError
 from spacesync.metrics import APPSERVICE_TRANSACTIONS
 from spacesync.model import UserID
 from spacesync.registration import make_registration, read_registration, write_registration
@@ -265,3 +265,15 @@ async def test_an_encrypted_command_is_answered_through_the_bots_device(
         assert answer["shield"] == {"colour": 0, "reason": None}, answer
     finally:
         await moderator.close()
+
+
+async def test_a_token_the_homeserver_refuses_stops_the_bot_with_one_line(
+    appservice: Appservice, as_world: World, tmp_path: Path
+):
+    raw = as_config(appservice, as_world, "!nowhere:localhost", f"sqlite:{tmp_path}/bot.db", [])
+    raw["appservice"] = {"listen": f"127.0.0.1:{free_port()}", "as_token": "not-the-token", "hs_token": "other"}
+    app = App(parse_config(raw))
+    with pytest.raises(FatalError) as error:
+        await asyncio.wait_for(app.run(), 30)
+    assert str(error.value).startswith("appservice: the homeserver does not accept the as_token; list the registration")
+    assert "\n" not in str(error.value)
