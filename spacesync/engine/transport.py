@@ -48,6 +48,8 @@ CRYPTO_FILTER = json.dumps(
     }
 )
 """The device's /sync: no room at all; to-device events, device lists and one-time key counts only."""
+PING_EVERY_S = 60.0
+"""How often the leader asks the homeserver to ping it (its health, both ways)."""
 STANDBY = "standing by: another instance leads; the homeserver sends this transaction again"
 STARTING = "starting: not taking transactions yet; the homeserver sends this transaction again"
 
@@ -195,7 +197,7 @@ class AppserviceTransport:
         self.sync.observer.positioned.set()
         self.sync.synced = self.taking = True
         self._heard()
-        pinging = asyncio.create_task(self.ping(), name="appservice-ping")
+        pinging = asyncio.create_task(self.keep_pinging(), name="appservice-ping")
         try:
             if self.encrypted():
                 await self.follow_device()
@@ -205,20 +207,35 @@ class AppserviceTransport:
             self.taking = False
             pinging.cancel()
 
-    async def ping(self) -> None:
+    async def keep_pinging(self) -> None:
+        """A ping now (see ping), then every PING_EVERY_S: what tells a homeserver back after an outage (then
+        every room is read again, as after a /sync outage) when no device /sync runs."""
+        up = await self.ping(log_success=True)
+        while True:
+            await asyncio.sleep(PING_EVERY_S)
+            now_up = await self.ping(log_success=not up)
+            if now_up and not up and not self.encrypted():
+                self.sync.observer.reread_all()
+                self.sync.request_reconcile(full=True)
+            up = now_up
+
+    async def ping(self, *, log_success: bool) -> bool:
         """Ask the homeserver to reach this instance (MSC2659, stable since Matrix 1.7): an answer proves the
         registration's url, and makes Synapse send what it holds for us now, not after its backoff (up to
         8.5 minutes after a takeover or an outage)."""
         path = f"/_matrix/client/v1/appservice/{quote(self.config.id)}/ping"
         try:
             await self.sync.matrix.request(Method.POST, path, {"transaction_id": f"spacesync-{time.time_ns()}"})
-            log.info("the homeserver reaches the appservice", id=self.config.id)
         except REQUEST_ERRORS as e:
             log.warning(
                 "the homeserver cannot reach the appservice: check the registration's url and appservice.listen",
                 id=self.config.id,
                 error=f"{type(e).__name__}: {getattr(e, 'message', None) or e}",
             )
+            return False
+        if log_success:
+            log.info("the homeserver reaches the appservice", id=self.config.id)
+        return True
 
     async def follow_device(self) -> None:
         """The device's /sync (no rooms): to-device events and device lists, fed through the same function (an
@@ -233,11 +250,17 @@ class AppserviceTransport:
                 raise FatalError("appservice: the bot's device was logged out; restart to log it in again") from e
             except REQUEST_ERRORS as e:
                 failures += 1
+                self.sync.homeserver_up = False
                 if failures == 1:
                     log.warning("device /sync failing: retrying with backoff", error=f"{type(e).__name__}: {e}")
                 await asyncio.sleep(backoff(failures))
                 continue
+            if failures:  # as after a /sync outage: what the homeserver did meanwhile is read again
+                log.info("homeserver reachable again", after_failures=failures)
+                self.sync.observer.reread_all()
+                self.sync.request_reconcile(full=True)
             failures = 0
+            self.sync.homeserver_up = True
             data["rooms"] = {}
             async with self._apply:
                 await self.sync.apply(data)
