@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import attrs
 import pytest
 from aiohttp.test_utils import TestClient as WebClient
 from aiohttp.test_utils import TestServer
 
 from spacesync.config import AppserviceConfig, parse_config
+from spacesync.demo_appservice import appservice_user
 from spacesync.engine.runtime import App, FatalError
 from spacesync.metrics import APPSERVICE_TRANSACTIONS
 from spacesync.model import UserID
@@ -48,15 +48,6 @@ class Appservice:
     """A device of the bot's own (an appservice login), for the test's joins on the bot's behalf."""
 
 
-async def appservice_login(synapse: Synapse, as_token: str) -> str:
-    """Register the bot through the appservice (its namespace's one user) and log a device in for it."""
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {as_token}"}) as session:
-        body = {"type": "m.login.application_service", "username": BOT[1:].partition(":")[0]}
-        async with session.post(f"{synapse.url}/_matrix/client/v3/register", json=body) as answer:
-            assert answer.status == 200, await answer.text()
-            return str((await answer.json())["access_token"])
-
-
 @pytest.fixture(scope="module")
 async def appservice(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Appservice]:
     """A Synapse with stock rate limits that loads spacesync's registration (written by the code behind
@@ -71,7 +62,9 @@ async def appservice(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         await _start_synapse(synapse)
         as_token = read_registration(str(registration))["as_token"]
         try:
-            yield Appservice(synapse, registration, listen, pusher, as_token, await appservice_login(synapse, as_token))
+            bot = await appservice_user(synapse, as_token, BOT[1:].partition(":")[0])
+            await bot.client.close()
+            yield Appservice(synapse, registration, listen, pusher, as_token, bot.access_token)
         finally:
             await synapse.stop()
 
