@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,8 +23,10 @@ from spacesync.engine.runtime import App, FatalError
 from spacesync.metrics import APPSERVICE_TRANSACTIONS
 from spacesync.model import UserID
 from spacesync.registration import make_registration, read_registration, write_registration
+from spacesync.store import Store
 from spacesync.testing import FaultProxy, Synapse, TestClient, TestUser, wait_for
 from spacesync.testing.homeserver import free_port
+from spacesync.testing.process import spawn_bot
 from spacesync.web import make_app
 
 from ..conftest import _start_synapse
@@ -196,6 +199,53 @@ async def test_a_transaction_answered_into_the_void_is_applied_once_after_a_rest
     await asyncio.sleep(2)
     assert len(await replies_to(world, again, asked)) == 1
     assert again.app.transport is not None
+
+
+async def test_a_bot_killed_while_applying_a_transaction_applies_it_once_when_the_homeserver_sends_it_again(
+    appservice: Appservice, as_world: World, start_as_bot, pg_url: str, tmp_path: Path
+):
+    """The bot (its own process) has queued a transaction's command but not yet stored the transaction's id (a
+    lock held on that table stops it there) when it is killed: the homeserver sends the transaction again to
+    the next instance, which applies it, and the command is answered once."""
+    world = as_world
+    space = await world.space("Community")
+    admin_room = await world.admin_room()
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(as_config(appservice, world, admin_room, pg_url, [{"room": space}])))
+    process = await spawn_bot(config, tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    pushed = appservice.pusher.requests
+    seen = len(pushed(r"/transactions/"))
+    await world.owner.client.send_text(admin_room, "hello")
+    await wait_for(lambda: any(r.status == 200 for r in pushed(r"/transactions/")[seen:]), timeout=60)
+    store = Store(pg_url)
+    await store.start()
+    try:
+        async with store.db.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE appservice_txn IN EXCLUSIVE MODE")  # reads pass, writes wait
+            seen = len(pushed(r"/transactions/"))
+            asked = await world.owner.client.send_text(admin_room, "!spacesync status")
+
+            async def queued() -> bool:
+                return await store.db.fetchval("SELECT 1 FROM command_queue WHERE event_id=$1", asked) is not None
+
+            await wait_for(queued, timeout=60, message="the command was not queued")
+            [stuck] = [r for r in pushed(r"/transactions/")[seen:] if r.status is None]  # not answered
+            process.kill()
+            await process.wait()
+        again = await start_as_bot(admin_room, [{"room": space}], db_url=pg_url)
+
+        async def sent_again() -> bool:
+            return any(r.path == stuck.path and r.status == 200 for r in pushed(r"/transactions/"))
+
+        await wait_for(sent_again, timeout=60, message="the homeserver did not send the transaction again")
+        assert "State: running" in (await reply_for(world, again, asked, timeout=60))["body"]
+        await asyncio.sleep(2)
+        assert len(await replies_to(world, again, asked)) == 1
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await store.stop()
 
 
 async def test_a_standby_answers_503_and_takes_over_without_losing_a_transaction(
