@@ -229,7 +229,9 @@ async def test_a_bot_killed_while_applying_a_transaction_applies_it_once_when_th
                 return await store.db.fetchval("SELECT 1 FROM command_queue WHERE event_id=$1", asked) is not None
 
             await wait_for(queued, timeout=60, message="the command was not queued")
-            [stuck] = [r for r in pushed(r"/transactions/")[seen:] if r.status is None]  # not answered
+            unanswered = [r for r in pushed(r"/transactions/")[seen:] if r.status is None]
+            assert len(unanswered) == 1, "the transaction was answered before its id was stored"
+            stuck = unanswered[0]
             process.kill()
             await process.wait()
         again = await start_as_bot(admin_room, [{"room": space}], db_url=pg_url)
