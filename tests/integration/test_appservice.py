@@ -217,6 +217,13 @@ async def test_a_bot_killed_while_applying_a_transaction_applies_it_once_when_th
     seen = len(pushed(r"/transactions/"))
     await world.owner.client.send_text(admin_room, "hello")
     await wait_for(lambda: any(r.status == 200 for r in pushed(r"/transactions/")[seen:]), timeout=60)
+
+    async def quiet() -> bool:  # nothing in flight, nothing new for 2 s: the next transaction is the command's
+        count = len(pushed(r"/transactions/"))
+        await asyncio.sleep(2)
+        return appservice.pusher.in_flight == 0 and len(pushed(r"/transactions/")) == count
+
+    await wait_for(quiet, timeout=60)
     store = Store(pg_url)
     await store.start()
     try:
