@@ -46,13 +46,13 @@ def listen_url(listen: WebConfig) -> str:
 
 
 def make_registration(user_id: UserID, appservice: AppserviceConfig, url: str | None = None) -> dict[str, Any]:
-    """A registration with fresh random tokens: the bot is the one user of its exclusive namespace, and never
-    rate limited; the sender is the appservice's own user."""
+    """A registration: the bot is the one user of its exclusive namespace, and never rate limited; the sender is
+    the appservice's own user. The tokens are the config's when it gives them, else fresh random ones."""
     return {
         "id": appservice.id,
         "url": url or listen_url(WebConfig(appservice.host, appservice.port)),
-        "as_token": secrets.token_urlsafe(TOKEN_BYTES),
-        "hs_token": secrets.token_urlsafe(TOKEN_BYTES),
+        "as_token": appservice.as_token or secrets.token_urlsafe(TOKEN_BYTES),
+        "hs_token": appservice.hs_token or secrets.token_urlsafe(TOKEN_BYTES),
         "sender_localpart": appservice.sender_localpart or sender_localpart(user_id),
         "rate_limited": False,
         "namespaces": {

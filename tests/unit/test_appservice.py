@@ -194,3 +194,12 @@ async def test_the_transaction_server_answers_by_token_leadership_and_outcome() 
         assert (await web.put(path, json=body, headers=auth)).status == 200
         assert applied == [("7", 1)]
         assert (await web.post("/_matrix/app/v1/ping", json={}, headers=auth)).status == 200
+
+
+def test_tokens_given_in_the_config_are_the_registrations(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(raw({"listen": "127.0.0.1:29317", "as_token": "as-given", "hs_token": "hs-given"})))
+    out = tmp_path / "registration.yaml"
+    assert main(["-c", str(config), "appservice", "registration", "-o", str(out), "--url", "http://bot:29317"]) == 0
+    written = read_registration(str(out))
+    assert (written["as_token"], written["hs_token"], written["url"]) == ("as-given", "hs-given", "http://bot:29317")
