@@ -123,3 +123,10 @@ STATE_MEMBER_ENTRIES = Gauge(
     "Memberships (one per room and user) the state cache holds.",
     registry=REGISTRY,
 )
+APPSERVICE_TRANSACTIONS = Counter(
+    "spacesync_appservice_transactions_total",
+    "Appservice transactions from the homeserver, by outcome (applied; duplicate: applied before, answered "
+    "without applying again; refused: standing by or starting, the homeserver sends it again; failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -22,6 +22,12 @@ def make_app(app: App) -> web.Application:
         problems = []
         if not app.leader:
             problems.append(app.standby_reason)
+            if app.transport is not None:
+                problems.append(
+                    "appservice: transactions answered 503 until this instance leads; the homeserver retries"
+                )
+        elif app.transport is not None and not app.transport.taking:
+            problems.append("appservice: not taking transactions yet")
         elif not app.logged_in:
             problems.append("not logged in yet")
         elif not app.homeserver_up:

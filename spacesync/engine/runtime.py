@@ -16,7 +16,7 @@ from ..commands import CommandHandler as AdminCommands
 from ..commands.render import NoticeRenderer
 from ..config import Config
 from ..core.entitlement import user_level
-from ..matrix import ConnectError, MatrixAdapter, StateCache
+from ..matrix import ConnectError, StateCache
 from ..matrix.crypto import Crypto, CryptoError
 from ..matrix.errors import StateUnknown
 from ..matrix.ratelimit import Episode, lift_hint
@@ -38,6 +38,7 @@ from .queue import CommandHandler, CommandQueue
 from .reconciler import Reconciler
 from .sync import SyncLoop
 from .timer import ReconcileTimer
+from .transport import AppserviceTransport, adapter, appservice_error
 
 log = structlog.get_logger("spacesync")
 
@@ -66,23 +67,18 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.database.url)
-        self.matrix = MatrixAdapter(
-            config.homeserver.url,
-            config.bot.user_id,
-            access_token=config.bot.access_token,
-            password=config.bot.password,
-            device_id=config.bot.device_id,
-            request_timeout=config.homeserver.request_timeout,
-        )
+        self.matrix = adapter(config)
+        self.device = adapter(config, device=True) if config.appservice else self.matrix
+        """The bot's device (its keys, to-device messages): an appservice logs one in with its as_token."""
         self.crypto = Crypto(
-            self.matrix,
+            self.device,
             self.store.db,
             config.bot.pickle_key,
             recovery_key=config.bot.recovery_key,
             password=config.bot.password,
             share_keys_with=config.admin.share_keys_with,
         )
-        self.matrix.crypto = self.crypto
+        self.matrix.crypto = self.device.crypto = self.crypto
         self.cache = StateCache()
         self.health = DatabaseHealth()
         self.leadership = Leadership(config, self.store)
@@ -138,6 +134,21 @@ class App:
             initial_sync_timeout=config.homeserver.initial_sync_timeout,
         )
         self.sync.handlers.append(lambda data: self.crypto.on_sync(data, self.admin_room))
+        self.transport = (
+            AppserviceTransport(
+                config,
+                self.sync,
+                self.store,
+                self.health,
+                self.device,
+                leading=lambda: self.leader,
+                encrypted=lambda: config.bot.pickle_key is not None,
+                saved_device=self.crypto.saved_device_id,
+            )
+            if config.appservice
+            else None
+        )
+        """Appservice mode: transactions in, instead of following /sync."""
         self._admin_commands: AdminCommands | None = None
         self.logged_in = False
         self._stopping = asyncio.Event()
@@ -190,6 +201,8 @@ class App:
         leadership lock stands by and leads again once it takes the lock back."""
         await self.start_store()
         try:
+            if self.transport is not None:
+                await self.transport.listen()
             while not self._stopping.is_set():
                 if not await self.leadership.become_leader(self._stopping):
                     return
@@ -215,9 +228,11 @@ class App:
             if device:
                 self.matrix.set_device_id(device)
         try:
+            if self.transport is not None:
+                await self.transport.log_in()
             token = await self.matrix.connect(saved_token=saved)
         except ConnectError as e:
-            raise FatalError(str(e)) from e
+            raise FatalError(appservice_error(str(e)) if self.transport else str(e)) from e
         if self.config.bot.password and token != saved:
             await self.health.call(
                 "save the access token", lambda: self.store.put(f"access_token:{self.config.bot.user_id}", token)
@@ -326,7 +341,7 @@ class App:
         self.executor.resume()
         self._tasks = [
             asyncio.create_task(self.executor.run_forever(), name="executor"),
-            asyncio.create_task(self.sync.run(), name="sync"),
+            asyncio.create_task(self.transport.run() if self.transport else self.sync.run(), name="sync"),
             asyncio.create_task(self.timer.run(), name="reconcile"),
             asyncio.create_task(self.commands.run(), name="commands"),
             asyncio.create_task(self.leadership.keep(), name="leadership"),
@@ -375,10 +390,14 @@ class App:
 
     async def shutdown(self) -> None:
         """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+        if self.transport is not None:  # first: the homeserver's next transaction goes to another instance
+            await self.transport.stop()
         await self._stop_tasks()
         if self._learning is not None:
             await _cancel([self._learning])
         await self.crypto.close()  # a key upload under way is finished and saved while homeserver and store are up
+        if self.device is not self.matrix:
+            await self.device.close()
         await self.matrix.close()
         await self.store.stop()
         IS_LEADER.set(0)

@@ -182,20 +182,8 @@ class SyncLoop:
                 self.request_reconcile(full=True)
                 failures = 0
             self.homeserver_up = True
-            first = since is None
-            try:
-                for handler in self.handlers:
-                    await handler(data)
-                await self.handle(data)
-            except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
-                log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
-                for room_id in ((data.get("rooms") or {}).get("join") or {}) if isinstance(data, dict) else ():
-                    self.observer.mark_stale(RoomID(room_id))
-                self.request_reconcile(full=True)
             # Commands are in the database before the position moves past them: a crash loses none.
-            commands = [] if first else self.admin_commands_in(data)
-            for room_id, event in commands:
-                await self.health.call("queue a command", partial(self.commands.put, room_id, event))
+            await self.apply(data, commands=since is not None)
             since = data.get("next_batch") or since
             if since:
                 await self.health.call("save the sync position", partial(self.store.put, "next_batch", since))
@@ -204,6 +192,21 @@ class SyncLoop:
             self.last_sync_at = time.time()
             LAST_SYNC.set(self.last_sync_at)
             SYNC_LAG.set(0)
+
+    async def apply(self, data: dict[str, Any], *, commands: bool = True) -> None:
+        """One answer in /sync's shape (a /sync answer, or an appservice transaction put in that shape): the
+        hooks, the state into the cache, invites, and its admin-room commands queued in the database."""
+        try:
+            for handler in self.handlers:
+                await handler(data)
+            await self.handle(data)
+        except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
+            log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
+            for room_id in ((data.get("rooms") or {}).get("join") or {}) if isinstance(data, dict) else ():
+                self.observer.mark_stale(RoomID(room_id))
+            self.request_reconcile(full=True)
+        for room_id, event in self.admin_commands_in(data) if commands else []:
+            await self.health.call("queue a command", partial(self.commands.put, room_id, event))
 
     async def first_sync(self, since: str | None) -> dict[str, Any]:
         """The first /sync after a start or a takeover: a large account's answer takes a while to build, so it

@@ -73,6 +73,7 @@ class MatrixAdapter:
         device_id: str | None = None,
         request_timeout: float = DEFAULT_TIMEOUT,
         ratelimit_budget: float = RATELIMIT_BUDGET,
+        appservice_user: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
@@ -90,6 +91,8 @@ class MatrixAdapter:
         self.ratelimit_wait_s = 0.0
         """Seconds the homeserver's 429 answers held requests back (wall time, overlapping waits once)."""
         self.user_id = user_id
+        self._as_user = user_id if appservice_user else None
+        """With an appservice's as_token: every request acts as this user (the spec's identity assertion)."""
         self._token = access_token
         self._password = password
         self._device_id = device_id or ""
@@ -118,6 +121,7 @@ class MatrixAdapter:
             client_session=self.session,
             default_retry_count=0,
             log=cast(TraceLogger, logging.getLogger("spacesync.http")),
+            as_user_id=self._as_user,
         )
         self.client = ClientAPI(self.user_id, DeviceID(self._device_id), api=api)
         try:

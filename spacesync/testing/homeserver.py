@@ -82,8 +82,11 @@ class Synapse(Service):
         log_level: str = "WARNING",
         federation_port: int | None = None,
         federation_peers: list[str] | None = None,
+        app_service_config_files: list[Path] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.app_service_config_files = [str(p) for p in app_service_config_files or []]
+        """Appservice registrations the server loads (spacesync's own, for appservice mode)."""
         self.federation_port = federation_port
         """With a port, the server federates over TLS on it and is named ``127.0.0.1:<port>``."""
         self.federation_peers = list(federation_peers or [])
@@ -328,6 +331,7 @@ class Synapse(Service):
             },
             "log_config": str(log_config_path),
             **self._federation_config(),
+            **({"app_service_config_files": self.app_service_config_files} if self.app_service_config_files else {}),
         }
         if self.msc4293:
             config["experimental_features"] = MSC4293_DEVIATION.value
