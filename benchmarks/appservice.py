@@ -107,9 +107,7 @@ async def main() -> int:
         registration = workdir / "registration.yaml"
         bot_id = UserID("@spacesync:localhost")
         write_registration(registration, make_registration(bot_id, AppserviceConfig("127.0.0.1", listen, "", "")))
-        synapse = Synapse(
-            workdir / "synapse", lifted_ratelimits=False, app_service_config_files=[registration]
-        )  # stock limits
+        synapse = Synapse(workdir / "synapse", app_service_config_files=[registration])  # stock limits
         started = time.monotonic()
         await synapse.start()
         print(f"homeserver: Synapse (stock rate limits) at {synapse.url} up in {time.monotonic() - started:.1f} s")
@@ -119,7 +117,7 @@ async def main() -> int:
             as_token = read_registration(str(registration))["as_token"]
             as_bot = await appservice_user(synapse, as_token, "spacesync")
             for account in (owner, user_bot, as_bot):  # the set-up's joins; the bots' are dropped before the runs
-                await synapse.lift_ratelimit(account.user_id)
+                await synapse.exempt(account.user_id)
             bench = TwoBots(synapse, workdir, owner, user_bot, appservice_bot=as_bot)
             space, rooms = await build_space(bench, n)
             await as_bot.client.join(space)
@@ -129,7 +127,7 @@ async def main() -> int:
             await as_bot.client.join(admin)
             observer, *victims = await bench.users_named("observer", "floor", "usermode", "appservice")
             for user in (observer, *victims):
-                await synapse.lift_ratelimit(user.user_id)
+                await synapse.exempt(user.user_id)
             await join_all([observer, *victims], space, rooms)
             watcher = SyncWatcher(bench, observer)
             await watcher.start()

@@ -46,7 +46,6 @@ class AppserviceDemo(Demo):
             workdir.resolve() / "synapse",
             server_name=SERVER_NAME,
             default_room_version=ROOM_VERSION,
-            lifted_ratelimits=False,
             app_service_config_files=[self.registration],
         )
 
@@ -71,7 +70,7 @@ class AppserviceDemo(Demo):
         are exempted so that the story is not slowed by the stock limits of their own clicks."""
         for name, user in self.users.items():
             if name != "bot":
-                await self.synapse.lift_ratelimit(user.user_id)
+                await self.synapse.exempt(user.user_id)
 
     def bot_config(self) -> dict[str, Any]:
         return {

@@ -61,7 +61,7 @@ async def appservice(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         registration = workdir / "registration.yaml"
         listen_at = AppserviceConfig("127.0.0.1", listen, "", "")
         write_registration(registration, make_registration(UserID(BOT), listen_at, url=pusher.url))
-        synapse = Synapse(workdir, lifted_ratelimits=False, app_service_config_files=[registration])
+        synapse = Synapse(workdir, app_service_config_files=[registration])
         await _start_synapse(synapse)
         as_token = read_registration(str(registration))["as_token"]
         try:
@@ -77,7 +77,7 @@ async def as_world(appservice: Appservice) -> AsyncIterator[World]:
     """The owner (exempted from the limits: only the bot's are under test) and the bot acting with the as_token."""
     synapse = appservice.synapse
     owner = await synapse.register(f"owner_{secrets.token_hex(4)}")
-    await synapse.lift_ratelimit(owner.user_id)
+    await synapse.exempt(owner.user_id)
     bot = TestUser(BOT, appservice.bot_token, "", "", TestClient(synapse.url, appservice.bot_token, BOT))
     yield World(owner, bot)
     await owner.client.close()
