@@ -121,7 +121,8 @@ class Bench:
         return self.synapse.url
 
     async def user(self, localpart: str) -> TestUser:
-        user = await self.synapse.register(f"{localpart}_{secrets.token_hex(3)}")
+        # Members act at full speed: what is measured is the bot.
+        user = await self.synapse.register(f"{localpart}_{secrets.token_hex(3)}", exempt=True)
         self.users.append(user)
         return user
 
@@ -142,18 +143,19 @@ class Bench:
 
 @contextlib.asynccontextmanager
 async def homeserver(prefix: str) -> AsyncIterator[Bench]:
-    """Start a Synapse with lifted rate limits in a temp dir; register owner and bot; stop it at the end."""
+    """Start a stock Synapse in a temp dir; register owner and bot, both exempt from rate limits (as an operator
+    exempts the bot); stop it at the end."""
     with tempfile.TemporaryDirectory(prefix=f"spacesync-bench-{prefix}-") as tmp:
         workdir = Path(tmp)
-        synapse = Synapse(workdir / "synapse", lifted_ratelimits=True, default_room_version=ROOM_VERSION)
+        synapse = Synapse(workdir / "synapse", default_room_version=ROOM_VERSION)
         started = time.monotonic()
         await synapse.start()
         bench: Bench | None = None
         try:
             owner = await synapse.register(f"owner_{secrets.token_hex(3)}")
             bot = await synapse.register(f"bot_{secrets.token_hex(3)}")
-            await synapse.lift_ratelimit(owner.user_id)
-            await synapse.lift_ratelimit(bot.user_id)
+            await synapse.exempt(owner.user_id)
+            await synapse.exempt(bot.user_id)
             bench = Bench(synapse, workdir, owner, bot)
             print(f"homeserver: Synapse at {synapse.url} up in {time.monotonic() - started:.1f} s")
             yield bench

@@ -37,9 +37,7 @@ ROOM_VERSION = "10"
 
 
 async def register(bench: Bench, name: str) -> TestUser:
-    user = await bench.user(name)
-    await bench.synapse.lift_ratelimit(user.user_id)
-    return user
+    return await bench.user(name)
 
 
 async def build(a: Bench, b: Bench, n: int) -> tuple[str, list[str], str]:
@@ -104,7 +102,7 @@ async def main() -> int:
         b = Bench(pair.b, workdir, owner_b, bot)
         try:
             for server, user in ((pair.a, owner_a), (pair.b, owner_b), (pair.a, bot)):
-                await server.lift_ratelimit(user.user_id)
+                await server.exempt(user.user_id)
             space, rooms, admin = await build(a, b, args.rooms)
             via = [pair.b.server_name, pair.a.server_name]
             observers = [await register(a, "observer"), await register(b, "observer")]

@@ -1,4 +1,4 @@
-"""Entry points: `spacesync run`, `check-config`, `plan`, `crypto` and `demo`."""
+"""Entry points: `spacesync run`, `check-config`, `plan`, `crypto`, `appservice` and `demo`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
         "bot.recovery_key restores the identity on a new database). reset-identity: replace the identity "
         "at the bot's next start (moderators' clients will say the bot's identity changed).",
     )
+    appservice = sub.add_parser(
+        "appservice",
+        parents=[config_anywhere],
+        help="run as an application service: write the registration for the homeserver",
+        description="spacesync as an application service (see docs/deployment.md).",
+    )
+    appservice.add_argument("action", choices=["registration"], help="registration: write the registration file")
+    appservice.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="where to write it (default: appservice.registration from the config, else registration.yaml)",
+    )
+    appservice.add_argument(
+        "--url", default=None, help="where the homeserver reaches spacesync (default: http://<appservice.listen>)"
+    )
     demo = sub.add_parser(
         "demo",
         help="run against a throwaway local Synapse with a sample Space",
@@ -80,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
         "--federated",
         action="store_true",
         help="two federating homeservers: the Space on the second, rooms on both, the bot on the first",
+    )
+    demo.add_argument(
+        "--appservice",
+        action="store_true",
+        help="the bot as an application service (registration, pushed events, no rate limits; stock limits)",
     )
     return parser
 
@@ -96,7 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(args.workdir, scripted=args.scripted, federated=args.federated)
+        if args.appservice and args.federated:
+            print("spacesync demo: --appservice and --federated cannot be combined; pick one", file=sys.stderr)
+            return 2
+        return run_demo(args.workdir, scripted=args.scripted, federated=args.federated, appservice=args.appservice)
+    if args.command == "appservice":
+        return _registration(args.config, args.output, args.url)
     try:
         config = _load(args.config)
     except ConfigError as e:
@@ -117,6 +143,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "crypto":
         return asyncio.run(_crypto(config, args.action))
     return asyncio.run(_run(config))
+
+
+def _registration(config_path: str | None, output: str | None, url: str | None) -> int:
+    """Write the appservice registration (fresh tokens) where the config's appservice.registration says."""
+    from pathlib import Path
+
+    from .registration import make_registration, write_registration
+
+    try:
+        config = load_config(config_path or default_config_path(), read_registration=False)
+    except ConfigError as e:
+        print(f"spacesync: {e}", file=sys.stderr)
+        return 2
+    if config.appservice is None:
+        print(
+            'spacesync: appservice: not set; add `appservice: {listen: "127.0.0.1:29317", registration: '
+            "registration.yaml}` to the config first (docs/deployment.md)",
+            file=sys.stderr,
+        )
+        return 2
+    path = Path(output or config.appservice.registration or "registration.yaml")
+    if config.appservice.registration is not None and path != config.appservice.registration:
+        print(f"note: the config reads appservice.registration from {config.appservice.registration}", file=sys.stderr)
+    try:
+        write_registration(path, make_registration(config.bot.user_id, config.appservice, url))
+    except FileExistsError:
+        print(
+            f"spacesync: {path}: exists; the homeserver may hold its tokens already. Remove it first to make new "
+            "tokens (then restart the homeserver), or pick another path with -o",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as e:
+        print(f"spacesync: {path}: cannot write ({e.strerror})", file=sys.stderr)
+        return 1
+    if url is None and config.appservice.host in ("0.0.0.0", "::"):
+        print(
+            f"note: appservice.listen is {config.appservice.host}, which the homeserver cannot connect to: the url "
+            "written is http://127.0.0.1:<port>; write it again with --url if the homeserver is elsewhere",
+            file=sys.stderr,
+        )
+    print(
+        f"Wrote {path} (readable by you only: it holds the tokens). Copy it where the homeserver reads it, list it "
+        "in its app_service_config_files, and restart the homeserver."
+    )
+    return 0
 
 
 async def _run(config: Config) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "ENV_DATABASE_URL",
     "ENV_PASSWORD",
     "AdminConfig",
+    "AppserviceConfig",
     "BotConfig",
     "Config",
     "ConfigError",
@@ -237,6 +238,24 @@ class WebConfig:
 
 
 @attrs.frozen
+class AppserviceConfig:
+    """spacesync as an application service: the homeserver pushes transactions to `host:port`."""
+
+    host: str
+    port: int
+    as_token: str = attrs.field(repr=_redacted)
+    """spacesync's token towards the homeserver (its requests as the bot)."""
+    hs_token: str = attrs.field(repr=_redacted)
+    """The homeserver's token towards spacesync (its transactions)."""
+    id: str = "spacesync"
+    sender_localpart: str = ""
+    """The appservice's own user (not the bot: Synapse refuses /sync to an appservice's sender, and the bot's
+    device needs it for encryption); the bot is the one user of its namespace."""
+    registration: Path | None = None
+    """The registration file the tokens were read from (written by `spacesync appservice registration`)."""
+
+
+@attrs.frozen
 class LoggingConfig:
     level: str = "INFO"
     format: str = "auto"
@@ -260,6 +279,8 @@ class Config:
     web: WebConfig | None = WebConfig("127.0.0.1", 9090)
     logging: LoggingConfig = LoggingConfig()
     reason_template: str = "{event} {space}"
+    appservice: AppserviceConfig | None = None
+    """Set: spacesync runs as an application service (no bot.access_token, events pushed, no rate limits)."""
 
 
 # --- value readers: each takes (value, key path) and returns the typed value or raises ConfigError ---
@@ -647,6 +668,23 @@ _TOP = _section(
             {},
         ),
         "web": _Key(_section({"listen": _Key(_listen, "127.0.0.1:9090")}), {}),
+        "appservice": _Key(
+            _nullable(
+                _section(
+                    {
+                        "listen": _Key(_listen, "127.0.0.1:29317"),
+                        "registration": _optional_string,
+                        "id": _Key(_string(), "spacesync"),
+                        "sender_localpart": _optional_string,
+                        "as_token": _optional_secret,
+                        "as_token_file": _optional_string,
+                        "hs_token": _optional_secret,
+                        "hs_token_file": _optional_string,
+                    }
+                )
+            ),
+            None,
+        ),
         "logging": _Key(
             _section(
                 {
@@ -676,9 +714,19 @@ def _read_secret_file(file_name: str, path: str) -> str:
     return secret
 
 
-def _credentials(bot: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """(access_token, password): exactly one is set. The environment overrides the file."""
+def _credentials(
+    bot: Mapping[str, Any], env: Mapping[str, str], appservice: bool = False
+) -> tuple[str | None, str | None]:
+    """(access_token, password): exactly one is set. The environment overrides the file. An appservice needs
+    no credential (its as_token is the bot's), and an access token would be ambiguous."""
     configured = [key for key in _CREDENTIALS if bot[key] is not None]
+    if appservice:
+        token_keys = [key for key in configured if key.startswith("access_token")]
+        if token_keys or env.get(ENV_ACCESS_TOKEN):
+            where = f"bot.{token_keys[0]}" if token_keys else ENV_ACCESS_TOKEN
+            _fail(where, "not used by an appservice (its as_token acts as the bot); remove it")
+        if not configured and not env.get(ENV_PASSWORD):
+            return None, None
     if len(configured) > 1:
         _fail("bot", f"{configured[0]} and {configured[1]} are both set; keep exactly one of {', '.join(_CREDENTIALS)}")
     token, password = env.get(ENV_ACCESS_TOKEN) or None, env.get(ENV_PASSWORD) or None
@@ -744,14 +792,20 @@ def _space(values: Mapping[str, Any], max_evictions: int, guard_window: float = 
     return SpaceConfig(**fields)
 
 
-def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
-    """Validate already-loaded YAML data (plus secrets from `env`, default os.environ) into a Config."""
+def parse_config(data: Any, env: Mapping[str, str] | None = None, *, read_registration: bool = True) -> Config:
+    """Validate already-loaded YAML data (plus secrets from `env`, default os.environ) into a Config.
+
+    `read_registration=False` leaves an appservice's tokens empty (for writing its registration)."""
     env = os.environ if env is None else env
     top = dict(_TOP(data, ""))
     if env.get(ENV_DATABASE_URL):
         top["database"] = DatabaseConfig(_database_url(env[ENV_DATABASE_URL], ENV_DATABASE_URL))
     bot = top["bot"]
-    access_token, password = _credentials(bot, env)
+    if top["appservice"] is not None:
+        from .registration import appservice_config
+
+        top["appservice"] = appservice_config(top["appservice"], bot["user_id"], read_registration)
+    access_token, password = _credentials(bot, env, appservice=top["appservice"] is not None)
     top["bot"] = BotConfig(
         bot["user_id"], access_token, password, bot["device_id"], _pickle_key(bot), _recovery_key(bot)
     )
@@ -773,7 +827,7 @@ def default_config_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get(ENV_CONFIG) or "config.yaml")
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, read_registration: bool = True) -> Config:
     """Read and validate a YAML configuration file; any problem raises a one-line ConfigError."""
     name = str(path)
     try:
@@ -795,4 +849,4 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(f"{name}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
         raise ConfigError(f"{name}: the file is empty; copy config.example.yaml and fill it in")
-    return parse_config(data, env)
+    return parse_config(data, env, read_registration=read_registration)

@@ -27,6 +27,12 @@ ACTIONS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+SUPERSEDED = Counter(
+    "spacesync_actions_superseded_total",
+    "Actions re-checked just before sending that the world no longer called for, by kind: never sent.",
+    ["kind"],
+    registry=REGISTRY,
+)
 REDACTIONS = Counter(
     "spacesync_redactions_total",
     "Messages of banned users redacted along with a ban (redact_on_ban), by outcome (done, failed).",
@@ -115,5 +121,12 @@ STATE_ROOMS = Gauge("spacesync_state_rooms", "Rooms whose state the state cache 
 STATE_MEMBER_ENTRIES = Gauge(
     "spacesync_state_member_entries",
     "Memberships (one per room and user) the state cache holds.",
+    registry=REGISTRY,
+)
+APPSERVICE_TRANSACTIONS = Counter(
+    "spacesync_appservice_transactions_total",
+    "Appservice transactions from the homeserver, by outcome (applied; duplicate: applied before, answered "
+    "without applying again; refused: standing by or starting, the homeserver sends it again; failed).",
+    ["outcome"],
     registry=REGISTRY,
 )

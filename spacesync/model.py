@@ -628,6 +628,7 @@ class Cause(str, Enum):
     ON_LEAVE = "on_leave"
     UNBAN = "unban"
     POWER_LEVELS = "power_levels"
+    JOIN_RULES = "join_rules"
     INVITE_MEMBERS = "invite_members"
     UNDO = "undo"
     LOCKDOWN = "lockdown"

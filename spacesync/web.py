@@ -22,6 +22,12 @@ def make_app(app: App) -> web.Application:
         problems = []
         if not app.leader:
             problems.append(app.standby_reason)
+            if app.transport is not None:
+                problems.append(
+                    "appservice: transactions answered 503 until this instance leads; the homeserver retries"
+                )
+        elif app.transport is not None and not app.transport.taking:
+            problems.append("appservice: not taking transactions yet")
         elif not app.logged_in:
             problems.append("not logged in yet")
         elif not app.homeserver_up:
@@ -32,9 +38,11 @@ def make_app(app: App) -> web.Application:
             problems.append(app.crypto.problem)
         if not await app.store.ping():
             problems.append("database unreachable")
+        limited = await app.rate_limit() if not problems else None
+        details = {"rate_limited": limited.details()} if limited is not None else {}
         if problems:
             return web.json_response({"status": "unready", "reasons": problems}, status=503)
-        return web.json_response({"status": "ready"})
+        return web.json_response({"status": "ready", **details})
 
     async def metrics(_: web.Request) -> web.Response:
         if app.last_sync_at is not None:

@@ -40,19 +40,9 @@ async def _start_synapse(synapse: Synapse) -> None:
 
 @pytest.fixture(scope="session")
 async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Synapse]:
-    """One homeserver with rate limits lifted, shared by the whole session."""
+    """One stock homeserver (Synapse's shipped defaults but `testing.stock.STOCK_DEVIATIONS`, rate limits
+    included), shared by the whole session. Tests exempt the accounts that need speed (`Synapse.exempt`)."""
     hs = Synapse(tmp_path_factory.mktemp("synapse"))
-    await _start_synapse(hs)
-    yield hs
-    await hs.stop()
-
-
-@pytest.fixture(scope="session")
-async def synapse_default_limits(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[Synapse]:
-    """A homeserver with Synapse's default rate limits (registration aside)."""
-    hs = Synapse(tmp_path_factory.mktemp("synapse-default-limits"), lifted_ratelimits=False)
     await _start_synapse(hs)
     yield hs
     await hs.stop()
@@ -84,7 +74,9 @@ def synapse_b(federation: FederatedPair) -> Synapse:
 
 @pytest.fixture
 async def make_user(synapse: Synapse) -> AsyncIterator[MakeUser]:
-    """Factory: ``await make_user("alice")`` registers a fresh ``@alice_<hex>`` on ``synapse``."""
+    """Factory: ``await make_user("alice")`` registers a fresh ``@alice_<hex>`` on ``synapse``. Members act at
+    full speed (exempt from rate limits through the admin API) unless ``exempt=False``: what tests measure is
+    the bot, which each test exempts or not itself."""
     users: list[TestUser] = []
 
     async def make(
@@ -93,12 +85,14 @@ async def make_user(synapse: Synapse) -> AsyncIterator[MakeUser]:
         admin: bool = False,
         displayname: str | None = None,
         password: str | None = None,
+        exempt: bool = True,
     ) -> TestUser:
         user = await synapse.register(
             f"{localpart}_{secrets.token_hex(4)}",
             admin=admin,
             displayname=displayname,
             password=password,
+            exempt=exempt,
         )
         users.append(user)
         return user

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..matrix.crypto import DECRYPTED_KEY
+from ..matrix.errors import StateUnknown
 from ..model import RoomID, UserID
 from ..refs import RefError
 from ..store import unreachable
@@ -41,6 +42,10 @@ __all__ = [
 log = structlog.get_logger("spacesync.commands")
 
 REFUSAL = "Sorry, only spacesync admins can use commands here."
+ADMIN_UNKNOWN = (
+    "⚠ The command was not run: the admin room's power levels could not be read, so whether you are an admin is "
+    "unknown. Send it again in a moment."
+)
 UNVERIFIED_REFUSAL = (
     "Sorry, this command came from a device you have not verified, and admin.require_verified_device is set: "
     "verify this device (cross-sign it from one of your verified sessions) and send the command again."
@@ -114,7 +119,13 @@ class CommandHandler:
             log.info("command already handled", event_id=event_id)
             return
         user = UserID(sender)
-        if not await app.is_admin(user):
+        try:
+            admin = await app.is_admin(user)
+        except StateUnknown as e:
+            log.warning("command not run: cannot tell whether the sender is an admin", sender=sender, error=str(e))
+            await self._reply(room_id, event_id, Reply.plain(ADMIN_UNKNOWN))
+            return
+        if not admin:
             log.warning("command refused: not an admin", sender=sender, event_id=event_id)
             await self._reply(room_id, event_id, Reply.plain(REFUSAL))
             return

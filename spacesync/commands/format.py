@@ -169,3 +169,14 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 def timestamp(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + " UTC"
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '2 min 30 s' (to 10 s under ten minutes), '13 min', '2 h 5 min'."""
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 600:
+        minutes, rest = divmod(round(seconds / 10) * 10, 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
+from ..engine.events import RateLimited
 from ..model import EVICTIONS, Action, ActionKind, Cause, LeftBehind, RoomID, UserID
 from ..store.journal import Entry, Status
-from .format import Line, Reply, code, esc, line, listing, one_line, plural
+from .format import Line, Reply, code, duration, esc, line, listing, one_line, plural
 
 RoomName = Callable[[RoomID], str]
 
@@ -69,10 +71,13 @@ def batch_summary(
     done = [e.action for e in entries if e.status is Status.DONE]
     failed = [e for e in entries if e.status is Status.FAILED]
     parked = [e for e in entries if e.status is Status.PARKED]
+    superseded = [e for e in entries if e.status is Status.SUPERSEDED]
     why = _TRIGGERS.get(trigger, trigger)
     title = f"Batch {batch} finished ({why}): {plural(len(done), 'action')} done"
     if failed:
         title += f", {len(failed)} failed"
+    if superseded:
+        title += f", {len(superseded)} superseded"
     if left_behind:
         title += f", {len(left_behind)} left in place"
     if parked:
@@ -91,6 +96,7 @@ def batch_summary(
         lines.append(line(f"failed: {what} in {name(entry.action.room_id)}: {one_line(entry.error, 160)}"))
     if len(failed) > NAMES_SHOWN:
         lines.append(line(f"… {len(failed) - NAMES_SHOWN} more failures (!spacesync audit)"))
+    lines.extend(_superseded(superseded, name))
     for item in left_behind[:NAMES_SHOWN]:
         verb = f"not {_DONE.get(item.kind, item.kind.value)}"
         room = name(item.room_id)
@@ -107,6 +113,23 @@ def batch_summary(
         hint = f"Undo: !spacesync undo {batch}"
         reply = Reply(f"{reply.text}\n{hint}", f"{reply.html}<p>Undo: {code(f'!spacesync undo {batch}')}</p>")
     return reply
+
+
+def _superseded(entries: Sequence[Entry], name: RoomName) -> list[Line]:
+    """One line per reason the world no longer called for entries: '2 superseded: @u rejoined the Space (kick in
+    general, random)'. Not sent, so nothing of them is to undo."""
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        groups[entry.error or "no longer planned"].append(entry)
+    lines = []
+    for why, group in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:NAMES_SHOWN]:
+        kinds = ", ".join(sorted({e.action.kind.value for e in group}))
+        where = _rooms([e.action.room_id for e in group], name)
+        text = f"{len(group)} superseded: {one_line(why, 160)} ({kinds} in {where}), not sent"
+        lines.append(line(text))
+    if len(groups) > NAMES_SHOWN:
+        lines.append(line(f"… {len(groups) - NAMES_SHOWN} more reasons for superseded actions (!spacesync audit)"))
+    return lines
 
 
 def _window(seconds: float) -> str:
@@ -157,15 +180,37 @@ def parked_notice(entry: Entry, error: str, name: RoomName) -> Reply:
     action = entry.action
     what = f"{action.kind.value} {action.user_id or action.state_key or ''}".strip()
     where = name(action.room_id)
+    refused = "was refused" if error[:1] == "4" and not error.startswith("429") else "failed"
     text = (
-        f"⚠ Parked: {what} in {where} was refused {plural(entry.failures + 1, 'time')} "
+        f"⚠ Parked: {what} in {where} {refused} {plural(entry.failures + 1, 'time')} "
         f"({one_line(error, 160)}). It is not tried again until the room's state changes; fix the cause "
         f"(the bot's power, the room's rules), then !spacesync retry {entry.batch}."
     )
     html = (
         f"<p>⚠ Parked: <b>{esc(action.kind.value)}</b> {code(action.user_id or action.state_key or '')} in "
-        f"{esc(where)} was refused {plural(entry.failures + 1, 'time')} ({esc(one_line(error, 160))}). "
+        f"{esc(where)} {refused} {plural(entry.failures + 1, 'time')} ({esc(one_line(error, 160))}). "
         f"It is not tried again until the room's state changes; fix the cause (the bot's power, the room's "
         f"rules), then {code(f'!spacesync retry {entry.batch}')}.</p>"
     )
     return Reply(text, html)
+
+
+def rate_limited_text(event: RateLimited) -> str:
+    """One sentence: the homeserver holds the bot's writes back, when the queue ends, and what lifts it."""
+    since = time.strftime("%H:%M UTC", time.gmtime(event.since))
+    rate = f"{event.granted_rate:.1f}" if event.granted_rate >= 1 else f"{event.granted_rate:.2g}"
+    finish = (
+        f"the {plural(event.queued, 'queued action')} are expected to finish in ~{duration(event.seconds)}"
+        if event.seconds is not None
+        else "nothing is queued"
+    )
+    return (
+        f"The homeserver is rate-limiting the bot's writes (since {since}, {plural(event.refusals, 'refusal')}): "
+        f"it grants about {rate} writes/s, so {finish}. To lift it: {event.lift}"
+    )
+
+
+def rate_limited_notice(event: RateLimited) -> Reply:
+    text = rate_limited_text(event)
+    head, lift = text.split(" To lift it: ", 1)
+    return Reply(text, f"<p>{esc(head)}</p><p>To lift it: {code(lift)}</p>")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..engine.events import ActionParked, BatchFinished, BatchHeld, Event, RoomsNeedAttention
+from ..engine.events import ActionParked, BatchFinished, BatchHeld, Event, RateLimited, RoomsNeedAttention
 from ..matrix import StateCache
 from ..model import RoomID
 from ..refs import room_label
 from .format import Reply, line, listing
-from .notices import batch_summary, held_notice, parked_notice
+from .notices import batch_summary, held_notice, parked_notice, rate_limited_notice
 
 
 class NoticeRenderer:
@@ -49,3 +49,5 @@ class NoticeRenderer:
                     [line(f"{self.room_label(f.room_id)}: {f.message}") for f in event.findings],
                     hint="!spacesync plan lists them all",
                 )
+            case RateLimited():
+                return rate_limited_notice(event)

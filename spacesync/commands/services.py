@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..engine.events import RateLimited
     from ..engine.executor import Executor
     from ..engine.observer import Observer
     from ..engine.reconciler import Reconciler
@@ -33,3 +34,5 @@ class Services(Protocol):
     def request_reconcile(self, *, full: bool) -> None: ...
 
     async def is_admin(self, user_id: UserID) -> bool: ...
+
+    async def rate_limit(self) -> RateLimited | None: ...

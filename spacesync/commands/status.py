@@ -13,7 +13,22 @@ from ..model import Action, ActionKind, Finding, FindingCode, Membership, Plan, 
 from ..refs import RefError
 from ..store import AuditRecord, Status
 from ..store.journal import BatchStatus
-from .format import MAX_LINES, Line, Reply, ago, code, compose, esc, line, listing, one_line, plural, timestamp
+from .format import (
+    MAX_LINES,
+    Line,
+    Reply,
+    ago,
+    code,
+    compose,
+    duration,
+    esc,
+    line,
+    listing,
+    one_line,
+    plural,
+    timestamp,
+)
+from .notices import rate_limited_text
 from .parser import count_arg, room_arg, user_arg
 from .people import redactions_open
 from .powerlevels import RELEASE_HELP, release
@@ -87,23 +102,16 @@ async def _held_batches(app: App) -> list[str]:
 # region status
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{max(1, round(seconds))} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
-
-
 def queue_text(estimate: Estimate | None) -> str | None:
     """'Queue: 40 actions, expected to finish in ~3 min (at 0.2/s)'; None when nothing is queued."""
     if estimate is None:
         return None
     head = f"Queue: {plural(estimate.queued, 'action')}"
-    paused = f"; rate-limited for another {_duration(estimate.paused_s)}" if estimate.paused_s >= 0.5 else ""
+    paused = f"; rate-limited for another {duration(estimate.paused_s)}" if estimate.paused_s >= 0.5 else ""
     if estimate.seconds is None or estimate.rate is None:
         return f"{head}, finish time not known yet (none completed in the last minute){paused}"
     rate = f"{estimate.rate:.1f}" if estimate.rate >= 1 else f"{estimate.rate:.2g}"
-    return f"{head}, expected to finish in ~{_duration(estimate.seconds)} (at {rate}/s){paused}"
+    return f"{head}, expected to finish in ~{duration(estimate.seconds)} (at {rate}/s){paused}"
 
 
 @command(
@@ -196,6 +204,9 @@ async def status(ctx: Context, args: list[str]) -> Reply:
         lines.append(line("Last reconcile: never"))
     else:
         lines.append(line(f"Last reconcile: {ago(rec.last_reconcile_at)}, took {rec.last_reconcile_s or 0:.2f} s"))
+    limited = await app.rate_limit()
+    if limited is not None:
+        lines.append(line(rate_limited_text(limited)))
     lines.append(line(f"Waiting on rate limits: {app.executor.ratelimit_wait_s:.1f} s in total since start"))
     return listing("spacesync status", lines, limit=None)
 

@@ -51,5 +51,33 @@ class RoomsNeedAttention:
     findings: list[Finding]
 
 
-Event = BatchFinished | BatchHeld | ActionParked | RoomsNeedAttention
+@attrs.frozen
+class RateLimited:
+    """The homeserver keeps answering the bot's writes with 429 (one rate-limit episode): when the queue is
+    expected to be done at the rate it grants, and exactly what lifts the limit."""
+
+    since: float
+    """Wall time the episode began."""
+    refusals: int
+    granted_rate: float
+    """Writes per second the homeserver grants (from its `retry_after_ms`)."""
+    queued: int
+    seconds: float | None
+    """Until the queued actions are expected to be done; None when nothing is queued."""
+    lift: str
+    """For Synapse the admin API call with the bot's id; for others the general rule."""
+
+    def details(self) -> dict[str, object]:
+        """For /ready and the log line."""
+        return {
+            "since": round(self.since, 1),
+            "refused_writes": self.refusals,
+            "granted_writes_per_s": round(self.granted_rate, 3),
+            "queued_actions": self.queued,
+            "expected_finish_s": None if self.seconds is None else round(self.seconds, 1),
+            "lift": self.lift,
+        }
+
+
+Event = BatchFinished | BatchHeld | ActionParked | RoomsNeedAttention | RateLimited
 Listener = Callable[[Event], Awaitable[None]]

@@ -24,10 +24,11 @@ from ..core.powerlevels import apply_user_changes, int_level
 from ..core.serveracl import apply_acl_changes, owned_after
 from ..matrix import LostLeadership, MatrixAdapter, StateCache
 from ..matrix.errors import TRANSPORT_ERRORS
-from ..metrics import ACTIONS, REDACTIONS
+from ..metrics import ACTIONS, REDACTIONS, SUPERSEDED
 from ..model import MODERATOR_CAUSES, Action, ActionKind, Cause, Lockdown, PlacedBan, RoomID, RoomState, UserID
 from ..store import Status, Store, unreachable
 from ..store.journal import Entry, now_ms
+from .recheck import MEMBERSHIP_KINDS, SendChecks, Superseded, why_unwanted
 
 T = TypeVar("T")
 
@@ -42,6 +43,9 @@ class Outcome(str, Enum):
     SKIPPED = "skipped"
     BANNED_BY_SOMEONE_ELSE = "banned_by_someone_else"
     NO_LONGER_NEEDED = "no longer needed"
+    """Kept for audit records written before re-checks at send time ended such entries `superseded`."""
+    SUPERSEDED = "superseded"
+    """Re-checked just before it was sent, the world no longer called for it: never sent."""
 
 
 log = structlog.get_logger("spacesync.executor")
@@ -59,13 +63,15 @@ DISPATCH_WINDOW = 5000
 """Runnable entries read from the journal at once and put in order of impact; more wait for the next read."""
 RATE_WINDOW_S = 60.0
 """Completions over this many seconds give the rate an expected finish time is computed from."""
-RATE_LIMITED_HOLD_S = 30.0
-"""After the homeserver last answered a write with 429, this long: one entry in flight at a time. More would
-only wait out the same pause together and then meet another 429 all at once, but for one."""
 
 
 class Transient(Exception):
     """Worth another attempt later (5xx, timeout, dropped connection, a rate limit beyond the wait budget)."""
+
+    def __init__(self, message: str, *, rate_limited: bool = False) -> None:
+        super().__init__(message)
+        self.rate_limited = rate_limited
+        """A 429 beyond the wait budget: the homeserver is busy, not failing; counts attempts, not failures."""
 
 
 class _Stopped(Exception):
@@ -115,6 +121,15 @@ def _paused_s(matrix: MatrixAdapter) -> float:
 def redaction_key(run: str, room_id: str) -> str:
     """Where the count of messages a REDACT action removed in a room is kept (the store's key-value table)."""
     return f"redacted|{run}|{room_id}"
+
+
+FINAL_REFUSALS = frozenset({"M_INVITE_BLOCKED"})
+"""Refusals that asking again cannot change: the invitee blocks invites (MSC4380)."""
+
+
+def final_refusal(error: str) -> bool:
+    """Whether a refusal ('403 M_INVITE_BLOCKED: ...') is final: parked at once, never retried."""
+    return refusal_reason(error).split(" ")[-1] in FINAL_REFUSALS
 
 
 def refusal_reason(error: str) -> str:
@@ -193,8 +208,10 @@ class Executor:
         self.on_batch_done = on_batch_done
         self.on_parked = on_parked
         self.recheck = recheck
-        """Asks for a fresh plan: entries from before this instance led, or that waited in backoff, run only
-        if it still wants them."""
+        """Asks for a fresh plan just before entries start: membership actions always, other entries from before
+        this instance led or that waited in backoff; each runs only if the plan still wants it."""
+        self.checks = SendChecks(matrix, store, self._call)
+        """Compare-and-set against state read fresh, for unbans and join-rule repairs."""
         self.ready = asyncio.Event()
         """Set once the first full reconcile filled the state cache: re-checks wait for it."""
         self.leader_since_ms = now_ms()
@@ -273,11 +290,13 @@ class Executor:
         await self._idle.wait()
 
     def _needs_recheck(self, entry: Entry) -> bool:
-        if (
-            self.recheck is None
-            or entry.action.cause in MODERATOR_CAUSES
-            or (entry.id, entry.not_before) in self._rechecked
-        ):
+        """Membership actions are planned again before every start; other planned entries when they are from
+        before this instance led or waited in backoff (their state writes compare-and-set as they are sent)."""
+        if self.recheck is None or entry.action.cause in MODERATOR_CAUSES:
+            return False
+        if entry.action.kind in MEMBERSHIP_KINDS and entry.action.user_id:
+            return True
+        if (entry.id, entry.not_before) in self._rechecked:
             return False
         return entry.created_at < self.leader_since_ms or entry.not_before > 0
 
@@ -298,50 +317,58 @@ class Executor:
             except BaseException:
                 self._refill = True
                 raise
-        started, self._queue = self._queue[:free], self._queue[free:]
-        for entry in started:
-            if self._stopping:
-                self._refill = True
-                break
-            self._idle.clear()
-            if self._busy_since is None:
-                self._busy_since = time.monotonic()
-            self._inflight_batches[entry.id] = entry.batch
-            self._inflight[entry.id] = asyncio.create_task(self._run(entry), name=f"entry-{entry.id}")
+        while free > 0 and self._queue and not self._stopping:
+            started, self._queue = self._queue[:free], self._queue[free:]
+            for entry in await self._still_wanted(started):
+                if self._stopping:
+                    self._refill = True
+                    break
+                self._idle.clear()
+                if self._busy_since is None:
+                    self._busy_since = time.monotonic()
+                self._inflight_batches[entry.id] = entry.batch
+                self._inflight[entry.id] = asyncio.create_task(self._run(entry), name=f"entry-{entry.id}")
+                free -= 1
         return refilled
 
     def in_flight_limit(self) -> int:
-        """`concurrency`, or 1 while the homeserver rate-limits writes (RATE_LIMITED_HOLD_S): entries then go
-        one at a time, in order of impact, at the pace the homeserver allows."""
-        if _write_paused_until(self.matrix) > time.monotonic() - RATE_LIMITED_HOLD_S:
-            return 1
-        return self.concurrency
+        """`concurrency`, or 1 during a rate-limit episode (the adapter's write gate): entries then go one at a
+        time, in order of impact, at the pace the homeserver grants."""
+        return 1 if self.matrix.gate.limiting() else self.concurrency
 
     async def _runnable(self) -> list[Entry]:
-        """The journal's runnable entries not in flight, re-checked where needed, in order of impact."""
+        """The journal's runnable entries not in flight, in order of impact."""
         entries = [e for e in await self.store.journal.runnable(limit=DISPATCH_WINDOW) if e.id not in self._inflight]
-        stale = [e for e in entries if self._needs_recheck(e)]
-        if stale:
-            skip = {e.id for e in stale}
-            if self.ready.is_set():  # else the state cache is not filled yet: they wait
-                try:
-                    wanted = await self.recheck([e.action for e in stale])  # type: ignore[misc]
-                except Exception as error:  # no fresh plan now (homeserver away): re-check them shortly
-                    log.warning(
-                        "could not re-check journaled actions: trying again shortly",
-                        entries=len(stale),
-                        error=f"{type(error).__name__}: {error}",
-                    )
-                    asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self.wake)
-                else:
-                    for entry in stale:
-                        if entry.action.key in wanted:
-                            self._rechecked.add((entry.id, entry.not_before))
-                            skip.discard(entry.id)
-                        else:
-                            await self._drop(entry)
-            entries = [e for e in entries if e.id not in skip]
         return impact_order(entries, self.cache)
+
+    async def _still_wanted(self, entries: list[Entry]) -> list[Entry]:
+        """The entries about to start that a plan from the state cache, made now, still wants (one plan for all
+        of them); the others end superseded (or already done). Entries that need that plan wait while the
+        cache is not filled yet or no plan can be made (then asked again shortly)."""
+        stale = [e for e in entries if self._needs_recheck(e)]
+        if not stale:
+            return entries
+        skip = {e.id for e in stale}
+        if not self.ready.is_set():  # the state cache is not filled yet: they wait for the first full reconcile
+            return [e for e in entries if e.id not in skip]
+        try:
+            wanted = await self.recheck([e.action for e in stale])  # type: ignore[misc]
+        except Exception as error:  # no fresh plan now (homeserver away): re-check them shortly
+            log.warning(
+                "could not re-check journaled actions: trying again shortly",
+                entries=len(stale),
+                error=f"{type(error).__name__}: {error}",
+            )
+            asyncio.get_running_loop().call_later(RECHECK_RETRY_S, self.wake)
+            self._queue = []  # the rest of the queue waits for that wake too, instead of a plan asked per entry
+            return [e for e in entries if e.id not in skip]
+        for entry in stale:
+            if entry.action.key in wanted:
+                self._rechecked.add((entry.id, entry.not_before))
+                skip.discard(entry.id)
+            else:
+                await self._drop(entry, why_unwanted(entry.action, self.cache))
+        return [e for e in entries if e.id not in skip]
 
     async def _run(self, entry: Entry) -> None:
         try:
@@ -387,12 +414,25 @@ class Executor:
             return None
         now = self._forget_old_completions()
         paused = _paused_s(self.matrix)
+        if self.matrix.gate.limiting():
+            rate = self._granted_rate()
+            return Estimate(queued, rate, paused + queued / rate, paused)
         since = max(self._busy_since if self._busy_since is not None else now, now - RATE_WINDOW_S)
         done = sum(1 for t in self._completed if t >= since)
         if not done:
             return Estimate(queued, None, None, paused)
         rate = done / max(1.0, now - since)
         return Estimate(queued, rate, paused + queued / rate, paused)
+
+    def _granted_rate(self) -> float:
+        """Actions per second during a rate-limit episode: the pace entries completed at since it began (from
+        the second on), else the write rate the homeserver grants (`retry_after_ms`), never the burst before it."""
+        episode = self.matrix.gate.episode
+        assert episode is not None
+        done = [t for t in self._completed if t >= episode.started]
+        if len(done) >= 3 and done[-1] > done[0]:
+            return (len(done) - 1) / (done[-1] - done[0])
+        return episode.granted_rate
 
     async def _report(self, batch: str) -> None:
         if self.on_batch_done is None or batch in self._reported or await self._batch_open(batch):
@@ -407,31 +447,44 @@ class Executor:
         info = await self.store.journal.batch(batch)
         return info is not None and any(info.counts.get(s.value) for s in (Status.PENDING, Status.RUNNING))
 
-    async def _drop(self, entry: Entry) -> None:
-        """An entry a fresh plan no longer wants: its effect is there already, or it is no longer needed."""
+    async def _drop(self, entry: Entry, why: str) -> None:
+        """An entry a fresh plan no longer wants: its effect is there already, or it is superseded. One cancelled or
+        held since it was read is left as it is."""
+        if not await self.store.journal.claim(entry.id, entry.error):
+            return
         action = entry.action
         expected = _EXPECTED_MEMBERSHIP.get(action.kind)
         room = self.cache.get(action.room_id)
         now = room.members.get(action.user_id) if room is not None and action.user_id else None
         if expected is not None and now is not None and now.membership.value in expected:
             await self._finish(entry, Outcome.ALREADY_DONE, None)
-            return
-        await self.store.journal.set_status(entry.id, Status.CANCELLED, Outcome.NO_LONGER_NEEDED.value)
+        else:
+            await self._supersede(entry, why)
+        await self._report(entry.batch)
+
+    async def _supersede(self, entry: Entry, why: str) -> None:
+        """The world no longer calls for the entry: it ends superseded, never sent, `why` kept for the notice."""
+        action = entry.action
+        await self.store.audit(
+            action, Outcome.SUPERSEDED.value, journal_id=entry.id, batch=entry.batch, detail={"why": why}
+        )
+        await self.store.journal.set_status(entry.id, Status.SUPERSEDED, why)
         self._completed_one()
-        await self.store.audit(action, Outcome.NO_LONGER_NEEDED.value, journal_id=entry.id, batch=entry.batch)
-        ACTIONS.labels(kind=action.kind.value, outcome="cancelled").inc()
+        ACTIONS.labels(kind=action.kind.value, outcome=Outcome.SUPERSEDED.value).inc()
+        SUPERSEDED.labels(kind=action.kind.value).inc()
         log.info(
-            "action no longer needed: cancelled",
+            "action superseded: not sent",
             action=action.kind.value,
             room=action.room_id,
             user=action.user_id or action.state_key,
+            why=why,
             batch=entry.batch,
         )
-        await self._report(entry.batch)
 
     async def run_entry(self, entry: Entry) -> None:
-        """One attempt. A failure backs off (`not_before`) instead of holding this worker; refusals (4xx)
-        park the entry after `max_failures`, other failures fail it after `max_attempts`."""
+        """One attempt. A failure backs off (`not_before`) instead of holding this worker; refusals (4xx), 5xx,
+        timeouts and malformed answers park the entry after `max_failures`, a rate limit beyond the wait budget
+        after `max_attempts`. An entry the world no longer calls for ends superseded, never sent."""
         action = entry.action
         recovered = entry.status is Status.RUNNING or entry.attempts > 0
         if self.may_act is not None and not await self.may_act():
@@ -448,19 +501,23 @@ class Executor:
         except LostLeadership:
             self.stop()  # left running: the next leader checks the homeserver before sending again
             return
+        except Superseded as e:
+            await self._supersede(entry, e.why)
+            return
         except MatrixRequestError as e:
             if await self._already_done(action):
                 outcome = Outcome.ALREADY_DONE
             elif 400 <= e.http_status < 500:
                 await self._refused(entry, _describe(e))
                 return
-            else:
-                await self._finish(entry, Outcome.FAILED, _describe(e))
+            else:  # an answer that is neither a refusal nor transient: parked at once, announced once
+                await self._park(entry, _describe(e), failures=entry.failures + 1)
                 return
         except Exception as e:  # transient, or a malformed answer: try again later, never wedge the journal
             error = str(e) if isinstance(e, Transient) else f"{type(e).__name__}: {e}"
-            if attempt >= self.max_attempts:
-                await self._finish(entry, Outcome.FAILED, error)
+            rate_limited = isinstance(e, Transient) and e.rate_limited
+            if (entry.failures + 1 >= self.max_failures and not rate_limited) or attempt >= self.max_attempts:
+                await self._park(entry, error, failures=entry.failures + 1)
                 return
             wait = backoff(attempt - 1) * (0.5 + random.random())
             log.warning(
@@ -472,7 +529,7 @@ class Executor:
                 attempt=attempt,
                 wait_s=round(wait, 2),
             )
-            await self._back_off(entry, error, wait, refused=False)
+            await self._back_off(entry, error, wait, refused=not rate_limited)
             return
         if outcome is Outcome.ALREADY_DONE and action.kind is ActionKind.BAN and self._banned_by_other(action):
             outcome = Outcome.BANNED_BY_SOMEONE_ELSE
@@ -483,10 +540,11 @@ class Executor:
         self._refill = True  # the next due time changed
 
     async def _refused(self, entry: Entry, error: str) -> None:
-        """The homeserver refused (403, 400, 404, a module's veto): back off, then park."""
+        """The homeserver refused (403, 400, 404, a module's veto): back off, then park. A final refusal (the
+        invitee blocks invites) parks at once."""
         action = entry.action
         failures = entry.failures + 1
-        if failures < self.max_failures:
+        if failures < self.max_failures and not final_refusal(error):
             wait = backoff(failures - 1, base=self.backoff_s, cap=300.0)
             log.warning(
                 "action refused: retrying later",
@@ -499,6 +557,12 @@ class Executor:
             )
             await self._back_off(entry, error, wait, refused=True)
             return
+        await self._park(entry, error, failures=failures)
+
+    async def _park(self, entry: Entry, error: str, *, failures: int) -> None:
+        """Failed too often: parked with the fingerprint of the room state it failed against, announced once.
+        The planner's action is journaled again only when that state changes, or on `retry`."""
+        action = entry.action
         await self.store.journal.park(entry.id, error, fingerprint(action, self.cache.get(action.room_id)))
         self._completed_one()
         await self.store.audit(
@@ -590,7 +654,7 @@ class Executor:
             return await fn()
         except MatrixRequestError as e:
             if e.http_status >= 500 or e.http_status == 429:
-                raise Transient(f"{e.http_status} from the homeserver") from e
+                raise Transient(f"{e.http_status} from the homeserver", rate_limited=e.http_status == 429) from e
             raise
         except TRANSPORT_ERRORS as e:
             raise Transient(f"{type(e).__name__ or 'timeout'}: {e}") from e
@@ -610,6 +674,8 @@ class Executor:
             if isinstance(extras.get("redact_last"), int) and extras["redact_last"] > 0:
                 await self._redact_recent(action, extras["redact_last"])
         elif action.kind is ActionKind.UNBAN:
+            if not await self.checks.unban(action):  # a ban that is not spacesync's raises Superseded
+                return Outcome.ALREADY_DONE
             await self._call(lambda: m.unban(room, user, action.reason))
         elif action.kind is ActionKind.INVITE:
             await self._call(lambda: m.invite(room, user, action.reason))
@@ -618,9 +684,11 @@ class Executor:
         elif action.kind is ActionKind.SET_JOIN_RULES:
             content = dict(action.content or {})
             if action.cause == Cause.UNLOCK and not await self._still_locked(action):
-                return Outcome.SKIPPED
+                raise Superseded("the join rule was changed by hand since the lockdown: left alone")
             if action.cause == Cause.LOCKDOWN and not await self._still_narrows(action):
                 return Outcome.SKIPPED
+            if action.cause == Cause.JOIN_RULES and not await self.checks.join_rules(action):
+                return Outcome.ALREADY_DONE
             await self._call(lambda: m.put_state(room, "m.room.join_rules", content))
             self.cache.update(room, [{"type": "m.room.join_rules", "state_key": "", "content": content}])
         elif action.kind is ActionKind.SET_SERVER_ACL:
@@ -655,7 +723,7 @@ class Executor:
         for user_id in applied:
             await self.store.set_owned_level(room, user_id, action.ownership.get(user_id))
         if not applied:
-            return Outcome.SKIPPED
+            raise Superseded("the power levels changed since it was planned: left alone")
         return Outcome.DONE if changes else Outcome.ALREADY_DONE
 
     async def _set_policy_server(self, action: Action) -> Outcome:
@@ -669,7 +737,7 @@ class Executor:
             return Outcome.ALREADY_DONE
         if current != before:
             await self.store.set_owned_policy(room, event_type, None)
-            return Outcome.SKIPPED
+            raise Superseded("the policy server changed since it was planned: left alone")
         content = dict(after)
         await self._call(lambda: self.matrix.put_state(room, event_type, content))
         self.cache.update(room, [{"type": event_type, "state_key": "", "content": content}])

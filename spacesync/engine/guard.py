@@ -25,13 +25,19 @@ def guard(
     limit_for: Mapping[RoomID | None, int],
     default_limit: int,
     evicted_recently: Mapping[RoomID | None, AbstractSet[str]] | None = None,
+    held: Mapping[RoomID | None, AbstractSet[str]] | None = None,
 ) -> Guarded:
     """Hold every new eviction of a Space once the distinct users it evicts, together with the users already
-    evicted from it within the window (`evicted_recently`), exceed its limit; release the rest.
+    evicted from it within the window (`evicted_recently`) and the users its held batch waits to evict (`held`),
+    exceed its limit; release the rest.
 
     A user already evicted within the window does not count twice (another room of theirs is released
-    while the Space stays within its limit)."""
-    recent = evicted_recently or {}
+    while the Space stays within its limit). Held users count as evicted: while a batch waits for a moderator,
+    a second one as big is held too, not run."""
+    recent: dict[RoomID | None, set[str]] = defaultdict(set)
+    for counted in (evicted_recently or {}, held or {}):
+        for space_id, users in counted.items():
+            recent[space_id].update(users)
     evicted: dict[RoomID | None, set[str]] = defaultdict(set)
     actions = list(actions)
     for action in actions:

@@ -11,7 +11,7 @@ from mautrix.errors import MatrixRequestError
 
 from ..core.routing import via_servers
 from ..matrix import MatrixAdapter
-from ..matrix.errors import REQUEST_ERRORS
+from ..matrix.errors import REQUEST_ERRORS, StateUnknown
 from ..model import RoomID, UserID
 from ..refs import server_name
 from ..store import Store
@@ -54,7 +54,14 @@ class Invites:
         for event in (room.get("invite_state") or {}).get("events") or []:
             if event.get("type") == "m.room.member" and event.get("state_key") == self.matrix.user_id:
                 inviter = event.get("sender")
-        if inviter is None or not await self.is_admin(UserID(inviter)):
+        try:
+            admin = inviter is not None and await self.is_admin(UserID(inviter))
+        except StateUnknown as e:  # unknown is not "no": the invite stays, answered at the next start
+            log.warning(
+                "invite left unanswered: cannot tell whether the inviter is an admin", room=room_id, error=str(e)
+            )
+            return
+        if inviter is None or not admin:
             log.info("invite declined: not from an admin", room=room_id, inviter=inviter)
             try:
                 await self.matrix.leave(room_id)

@@ -7,7 +7,7 @@ import contextlib
 import contextvars
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import structlog
 from mautrix.errors import MatrixRequestError
@@ -17,10 +17,11 @@ from ..core.graph import RESTRICTED_RULES
 from ..core.routing import declared_via, hierarchy_via, member_servers, via_servers
 from ..matrix import MatrixAdapter, StateCache, retry_after_ms
 from ..matrix.errors import REQUEST_ERRORS, TRANSPORT_ERRORS
-from ..model import Policy, RoomID, Snapshot
+from ..model import Policy, RoomID, Snapshot, UserID
 from ..refs import server_name
 from ..store import Store
 from .history import MemberHistory
+from .recheck import only_users
 
 log = structlog.get_logger("spacesync.observer")
 
@@ -131,9 +132,12 @@ class Observer:
         overdue = {r for r in oldest[count:] if now - self.last_read[r] >= self.reread_interval}
         return set(oldest[:count]) | overdue | self.stale.keys()
 
-    async def observe(self, policy: Policy, *, refresh: bool, everything: bool = True) -> Snapshot:
+    async def observe(
+        self, policy: Policy, *, refresh: bool, everything: bool = True, users: Collection[UserID] | None = None
+    ) -> Snapshot:
         """A snapshot of every room reachable from the roots. `refresh` re-reads state (every room, or with
-        `everything` False the stale ones and a rolling slice of the rest); else the cache serves."""
+        `everything` False the stale ones and a rolling slice of the rest); else the cache serves. With `users`,
+        the rooms hold only those users' memberships (a re-check of their actions just before they are sent)."""
         everything = everything or self._reread_done < self._reread_asked
         if refresh and everything and self.positioned is not None and not self.positioned.is_set():
             try:
@@ -211,8 +215,12 @@ class Observer:
                 self._reread_done = max(self._reread_done, asked)
             for room_id in set(self.last_read) - self.joined:
                 del self.last_read[room_id]
+        for room_id in visited & self.cache.uncertain:  # unknown is not absent: nothing is done on its account
+            unreachable.setdefault(room_id, "changed while it was read: read again before acting")
         # Rooms that could not be read this time keep their last known state (stale): see Snapshot.
         rooms = {r: state for r in visited if (state := self.cache.get(r)) is not None}
+        if users is not None:
+            rooms = only_users(rooms, users)
         roots = {s.room_id for s in policy.spaces}
         rooms = await self.history.annotate(rooms, [r for r, s in rooms.items() if s.is_space or r in roots])
         return Snapshot(
@@ -266,6 +274,10 @@ class Observer:
         if room_id in self.stale and self.stale[room_id] <= started:
             del self.stale[room_id]
         self.last_walk_reads += 1
+        if room_id in self.cache.uncertain:  # a change during the read could not be ordered against its answer
+            log.info("room changed while it was read: reading it again", room=room_id)
+            self.mark_stale(room_id)
+            self.on_full_state(room_id)
 
     async def _read_state(self, room_id: RoomID) -> list[dict]:
         """GET /state, tried again after a 429 (its retry_after_ms) or a 5xx, timeout or dropped connection

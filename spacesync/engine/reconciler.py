@@ -42,6 +42,7 @@ from .events import BatchHeld, Listener, RoomsNeedAttention
 from .executor import Executor, fingerprint
 from .guard import guard
 from .observer import Observer
+from .recheck import MEMBERSHIP_KINDS
 from .scope import PlanScope
 
 log = structlog.get_logger("spacesync.reconciler")
@@ -334,10 +335,12 @@ class Reconciler:
         limits: dict[RoomID | None, int] = {s.room_id: s.max_evictions_without_confirmation for s in policy.spaces}
         windows: dict[RoomID | None, float] = {s.room_id: s.guard_window_s for s in policy.spaces}
         recently: dict[RoomID | None, set[str]] = {}
+        waiting: dict[RoomID | None, set[str]] = {}
         for evicting in {a.space_id for a in fresh if a.kind in EVICTIONS and a.space_id}:
             window = windows.get(evicting, self.config.guard_window)
             recently[evicting] = await self.store.journal.evicted_users_since(evicting, now_ms() - int(window * 1000))
-        guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation, recently)
+            waiting[evicting] = await self.store.journal.held_users(evicting)
+        guarded = guard(fresh, limits, self.config.max_evictions_without_confirmation, recently, waiting)
         batches = []
         if guarded.release:
             batch = await self.store.journal.add_new_batch(trigger, None, guarded.release, Status.PENDING)
@@ -411,10 +414,16 @@ class Reconciler:
         return count
 
     async def still_wanted(self, actions: list[Action]) -> set[str]:
-        """Keys of these journaled actions that a fresh plan from the state cache still makes: the executor
-        asks before running an entry written before this instance led, or one that waited in backoff."""
+        """Keys of these journaled actions that a fresh plan from the state cache still makes: the executor asks
+        just before it sends them. Membership actions are planned for their users only (cheap at any size);
+        other kinds (entries from before this instance led, or that waited in backoff) by a whole plan."""
         async with self._lock:
-            plan = await self.plan(refresh=False)
+            if actions and all(a.kind in MEMBERSHIP_KINDS and a.user_id for a in actions):
+                policy = self.last_policy = await self.policy()
+                users = {UserID(a.user_id) for a in actions if a.user_id} | {policy.bot}
+                plan = make_plan(await self.observer.observe(policy, refresh=False, users=users), policy)
+            else:
+                plan = await self.plan(refresh=False)
         wanted = {a.key for a in plan.actions}
         return {a.key for a in actions if a.key in wanted}
 

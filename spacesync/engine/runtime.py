@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import ClientError
@@ -16,8 +16,10 @@ from ..commands import CommandHandler as AdminCommands
 from ..commands.render import NoticeRenderer
 from ..config import Config
 from ..core.entitlement import user_level
-from ..matrix import ConnectError, MatrixAdapter, StateCache
+from ..matrix import ConnectError, StateCache
 from ..matrix.crypto import Crypto, CryptoError
+from ..matrix.errors import StateUnknown
+from ..matrix.ratelimit import Episode, lift_hint
 from ..matrix.room_encryption import Encryption
 from ..matrix.state import parse_room_state
 from ..metrics import IS_LEADER
@@ -26,6 +28,7 @@ from ..store import Store
 from ..store.journal import now_ms
 from .announcer import Announcer
 from .errors import FatalError
+from .events import RateLimited
 from .executor import Executor
 from .health import DatabaseHealth
 from .invites import Invites
@@ -35,8 +38,12 @@ from .queue import CommandHandler, CommandQueue
 from .reconciler import Reconciler
 from .sync import SyncLoop
 from .timer import ReconcileTimer
+from .transport import AppserviceTransport, adapter, appservice_error
 
 log = structlog.get_logger("spacesync")
+
+ADMIN_STATE_ATTEMPTS = 3
+"""Reads of the admin room's state to decide whether a sender is an admin (1 s, then 2 s apart)."""
 
 __all__ = ["App", "CommandHandler", "FatalError"]
 
@@ -60,23 +67,18 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.database.url)
-        self.matrix = MatrixAdapter(
-            config.homeserver.url,
-            config.bot.user_id,
-            access_token=config.bot.access_token,
-            password=config.bot.password,
-            device_id=config.bot.device_id,
-            request_timeout=config.homeserver.request_timeout,
-        )
+        self.matrix = adapter(config)
+        self.device = adapter(config, device=True) if config.appservice else self.matrix
+        """The bot's device (its keys, to-device messages): an appservice logs one in with its as_token."""
         self.crypto = Crypto(
-            self.matrix,
+            self.device,
             self.store.db,
             config.bot.pickle_key,
             recovery_key=config.bot.recovery_key,
             password=config.bot.password,
             share_keys_with=config.admin.share_keys_with,
         )
-        self.matrix.crypto = self.crypto
+        self.matrix.crypto = self.device.crypto = self.crypto
         self.cache = StateCache()
         self.health = DatabaseHealth()
         self.leadership = Leadership(config, self.store)
@@ -105,6 +107,8 @@ class App:
             may_act=self.confirm_leadership,
         )
         self.matrix.may_send = self.confirm_leadership
+        self.matrix.on_rate_limited(self._rate_limited)
+        self._reports: set[asyncio.Task[None]] = set()
         self.reconciler = Reconciler(config, self.store, self.matrix, self.observer, self.executor, self.announcer)
         self.executor.recheck = self.reconciler.still_wanted
         self.invites = Invites(
@@ -130,6 +134,21 @@ class App:
             initial_sync_timeout=config.homeserver.initial_sync_timeout,
         )
         self.sync.handlers.append(lambda data: self.crypto.on_sync(data, self.admin_room))
+        self.transport = (
+            AppserviceTransport(
+                config,
+                self.sync,
+                self.store,
+                self.health,
+                self.device,
+                leading=lambda: self.leader,
+                encrypted=lambda: config.bot.pickle_key is not None,
+                saved_device=self.crypto.saved_device_id,
+            )
+            if config.appservice
+            else None
+        )
+        """Appservice mode: transactions in, instead of following /sync."""
         self._admin_commands: AdminCommands | None = None
         self.logged_in = False
         self._stopping = asyncio.Event()
@@ -182,6 +201,8 @@ class App:
         leadership lock stands by and leads again once it takes the lock back."""
         await self.start_store()
         try:
+            if self.transport is not None:
+                await self.transport.listen()
             while not self._stopping.is_set():
                 if not await self.leadership.become_leader(self._stopping):
                     return
@@ -207,9 +228,11 @@ class App:
             if device:
                 self.matrix.set_device_id(device)
         try:
+            if self.transport is not None:
+                await self.transport.log_in()
             token = await self.matrix.connect(saved_token=saved)
         except ConnectError as e:
-            raise FatalError(str(e)) from e
+            raise FatalError(appservice_error(str(e)) if self.transport else str(e)) from e
         if self.config.bot.password and token != saved:
             await self.health.call(
                 "save the access token", lambda: self.store.put(f"access_token:{self.config.bot.user_id}", token)
@@ -318,7 +341,7 @@ class App:
         self.executor.resume()
         self._tasks = [
             asyncio.create_task(self.executor.run_forever(), name="executor"),
-            asyncio.create_task(self.sync.run(), name="sync"),
+            asyncio.create_task(self.transport.run() if self.transport else self.sync.run(), name="sync"),
             asyncio.create_task(self.timer.run(), name="reconcile"),
             asyncio.create_task(self.commands.run(), name="commands"),
             asyncio.create_task(self.leadership.keep(), name="leadership"),
@@ -367,9 +390,14 @@ class App:
 
     async def shutdown(self) -> None:
         """Let in-flight actions finish (bounded), then close connections. Unfinished entries stay journaled."""
+        if self.transport is not None:  # first: the homeserver's next transaction goes to another instance
+            await self.transport.stop()
         await self._stop_tasks()
         if self._learning is not None:
             await _cancel([self._learning])
+        await self.crypto.close()  # a key upload under way is finished and saved while homeserver and store are up
+        if self.device is not self.matrix:
+            await self.device.close()
         await self.matrix.close()
         await self.store.stop()
         IS_LEADER.set(0)
@@ -398,10 +426,7 @@ class App:
             return True
         if self.admin_room is None:
             return False
-        try:
-            events = await self.matrix.room_state(self.admin_room)
-        except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError):
-            return False
+        events = await self._admin_room_state()
         state = {
             (e["type"], e["state_key"]): e
             for e in events
@@ -410,9 +435,58 @@ class App:
         room = parse_room_state(self.admin_room, state)
         return user_level(room, user_id) >= self.config.admin.min_power_level
 
+    async def _admin_room_state(self) -> list[dict[str, Any]]:
+        """The admin room's current state, read a few times over a few seconds; StateUnknown when it cannot be
+        read: whether someone is an admin is then unknown, and never taken for "no"."""
+        for attempt in range(ADMIN_STATE_ATTEMPTS):
+            try:
+                return await self.matrix.room_state(cast(RoomID, self.admin_room))
+            except (TimeoutError, MatrixRequestError, MatrixConnectionError, ClientError, ValueError) as e:
+                if attempt + 1 == ADMIN_STATE_ATTEMPTS:
+                    raise StateUnknown(f"the admin room's state could not be read ({type(e).__name__}: {e})") from e
+                await asyncio.sleep(2**attempt)
+        raise AssertionError("unreachable")
+
     def room_name(self, room_id: RoomID) -> str:
         room = self.cache.get(room_id)
         return room.name if room is not None and room.name else str(room_id)
+
+    async def rate_limit(self) -> RateLimited | None:
+        """The rate-limit episode in which writes keep meeting 429s, as the operator is told about it; None
+        when the homeserver does not hold the bot's writes back."""
+        gate = self.matrix.gate
+        episode = gate.episode
+        if not gate.limiting() or episode is None or not episode.reported:
+            return None
+        depth = await self.store.journal.depth()
+        queued = depth.get("pending", 0) + depth.get("running", 0)
+        estimate = self.executor.estimate(queued)
+        kind = await self.matrix.detect_server()
+        return RateLimited(
+            since=episode.started_wall,
+            refusals=episode.refusals,
+            granted_rate=episode.granted_rate,
+            queued=queued,
+            seconds=estimate.seconds if estimate is not None else None,
+            lift=lift_hint(kind, self.matrix.base_url, self.matrix.user_id),
+        )
+
+    def _rate_limited(self, episode: Episode) -> None:
+        """Writes keep meeting 429s: one log line and one admin-room notice for the episode."""
+        task = asyncio.get_running_loop().create_task(self._report_rate_limit(), name=f"ratelimit-{episode.number}")
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_rate_limit(self) -> None:
+        try:
+            event = await self.rate_limit()
+        except Exception as e:  # the database is away: the status command still tells
+            log.warning("rate limited: could not compose the report", error=f"{type(e).__name__}: {e}")
+            return
+        if event is None:
+            return
+        log.warning("the homeserver rate-limits the bot's writes", **event.details())
+        await self.announcer(event)
 
     async def _batch_done(self, batch: str) -> None:
         info = await self.store.journal.batch(batch)

@@ -84,6 +84,32 @@ SyncHandler = Callable[[dict[str, Any]], Awaitable[None]]
 """Looks at one /sync answer before the loop reads its rooms (e.g. to decrypt what it carries)."""
 
 
+STATE_AFTER = ("state_after", "org.matrix.msc4222.state_after")
+"""MSC4222's section (spec v1.16), under its stable and unstable names."""
+
+
+class StateEvents(list[dict[str, Any]]):
+    """A room's state changes in one /sync answer, in the order to apply them; `after`: from `state_after`."""
+
+    after: bool = False
+
+
+def room_state_events(room: dict[str, Any], timeline_state: list[dict[str, Any]]) -> StateEvents:
+    """The state events of one joined room's /sync section, in the order to apply them. With `state_after`
+    (MSC4222: the state at the end of the timeline, asked with `use_state_after`) the timeline's state events
+    come first and `state_after` wins over them: it is right where the timeline is not (a state reset). Without
+    it, the `state` section (the state before the timeline) comes first, then the timeline's."""
+    result = StateEvents()
+    for name in STATE_AFTER:
+        after = room.get(name)
+        if isinstance(after, dict):  # an event in both is applied twice: the same result
+            result.extend(timeline_state + [e for e in after.get("events") or [] if isinstance(e, dict)])
+            result.after = True
+            return result
+    result.extend([*((room.get("state") or {}).get("events") or []), *timeline_state])
+    return result
+
+
 class SyncLoop:
     """Follows /sync: one answer at a time, the position saved only after its commands are queued."""
 
@@ -116,11 +142,14 @@ class SyncLoop:
         self.homeserver_up = False
         self.synced = False
         self.last_sync_at: float | None = None
+        self.state_after_answers = 0
+        """Room sections applied from MSC4222's `state_after` (the homeserver honoured `use_state_after`)."""
 
     async def run(self) -> None:
         # What happened while this instance did not follow /sync (down, standing by) is in no answer: every
         # room is read from /state once, after the first answer has fixed the position to follow from.
         self.observer.reread_all()
+        await self.matrix.probe_versions()
         positioned = self.observer.positioned = asyncio.Event()
         since = await self.health.call("read the sync position", lambda: self.store.get("next_batch"))
         failures = 0
@@ -153,20 +182,8 @@ class SyncLoop:
                 self.request_reconcile(full=True)
                 failures = 0
             self.homeserver_up = True
-            first = since is None
-            try:
-                for handler in self.handlers:
-                    await handler(data)
-                await self.handle(data)
-            except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
-                log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
-                for room_id in ((data.get("rooms") or {}).get("join") or {}) if isinstance(data, dict) else ():
-                    self.observer.mark_stale(RoomID(room_id))
-                self.request_reconcile(full=True)
             # Commands are in the database before the position moves past them: a crash loses none.
-            commands = [] if first else self.admin_commands_in(data)
-            for room_id, event in commands:
-                await self.health.call("queue a command", partial(self.commands.put, room_id, event))
+            await self.apply(data, commands=since is not None)
             since = data.get("next_batch") or since
             if since:
                 await self.health.call("save the sync position", partial(self.store.put, "next_batch", since))
@@ -175,6 +192,21 @@ class SyncLoop:
             self.last_sync_at = time.time()
             LAST_SYNC.set(self.last_sync_at)
             SYNC_LAG.set(0)
+
+    async def apply(self, data: dict[str, Any], *, commands: bool = True) -> None:
+        """One answer in /sync's shape (a /sync answer, or an appservice transaction put in that shape): the
+        hooks, the state into the cache, invites, and its admin-room commands queued in the database."""
+        try:
+            for handler in self.handlers:
+                await handler(data)
+            await self.handle(data)
+        except Exception as e:  # a malformed answer must not stop the bot; the next reconcile repairs
+            log.warning("could not handle a /sync answer", error=f"{type(e).__name__}: {e}", exc_info=True)
+            for room_id in ((data.get("rooms") or {}).get("join") or {}) if isinstance(data, dict) else ():
+                self.observer.mark_stale(RoomID(room_id))
+            self.request_reconcile(full=True)
+        for room_id, event in self.admin_commands_in(data) if commands else []:
+            await self.health.call("queue a command", partial(self.commands.put, room_id, event))
 
     async def first_sync(self, since: str | None) -> dict[str, Any]:
         """The first /sync after a start or a takeover: a large account's answer takes a while to build, so it
@@ -204,10 +236,11 @@ class SyncLoop:
             await self.invites.on_invite(RoomID(room_id), room)
         for room_id, room in (rooms.get("join") or {}).items():
             room_id = RoomID(room_id)
-            state = list(((room.get("state") or {}).get("events")) or [])
             timeline = room.get("timeline") or {}
             events = list(timeline.get("events") or [])
-            state_events = state + [e for e in events if isinstance(e, dict) and "state_key" in e]
+            state_events = room_state_events(room, [e for e in events if isinstance(e, dict) and "state_key" in e])
+            if state_events.after:
+                self.state_after_answers += 1
             # Also for a room whose first /state read is in flight: the cache keeps the delta for it.
             known = self.cache.update(room_id, state_events)
             if timeline.get("limited"):

@@ -26,10 +26,16 @@ from ..metrics import RATELIMIT_WAIT
 from .crypto import Crypto, CryptoError
 from .errors import TRANSPORT_ERRORS
 from .http import METER, ReadMeter, SpacesyncHTTPAPI, retry_after_ms
+from .ratelimit import Episode, LostLeadership, ServerKind, WriteGate, WritePriority
 from .room_encryption import Encryption
+from .server import reads_state_after, refuses_state_ban, server_kind
+from .state import REDACT_EVENTS_UNSTABLE
 
 log = structlog.get_logger("spacesync.matrix")
 
+USE_STATE_AFTER_UNSTABLE = "org.matrix.msc4222.use_state_after"
+"""Synapse 1.163 reads only this name, for accounts with the msc4222 feature on (it advertises neither it nor
+spec v1.16); other servers ignore a query parameter they do not know, so it is always asked."""
 HIERARCHY_MIN_INTERVAL = 0.21
 """Synapse answers at most 5 hierarchy requests per second, whatever its configured limits."""
 DEFAULT_TIMEOUT = 30.0
@@ -44,15 +50,14 @@ def _limit_class(method: Method, path: Any) -> str:
         return "hierarchy"
     if method == Method.POST and re.search(r"/join(/|$)", text):
         return "join"
-    return "read" if method == Method.GET else "write"
+    if method == Method.GET:
+        return "read"
+    # Room writes (kicks, bans, state, messages, redactions) share Synapse's rc_message; keys and to-device do not.
+    return "write" if "/rooms/" in text else "other"
 
 
 class ConnectError(Exception):
     """Login or the first request failed: one line for the operator."""
-
-
-class LostLeadership(Exception):
-    """This instance can no longer confirm that it leads: it sends nothing more."""
 
 
 class MatrixAdapter:
@@ -68,18 +73,26 @@ class MatrixAdapter:
         device_id: str | None = None,
         request_timeout: float = DEFAULT_TIMEOUT,
         ratelimit_budget: float = RATELIMIT_BUDGET,
+        appservice_user: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
         self.ratelimit_budget = ratelimit_budget
         self._paused_until: dict[str, float] = {}
+        """Per rate-limit class but writes: no request of that class starts before this (monotonic) time."""
+        self.gate = WriteGate()
+        """Room writes, one at a time in the slots the homeserver grants once it answers one with 429."""
+        self.server_kind = ServerKind.UNKNOWN
+        self.sync_options: dict[str, str] = {USE_STATE_AFTER_UNSTABLE: "true"}
+        """Asked of every /sync: MSC4222's `use_state_after` (`probe_versions` adds the stable name)."""
         self.may_send: Callable[[], Awaitable[bool]] | None = None
         """Asked before a write is sent again after a rate-limit wait: an instance that lost its
         leadership lock meanwhile must not send it (LostLeadership is raised instead)."""
-        """Per rate-limit class: no request of that class starts before this (monotonic) time."""
         self.ratelimit_wait_s = 0.0
         """Seconds the homeserver's 429 answers held requests back (wall time, overlapping waits once)."""
         self.user_id = user_id
+        self._as_user = user_id if appservice_user else None
+        """With an appservice's as_token: every request acts as this user (the spec's identity assertion)."""
         self._token = access_token
         self._password = password
         self._device_id = device_id or ""
@@ -108,6 +121,7 @@ class MatrixAdapter:
             client_session=self.session,
             default_retry_count=0,
             log=cast(TraceLogger, logging.getLogger("spacesync.http")),
+            as_user_id=self._as_user,
         )
         self.client = ClientAPI(self.user_id, DeviceID(self._device_id), api=api)
         try:
@@ -167,11 +181,25 @@ class MatrixAdapter:
         content: Any = None,
         query: dict[str, Any] | None = None,
         timeout: float | None = None,
+        priority: WritePriority = WritePriority.ACTION,
     ) -> Any:
         """One request, bounded by `timeout` (default: the configured request timeout), with 429 answers
         waited out: the wait pauses every request of the same rate-limit class, then this one is sent
-        again, until the total wait would pass the budget (then the 429 is raised)."""
+        again, until the total wait would pass the budget (then the 429 is raised). Room writes go through
+        the write gate instead (`WriteGate.write`)."""
         kind = _limit_class(method, path)
+        if kind == "write":
+            return await self.gate.write(
+                lambda: asyncio.wait_for(
+                    self.api.request(method, path, content=content, query_params=query or {}, retry_count=0),
+                    timeout or self.request_timeout,
+                ),
+                priority,
+                budget=self.ratelimit_budget,
+                may_send=self.may_send,
+                on_refused=lambda wait, sent: self._pause("write", wait, sent),
+                what=str(path),
+            )
         waited = 0.0
         again = False
         while True:
@@ -198,18 +226,39 @@ class MatrixAdapter:
 
     def paused_until(self, kind: str) -> float:
         """Until when (monotonic) the last 429 of a rate-limit class held that class back; 0.0: never."""
+        if kind == "write":
+            return self.gate.paused_until
         return self._paused_until.get(kind, 0.0)
 
-    def _pause(self, kind: str, wait: float) -> None:
-        """Hold requests of one class for `wait` seconds; count only time not already paused."""
+    def _pause(self, kind: str, wait: float, sent_at: float | None = None) -> None:
+        """Hold requests of one class for `wait` seconds (writes: from when the refused one was sent); count only
+        time not already paused."""
         now = time.monotonic()
-        current = max(self._paused_until.get(kind, 0.0), now)
-        until = now + wait
+        current = max(self.paused_until(kind), now)
+        until = (now if sent_at is None else sent_at) + wait
         if until > current:
-            self._paused_until[kind] = until
             self.ratelimit_wait_s += until - current
             RATELIMIT_WAIT.inc(until - current)
+        if kind == "write":
+            self.gate.refused(wait, sent_at)
+        elif until > current:
+            self._paused_until[kind] = until
         log.debug("rate limited: pausing requests", kind=kind, wait_s=round(wait, 2))
+
+    async def detect_server(self) -> ServerKind:
+        """Synapse or another homeserver (what lifts the bot's rate limit depends on it); asked once."""
+        if self.server_kind is ServerKind.UNKNOWN:
+            self.server_kind = await server_kind(self)
+        return self.server_kind
+
+    async def probe_versions(self) -> None:
+        """What `/versions` says the homeserver takes: from spec v1.16, `use_state_after` (MSC4222)."""
+        if await reads_state_after(self):
+            self.sync_options["use_state_after"] = "true"
+
+    def on_rate_limited(self, report: Callable[[Episode], None]) -> None:
+        """`report` is called once per rate-limit episode in which writes keep meeting 429s."""
+        self.gate.on_report = report
 
     @staticmethod
     @contextmanager
@@ -227,7 +276,7 @@ class MatrixAdapter:
         self, since: str | None, timeout_ms: int, filter_json: str | None, *, wait: float | None = None
     ) -> dict[str, Any]:
         """One /sync; the request gives up after `wait` seconds (default: the long-poll plus the request timeout)."""
-        query: dict[str, Any] = {"timeout": str(timeout_ms)}
+        query: dict[str, Any] = {"timeout": str(timeout_ms), **self.sync_options}
         if since:
             query["since"] = since
         if filter_json:
@@ -310,11 +359,22 @@ class MatrixAdapter:
 
     async def ban(self, room_id: RoomID, user_id: UserID, reason: str = "", *, redact_events: bool = False) -> None:
         """`redact_events` (MSC4293) asks the server to redact the user's events too: sent under the stable name
-        and the unstable one Synapse reads today."""
-        content: dict[str, Any] = {"user_id": user_id, "reason": reason}
-        if redact_events:
-            content |= {"redact_events": True, "org.matrix.msc4293.redact_events": True}
-        await self.request(Method.POST, Path.v3.rooms[room_id].ban, content=content)
+        and the unstable one Synapse reads today. The ban is sent as the `m.room.member` state event itself, so
+        the homeserver keeps the whole content (Synapse's `/ban` keeps only `reason`, and the unstable flag only
+        with `msc4293_enabled`); the same membership handler and auth rules apply. A homeserver that refuses
+        that form (404, 405, 501, 400 M_UNRECOGNIZED) gets it through `/ban`."""
+        flags: dict[str, Any] = {"redact_events": True, REDACT_EVENTS_UNSTABLE: True} if redact_events else {}
+        content = {"membership": "ban", **({"reason": reason} if reason else {}), **flags}
+        try:
+            await self.put_state(room_id, "m.room.member", content, user_id)
+            return
+        except MatrixRequestError as e:
+            if not refuses_state_ban(e):
+                raise
+            log.info("the homeserver refuses a ban sent as state: sending it to /ban", error=f"{e.http_status} {e}")
+        await self.request(
+            Method.POST, Path.v3.rooms[room_id].ban, content={"user_id": user_id, "reason": reason, **flags}
+        )
 
     async def recent_messages_of(
         self, room_id: RoomID, user_id: UserID, limit: int, scan: int = 500, since_ms: int | None = None
@@ -395,7 +455,9 @@ class MatrixAdapter:
                 content, event_type = await self.crypto.encrypt(room_id, event_type, content), "m.room.encrypted"
             elif not plaintext_ok:
                 raise CryptoError(f"{room_id} is encrypted and {self.crypto.problem or 'encryption is off'}")
-        data = await self.request(Method.PUT, Path.v3.rooms[room_id].send[event_type][txn], content=content)
+        data = await self.request(
+            Method.PUT, Path.v3.rooms[room_id].send[event_type][txn], content=content, priority=WritePriority.NOTICE
+        )
         return data.get("event_id", "")
 
     # endregion

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,7 +40,7 @@ from mautrix.util.async_db import Database
 from ..config import ShareKeysWith
 from .cross_signing import CrossSigning, IdentityError, Vault
 from .errors import REQUEST_ERRORS
-from .olm_client import CryptoClient, PacedAPI, RoomStateStore, crypto_logger
+from .olm_client import CryptoClient, KeyMachine, PacedAPI, RoomStateStore, crypto_logger
 from .room_encryption import Encryption, RoomEncryption
 from .trust import IDENTITY_CHANGED, TRUSTED, min_trust, repin
 
@@ -53,8 +54,19 @@ DECRYPTED_KEY = "io.spacesync.decrypted"
 (`verified`: cross-signed by its owner under the pinned master key) and whether the owner's master key changed."""
 IDENTITY_RETRY_S = (1.0, 3.0)
 """Waits between the attempts to check or set up the cross-signing identity at start (then it is reported)."""
+KEY_UPLOAD_WAIT_S = 10.0
+"""How long a stop waits for a key upload under way to finish and be saved before the database closes."""
 UNDECRYPTABLE_AFTER_S = 60.0
 """How long an encrypted command waits for its room key (sent to-device, maybe in a later /sync answer)."""
+
+
+def _forget(tasks: set[asyncio.Task[None]]) -> Any:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: whoever awaited it (unless cancelled meanwhile) saw it raised
+
+    return done
 
 
 class CryptoError(Exception):
@@ -103,6 +115,8 @@ class Crypto:
         """Encrypted admin-room events whose room key has not arrived yet: event id -> (first seen, event)."""
         self._reported: set[str] = set()
         self.key_wait_s = UNDECRYPTABLE_AFTER_S
+        self._uploads: set[asyncio.Task[None]] = set()
+        """Key uploads under way: a stop lets them finish, and the account be saved, before the store closes."""
 
     @property
     def ready(self) -> bool:
@@ -135,7 +149,7 @@ class Crypto:
             )
         crypto_client = CryptoClient(client.mxid, device_id, api=cast(Any, PacedAPI(self.matrix)))
         crypto_client.matrix, crypto_client.password = self.matrix, self.password
-        machine = OlmMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=crypto_logger())
+        machine = KeyMachine(cast(Any, crypto_client), store, cast(Any, self.state_store), log=crypto_logger())
         machine.send_keys_min_trust = min_trust(self.share_keys_with)
         try:
             await machine.load()
@@ -146,7 +160,7 @@ class Crypto:
         if not saved:
             await store.put_device_id(device_id)
         self.store, self.machine = store, machine
-        await machine.share_keys()
+        await self._upload(machine.share_keys())
         self.state, self.problem = CryptoState.READY, None
         identity_key = machine.account.identity_key if machine.account else None
         self.identity = CrossSigning(
@@ -179,8 +193,30 @@ class Crypto:
                 await asyncio.sleep(delay)
         return None  # not reached
 
+    async def _upload(self, upload: Coroutine[Any, Any, None]) -> None:
+        """A key upload and the account's save, carried to their end even when the caller is cancelled (a stop
+        cancels the /sync loop): close() waits for it before the database goes."""
+        task = asyncio.ensure_future(upload)
+        self._uploads.add(task)
+        task.add_done_callback(_forget(self._uploads))
+        await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Before the database closes: let a key upload under way finish and its account be saved (bounded)."""
+        uploads = list(self._uploads)
+        if not uploads:
+            return
+        _, pending = await asyncio.wait(uploads, timeout=KEY_UPLOAD_WAIT_S)
+        if pending:
+            log.warning("stopping with a key upload under way: the next start sends the same keys again")
+            for task in pending:
+                task.cancel()
+        await asyncio.gather(*uploads, return_exceptions=True)
+
     async def reload(self) -> None:
         """Read the Olm account again: another instance may have led (and uploaded keys) meanwhile."""
+        # An upload of this instance's own, still under way from before it stood down, is saved first.
+        await asyncio.gather(*list(self._uploads), return_exceptions=True)
         if self.machine is not None:
             await self.machine.load()
 
@@ -270,7 +306,7 @@ class Crypto:
         counts = data.get("device_one_time_keys_count")
         if isinstance(counts, dict):
             try:
-                await machine.handle_otk_count(DeviceOTKCount.deserialize(cast(Any, counts)))
+                await self._upload(machine.handle_otk_count(DeviceOTKCount.deserialize(cast(Any, counts))))
             except Exception as e:
                 log.warning("could not upload one-time keys", error=f"{type(e).__name__}: {e}")
         if admin_room is not None:

@@ -10,3 +10,7 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (MatrixConnectionError, Clie
 
 REQUEST_ERRORS: tuple[type[BaseException], ...] = (MatrixRequestError, *TRANSPORT_ERRORS)
 """Any failed request: an error answer from the homeserver, or no answer at all."""
+
+
+class StateUnknown(Exception):
+    """A room's state could not be read (after a few tries): what depends on it is unknown, never assumed."""

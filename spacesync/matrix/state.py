@@ -22,6 +22,7 @@ from ..model import (
     UserID,
     canonical,
 )
+from .replay import newer_than_answer
 
 StateKey = tuple[str, str]
 
@@ -349,9 +350,11 @@ class StateCache:
 
     A /state read and the /sync stream race: a delta that arrives while a read is in flight may or
     may not be in the read's answer. So every delta seen during a read (`begin_read`) is kept, and
-    applied again over the read's answer when it lands (`replace`). Re-applying a delta the answer
-    already holds changes nothing, and a newer event than the delta reaches /sync after it, so the
-    cache ends at the newest state either way: no update is lost, even for a room read the first time.
+    applied again over the read's answer when it lands (`replace`), unless the answer is newer: it holds
+    the delta's event, or an event that came after it for the same state key (a later delta, or one whose
+    `unsigned.replaces_state` names it). Replays never go backwards. Where the answer and a delta name
+    different events and neither is known to be newer, the delta is applied and the room is `uncertain`
+    until a read answers without such a doubt: read it again, act on nothing in it meanwhile.
 
     Kept compact (big communities hold a million memberships): no raw membership event is kept, each
     is read as it is applied; outside Spaces and roots a join keeps only its membership and a hash of its event
@@ -362,6 +365,8 @@ class StateCache:
     def __init__(self) -> None:
         self._rooms: dict[RoomID, _Room] = {}
         self._during_read: dict[RoomID, list[Mapping[str, Any]]] = {}
+        self.uncertain: set[RoomID] = set()
+        """Rooms whose last read answer and a delta that arrived during it could not be ordered: read again."""
         self._detailed: frozenset[RoomID] = frozenset()
         self._entries = 0
         self._users: dict[str, str] = {}
@@ -417,7 +422,12 @@ class StateCache:
                 room.apply(event)
         self._entries += len(room.members)
         self._note_read(old, room)
-        self._apply(room_id, room, during)
+        replay, doubt = newer_than_answer(events, during)
+        self._apply(room_id, room, replay)
+        if doubt:
+            self.uncertain.add(room_id)
+        else:
+            self.uncertain.discard(room_id)
         self._count()
         return room.get(room_id)
 
@@ -485,6 +495,7 @@ class StateCache:
         self._prune_states_at = max(PRUNE_USERS_AT, 2 * len(states))
 
     def forget(self, room_id: RoomID) -> None:
+        self.uncertain.discard(room_id)
         room = self._rooms.pop(room_id, None)
         if room is not None:
             self._changed_other = True

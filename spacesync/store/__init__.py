@@ -362,3 +362,21 @@ class Store(Records):
         )
 
     # endregion
+
+    # region appservice transactions
+    async def transaction_applied(self, txn_id: str) -> bool:
+        """Whether an appservice transaction was applied before (the homeserver sends it again when its answer
+        was lost)."""
+        return await self.db.fetchval("SELECT txn_id FROM appservice_txn WHERE txn_id=$1", txn_id) is not None
+
+    async def mark_transaction(self, txn_id: str, keep_ms: int = 7 * 86400 * 1000) -> None:
+        """Remember an applied transaction; those older than `keep_ms` are forgotten (the homeserver only ever
+        sends again the oldest one it has no answer for)."""
+        await self.db.execute("DELETE FROM appservice_txn WHERE applied_at < $1", now_ms() - keep_ms)
+        await self.db.execute(
+            "INSERT INTO appservice_txn (txn_id, applied_at) VALUES ($1, $2) ON CONFLICT (txn_id) DO NOTHING",
+            txn_id,
+            now_ms(),
+        )
+
+    # endregion

@@ -33,8 +33,11 @@ class Status(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     PARKED = "parked"
-    """Failed with a refusal (4xx) too often: not tried again until its room's state changes or
+    """Failed too often (refused, or 5xx and timeouts): not tried again until its room's state changes or
     a moderator retries it."""
+    SUPERSEDED = "superseded"
+    """Re-checked just before it was sent: the world no longer called for it (the user rejoined, a moderator's
+    ban, a lockdown, state changed since the plan). Never sent."""
 
 
 OPEN = (Status.PENDING, Status.HELD, Status.RUNNING)
@@ -107,7 +110,7 @@ class Entry:
     not_before: int = 0
     """Backing off after a failure: not started before this time (ms)."""
     failures: int = 0
-    """Refusals (4xx) so far; at executor.max_failures the entry is parked."""
+    """Failures so far (refusals, 5xx, timeouts; not rate limits); at executor.max_failures the entry is parked."""
     fingerprint: str | None = None
     """For a parked entry: the room state it failed against."""
 
@@ -367,6 +370,16 @@ class Journal:
             Status.DONE.value,
             since_ms,
             BatchStatus.RELEASED.value,
+        )
+        return {r["target"] for r in rows}
+
+    async def held_users(self, space_id: str) -> set[str]:
+        """Users the Space's held evictions wait to evict: the guard counts them as evicted."""
+        rows = await self.db.fetch(
+            "SELECT DISTINCT target FROM journal WHERE space_id=$1 AND kind IN ($2, $3) AND status=$4",
+            space_id,
+            *EVICTION_KINDS,
+            Status.HELD.value,
         )
         return {r["target"] for r in rows}
 

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import weakref
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,10 +21,10 @@ import aiohttp
 
 from .client import JSON, TestClient, TestUser, _matrix_request, _q
 from .service import Service
+from .stock import FEDERATION_DEVIATIONS, MSC4293_DEVIATION, STOCK_DEVIATIONS
 
 __all__ = ["Synapse", "free_port"]
 
-_UNLIMITED: Final[Mapping[str, float]] = {"per_second": 100_000, "burst_count": 1_000_000}
 _START_TIMEOUT: Final = 60.0
 _STOP_TIMEOUT: Final = 10.0
 _LOG_TAIL_LINES: Final = 40
@@ -37,34 +36,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _ratelimit_config(lifted: bool) -> JSON:
-    unlimited = dict(_UNLIMITED)
-    config: JSON = {
-        "rc_registration": unlimited,
-        "rc_login": {"address": unlimited, "account": unlimited, "failed_attempts": unlimited},
-    }
-    if lifted:
-        config |= {
-            "rc_message": unlimited,
-            "rc_joins": {"local": unlimited, "remote": unlimited},
-            "rc_joins_per_room": unlimited,
-            "rc_invites": {"per_room": unlimited, "per_user": unlimited, "per_issuer": unlimited},
-            "rc_third_party_invite": unlimited,
-            "rc_admin_redaction": unlimited,
-            "rc_room_creation": unlimited,
-            "rc_presence": {"per_user": unlimited},
-            "rc_delayed_event_mgmt": unlimited,
-            "rc_reports": unlimited,
-            "rc_key_requests": unlimited,
-            "rc_3pid_validation": unlimited,
-            "rc_media_create": unlimited,
-            "rc_user_directory": unlimited,
-            "rc_profile": unlimited,
-            "rc_registration_token_validity": unlimited,
-        }
-    return config
 
 
 def _generate_signing_key() -> str:
@@ -106,13 +77,16 @@ class Synapse(Service):
         *,
         server_name: str = "localhost",
         port: int | None = None,
-        lifted_ratelimits: bool = True,
+        msc4293: bool = False,
         default_room_version: str = "10",
         log_level: str = "WARNING",
         federation_port: int | None = None,
         federation_peers: list[str] | None = None,
+        app_service_config_files: list[Path] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.app_service_config_files = [str(p) for p in app_service_config_files or []]
+        """Appservice registrations the server loads (spacesync's own, for appservice mode)."""
         self.federation_port = federation_port
         """With a port, the server federates over TLS on it and is named ``127.0.0.1:<port>``."""
         self.federation_peers = list(federation_peers or [])
@@ -120,7 +94,8 @@ class Synapse(Service):
         if federation_port is not None and server_name == "localhost":
             server_name = f"127.0.0.1:{federation_port}"
         self.server_name = server_name
-        self.lifted_ratelimits = lifted_ratelimits
+        self.msc4293 = msc4293
+        """Synapse's unstable MSC4293 (`experimental_features.msc4293_enabled`): off, as shipped, unless asked."""
         self.default_room_version = default_room_version
         self.log_level = log_level
         self._port = port
@@ -283,28 +258,16 @@ class Synapse(Service):
             raise RuntimeError(f"openssl could not make the federation certificate: {stderr}") from exc
 
     def _federation_config(self) -> JSON:
-        """Settings that let two servers on loopback federate. Unsafe in production: see ``testing.federation``."""
+        """FEDERATION_DEVIATIONS, with this server's paths and peers."""
         if self.federation_port is None:
             return {}
-        return {
+        config: JSON = {key: deviation.value for key, deviation in FEDERATION_DEVIATIONS.items()}
+        config |= {
             "tls_certificate_path": str(self.tls_certificate_path),
             "tls_private_key_path": str(self.tls_private_key_path),
-            "federation_verify_certificates": False,
-            "ip_range_blacklist": [],
-            "federation_ip_range_blacklist": [],
             "federation_domain_whitelist": sorted({self.server_name, *self.federation_peers}),
-            "rc_federation": {
-                "window_size": 1000,
-                "sleep_limit": 1_000_000,
-                "sleep_delay": 0,
-                "reject_limit": 1_000_000,
-                "concurrent": 1_000_000,
-            },
-            "federation": {
-                "destination_min_retry_interval": "1s",
-                "destination_max_retry_interval": "5s",
-            },
         }
+        return config
 
     def _listeners(self) -> list[JSON]:
         listeners: list[JSON] = [
@@ -352,17 +315,12 @@ class Synapse(Service):
             },
             "root": {"level": self.log_level, "handlers": ["file"]},
         }
-        config: JSON = {
+        config: JSON = {key: deviation.value for key, deviation in STOCK_DEVIATIONS.items()}
+        config |= {
             "server_name": self.server_name,
             "report_stats": False,
             "signing_key": self._signing_key,
-            "trusted_key_servers": [],
-            "suppress_key_server_warning": True,
-            "enable_media_repo": False,
-            # MSC4293: a ban's redact_events flag makes the server redact the banned user's events.
-            "experimental_features": {"msc4293_enabled": True},
             "media_store_path": str(self.workdir / "media_store"),
-            "bcrypt_rounds": 4,
             "registration_shared_secret": self._shared_secret,
             "enable_registration": False,
             "default_room_version": self.default_room_version,
@@ -372,9 +330,11 @@ class Synapse(Service):
                 "args": {"database": str(self.workdir / "homeserver.db")},
             },
             "log_config": str(log_config_path),
-            **_ratelimit_config(self.lifted_ratelimits),
             **self._federation_config(),
+            **({"app_service_config_files": self.app_service_config_files} if self.app_service_config_files else {}),
         }
+        if self.msc4293:
+            config["experimental_features"] = MSC4293_DEVIATION.value
         # JSON is valid YAML, so no YAML library is needed here.
         log_config_path.write_text(json.dumps(log_config, indent=2))
         self.config_path.write_text(json.dumps(config, indent=2))
@@ -413,10 +373,14 @@ class Synapse(Service):
         password: str | None = None,
         admin: bool = False,
         displayname: str | None = None,
+        exempt: bool = False,
     ) -> TestUser:
-        """Register an account with the shared secret and return it with a ready client."""
+        """Register an account with the shared secret and return it with a ready client; `exempt`: exempt it
+        from rate limits (`exempt()`)."""
         password = password if password is not None else secrets.token_urlsafe(12)
         result = await self._register_raw(localpart, password, admin, displayname)
+        if exempt:
+            await self.exempt(result["user_id"])
         return TestUser(
             user_id=result["user_id"],
             access_token=result["access_token"],
@@ -425,15 +389,36 @@ class Synapse(Service):
             client=TestClient(self.url, result["access_token"], result["user_id"]),
         )
 
-    async def lift_ratelimit(self, user_id: str) -> None:
-        """Exempt one user from the message rate limit (admin ``override_ratelimit``)."""
+    async def _admin(self) -> str:
+        """The test bed's own admin account (registered with the shared secret on first use): its token."""
         if self._admin_token is None:
             localpart = f"testbed_admin_{secrets.token_hex(4)}"
             result = await self._register_raw(localpart, secrets.token_urlsafe(12), True, None)
             self._admin_token = result["access_token"]
+        return self._admin_token
+
+    def _override_path(self, user_id: str) -> str:
+        return f"/_synapse/admin/v1/users/{_q(user_id)}/override_ratelimit"
+
+    async def exempt(self, user_id: str) -> None:
+        """Exempt one account from every rate limit, as an operator does for the bot: Synapse's admin API
+        ``POST /_synapse/admin/v1/users/<id>/override_ratelimit`` with ``messages_per_second: 0``."""
+        token = await self._admin()
         await self._request(
-            "POST",
-            f"/_synapse/admin/v1/users/{_q(user_id)}/override_ratelimit",
-            {"messages_per_second": 0, "burst_count": 0},
-            token=self._admin_token,
+            "POST", self._override_path(user_id), {"messages_per_second": 0, "burst_count": 0}, token=token
         )
+
+    async def enable_feature(self, user_id: str, feature: str) -> None:
+        """Turn one of Synapse's per-account experimental features on (``msc4222``: `use_state_after`), through
+        the admin API as an operator would: the server's config stays stock."""
+        path = f"/_synapse/admin/v1/experimental_features/{_q(user_id)}"
+        await self._request("PUT", path, {"features": {feature: True}}, token=await self._admin())
+
+    async def unexempt(self, user_id: str) -> None:
+        """Put one account back under the stock rate limits."""
+        await self._request("DELETE", self._override_path(user_id), token=await self._admin())
+
+    async def exemption(self, user_id: str) -> JSON:
+        """What ``GET`` on the override path shows: ``{}`` when the account has no override."""
+        result: JSON = await self._request("GET", self._override_path(user_id), token=await self._admin())
+        return result

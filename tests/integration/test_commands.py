@@ -156,6 +156,27 @@ async def test_admin_is_obeyed_and_non_admin_refused(world, start_bot, make_user
     assert "'@bob' is not a user" in bad
 
 
+async def test_an_admin_is_never_refused_because_the_admin_rooms_state_cannot_be_read(
+    world, start_bot, make_user, fault_proxy
+):
+    """Whether the sender is an admin comes from the admin room's power levels: a read that fails is retried, and
+    one that keeps failing leaves the answer unknown ("send it again"), never "only admins"."""
+    space, _, _ = await community(world, make_user)
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
+    await ready(bot)
+    state_reads = rf"/rooms/{re.escape(bot.app.admin_room)}/state$"
+
+    fault_proxy.fail(state_reads, status=502, method="GET", times=2)  # a blip: the third read answers
+    assert "State: running" in await ask(world, bot, world.owner, "!spacesync status")
+
+    fault_proxy.fail(state_reads, status=502, method="GET")
+    reply = await ask(world, bot, world.owner, "!ss pause")
+    assert reply != REFUSAL and "could not be read" in reply and "Send it again" in reply, reply
+    assert not bot.app.reconciler.paused
+    fault_proxy.clear()
+    assert "Paused" in await ask(world, bot, world.owner, "!ss pause")
+
+
 async def test_display_name_spoofing_is_refused(world, start_bot, make_user):
     space, _, _ = await community(world, make_user)
     mallory = await make_user("mallory")

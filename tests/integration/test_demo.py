@@ -71,6 +71,7 @@ def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
     output = result.stdout
     assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
     assert "alice leaves the Space" in output
+    assert "the bot exempt from the stock rate limits" in output and "/override_ratelimit" in output
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
     assert "✗" not in output, output
     assert "crypto recovery-key` prints its recovery key once" in output
@@ -99,6 +100,29 @@ def test_federated_demo_spans_two_homeservers_and_succeeds(tmp_path: Path) -> No
     assert f"@moderator:{servers[1]}" in output and f"@spacesync:{servers[0]}" in output, output
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
     assert re.search(r"✓ carol is banned from general, random, Projects and project-x", output), output
+    assert "✗" not in output, output
+    assert "All 7 steps succeeded" in output
+    assert not workdir.exists(), "the demo must remove its work directory"
+
+
+@pytest.mark.timeout(150)
+def test_appservice_demo_runs_the_story_on_stock_rate_limits(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        _demo(workdir, "--scripted", "--appservice"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+    )
+    output = result.stdout
+    assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
+    assert "registration.yaml (as `spacesync appservice registration` does)" in output, output
+    assert "rate_limited: false, on stock rate limits" in output, output
+    assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
+    assert re.search(r"✓ master key \S+…, device signed", output), output
     assert "✗" not in output, output
     assert "All 7 steps succeeded" in output
     assert not workdir.exists(), "the demo must remove its work directory"

@@ -207,6 +207,58 @@ async def test_restart_keeps_the_device_and_the_conversation_goes_on(world, star
     assert {e["type"] for e in await bot_events(world, admin_room)} == {"m.room.encrypted"}
 
 
+async def claim_one_time_keys(world: World, device: str, count: int) -> None:
+    """What other devices do to start talking to the bot: each claim takes one of its one-time keys, oldest first."""
+    for _ in range(count):
+        claimed = await world.owner.client.request(
+            "POST",
+            "/_matrix/client/v3/keys/claim",
+            {"one_time_keys": {world.bot.user_id: {device: "signed_curve25519"}}},
+        )
+        assert claimed["one_time_keys"][world.bot.user_id][device]
+
+
+async def test_a_crypto_store_from_before_a_key_upload_uploads_new_keys_and_answers(
+    world, start_bot, moderators, tmp_path, capsys
+):
+    """The homeserver holds one-time keys the bot's account no longer knows, under the ids it generates next: a
+    store restored from before an upload (or a bot killed between an upload and its save, before spacesync saved
+    keys first). Synapse refuses such keys for good ("One time key … already exists")."""
+    admin_room = await encrypted_admin_room(world)
+    space = await world.space("Community")
+    options = crypto_bot(world, admin_room)
+    bot = await start_bot([{"room": space}], **options)
+    assert bot.app.crypto.ready
+    device = bot.app.matrix.client.device_id
+    await bot.stop()
+    store = Store(f"sqlite:{tmp_path}/bot.db")
+    await store.start()
+    before = await store.db.fetchval("SELECT account FROM crypto_account")
+    await store.stop()
+
+    # Ten keys claimed, ten new ones uploaded by the next run; then the account is put back as it was.
+    await claim_one_time_keys(world, device, 10)
+    again = await start_bot([{"room": space}], **options)
+    assert again.app.crypto.ready
+    await again.stop()
+    store = Store(f"sqlite:{tmp_path}/bot.db")
+    await store.start()
+    await store.db.execute("UPDATE crypto_account SET account=$1", before)
+    await store.stop()
+    await claim_one_time_keys(world, device, 10)
+    capsys.readouterr()
+
+    restored = await start_bot([{"room": space}], **options)
+    assert restored.app.crypto.ready, restored.app.crypto.problem
+    said = [x for x in capsys.readouterr().out.splitlines() if "one-time keys" in x]
+    assert len(said) == 1 and "uploading new ones under later ids" in said[0], said
+    count = await world.bot.client.request("POST", "/_matrix/client/v3/keys/upload", {})
+    assert count["one_time_key_counts"]["signed_curve25519"] == 50
+    owner = await moderators(world.owner, "owner")
+    assert "State: running" in await owner.ask(admin_room, "!ss status")
+    assert not owner.undecryptable
+
+
 async def test_held_batch_notice_is_encrypted_and_confirm_works_in_an_encrypted_managed_room(
     world, start_bot, make_user, moderators
 ):

@@ -164,9 +164,9 @@ async def test_a_journaled_kick_of_a_user_back_in_the_space_is_not_run(world, ma
     await bot.idle()
     assert await membership(world, room, user.user_id) == "join", "a kick that is no longer wanted ran"
     records = await bot.app.store.audit_log(20, target=user.user_id)
-    assert [r.outcome for r in records if r.kind == "kick"] == ["no longer needed"]
+    assert [r.outcome for r in records if r.kind == "kick"] == ["superseded"]
     entries = await bot.app.store.journal.batch_entries("a1b2c3")
-    assert [e.status for e in entries] == [Status.CANCELLED]
+    assert [(e.status, e.error) for e in entries] == [(Status.SUPERSEDED, f"{user.user_id} rejoined the Space")]
 
 
 async def test_a_kick_waiting_in_backoff_is_dropped_when_the_user_came_back(world, make_user, start_bot, fault_proxy):
@@ -185,10 +185,10 @@ async def test_a_kick_waiting_in_backoff_is_dropped_when_the_user_came_back(worl
 
     async def settled() -> list:
         entries = await bot.app.store.journal.batch_entries(await _kick_batch(bot, room))
-        return [e for e in entries if e.status in (Status.CANCELLED, Status.DONE)]
+        return [e for e in entries if e.status in (Status.SUPERSEDED, Status.DONE)]
 
     (entry,) = await wait_for(settled, timeout=30)
-    assert entry.status is Status.CANCELLED
+    assert entry.status is Status.SUPERSEDED
     assert await membership(world, room, user.user_id) == "join"
     assert fault_proxy.count(kick_path(room), method="POST") == 1, "the kick was sent again"
 

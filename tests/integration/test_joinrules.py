@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from spacesync.testing import wait_for
+
+from .test_commands import bot_notices
 
 
 def allow_entry(room_id: str) -> dict[str, str]:
@@ -268,6 +271,34 @@ async def test_invite_sync_respects_a_declined_invite(world, start_bot, make_use
     assert members[member.user_id] == "leave" and members[quitter.user_id] == "leave"
     invites = [r for r in await bot.app.store.audit_log(50) if r.kind == "invite"]
     assert [(r.room_id, r.target) for r in invites] == [(room, member.user_id)]
+
+
+async def test_an_invitee_who_blocks_invites_is_asked_once_and_reported_once(world, start_bot, make_user):
+    """MSC4380: an invitee whose account blocks invites makes the homeserver answer M_INVITE_BLOCKED, which is
+    final: the invite is parked at the first refusal, never sent again, and moderators hear of it once."""
+    space = await world.space("S")
+    room = await opted_in_child(world, space, "R", join_rule="invite")
+    blocker = await make_user("blocker")
+    await blocker.client.join(space)
+    path = f"/_matrix/client/v3/user/{quote(blocker.user_id, safe='')}/account_data/m.invite_permission_config"
+    await blocker.client.request("PUT", path, {"default_action": "block"})
+
+    bot = await start_bot([{"room": space, "invite_members": True}], executor={"max_failures": 3})
+
+    async def parked() -> bool:
+        return any(r.outcome == "parked" for r in await bot.app.store.audit_log(50) if r.kind == "invite")
+
+    await wait_for(parked, timeout=30, message="the blocked invite was not parked")
+    await bot.reconcile()
+    await bot.reconcile()
+    invites = [r for r in await bot.app.store.audit_log(50) if r.kind == "invite"]
+    assert [(r.target, r.outcome) for r in invites] == [(blocker.user_id, "parked")]
+    entries = [e for e in await bot.app.store.journal.parked(limit=10) if e.action.user_id == blocker.user_id]
+    assert len(entries) == 1 and entries[0].failures == 1, "parked at the first refusal, not retried"
+    assert "M_INVITE_BLOCKED" in (entries[0].error or "")
+    told = [e for e in await bot_notices(world, bot) if "M_INVITE_BLOCKED" in e["content"]["body"]]
+    assert len(told) == 1
+    assert (await world.owner.client.members(room)).get(blocker.user_id) is None
 
 
 async def member_event(world, room_id: str, user_id: str) -> dict[str, Any] | None:

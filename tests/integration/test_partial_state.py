@@ -54,7 +54,7 @@ class World:
 
     async def user(self, name: str) -> TestUser:
         user = await self.pair.b.register(f"{name}_{secrets.token_hex(4)}")
-        await self.pair.b.lift_ratelimit(user.user_id)
+        await self.pair.b.exempt(user.user_id)
         self.users.append(user)
         return user
 
@@ -84,7 +84,7 @@ async def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     owner_b = await b.register(f"owner_b_{secrets.token_hex(3)}")
     bot_user = await a.register(f"bot_{secrets.token_hex(3)}")
     for server, user in ((a, owner_a), (b, owner_b), (a, bot_user)):
-        await server.lift_ratelimit(user.user_id)
+        await server.exempt(user.user_id)
     levels = {"users": {owner_b.user_id: 100, bot_user.user_id: 100}}
     space = await owner_b.client.create_space(name="space", join_rule="public", power_level_content_override=levels)
     elsewhere = await restricted_room(owner_b, bot_user, space, "elsewhere")

@@ -79,15 +79,37 @@ async def test_a_periodic_reconcile_that_finds_nothing_reads_only_a_slice(world,
     full_requests = bot.app.reconciler.last_read_requests
     assert full_requests >= 9
     fault_proxy.reset_log()
-    started = time.monotonic()
     before = bot.app.reconciler.last_reconcile_at
 
-    # two periodic reconciles, 10 s apart: each reads ~9 rooms x 10 s / 60 s, not all 9
+    # two periodic reconciles, 10 s apart: each reads ~9 rooms x 10 s / 60 s, not all 9 (the first may come
+    # early after a slow start on a busy machine: the interval is measured between the two)
     await wait_for(lambda: bot.app.reconciler.last_reconcile_at != before, timeout=20)
     second = bot.app.reconciler.last_reconcile_at
+    started = time.monotonic()
     await wait_for(lambda: bot.app.reconciler.last_reconcile_at != second, timeout=20)
     reads = state_reads(fault_proxy)
-    assert time.monotonic() - started >= 15
+    assert time.monotonic() - started >= 8
     assert 1 <= len(reads) <= 5, f"a no-op periodic reconcile read {len(reads)} rooms' state"
     assert bot.app.reconciler.last_read_bytes < full_bytes
     assert bot.app.reconciler.last_read_requests < full_requests
+
+
+async def test_use_state_after_is_asked_and_what_it_says_is_applied(world, start_bot, make_user, fault_proxy, synapse):
+    """MSC4222: the bot asks /sync for `use_state_after`; Synapse 1.163 honours it for an account with its
+    `msc4222` feature on. The proxy takes the leaver's membership events out of every timeline, so only
+    `state_after` tells of the departure: the bot evicts from it at once."""
+    space, room, user = await space_room_member(world, make_user)
+    await synapse.enable_feature(world.bot.user_id, "msc4222")
+
+    def hide_departures(body):
+        for section in ((body.get("rooms") or {}).get("join") or {}).values():
+            timeline = section.get("timeline") or {}
+            timeline["events"] = [e for e in timeline.get("events") or [] if e.get("state_key") != user.user_id]
+        return body
+
+    fault_proxy.rewrite(SYNC, hide_departures, method="GET")
+    bot = await start_bot([{"room": space}], homeserver_url=fault_proxy.url)
+    assert bot.app.matrix.sync_options.get("org.matrix.msc4222.use_state_after") == "true"
+    await user.client.leave(space)
+    await wait_membership(world, [room], user.user_id, "leave", timeout=20)
+    assert bot.app.sync.state_after_answers > 0, "the homeserver answered with state_after"

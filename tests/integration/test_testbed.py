@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -10,6 +12,13 @@ import pytest
 from mautrix.util.async_db import Database
 
 from spacesync.testing import Synapse, TestbedRequestError, TestUser, wait_for
+from spacesync.testing.stock import STOCK_DEVIATIONS
+
+REQUIRED = {
+    "server_name", "report_stats", "media_store_path", "enable_registration", "default_room_version",
+    "listeners", "database", "log_config",
+}  # fmt: skip
+"""What a config must name anyway: these are no deviation from the shipped defaults."""
 
 MakeUser = Callable[..., Awaitable[TestUser]]
 
@@ -83,9 +92,16 @@ async def test_db_url_serves_both_backends(db_url: str) -> None:
         await db.stop()
 
 
+async def test_the_test_homeserver_is_stock_but_for_the_listed_deviations(synapse: Synapse) -> None:
+    config = json.loads(synapse.config_path.read_text())
+    assert set(config) - REQUIRED == set(STOCK_DEVIATIONS)
+    assert not [key for key in config if key.startswith("rc_") and key != "rc_login"]
+    assert "experimental_features" not in config
+
+
 @pytest.mark.slow
-async def test_client_rides_out_default_rate_limits(synapse_default_limits: Synapse) -> None:
-    user = await synapse_default_limits.register("chatty")
+async def test_client_rides_out_default_rate_limits(synapse: Synapse) -> None:
+    user = await synapse.register(f"chatty_{secrets.token_hex(4)}")
     try:
         room = await user.client.create_room(name="Burst")
         bodies = [f"message {i}" for i in range(11)]
@@ -104,10 +120,12 @@ async def test_client_rides_out_default_rate_limits(synapse_default_limits: Syna
         await user.client.close()
 
 
-async def test_lift_ratelimit_exempts_a_user(synapse_default_limits: Synapse) -> None:
-    user = await synapse_default_limits.register("exempt")
+async def test_exempt_lifts_a_users_rate_limits(synapse: Synapse) -> None:
+    user = await synapse.register(f"exempt_{secrets.token_hex(4)}")
     try:
-        await synapse_default_limits.lift_ratelimit(user.user_id)
+        assert await synapse.exemption(user.user_id) == {}
+        await synapse.exempt(user.user_id)
+        assert await synapse.exemption(user.user_id) == {"messages_per_second": 0, "burst_count": 0}
         room = await user.client.create_room(name="Unlimited")
 
         for i in range(15):

@@ -30,6 +30,7 @@ def test_stored_values_are_unchanged() -> None:
         "skipped",
         "banned_by_someone_else",
         "no longer needed",
+        "superseded",
     ]
     assert Cause.UNDO == "undo" and Cause.SPACE_BAN == "space_ban" and Cause.ON_LEAVE == "on_leave"
 
@@ -54,3 +55,26 @@ def test_events_render_to_the_notices() -> None:
     finding = Finding(room, "unreachable", "cannot read the room")
     text = NoticeRenderer(StateCache())(RoomsNeedAttention(findings=[finding])).text
     assert "Rooms that need attention (1):" in text and "!room:x: cannot read the room" in text
+
+
+def test_a_batch_notice_names_what_was_superseded_apart_from_what_was_done() -> None:
+    from spacesync.commands.notices import batch_summary, parked_notice
+    from spacesync.store.journal import Entry, Status
+
+    user, rooms = UserID("@u:x"), [RoomID(f"!r{i}:x") for i in range(3)]
+
+    def entry(i: int, status: Status, error: str | None = None) -> Entry:
+        return Entry(i, "b1", Action(ActionKind.KICK, rooms[i], user), status, 1, error, 0)
+
+    entries = [
+        entry(0, Status.DONE),
+        entry(1, Status.SUPERSEDED, "@u:x rejoined the Space"),
+        entry(2, Status.SUPERSEDED, "@u:x rejoined the Space"),
+    ]
+    text = batch_summary("b1", "sync", entries, str).text
+    assert "1 action done, 2 superseded" in text
+    assert "2 superseded: @u:x rejoined the Space (kick in !r1:x, !r2:x), not sent" in text
+    assert "kicked @u:x in 1 room: !r0:x" in text, "already done and superseded are kept apart"
+    parked = entry(0, Status.PARKED)
+    assert "failed 1 time (502 from the homeserver)" in parked_notice(parked, "502 from the homeserver", str).text
+    assert "was refused 1 time" in parked_notice(parked, "403 M_FORBIDDEN: no", str).text

@@ -102,15 +102,23 @@ def test_the_estimate_follows_the_completion_rate_and_the_rate_limit_pause(tmp_p
     assert estimate is not None and estimate.rate == pytest.approx(2.0, rel=0.05)
     assert estimate.seconds == pytest.approx(15.0, rel=0.05)
 
-    matrix._pause("write", 40.0)  # a 429 holds the writes back: the wait comes first
+    matrix._pause("write", 5.0)  # a 429: the wait comes first, then the rate the homeserver grants, not the burst
     paused = executor.estimate(30)
-    assert paused is not None and paused.paused_s == pytest.approx(40.0, abs=1)
-    assert paused.seconds == pytest.approx(55.0, rel=0.05)
+    assert paused is not None and paused.paused_s == pytest.approx(5.0, abs=0.5)
+    assert paused.rate == pytest.approx(0.2, rel=0.05)
+    assert paused.seconds == pytest.approx(5.0 + 30 / 0.2, rel=0.05)
+
+    episode = matrix.gate.episode
+    assert episode is not None
+    executor._completed.extend([episode.started + 1, episode.started + 5, episode.started + 9])
+    paced = executor.estimate(30)  # three done during the episode, 4 s apart: their pace
+    assert paced is not None and paced.rate == pytest.approx(0.25, rel=0.01)
 
 
 def test_the_queue_line():
     assert queue_text(None) is None
-    assert queue_text(Estimate(40, 0.2, 200.0)) == "Queue: 40 actions, expected to finish in ~3 min (at 0.2/s)"
+    assert queue_text(Estimate(40, 0.2, 200.0)) == "Queue: 40 actions, expected to finish in ~3 min 20 s (at 0.2/s)"
+    assert queue_text(Estimate(30, 0.2, 150.0)) == "Queue: 30 actions, expected to finish in ~2 min 30 s (at 0.2/s)"
     assert queue_text(Estimate(1, 48.25, 0.02)) == "Queue: 1 action, expected to finish in ~1 s (at 48.2/s)"
     assert (
         queue_text(Estimate(9000, 1.25, 7200.0)) == "Queue: 9000 actions, expected to finish in ~2 h 0 min (at 1.2/s)"
@@ -129,5 +137,6 @@ def test_one_entry_in_flight_while_the_homeserver_rate_limits_writes(tmp_path):
     matrix._pause("write", 0.01)
     time.sleep(0.02)  # the pause is over, but a 429 was seen just now: still one at a time
     assert executor.in_flight_limit() == 1
-    matrix._paused_until["write"] = time.monotonic() - 31  # long since the last 429
+    matrix.gate._last_refused -= 31  # no write waiting and no 429 for 31 s: the episode is over
     assert executor.in_flight_limit() == 32
+    assert matrix.gate.episode is None and matrix.gate.last_episode is not None

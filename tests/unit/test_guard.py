@@ -75,3 +75,13 @@ def test_fingerprint_follows_the_state_that_decides_success():
         "the target rejoined"
     )
     assert fingerprint(kick("u1"), None) == "unknown"
+
+
+def test_held_users_count_so_a_second_full_batch_is_held_too():
+    """30 users held (over a limit of 25): 25 more leavers are held as well, not run without confirmation."""
+    held = {SPACE: {uid(f"h{i}") for i in range(30)}}
+    second = [kick(f"n{i}") for i in range(25)]
+    out = guard(second, {SPACE: 25}, 25, {SPACE: set()}, held)
+    assert out.release == () and list(out.hold[SPACE]) == second
+    few_held = {SPACE: {uid("h1"), uid("h2")}}
+    assert guard([kick("n1")], {SPACE: 25}, 25, {}, few_held).release == (kick("n1"),), "within the limit: runs"

@@ -61,7 +61,7 @@ def test_updates_apply_to_cached_rooms_and_wait_for_a_first_read():
     assert cache.update(ROOM, [event("m.room.member", "@u:hs", {"membership": "join"})]) is False
     assert ROOM not in cache, "a delta alone is no state: the room still needs its /state read"
     cache.begin_read(ROOM)
-    cache.update(ROOM, [event("m.room.member", "@v:hs", {"membership": "ban"})])
+    cache.update(ROOM, [{**event("m.room.member", "@v:hs", {"membership": "ban"}), "event_id": "$ban"}])
     cache.replace(
         ROOM,
         [event("m.room.create", "", {"room_version": "10"}), event("m.room.member", "@v:hs", {"membership": "join"})],

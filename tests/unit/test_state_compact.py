@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from spacesync.core.planner import plan
 from spacesync.engine.executor import fingerprint
 from spacesync.matrix import state
+from spacesync.matrix.replay import newer_than_answer
 from spacesync.matrix.state import StateCache, StateKey, parse_room_state
 from spacesync.metrics import REGISTRY
 from spacesync.model import (
@@ -69,8 +70,9 @@ class RawStateCache:
 
     def replace(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> None:
         during = self.during.pop(room_id, [])
+        events = list(events)
         self.state[room_id] = {}
-        self._apply(room_id, [*events, *during])
+        self._apply(room_id, [*events, *newer_than_answer(events, during)[0]])
 
     def update(self, room_id: RoomID, events: Iterable[Mapping[str, Any]]) -> bool:
         events = [e for e in events if isinstance(e, Mapping)]

@@ -28,4 +28,5 @@ from . import (  # noqa: E402,F401  (each registers itself)
     v05_command_queue,
     v06_localrules,
     v07_spacewide,
+    v08_appservice,
 )
