@@ -51,14 +51,17 @@ class FederatedPair(Service):
     def __init__(
         self, workdir: Path, *, default_room_version: str = "10", log_level: str = "WARNING", front_b: bool = False
     ) -> None:
+        # Every port the pair needs, told apart up front: a client port drawn later could be one of these.
         ports: list[int] = []
-        while len(ports) < (3 if front_b else 2):
+        while len(ports) < (5 if front_b else 4):
             if (port := free_port()) not in ports:
                 ports.append(port)
+        client_a, client_b = ports.pop(), ports.pop()
         port_a, port_b = ports[:2]
         name_a, name_b = f"127.0.0.1:{port_a}", f"127.0.0.1:{ports[-1]}"
         self.a = Synapse(
             Path(workdir) / "a",
+            port=client_a,
             federation_port=port_a,
             federation_peers=[name_b],
             default_room_version=default_room_version,
@@ -67,6 +70,7 @@ class FederatedPair(Service):
         self.b = Synapse(
             Path(workdir) / "b",
             server_name=name_b,
+            port=client_b,
             federation_port=port_b,
             federation_peers=[name_a],
             default_room_version=default_room_version,
