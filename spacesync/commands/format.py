@@ -180,3 +180,14 @@ def duration(seconds: float) -> str:
         return f"{minutes} min {rest} s" if rest else f"{minutes} min"
     minutes = round(seconds / 60)
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def held_reply(batch: object, what_t: str, what_h: str, limit: int) -> Reply:
+    """The answer to a command whose batch is over the Space's limit and held: what it is and how to go on."""
+    return Reply(
+        f"⚠ Held batch {batch}: {what_t}, over the limit of {limit}. Review with !spacesync batch {batch}, then "
+        f"!spacesync confirm {batch} or !spacesync cancel {batch}.",
+        f"<p>⚠ Held batch {code(str(batch))}: {what_h}, over the limit of {limit}. Review with "
+        f"{code(f'!spacesync batch {batch}')}, then {code(f'!spacesync confirm {batch}')} or "
+        f"{code(f'!spacesync cancel {batch}')}.</p>",
+    )

@@ -41,16 +41,9 @@ def rule_notes(v: View, user: UserID) -> list[str]:
 
 
 def _counts(rules: ListRules) -> str:
-    ignored = rules.room_rules + rules.unknown + rules.unpowered
-    detail = [
-        f"{n} {what}"
-        for n, what in (
-            (rules.room_rules, "room rules"),
-            (rules.unknown, "other recommendations"),
-            (rules.unpowered, "from senders without the power"),
-        )
-        if n
-    ]
+    reasons = rules.ignored()
+    ignored = sum(n for n, _ in reasons)
+    detail = [f"{n} {why}" for n, why in reasons]
     text = f"{plural(len(rules.users), 'user ban rule')}, {plural(len(rules.servers), 'server ban rule')}"
     return text + (f", {ignored} ignored ({', '.join(detail)})" if ignored else "")
 

@@ -12,7 +12,7 @@ from ..core.entitlement import user_level
 from ..core.lockdown import lock_content, narrows
 from ..core.versions import features
 from ..model import Action, ActionKind, Cause, Lockdown, RoomID, Snapshot
-from .format import Reply, code, compose, esc, line, listing, plural
+from .format import Reply, code, compose, esc, held_reply, line, listing, plural
 from .registry import CommandError, Context, UsageError, command, expect
 from .world import label, resolve, view
 
@@ -117,12 +117,11 @@ async def lockdown(ctx: Context, args: list[str]) -> Reply:
     batch = await app.reconciler.enqueue(actions, trigger=f"lockdown {space}", held=held)
     rooms = plural(len(actions), "room")
     if held:
-        head = Reply(
-            f"⚠ Held batch {batch}: lockdown of {rooms} of {space_t} to {rule}, over the limit of {limit}. "
-            f"Review with !spacesync batch {batch}, then !spacesync confirm {batch} or !spacesync cancel {batch}.",
-            f"<p>⚠ Held batch {code(str(batch))}: lockdown of {rooms} of {space_h} to {esc(rule)}, over the limit "
-            f"of {limit}. Review with {code(f'!spacesync batch {batch}')}, then "
-            f"{code(f'!spacesync confirm {batch}')} or {code(f'!spacesync cancel {batch}')}.</p>",
+        head = held_reply(
+            batch,
+            f"lockdown of {rooms} of {space_t} to {rule}",
+            f"lockdown of {rooms} of {space_h} to {esc(rule)}",
+            limit,
         )
     else:
         head = Reply(

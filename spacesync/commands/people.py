@@ -19,7 +19,7 @@ from ..core.entitlement import protection, user_level
 from ..model import Action, ActionKind, Cause, Membership, RoomID, RoomState, UserID, parse_level
 from ..refs import RefError, room_label
 from ..store import Status
-from .format import Line, Reply, code, compose, esc, line, listing, plural
+from .format import Line, Reply, code, compose, esc, held_reply, line, listing, plural
 from .parser import count_arg, duration_arg, user_arg
 from .registry import CommandError, Context, UsageError, command
 from .world import View, bans_above, label, resolve, view
@@ -210,13 +210,7 @@ async def _queue(
     batch = await app.reconciler.enqueue(actions, trigger=f"{what} {req.user}", held=held)
     rooms = plural(len(actions), "room")
     if held:
-        head = Reply(
-            f"⚠ Held batch {batch}: {what} {user_t} in {rooms}, over the limit of {limit}. Review with "
-            f"!spacesync batch {batch}, then !spacesync confirm {batch} or !spacesync cancel {batch}.",
-            f"<p>⚠ Held batch {code(str(batch))}: {esc(what)} {user_h} in {rooms}, over the limit of {limit}. "
-            f"Review with {code(f'!spacesync batch {batch}')}, then {code(f'!spacesync confirm {batch}')} or "
-            f"{code(f'!spacesync cancel {batch}')}.</p>",
-        )
+        head = held_reply(batch, f"{what} {user_t} in {rooms}", f"{esc(what)} {user_h} in {rooms}", limit)
     else:
         after_t = f" Undo with !spacesync undo {batch}." if undo else " Redactions cannot be undone."
         after_h = f" Undo with {code(f'!spacesync undo {batch}')}." if undo else " Redactions cannot be undone."

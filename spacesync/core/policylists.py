@@ -46,6 +46,15 @@ class ListRules:
     unpowered: int = 0
     """Rules sent by someone without the power to send that event type in the list room."""
 
+    def ignored(self) -> list[tuple[int, str]]:
+        """The rules spacesync ignores, counted by why: (count, why) for each reason that has any."""
+        reasons = (
+            (self.room_rules, "room rule(s)"),
+            (self.unknown, "rule(s) with a recommendation other than m.ban"),
+            (self.unpowered, "rule(s) from senders without the power to send them"),
+        )
+        return [(n, why) for n, why in reasons if n]
+
 
 def read_list(room: RoomState) -> ListRules:
     """The rules of a list room that count, and how many were ignored and why."""
@@ -139,15 +148,7 @@ def list_findings(snapshot: Snapshot, spaces: Iterable[SpacePolicy]) -> list[Fin
         if not snapshot.known(list_id):
             continue
         rules = read_list(snapshot.rooms[list_id])
-        parts = [
-            f"{n} {what}"
-            for n, what in (
-                (rules.room_rules, "room rule(s)"),
-                (rules.unknown, "rule(s) with a recommendation other than m.ban"),
-                (rules.unpowered, "rule(s) from senders without the power to send them"),
-            )
-            if n
-        ]
+        parts = [f"{n} {why}" for n, why in rules.ignored()]
         if parts:
             findings.append(
                 Finding(list_id, FindingCode.POLICY_RULES_IGNORED.value, "policy list: ignored " + ", ".join(parts))

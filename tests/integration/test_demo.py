@@ -37,6 +37,16 @@ def _demo(workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "spacesync", "demo", "--workdir", str(workdir), *extra]
 
 
+def _run_demo(workdir: Path, *extra: str, timeout: float) -> str:
+    """The demo run to its end: its output, once it exited 0."""
+    result = subprocess.run(
+        _demo(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, encoding="utf-8", timeout=timeout
+    )
+    output = result.stdout
+    assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
+    return output
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -59,17 +69,7 @@ def _processes_mentioning(path: Path) -> list[str]:
 @pytest.mark.timeout(150)
 def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    result = subprocess.run(
-        _demo(workdir, "--scripted"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=120,
-    )
-    output = result.stdout
-    assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
+    output = _run_demo(workdir, "--scripted", timeout=120)
     assert "alice leaves the Space" in output
     assert "the bot exempt from the stock rate limits" in output and "/override_ratelimit" in output
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
@@ -83,17 +83,7 @@ def test_scripted_demo_tells_the_story_and_succeeds(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_federated_demo_spans_two_homeservers_and_succeeds(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    result = subprocess.run(
-        _demo(workdir, "--scripted", "--federated"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=140,
-    )
-    output = result.stdout
-    assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
+    output = _run_demo(workdir, "--scripted", "--federated", timeout=140)
     servers = re.findall(r"server name (127\.0\.0\.1:\d+)", output)
     assert len(set(servers)) == 2, output
     # the moderator (and the Space) on the second server, the bot on the first
@@ -108,17 +98,7 @@ def test_federated_demo_spans_two_homeservers_and_succeeds(tmp_path: Path) -> No
 @pytest.mark.timeout(150)
 def test_appservice_demo_runs_the_story_on_stock_rate_limits(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    result = subprocess.run(
-        _demo(workdir, "--scripted", "--appservice"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=120,
-    )
-    output = result.stdout
-    assert result.returncode == 0, f"exit {result.returncode}\n{output}\n--- stderr ---\n{result.stderr[-4000:]}"
+    output = _run_demo(workdir, "--scripted", "--appservice", timeout=120)
     assert "registration.yaml (as `spacesync appservice registration` does)" in output, output
     assert "rate_limited: false, on stock rate limits" in output, output
     assert re.search(r"✓ alice is out of general, random, Projects and project-x", output), output
